@@ -1,0 +1,134 @@
+"""Config: presets, dotted overrides, unknown keys with suggestions, cross-field checks that say the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from crossmoco_ray.config import (
+    Config,
+    ConfigError,
+    config_hash,
+    flatten,
+    load_config,
+    parse_override,
+    preset_names,
+    to_yaml,
+    valid_keys,
+)
+
+
+def test_paper_preset_is_the_crossmoco_recipe_and_the_schema_default() -> None:
+    cfg = load_config("paper")
+    assert cfg == Config()
+    m, o, d, opt, t = cfg.model, cfg.objective, cfg.data, cfg.optim, cfg.train
+    assert (m.point_encoder, m.k, m.emb_dims, m.proj_dim) == ("dgcnn", 15, 1024, 256)
+    assert (m.image_encoder, m.image_weights) == ("resnet50", None)
+    assert (o.queue_length, o.momentum, o.temperature, o.cross_temperature) == (4000, 0.9999, 0.1, 0.1)
+    assert (opt.optimizer, opt.lr, opt.weight_decay, opt.schedule) == ("adam", 1e-3, 1e-6, "cosine")
+    assert (t.epochs, t.batch_size, d.num_points, d.image_size, d.views_per_sample) == (125, 20, 2048, 224, 2)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_shipped_preset_validates(name: str) -> None:
+    cfg = load_config(name)
+    assert cfg.objective.queue_length % cfg.train.batch_size == 0
+
+
+def test_dotted_overrides_are_typed() -> None:
+    cfg = load_config(
+        "paper",
+        overrides=[
+            "objective.queue_length=8000",
+            "optim.lr=3e-4",
+            "model.image_weights=/tmp/w.pth",
+            "objective.shuffle_bn=false",
+            "optim.grad_clip=null",
+        ],
+    )
+    assert cfg.objective.queue_length == 8000
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.model.image_weights == "/tmp/w.pth"
+    assert cfg.objective.shuffle_bn is False
+    assert cfg.optim.grad_clip is None
+    assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
+
+
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [
+        ("objective.queue_lenght=8000", "objective.queue_length"),
+        ("queue_length=8000", "objective.queue_length"),
+        ("optim.learning_rate=0.1", "optim.lr"),
+        ("trian.epochs=3", "train.epochs"),
+    ],
+)
+def test_unknown_key_names_the_nearest_valid_key(override: str, suggestion: str) -> None:
+    with pytest.raises(ConfigError, match=f"did you mean '{suggestion}'"):
+        load_config(overrides=[override])
+
+
+def test_unknown_key_in_a_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "my.yaml"
+    path.write_text("objective:\n  temprature: 0.2\n")
+    with pytest.raises(ConfigError, match=r"'objective.temprature' in .*my.yaml; did you mean 'objective.temperature'"):
+        load_config(config_file=path)
+
+
+def test_queue_length_not_a_multiple_of_the_global_batch_suggests_4000_or_4100() -> None:
+    with pytest.raises(ConfigError, match="queue_length=4096") as err:
+        load_config("paper", overrides=["objective.queue_length=4096"])
+    assert "4000" in str(err.value)
+    assert "4100" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fix"),
+    [
+        (["train.batch_size=20", "train.num_workers=3"], "use num_workers in [1, 2, 4, 5, 10, 20]"),
+        (["train.batch_size=4", "train.num_workers=4", "objective.queue_length=16"], "raise train.batch_size to 8"),
+        (["model.k=2048"], "lower model.k below 2048"),
+        (["train.precision=bf16"], "set train.use_gpu=true or train.precision=fp32"),
+        (["train.batch_size=-1"], "train.batch_size: Input should be greater than 0"),
+        (["objective.momentum=1.0"], "objective.momentum: Input should be less than 1"),
+    ],
+)
+def test_invalid_values_say_the_fix(overrides: list[str], fix: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("paper", overrides=overrides)
+    assert fix in str(err.value)
+
+
+def test_resolution_order_preset_then_file_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 7\n  log_every: 3\n")
+    cfg = load_config("quickstart", config_file=path, overrides=["train.epochs=9"])
+    assert cfg.model.image_encoder == "resnet18"  # preset
+    assert cfg.train.log_every == 3  # file
+    assert cfg.train.epochs == 9  # override wins
+
+
+def test_yaml_round_trip_flatten_and_hash() -> None:
+    cfg = load_config("quickstart", overrides=["objective.temperature=0.2"])
+    again = Config.model_validate(yaml.safe_load(to_yaml(cfg)))
+    assert again == cfg
+    flat = flatten(cfg)
+    assert flat["objective.temperature"] == 0.2
+    assert set(flat) == set(valid_keys())
+    assert config_hash(again) == config_hash(cfg)
+    assert config_hash(load_config("paper")) != config_hash(cfg)
+
+
+def test_bad_inputs(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown preset 'papr'.*did you mean 'paper'"):
+        load_config("papr")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(overrides=["objective.queue_length"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(config_file=tmp_path / "nope.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(config_file=path)
