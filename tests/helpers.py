@@ -1,0 +1,25 @@
+"""Small models and batches shared by tests."""
+
+from __future__ import annotations
+
+import torch
+
+from crossmoco_ray.nn import DGCNN, CrossMoCo, ImageEncoder
+
+
+def tiny_crossmoco(queue_length: int = 16, dim: int = 8, **kwargs: object) -> CrossMoCo:
+    """A CrossMoCo with the real encoder classes at toy widths (DGCNN k=4, ResNet-18, 16-px views)."""
+    point = DGCNN(k=4, emb_dims=16, head_hidden=16, proj_dim=dim)
+    image = ImageEncoder("resnet18", proj_dim=dim, head_hidden=16)
+    return CrossMoCo(point, image, queue_length=queue_length, dim=dim, **kwargs)  # type: ignore[arg-type]
+
+
+def tiny_batch(
+    n: int, views: int = 2, points: int = 24, size: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "points1": torch.randn(n, points, 3, generator=g, dtype=dtype),
+        "points2": torch.randn(n, points, 3, generator=g, dtype=dtype),
+        "images": torch.randn(n, views, 3, size, size, generator=g, dtype=dtype),
+    }

@@ -1,0 +1,106 @@
+"""The fast EdgeConv computes the reference EdgeConv's function, gradients and running statistics included."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from crossmoco_ray.nn.edgeconv import NeighbourGraph, edge_conv_fast, edge_conv_reference, knn
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm())
+
+
+def make_block(c_in: int, c_out: int, dtype: torch.dtype) -> nn.Sequential:
+    block = nn.Sequential(
+        nn.Conv2d(2 * c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)
+    ).to(dtype)
+    with torch.no_grad():  # mixed-sign BN scales exercise both the max and the min branch
+        block[1].weight.uniform_(-1.0, 1.0)
+        block[1].bias.uniform_(-0.5, 0.5)
+    return block
+
+
+def run_pair(x: torch.Tensor, idx: torch.Tensor, block: nn.Sequential, train: bool):
+    fast_block, ref_block = block, copy.deepcopy(block)
+    fast_block.train(train)
+    ref_block.train(train)
+    x_fast, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fast = edge_conv_fast(x_fast, idx, fast_block[0], fast_block[1])  # [B, N, O]
+    y_ref = edge_conv_reference(x_ref.transpose(1, 2), idx, ref_block).transpose(1, 2)
+    g = torch.randn(y_ref.shape, dtype=y_ref.dtype, generator=torch.Generator().manual_seed(0))
+    (y_fast * g).sum().backward()
+    (y_ref * g).sum().backward()
+    return (y_fast, x_fast, fast_block), (y_ref, x_ref, ref_block)
+
+
+@pytest.mark.parametrize("k", [5, 15, 20])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float64, 1e-12)], ids=["fp32", "fp64"])
+def test_fast_equals_reference(k: int, train: bool, dtype: torch.dtype, tol: float) -> None:
+    torch.manual_seed(k)
+    x = torch.randn(3, 96, 16, dtype=dtype)
+    idx = knn(x, k)
+    block = make_block(16, 24, dtype)
+    (y_f, x_f, b_f), (y_r, x_r, b_r) = run_pair(x, idx, block, train)
+    assert rel_err(y_f, y_r) < tol
+    assert rel_err(x_f.grad, x_r.grad) < tol
+    assert rel_err(b_f[0].weight.grad, b_r[0].weight.grad) < tol
+    assert rel_err(b_f[1].weight.grad, b_r[1].weight.grad) < tol
+    assert rel_err(b_f[1].bias.grad, b_r[1].bias.grad) < tol
+    torch.testing.assert_close(b_f[1].running_mean, b_r[1].running_mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(b_f[1].running_var, b_r[1].running_var, rtol=tol, atol=tol)
+    assert int(b_f[1].num_batches_tracked) == int(b_r[1].num_batches_tracked)
+
+
+def test_gather_path_equals_sparse_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off CPU the neighbour sum/max gather instead of using sparse products; same function and gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 8, dtype=torch.float64)
+    idx = knn(x, 10)
+    block = make_block(8, 12, torch.float64)
+    (y_sparse, x_sparse, b_sparse), _ = run_pair(x, idx, copy.deepcopy(block), True)
+    monkeypatch.setattr(NeighbourGraph, "_adjacency", lambda self, dtype: None)
+    (y_gather, x_gather, b_gather), _ = run_pair(x, idx, copy.deepcopy(block), True)
+    assert rel_err(y_gather, y_sparse) < 1e-12
+    assert rel_err(x_gather.grad, x_sparse.grad) < 1e-12
+    assert rel_err(b_gather[0].weight.grad, b_sparse[0].weight.grad) < 1e-12
+
+
+def test_duplicate_points_give_reference_weight_gradients() -> None:
+    """CrossPoint's input dropout replaces points by point 0: exact ties in the max must not double-count."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 64, 3)
+    x[:, 20:40] = x[:, :1]  # 21 copies of point 0
+    idx = knn(x, 15)
+    (y_f, _, b_f), (y_r, _, b_r) = run_pair(x, idx, make_block(3, 32, torch.float32), True)
+    assert rel_err(y_f, y_r) < 1e-5
+    assert rel_err(b_f[0].weight.grad, b_r[0].weight.grad) < 1e-5
+    assert rel_err(b_f[1].weight.grad, b_r[1].weight.grad) < 1e-5
+
+
+def test_knn_includes_self_and_is_nearest_first() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(2, 50, 3)
+    idx = knn(x, 6)
+    assert idx.shape == (2, 50, 6)
+    assert torch.equal(idx[:, :, 0], torch.arange(50).expand(2, 50))
+    d = torch.cdist(x, x)
+    brute = d.topk(6, largest=False).indices
+    assert torch.equal(idx.sort(-1).values, brute.sort(-1).values)
+
+
+def test_knn_chunking_does_not_change_neighbours() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(5, 40, 8)
+    assert torch.equal(knn(x, 7, max_elements=None), knn(x, 7, max_elements=40 * 40))
+
+
+def test_knn_rejects_k_above_points() -> None:
+    with pytest.raises(ValueError, match="k=9 neighbours"):
+        knn(torch.randn(1, 8, 3), 9)

@@ -1,0 +1,138 @@
+"""Encoders: DGCNN's invariances and compatibility with CrossPoint checkpoints, PointNet, ResNet trunks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from crossmoco_ray.nn import DGCNN, ImageEncoder, PointNet, build_point_encoder, load_checked, strip_prefixes
+
+# CrossPoint's DGCNN state dict (METHOD.md §1.1a): (key, shape) at emb_dims=1024, output 256.
+CONVS = {"conv1": (64, 6, 1, 1), "conv2": (64, 128, 1, 1), "conv3": (128, 128, 1, 1), "conv4": (256, 256, 1, 1)}
+BN_WIDTHS = {1: 64, 2: 64, 3: 128, 4: 256, 5: 1024}
+
+
+def crosspoint_state_dict(prefix: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    shapes: dict[str, tuple[int, ...]] = {f"{name}.0.weight": shape for name, shape in CONVS.items()}
+    shapes["conv5.0.weight"] = (1024, 512, 1)
+    for i, width in BN_WIDTHS.items():
+        for owner in (f"bn{i}", f"conv{i}.1"):  # each BatchNorm is registered twice
+            for p in ("weight", "bias", "running_mean", "running_var"):
+                shapes[f"{owner}.{p}"] = (width,)
+            shapes[f"{owner}.num_batches_tracked"] = ()
+    shapes.update({
+        "inv_head.0.weight": (1024, 2048), "inv_head.0.bias": (1024,),
+        "inv_head.1.weight": (1024,), "inv_head.1.bias": (1024,),
+        "inv_head.1.running_mean": (1024,), "inv_head.1.running_var": (1024,),
+        "inv_head.1.num_batches_tracked": (),
+        "inv_head.3.weight": (256, 1024), "inv_head.3.bias": (256,),
+    })  # fmt: skip
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(7)
+        else:
+            state[key] = torch.rand(shape, generator=g) + 0.1
+    for i in BN_WIDTHS:  # the two names of one BatchNorm hold the same values in a saved file
+        for p in ("weight", "bias", "running_mean", "running_var"):
+            state[f"conv{i}.1.{p}"] = state[f"bn{i}.{p}"]
+    return {prefix + k: v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "point_model_q.", "module.point_model_q."])
+def test_crosspoint_state_dict_loads_strict(prefix: str) -> None:
+    state = strip_prefixes(crosspoint_state_dict(prefix))
+    model = DGCNN(k=15, emb_dims=1024)
+    model.load_state_dict(state, strict=True)
+    assert torch.equal(model.conv4[0].weight, state["conv4.0.weight"])
+    assert torch.equal(model.bn5.running_var, state["bn5.running_var"])
+    assert model.bn3 is model.conv3[1]
+
+
+def test_mismatched_checkpoint_lists_the_keys() -> None:
+    state = strip_prefixes(crosspoint_state_dict("module."))
+    del state["conv2.0.weight"]
+    state["conv9.0.weight"] = torch.zeros(1)
+    state["inv_head.3.weight"] = torch.zeros(128, 1024)
+    with pytest.raises(ValueError, match="conv2.0.weight") as err:
+        load_checked(DGCNN(), state, what="ckpt.pth")
+    assert "conv9.0.weight" in str(err.value)
+    assert "inv_head.3.weight: (128, 1024)" in str(err.value)
+
+
+@pytest.mark.parametrize("edgeconv", ["fast", "reference"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_dgcnn_is_invariant_to_point_order(edgeconv: str, train: bool) -> None:
+    torch.manual_seed(0)
+    model = DGCNN(k=8, emb_dims=64, head_hidden=32, proj_dim=16, edgeconv=edgeconv).double().train(train)
+    points = torch.randn(4, 100, 3, dtype=torch.float64)
+    perm = torch.randperm(100)
+    z, feat = model(points)
+    z_perm, feat_perm = model(points[:, perm])
+    assert feat.shape == (4, 128)
+    assert z.shape == (4, 16)
+    torch.testing.assert_close(feat_perm, feat, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(z_perm, z, rtol=1e-10, atol=1e-12)
+
+
+def test_dgcnn_fast_equals_reference_end_to_end() -> None:
+    torch.manual_seed(0)
+    fast = DGCNN(k=10, emb_dims=64, head_hidden=32, proj_dim=16, edgeconv="fast").double()
+    ref = DGCNN(k=10, emb_dims=64, head_hidden=32, proj_dim=16, edgeconv="reference").double()
+    ref.load_state_dict(fast.state_dict())
+    points = torch.randn(4, 128, 3, dtype=torch.float64)
+    z_f, f_f = fast(points)
+    z_r, f_r = ref(points)
+    (z_f.square().sum() + f_f.sum()).backward()
+    (z_r.square().sum() + f_r.sum()).backward()
+    torch.testing.assert_close(f_f, f_r, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(z_f, z_r, rtol=1e-10, atol=1e-12)
+    for (name, p_f), p_r in zip(fast.named_parameters(), ref.parameters(), strict=True):
+        assert p_f.grad is not None, name
+        torch.testing.assert_close(p_f.grad, p_r.grad, rtol=1e-8, atol=1e-10, msg=name)
+    torch.testing.assert_close(fast.bn4.running_var, ref.bn4.running_var)
+
+
+def test_dgcnn_rejects_wrong_shape() -> None:
+    with pytest.raises(ValueError, match=r"\[B, N, 3\]"):
+        DGCNN(k=4)(torch.randn(2, 3, 50))
+
+
+def test_pointnet_and_registry() -> None:
+    model = build_point_encoder("pointnet", emb_dims=64, head_hidden=32, proj_dim=16)
+    assert isinstance(model, PointNet)
+    z, feat = model(torch.randn(3, 40, 3))
+    assert z.shape == (3, 16)
+    assert feat.shape == (3, 64)
+    with pytest.raises(ValueError, match="choose one of"):
+        build_point_encoder("pointnet++")
+
+
+@pytest.mark.parametrize(("arch", "width"), [("resnet18", 512), ("resnet50", 2048)])
+def test_image_encoder_shapes_and_key_layout(arch: str, width: int) -> None:
+    model = ImageEncoder(arch, proj_dim=32, head_hidden=64).eval()
+    z, feat = model(torch.randn(2, 3, 32, 32))
+    assert feat.shape == (2, width)
+    assert z.shape == (2, 32)
+    keys = model.state_dict().keys()
+    assert "resnet.conv1.weight" in keys
+    assert not any(k.startswith("resnet.fc.") for k in keys)
+    assert model.inv_head[0].bias is None  # the paper's image head has no biases
+    assert model.inv_head[3].bias is None
+
+
+def test_image_weights_from_local_file(tmp_path: Path) -> None:
+    source = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)  # torchvision layout, fc included
+    model = ImageEncoder("resnet18", weights=path)
+    assert torch.equal(model.resnet.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        ImageEncoder("resnet18", weights=tmp_path / "missing.pth")
+    torch.save({"conv1.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="missing"):
+        ImageEncoder("resnet18", weights=path)
