@@ -1,0 +1,46 @@
+"""The step benchmark measures what the presets describe, and the script runs (no timing asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from crossmoco_ray.config import load_config
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "step.py"
+
+
+def load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("preset", ["paper", "quickstart"])
+def test_bench_settings_match_the_presets(preset: str) -> None:
+    cfg = load_config(preset)
+    m, o = cfg.model, cfg.objective
+    expected = dict(
+        k=m.k, emb_dims=m.emb_dims, point_head_hidden=m.point_head_hidden, image_encoder=m.image_encoder,
+        image_head_hidden=m.image_head_hidden, proj_dim=m.proj_dim, queue_length=o.queue_length,
+        momentum=o.momentum, temperature=o.temperature, cross_temperature=o.cross_temperature,
+        batch=cfg.per_worker_batch, num_points=cfg.data.num_points, image_size=cfg.data.image_size,
+        views=cfg.data.views_per_sample, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+    )  # fmt: skip
+    assert load_bench().SETTINGS[preset] == expected
+
+
+def test_bench_smoke_run_prints_the_table() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--device", "cpu"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| DGCNN fwd+bwd | smoke | fast |" in done.stdout
+    assert "fast/reference speed" in done.stdout
