@@ -156,7 +156,9 @@ def memory_mb(r: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
@@ -194,8 +196,9 @@ def main() -> None:
     print(f"| what | setting | EdgeConv | batch | median s/step | samples/s | {mem_name} | peak RSS MiB |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
+        what = "DGCNN fwd+bwd" if r["kind"] == "dgcnn" else "CrossMoCo step"
         print(
-            f"| {'DGCNN fwd+bwd' if r['kind'] == 'dgcnn' else 'CrossMoCo step'} | {r['setting']} | {r['edgeconv']} "
+            f"| {what} | {r['setting']} | {r['edgeconv']} "
             f"| {r['batch']} | {r['median_s']:.3f} | {r['batch'] / r['median_s']:.2f} | {memory_mb(r):.0f} "
             f"| {r['peak_rss_mb']:.0f} |"
         )
@@ -204,13 +207,16 @@ def main() -> None:
              if r["edgeconv"] == "reference" and f["edgeconv"] == "fast"
              and (r["kind"], r["setting"]) == (f["kind"], f["setting"])]  # fmt: skip
     for ref, fast in pairs:
+        speedup = ref["median_s"] / fast["median_s"]
         print(
-            f"{ref['kind']} {ref['setting']}: fast/reference speed x{ref['median_s'] / fast['median_s']:.2f}, "
+            f"{ref['kind']} {ref['setting']}: fast/reference speed x{speedup:.2f}, "
             f"memory x{memory_mb(fast) / max(memory_mb(ref), 1e-9):.2f}"
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,12 @@ def tiny_crossmoco(queue_length: int = 16, dim: int = 8, **kwargs: object) -> Cr
 
 
 def tiny_batch(
-    n: int, views: int = 2, points: int = 24, size: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32
+    n: int,
+    views: int = 2,
+    points: int = 24,
+    size: int = 16,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {

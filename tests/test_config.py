@@ -73,7 +73,9 @@ def test_unknown_key_names_the_nearest_valid_key(override: str, suggestion: str)
 def test_unknown_key_in_a_yaml_file(tmp_path: Path) -> None:
     path = tmp_path / "my.yaml"
     path.write_text("objective:\n  temprature: 0.2\n")
-    with pytest.raises(ConfigError, match=r"'objective.temprature' in .*my.yaml; did you mean 'objective.temperature'"):
+    with pytest.raises(
+        ConfigError, match=r"'objective.temprature' in .*my.yaml; did you mean 'objective.temperature'"
+    ):
         load_config(config_file=path)
 
 
@@ -88,7 +90,10 @@ def test_queue_length_not_a_multiple_of_the_global_batch_suggests_4000_or_4100()
     ("overrides", "fix"),
     [
         (["train.batch_size=20", "train.num_workers=3"], "use num_workers in [1, 2, 4, 5, 10, 20]"),
-        (["train.batch_size=4", "train.num_workers=4", "objective.queue_length=16"], "raise train.batch_size to 8"),
+        (
+            ["train.batch_size=4", "train.num_workers=4", "objective.queue_length=16"],
+            "raise train.batch_size to 8",
+        ),
         (["model.k=2048"], "lower model.k below 2048"),
         (["train.precision=bf16"], "set train.use_gpu=true or train.precision=fp32"),
         (["train.batch_size=-1"], "train.batch_size: Input should be greater than 0"),
@@ -122,9 +127,9 @@ def test_yaml_round_trip_flatten_and_hash() -> None:
 
 
 def test_bad_inputs(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown preset 'papr'.*did you mean 'paper'"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'papr'.*did you mean 'paper'"):
         load_config("papr")
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         load_config(overrides=["objective.queue_length"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(config_file=tmp_path / "nope.yaml")

@@ -17,7 +17,8 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "step.py"
 
 def load_bench() -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_step", BENCH)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -39,7 +40,10 @@ def test_bench_settings_match_the_presets(preset: str) -> None:
 
 def test_bench_smoke_run_prints_the_table() -> None:
     done = subprocess.run(
-        [sys.executable, str(BENCH), "--smoke", "--device", "cpu"], capture_output=True, text=True, timeout=300
+        [sys.executable, str(BENCH), "--smoke", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert "| DGCNN fwd+bwd | smoke | fast |" in done.stdout

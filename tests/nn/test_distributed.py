@@ -37,7 +37,9 @@ def rank_keys(step: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
 def global_embeddings() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     shape = (WORLD * LOCAL, 5)
-    return torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    return torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(
+        shape, generator=g, dtype=torch.float64
+    )
 
 
 def model_batches() -> list[dict[str, torch.Tensor]]:
@@ -58,7 +60,9 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 def no_buffer_sync() -> dict[str, bool]:
     """Sync buffers once at construction, never per forward (the queues must not be re-sent each step)."""
     params = inspect.signature(DistributedDataParallel).parameters
-    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return (
+        {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    )
 
 
 def _worker(r: int, init_file: str, out_dir: str) -> None:
@@ -147,7 +151,9 @@ def test_cross_modal_loss_with_global_negatives_equals_one_process(ranks: list[d
         torch.testing.assert_close(res["nt_xent"][2] / WORLD, z1.grad[rows], rtol=1e-10, atol=1e-12)
 
 
-def test_shuffle_bn_permutes_the_global_batch_and_unshuffle_restores_order(ranks: list[dict[str, Any]]) -> None:
+def test_shuffle_bn_permutes_the_global_batch_and_unshuffle_restores_order(
+    ranks: list[dict[str, Any]],
+) -> None:
     shuffled = torch.cat([r["shuffle"][0] for r in ranks]).flatten()
     assert sorted(shuffled.tolist()) == list(range(8))  # a permutation of the global batch
     assert torch.equal(ranks[0]["shuffle"][2], ranks[1]["shuffle"][2])  # one permutation, rank 0's

@@ -41,7 +41,9 @@ def run_pair(x: torch.Tensor, idx: torch.Tensor, block: nn.Sequential, train: bo
 
 @pytest.mark.parametrize("k", [5, 15, 20])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float64, 1e-12)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.float32, 1e-5), (torch.float64, 1e-12)], ids=["fp32", "fp64"]
+)
 def test_fast_equals_reference(k: int, train: bool, dtype: torch.dtype, tol: float) -> None:
     torch.manual_seed(k)
     x = torch.randn(3, 96, 16, dtype=dtype)

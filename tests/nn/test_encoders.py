@@ -11,7 +11,12 @@ import torchvision
 from crossmoco_ray.nn import DGCNN, ImageEncoder, PointNet, build_point_encoder, load_checked, strip_prefixes
 
 # CrossPoint's DGCNN state dict (METHOD.md §1.1a): (key, shape) at emb_dims=1024, output 256.
-CONVS = {"conv1": (64, 6, 1, 1), "conv2": (64, 128, 1, 1), "conv3": (128, 128, 1, 1), "conv4": (256, 256, 1, 1)}
+CONVS = {
+    "conv1": (64, 6, 1, 1),
+    "conv2": (64, 128, 1, 1),
+    "conv3": (128, 128, 1, 1),
+    "conv4": (256, 256, 1, 1),
+}
 BN_WIDTHS = {1: 64, 2: 64, 3: 128, 4: 256, 5: 1024}
 
 
@@ -58,7 +63,7 @@ def test_mismatched_checkpoint_lists_the_keys() -> None:
     del state["conv2.0.weight"]
     state["conv9.0.weight"] = torch.zeros(1)
     state["inv_head.3.weight"] = torch.zeros(128, 1024)
-    with pytest.raises(ValueError, match="conv2.0.weight") as err:
+    with pytest.raises(ValueError, match=r"conv2\.0\.weight") as err:
         load_checked(DGCNN(), state, what="ckpt.pth")
     assert "conv9.0.weight" in str(err.value)
     assert "inv_head.3.weight: (128, 1024)" in str(err.value)
