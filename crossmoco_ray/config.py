@@ -71,6 +71,39 @@ class ObjectiveConfig(_Section):
     )
 
 
+class PointAugmentConfig(_Section):
+    """CrossPoint's point augmentation, applied to each of the two point views independently (§1.9)."""
+
+    normalize: bool = Field(True, description="centre and scale to the unit sphere first")
+    scale_low: float = Field(0.5, gt=0.0)
+    scale_high: float = Field(2.0, gt=0.0)
+    rotate: bool = Field(True, description="random rotation about the up (y) axis, U(0, 2π)")
+    translate: float = Field(0.5, ge=0.0, description="per-axis offset U(−t, t) × that axis's extent")
+    jitter_std: float = Field(0.01, ge=0.0)
+    jitter_clip: float = Field(0.05, ge=0.0)
+    dropout_max: float = Field(0.875, ge=0.0, lt=1.0, description="input dropout ratio ~ U(0, max)")
+
+
+class ImageAugmentConfig(_Section):
+    """CrossPoint's image augmentation (resize, ColorJitter, horizontal flip, ImageNet normalisation)."""
+
+    brightness: float = Field(0.4, ge=0.0)
+    contrast: float = Field(0.4, ge=0.0)
+    saturation: float = Field(0.4, ge=0.0)
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip")
+    normalize: bool = Field(True, description="ImageNet mean/std normalisation (in the training step)")
+
+
+class RenderConfig(_Section):
+    """Views rendered from the points for sources without images (prepare time)."""
+
+    azimuths: list[float] = Field(default_factory=lambda: [0.0, 60.0, 120.0, 180.0, 240.0, 300.0])
+    elevations: list[float] = Field(default_factory=lambda: [20.0])
+    size: int = Field(128, ge=8, description="rendered image side (resized to data.image_size when read)")
+    point_size: int = Field(2, ge=1)
+    mode: Literal["depth", "coords"] = "depth"
+
+
 class DataConfig(_Section):
     """What the workers are fed."""
 
@@ -78,9 +111,15 @@ class DataConfig(_Section):
         None, description="prepared shards (directory or URI); null = the built-in synthetic set"
     )
     num_points: int = Field(2048, gt=0, description="points per cloud fed to the encoder")
-    image_size: int = Field(224, gt=0, description="rendered views are resized to this square size")
+    image_size: int = Field(224, gt=0, description="views are resized to this square size")
     views_per_sample: int = Field(2, ge=2, description="distinct rendered views per object per step")
-    up_axis: Literal["x", "y", "z"] = Field("y", description="rotation axis of the point augmentation")
+    synthetic_train: int = Field(2000, gt=0, description="built-in set: training objects")
+    synthetic_test: int = Field(500, gt=0, description="built-in set: test objects")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="validation split carved from train")
+    read_batch: int = Field(64, gt=0, description="rows per decode/augment task in the Ray Data pipeline")
+    point_augment: PointAugmentConfig = PointAugmentConfig()
+    image_augment: ImageAugmentConfig = ImageAugmentConfig()
+    render: RenderConfig = RenderConfig()
 
 
 class OptimConfig(_Section):
@@ -109,7 +148,9 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on CUDA")
     channels_last: bool = Field(False, description="channels-last image tensors on CUDA")
     seed: int = 1
-    deterministic: bool = False
+    deterministic: bool = Field(
+        False, description="seed the augmentations and use deterministic kernels (exact reruns and resumes)"
+    )
     log_every: int = Field(20, gt=0, description="steps between progress reports")
     keep_checkpoints: int = Field(2, gt=0)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint")
@@ -211,6 +252,11 @@ def cross_field_problems(cfg: Config) -> list[str]:
         problems.append(
             f"model.k={m.k} neighbours needs more points than data.num_points={d.num_points}; "
             f"lower model.k below {d.num_points} or raise data.num_points"
+        )
+    pa = d.point_augment
+    if pa.scale_low > pa.scale_high:
+        problems.append(
+            f"data.point_augment.scale_low={pa.scale_low} is above scale_high={pa.scale_high}; swap them"
         )
     if t.precision == "bf16" and not t.use_gpu:
         problems.append(

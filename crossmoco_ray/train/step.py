@@ -16,13 +16,40 @@ from torch import nn
 Precision = Literal["fp32", "bf16"]
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def images_to_tensor(images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """``ToTensor`` + ``Normalize``: uint8 ``[..., H, W, 3]`` → float32 ``[..., 3, H, W]`` (ImageNet stats).
+
+    Float input is taken as already converted and returned unchanged.
+    """
+    if images.is_floating_point():
+        return images
+    x = images.movedim(-1, -3).float().div_(255.0)
+    if normalize:
+        shape = (3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(shape)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(shape)
+        x = x.sub_(mean).div_(std)
+    return x
+
+
 def to_device_batch(
-    batch: Mapping[str, torch.Tensor], device: torch.device, channels_last: bool = False
+    batch: Mapping[str, torch.Tensor],
+    device: torch.device,
+    channels_last: bool = False,
+    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(points1, points2, views) on ``device``; ``images`` [B, V, 3, H, W] split into V view tensors."""
+    """(points1, points2, views) on ``device``.
+
+    ``images`` is the pipeline's uint8 ``[B, V, H, W, 3]`` (converted and normalised here, on the device)
+    or a float ``[B, V, 3, H, W]``; it is split into V view tensors ``[B, 3, H, W]``.
+    """
     points1 = batch["points1"].to(device, non_blocking=True)
     points2 = batch["points2"].to(device, non_blocking=True)
-    images = batch["images"].to(device, non_blocking=True)
+    images = images_to_tensor(batch["images"].to(device, non_blocking=True), normalize)
     views = list(images.unbind(1))
     if channels_last and device.type == "cuda":
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
@@ -46,20 +73,23 @@ def train_step(
     precision: Precision = "fp32",
     grad_clip: float | None = None,
     channels_last: bool = False,
+    normalize_images: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Run one step of ``model`` (a :class:`~crossmoco_ray.nn.CrossMoCo`, possibly DDP-wrapped).
 
     Args:
-        batch: ``points1`` / ``points2`` ``[B, N, 3]`` and ``images`` ``[B, V, 3, H, W]``.
+        batch: ``points1`` / ``points2`` ``[B, N, 3]`` and ``images`` (uint8 ``[B, V, H, W, 3]`` from the
+            pipeline, or float ``[B, V, 3, H, W]``).
         momentum: key-encoder momentum for this step.
         precision: ``"bf16"`` runs the forward under bf16 autocast (CUDA only; fp32 elsewhere).
         grad_clip: clip the global gradient norm to this value (``None``: no clipping).
         channels_last: channels-last image tensors (CUDA only).
+        normalize_images: ImageNet normalisation of uint8 images.
     Returns:
         The model's named losses and diagnostics, detached (plus ``grad_norm`` when clipping).
     """
     device = next(model.parameters()).device
-    points1, points2, views = to_device_batch(batch, device, channels_last)
+    points1, points2, views = to_device_batch(batch, device, channels_last, normalize_images)
     use_bf16 = precision == "bf16" and device.type == "cuda"
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
         out = model(points1, points2, views, momentum=momentum)

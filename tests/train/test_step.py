@@ -32,3 +32,29 @@ def test_repeated_steps_lower_the_loss_on_a_fixed_batch() -> None:
     batch = tiny_batch(8)
     losses = [float(train_step(model, batch, opt, momentum=0.9)["loss_cross"]) for _ in range(8)]
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_images_to_tensor_is_totensor_plus_imagenet_normalize() -> None:
+    import torchvision.transforms.functional as TF
+
+    from crossmoco_ray.train.step import IMAGENET_MEAN, IMAGENET_STD, images_to_tensor
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 5, 7, 3), dtype=torch.uint8, generator=g)  # [B, V, H, W, 3]
+    out = images_to_tensor(images)
+    assert out.shape == (2, 3, 3, 5, 7)
+    ref = TF.normalize(TF.to_tensor(images[1, 2].numpy()), list(IMAGENET_MEAN), list(IMAGENET_STD))
+    torch.testing.assert_close(out[1, 2], ref)
+    plain = images_to_tensor(images, normalize=False)
+    torch.testing.assert_close(plain[0, 0], TF.to_tensor(images[0, 0].numpy()))
+    assert images_to_tensor(out) is out  # float input is taken as converted
+
+
+def test_step_accepts_the_pipelines_uint8_images() -> None:
+    torch.manual_seed(0)
+    model = tiny_crossmoco(queue_length=16)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    batch = tiny_batch(4)
+    batch["images"] = torch.randint(0, 256, (4, 2, 16, 16, 3), dtype=torch.uint8)
+    out = train_step(model, batch, opt, momentum=0.9)
+    assert torch.isfinite(out["loss"])

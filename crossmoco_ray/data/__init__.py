@@ -1,0 +1,1 @@
+"""The data layer: readers, renderer, synthetic set, shards, augmentations; Ray only in ``pipeline``."""

@@ -1,0 +1,264 @@
+"""Multi-view images of a point cloud by z-buffered splatting: the image modality of sources without images.
+
+The renderer is deterministic (no randomness: the same cloud gives bitwise the same views) and vectorised:
+every (view, point, splat pixel) triple is projected at once and the z-buffer keeps the nearest one per
+pixel through a sort, with no Python loop over points. The cloud is centred and scaled to unit radius
+first, so position and scale of the input do not change the images.
+
+Camera convention (in a frame where the ``up_axis`` is "up"): azimuth 0 looks from the +z side of a
+y-up cloud (x to the right), azimuths turn the camera about the up axis, elevations raise it above the
+horizon; the projection is orthographic and the up axis points to image row 0 (the top).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+FILL = 0.9  # fraction of the image side spanned by the unit sphere the cloud is scaled into
+DEPTH_RANGE = (60, 255)  # grey of the farthest / nearest possible point; 0 stays the background
+COORD_RANGE = (40, 255)  # channel value of normalised coordinate -1 / +1 in "coords" mode
+SHEET_GAP = 2  # pixels between the tiles of a contact sheet
+
+# Proper rotations taking the named up axis of the data to +y, so one camera convention serves all.
+_TO_Y_UP: dict[str, np.ndarray] = {
+    "y": np.eye(3),
+    "z": np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]]),  # (x, y, z) -> (x, z, -y)
+    "x": np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),  # (x, y, z) -> (-y, x, z)
+}
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    """Which views to render and how.
+
+    Attributes:
+        azimuths: camera angles about the up axis, degrees.
+        elevations: camera angles above the horizon, degrees; views are ordered elevation-major.
+        size: side of the square images, pixels.
+        point_size: side of the square splat of one point, pixels.
+        mode: ``"depth"``: grey, nearer is brighter; ``"coords"``: RGB = the normalised coordinates
+            (in the up-is-y frame: R = x, G = up, B = z).
+        up_axis: the axis of the data that points up in the images.
+    """
+
+    azimuths: tuple[float, ...] = (0.0, 60.0, 120.0, 180.0, 240.0, 300.0)
+    elevations: tuple[float, ...] = (20.0,)
+    size: int = 128
+    point_size: int = 2
+    mode: Literal["depth", "coords"] = "depth"
+    up_axis: Literal["x", "y", "z"] = "y"
+
+    def __post_init__(self) -> None:
+        if len(self.azimuths) == 0:
+            raise ValueError("RenderSpec needs at least one azimuth")
+        if len(self.elevations) == 0:
+            raise ValueError("RenderSpec needs at least one elevation")
+        if self.size < 8:
+            raise ValueError(f"RenderSpec.size must be at least 8 pixels, got {self.size}")
+        if self.point_size < 1:
+            raise ValueError(f"RenderSpec.point_size must be at least 1 pixel, got {self.point_size}")
+        if self.mode not in ("depth", "coords"):
+            raise ValueError(f"RenderSpec.mode must be 'depth' or 'coords', got {self.mode!r}")
+        if self.up_axis not in _TO_Y_UP:
+            raise ValueError(f"RenderSpec.up_axis must be 'x', 'y' or 'z', got {self.up_axis!r}")
+
+    @property
+    def num_views(self) -> int:
+        return len(self.azimuths) * len(self.elevations)
+
+
+def _camera_rotations(spec: RenderSpec) -> np.ndarray:
+    """``[V, 3, 3]``: rows are the camera's right, up and towards-camera axes, in the data's frame."""
+    az = np.deg2rad(np.asarray(spec.azimuths, dtype=np.float64))[None, :]
+    el = np.deg2rad(np.asarray(spec.elevations, dtype=np.float64))[:, None]
+    az, el = np.broadcast_arrays(az, el)  # [E, A]: elevation-major once flattened
+    az, el = az.ravel(), el.ravel()
+    zero = np.zeros_like(az)
+    # In the y-up frame the camera sits at (sin az cos el, sin el, cos az cos el), looking at the origin.
+    right = np.stack([np.cos(az), zero, -np.sin(az)], axis=-1)
+    up = np.stack([-np.sin(el) * np.sin(az), np.cos(el), -np.sin(el) * np.cos(az)], axis=-1)
+    back = np.stack([np.cos(el) * np.sin(az), np.sin(el), np.cos(el) * np.cos(az)], axis=-1)
+    rot = np.stack([right, up, back], axis=1) @ _TO_Y_UP[spec.up_axis]
+    # cos(90°) is 6e-17, not 0: snap such residues so that right angles rotate exactly and points on
+    # the centre line do not fall on either side of the central pixel edge by rounding luck.
+    rot[np.abs(rot) < 1e-12] = 0.0
+    return rot
+
+
+def normalise(points: np.ndarray) -> np.ndarray:
+    """``[N, 3]`` float64: the cloud centred on its bounding-box centre and scaled to unit radius."""
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise ValueError(f"points must have shape [N, 3], got {pts.shape}")
+    if len(pts) == 0:
+        return pts
+    if not np.isfinite(pts).all():
+        raise ValueError("points contain NaN or infinite values")
+    # The bounding-box centre (not the mean) so that uneven sampling density does not shift the object.
+    pts = pts - (pts.min(axis=0) + pts.max(axis=0)) / 2
+    radius = np.sqrt((pts**2).sum(axis=1).max())
+    return pts / radius if radius > 0 else pts
+
+
+def render_views(points: np.ndarray, spec: RenderSpec = RenderSpec()) -> np.ndarray:
+    """Render a point cloud from every view of ``spec``.
+
+    Args:
+        points: ``[N, 3]`` positions, any real dtype, any position and scale.
+        spec: the views and the look.
+
+    Returns:
+        ``[V, size, size, 3]`` uint8 with ``V = spec.num_views`` (elevation-major, then azimuth); the
+        background is 0, object pixels are in ``DEPTH_RANGE`` (depth) or ``COORD_RANGE`` (coords).
+    """
+    pts = normalise(points)
+    V, S, k = spec.num_views, spec.size, spec.point_size
+    images = np.zeros((V, S, S, 3), dtype=np.uint8)
+    if len(pts) == 0:
+        return images
+    cam = np.einsum("vij,nj->vni", _camera_rotations(spec), pts)  # [V, N, 3]: right, up, towards camera
+
+    # Continuous pixel coordinates (the unit sphere spans FILL of the side, centred); a splat of side k
+    # covers the k pixels whose centres are nearest the point along each axis.
+    scale = FILL * S / 2
+    col0 = np.floor(S / 2 + cam[..., 0] * scale - (k - 1) / 2).astype(np.int64)  # [V, N]
+    row0 = np.floor(S / 2 - cam[..., 1] * scale - (k - 1) / 2).astype(np.int64)
+    depth = cam[..., 2]  # larger is nearer
+
+    # Sort the points of each view nearest first; then offsets of one point share its place in the order.
+    order = np.argsort(-depth, axis=1, kind="stable")  # [V, N]
+    col0 = np.take_along_axis(col0, order, axis=1)
+    row0 = np.take_along_axis(row0, order, axis=1)
+    offsets = np.arange(k)
+    rows = (row0[:, :, None, None] + offsets[:, None]).astype(np.int64)  # [V, N, k, 1]
+    cols = (col0[:, :, None, None] + offsets[None, :]).astype(np.int64)  # [V, N, 1, k]
+    rows, cols = np.broadcast_arrays(rows, cols)  # [V, N, k, k]
+    views = np.broadcast_to(np.arange(V)[:, None, None, None], rows.shape)
+    points_sorted = np.broadcast_to(order[:, :, None, None], rows.shape)
+    inside = (rows >= 0) & (rows < S) & (cols >= 0) & (cols < S)
+    pixel = (views * S + rows) * S + cols
+    pixel, source = pixel[inside], (views * len(pts) + points_sorted)[inside]  # view-major, nearest first
+
+    # z-buffer: a stable sort by pixel keeps the nearest-first order inside each pixel, so the first entry
+    # of every run of equal pixels is the visible point.
+    by_pixel = np.argsort(pixel, kind="stable")
+    pixel, source = pixel[by_pixel], source[by_pixel]
+    first = np.ones(len(pixel), dtype=bool)
+    first[1:] = pixel[1:] != pixel[:-1]
+    pixel, source = pixel[first], source[first]
+
+    if spec.mode == "depth":
+        lo, hi = DEPTH_RANGE
+        d = depth.reshape(-1)[source]  # in [-1, 1] because the cloud has unit radius
+        grey = np.rint(lo + (d + 1) / 2 * (hi - lo)).clip(lo, hi).astype(np.uint8)
+        colour = np.repeat(grey[:, None], 3, axis=1)
+    else:
+        lo, hi = COORD_RANGE
+        xyz = (pts @ _TO_Y_UP[spec.up_axis].T)[source % len(pts)]
+        colour = np.rint(lo + (xyz + 1) / 2 * (hi - lo)).clip(lo, hi).astype(np.uint8)
+    images.reshape(-1, 3)[pixel] = colour
+    return images
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of an ``[H, W, 3]`` or ``[H, W]`` uint8 image; grey RGB is stored with one channel."""
+    img = np.asarray(image)
+    if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
+        raise ValueError(f"encode_png needs an [H, W, 3] or [H, W] uint8 image, got {img.shape} {img.dtype}")
+    if img.ndim == 3 and (img[..., 0] == img[..., 1]).all() and (img[..., 0] == img[..., 2]).all():
+        img = img[..., 0]  # depth renders are grey: a third of the raw size, decoded back to RGB
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes, size: int | None = None) -> np.ndarray:
+    """Decode image bytes (PNG, or any format Pillow reads) to ``[H, W, 3]`` uint8 RGB.
+
+    Any mode is converted (grey is repeated, palette expanded, alpha dropped, 16-bit scaled to 8);
+    with ``size`` the image is resized to ``[size, size]`` (bilinear).
+
+    Raises:
+        ValueError: the bytes are not a decodable image.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            img = _to_rgb(opened)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode image ({type(e).__name__}: {e})") from None
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grey (Pillow opens it as I;16 or I): keep the high byte; Pillow's own convert clips.
+        grey = (np.asarray(img, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if img.mode == "F":
+        return Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")  # RGBA/LA/P/L/CMYK...: alpha dropped, palette expanded
+
+
+def contact_sheet(
+    rows: Sequence[Sequence[np.ndarray]], path: str | Path, labels: Sequence[str] | None = None
+) -> None:
+    """Write a PNG grid of images for a person to check: one row per object, one column per view.
+
+    Args:
+        rows: ``rows[r][c]`` is an ``[H, W, 3]`` or ``[H, W]`` uint8 image; rows may differ in length
+            and images in size (each cell is as large as the largest image).
+        path: the PNG file to write.
+        labels: one text per row, drawn at the left of the row.
+    """
+    if not rows or not any(len(r) for r in rows):
+        raise ValueError("contact_sheet needs at least one image")
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"contact_sheet got {len(labels)} labels for {len(rows)} rows")
+    tiles = [[_as_rgb_array(image) for image in row] for row in rows]
+    tile_h = max(t.shape[0] for row in tiles for t in row)
+    tile_w = max(t.shape[1] for row in tiles for t in row)
+    gap, columns = SHEET_GAP, max(len(row) for row in tiles)
+
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 0
+    if labels is not None:
+        label_w = max(int(np.ceil(probe.textbbox((0, 0), str(t), font=font)[2])) for t in labels) + 2 * gap
+
+    width = label_w + gap + columns * (tile_w + gap)
+    height = gap + len(tiles) * (tile_h + gap)
+    # Mid grey between tiles so both the black backgrounds of renders and the tiles' edges show.
+    sheet = Image.new("RGB", (width, height), (128, 128, 128))
+    draw = ImageDraw.Draw(sheet)
+    for r, row in enumerate(tiles):
+        top = gap + r * (tile_h + gap)
+        if labels is not None:
+            draw.rectangle((0, top, label_w - 1, top + tile_h - 1), fill=(255, 255, 255))
+            box = draw.textbbox((0, 0), str(labels[r]), font=font)
+            # Centred vertically by the text's box (anchors are not available for bitmap fonts).
+            y = top + (tile_h - (box[3] - box[1])) // 2 - box[1]
+            draw.text((gap, y), str(labels[r]), fill=(0, 0, 0), font=font)
+        for c, tile in enumerate(row):
+            sheet.paste(Image.fromarray(tile), (label_w + gap + c * (tile_w + gap), top))
+    sheet.save(Path(path), format="PNG")
+
+
+def _as_rgb_array(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        raise ValueError(f"contact_sheet needs uint8 images, got {img.dtype}")
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"contact_sheet needs [H, W, 3] or [H, W] images, got {img.shape}")
+    return np.ascontiguousarray(img)

@@ -1,0 +1,180 @@
+"""The built-in synthetic dataset: procedural shapes, so pretraining runs with nothing downloaded.
+
+Each sample is one random member of one of :data:`SHAPE_CLASSES` (sampled by :mod:`.shapes`), centred and
+scaled to a maximum radius of 1, mildly deformed (anisotropic scale, taper, twist and bend about the up
+axis), noised, rotated by a random angle about the up axis and finally expressed with the requested up
+axis. Classes differ by 3D shape only: every cloud has the same point count and unit size, and the random
+proportions within a class overlap the neighbouring classes' (a squat cylinder next to a thick ring, a long
+capsule next to a cylinder), so a classifier must look at the geometry.
+
+Sample ``i`` of ``(seed, split)`` is drawn from its own generator, so any sample can be rebuilt alone and a
+set of ``count`` samples is a prefix of any larger one.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+
+from crossmoco_ray.data.shapes import SHAPE_SAMPLERS
+from crossmoco_ray.data.types import Sample
+
+UpAxis = Literal["x", "y", "z"]
+
+SHAPE_CLASSES: tuple[str, ...] = tuple(SHAPE_SAMPLERS)
+"""The class names; a sample's label is its class's position here."""
+
+# Canonical (y-up) coordinates → coordinates with the given up axis, as proper rotations (det = +1) so
+# that shapes are never mirrored: for "z", (x, y, z) → (x, -z, y) (a +90° turn about x); for "x",
+# (x, y, z) → (y, -x, z) (a -90° turn about z).
+_UP_ROTATIONS: dict[str, np.ndarray] = {
+    "y": np.eye(3),
+    "z": np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]),
+    "x": np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),
+}
+
+# Within-class deformation ranges (all mild, so a deformed box is still a box).
+_ANISO = (0.85, 1.15)  # per-axis scale
+_TAPER = 0.25  # relative change of the horizontal scale per unit height
+_TWIST = 0.6  # radians of twist about the up axis per unit height
+_BEND = 0.15  # horizontal offset at unit height from the centre
+_NOISE = (0.005, 0.01)  # Gaussian noise σ, in units of the (unit) object radius
+
+
+def class_names() -> list[str]:
+    """The class names in label order (``class_names()[label]``)."""
+    return list(SHAPE_CLASSES)
+
+
+def rotate_about_up(points: np.ndarray, angle: float) -> np.ndarray:
+    """Rotate canonical (y-up) ``points [N, 3]`` by ``angle`` radians about the y axis: ``[N, 3]``."""
+    c, s = np.cos(angle), np.sin(angle)
+    rot = np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]], dtype=points.dtype)
+    return points @ rot.T
+
+
+def to_up_axis(points: np.ndarray, up_axis: UpAxis) -> np.ndarray:
+    """Express canonical y-up ``points [N, 3]`` with +``up_axis`` as up: ``[N, 3]``, same dtype."""
+    if up_axis not in _UP_ROTATIONS:
+        raise ValueError(f"up_axis must be one of 'x', 'y', 'z', got {up_axis!r}")
+    return points @ _UP_ROTATIONS[up_axis].T.astype(points.dtype)
+
+
+def _deform(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mild random anisotropic scale, taper, twist and bend of unit-size y-up ``points [N, 3]``: ``[N, 3]``.
+
+    All act about the up axis, so an upright shape stays upright and its class-defining outline survives.
+    """
+    p = points * rng.uniform(*_ANISO, 3)
+    x, y, z = p[:, 0], p[:, 1], p[:, 2]
+    taper = 1.0 + rng.uniform(-_TAPER, _TAPER) * y
+    x, z = x * taper, z * taper
+    twist = rng.uniform(-_TWIST, _TWIST) * y
+    c, s = np.cos(twist), np.sin(twist)
+    x, z = c * x - s * z, s * x + c * z
+    # A parabolic bow (both ends pushed the same way, the middle in place) in a random horizontal direction.
+    b = rng.uniform(0.0, _BEND)
+    phi = rng.uniform(0.0, 2.0 * np.pi)
+    offset = b * y**2
+    return np.stack([x + offset * np.cos(phi), y, z + offset * np.sin(phi)], axis=1)
+
+
+def _normalise(points: np.ndarray) -> np.ndarray:
+    """Centre ``points [N, 3]`` on their bounding-box centre and scale them to a maximum radius of 1.
+
+    The bounding-box centre (not the mean) puts e.g. a cone's base and apex at the same distance from
+    the origin, so the position of the centroid stays a shape cue rather than being removed.
+    """
+    p = points - (points.min(axis=0) + points.max(axis=0)) / 2.0
+    radius = float(np.linalg.norm(p, axis=1).max())
+    return p / max(radius, 1e-12)
+
+
+def sample_shape(name: str, num_points: int, rng: np.random.Generator) -> np.ndarray:
+    """Points on the surface of a random member of class ``name``, canonical frame (y up).
+
+    Random proportions within the class, uniform by area, centred and scaled to a maximum radius of 1,
+    then a mild random deformation and Gaussian noise (σ 0.005–0.01).
+
+    Args:
+        name: one of :data:`SHAPE_CLASSES`.
+        num_points: number of points ``N`` (at least 1).
+        rng: the source of all randomness.
+
+    Returns:
+        ``[N, 3]`` float32.
+    """
+    sampler = SHAPE_SAMPLERS.get(name)
+    if sampler is None:
+        raise ValueError(f"unknown shape class {name!r}; the classes are: {', '.join(SHAPE_CLASSES)}")
+    if num_points < 1:
+        raise ValueError(f"num_points must be at least 1, got {num_points}")
+    points = _deform(_normalise(sampler(num_points, rng)), rng)
+    points += rng.normal(scale=rng.uniform(*_NOISE), size=points.shape)
+    return points.astype(np.float32)
+
+
+def _split_code(split: str) -> int:
+    """A stable integer for a split name (CRC-32: unlike ``hash``, identical in every process)."""
+    return zlib.crc32(split.encode("utf-8"))
+
+
+def synthetic_samples(
+    count: int, num_points: int, seed: int = 0, split: str = "train", up_axis: UpAxis = "y"
+) -> Iterator[Sample]:
+    """Stream ``count`` labelled synthetic samples.
+
+    Sample ``i`` depends only on ``(seed, split, i)``: its shape comes from
+    ``np.random.default_rng([seed, split_code, i])`` and its label from a seeded permutation of the
+    classes for its block of ``len(SHAPE_CLASSES)`` samples, so every block holds each class once (labels
+    balanced over any multiple of the class count) without a fixed class order.
+
+    Args:
+        count: number of samples.
+        num_points: points per sample ``N``.
+        seed: dataset seed (non-negative).
+        split: split name; different splits draw different samples.
+        up_axis: the axis that is up in the yielded points (the shapes are built y-up).
+
+    Yields:
+        :class:`Sample` with ``points [N, 3]`` float32, ``label`` the class index, ``views=None``,
+        ``id=f"synthetic-{split}-{i:07d}"``, ``source="synthetic"``, ``index=i`` and ``split``.
+    """
+    if count < 0:
+        raise ValueError(f"count must be non-negative, got {count}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    if num_points < 1:
+        raise ValueError(f"num_points must be at least 1, got {num_points}")
+    if up_axis not in _UP_ROTATIONS:
+        raise ValueError(f"up_axis must be one of 'x', 'y', 'z', got {up_axis!r}")
+    # Validate here, eagerly; a generator body would only raise at the first ``next``.
+    return _stream(count, num_points, seed, split, up_axis)
+
+
+def _stream(count: int, num_points: int, seed: int, split: str, up_axis: UpAxis) -> Iterator[Sample]:
+    """The generator behind :func:`synthetic_samples` (arguments already checked)."""
+    code = _split_code(split)
+    n_classes = len(SHAPE_CLASSES)
+    order = np.arange(n_classes)
+    for i in range(count):
+        block, slot = divmod(i, n_classes)
+        if slot == 0:
+            # The trailing tag keeps the label generators' seeds apart from the samples' ([seed, code, i]).
+            order = np.random.default_rng([seed, code, block, 0x1ABE1]).permutation(n_classes)
+        label = int(order[slot])
+        rng = np.random.default_rng([seed, code, i])
+        points = sample_shape(SHAPE_CLASSES[label], num_points, rng)
+        points = to_up_axis(rotate_about_up(points, rng.uniform(0.0, 2.0 * np.pi)), up_axis)
+        yield Sample(
+            id=f"synthetic-{split}-{i:07d}",
+            points=np.ascontiguousarray(points, dtype=np.float32),
+            views=None,
+            label=label,
+            source="synthetic",
+            index=i,
+            split=split,
+        )

@@ -1,0 +1,38 @@
+"""What every reader yields, and the error that names the bad file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and the index inside it) and what is wrong."""
+
+    def __init__(self, source: str, problem: str, index: int | None = None) -> None:
+        self.source, self.problem, self.index = source, problem, index
+        where = source if index is None else f"{source} [index {index}]"
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass
+class Sample:
+    """One object: an id, its points and, where the source has them, encoded views and a label.
+
+    Attributes:
+        id: unique within the dataset (e.g. ``"chair_0001"``, ``"03001627/1a2b3c"``).
+        points: ``[N, 3]`` float32.
+        views: encoded images (PNG/JPEG bytes) of the object, or ``None`` when they must be rendered.
+        label: class index, or ``None`` for unlabelled sources.
+        source: the file the sample came from (for error messages).
+        index: position of the sample inside ``source`` (row of an h5 file; 0 for one-object files).
+    """
+
+    id: str
+    points: np.ndarray
+    views: list[bytes] | None = None
+    label: int | None = None
+    source: str = ""
+    index: int = 0
+    split: str | None = field(default=None)

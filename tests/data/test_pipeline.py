@@ -1,0 +1,138 @@
+"""The training pipeline: two distinct views, fresh augmentation per epoch, disjoint equal worker shards."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from crossmoco_ray.data.augment import ImageAugment, PointAugment
+from crossmoco_ray.data.pipeline import PipelineOptions, iter_local_batches, make_batch, make_dataset
+from crossmoco_ray.data.readers import H5Source, ShapeNetRenderSource
+from crossmoco_ray.data.render import RenderSpec
+from crossmoco_ray.data.shards import PrepareOptions, prepare
+from crossmoco_ray.data.types import DataError
+from tests.data import fixtures
+
+PLAIN_IMAGES = ImageAugment(brightness=0.0, contrast=0.0, saturation=0.0, hflip=0.0)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """24 objects with unique labels (so a label identifies a row), 3 rendered views, 64 points."""
+    tmp = tmp_path_factory.mktemp("pipe")
+    src = H5Source(fixtures.modelnet_h5(tmp / "mn", n_train=24, n_test=4, classes=24))
+    out = tmp / "shards"
+    prepare(
+        src,
+        str(out),
+        PrepareOptions(render=RenderSpec(azimuths=(0.0, 90.0, 180.0), size=16), row_group_rows=4),
+    )
+    return str(out)
+
+
+def test_make_batch_picks_two_distinct_views(tmp_path: Path) -> None:
+    root = tmp_path / "shards"
+    prepare(
+        ShapeNetRenderSource(fixtures.shapenet_render(tmp_path / "snr", objects=6)),
+        str(root),
+        PrepareOptions(),
+    )
+    opts = PipelineOptions(num_points=64, image_size=8, image_augment=PLAIN_IMAGES, seed=0)
+    seen = set()
+    for epoch in range(20):
+        for batch in iter_local_batches(str(root), "train", opts, batch_size=3, epoch=epoch):
+            assert batch["images"].shape == (3, 2, 8, 8, 3)
+            value = batch["images"][:, :, 0, 0, 0].astype(int)  # PNG v holds 40·v + 10
+            assert (value[:, 0] != value[:, 1]).all()
+            seen |= set(value.ravel().tolist())
+    assert seen == {10, 50, 90}
+
+
+def test_make_batch_shapes_and_point_subsampling(rendered: str) -> None:
+    opts = PipelineOptions(num_points=48, image_size=12, views=2)
+    batch = next(iter_local_batches(rendered, "train", opts, batch_size=5))
+    assert batch["points1"].shape == (5, 48, 3)
+    assert batch["points2"].shape == (5, 48, 3)
+    assert batch["images"].shape == (5, 2, 12, 12, 3)
+    assert batch["images"].dtype == np.uint8
+    assert batch["label"].dtype == np.int64
+    assert not np.allclose(batch["points1"], batch["points2"])  # two independent augmentations
+
+
+def test_seeded_batches_repeat_per_epoch_and_change_across_epochs(rendered: str) -> None:
+    opts = PipelineOptions(num_points=64, image_size=8, seed=5)
+
+    def first(epoch: int) -> dict[str, np.ndarray]:
+        return next(iter_local_batches(rendered, "train", opts, batch_size=4, epoch=epoch))
+
+    a, b, c = first(0), first(0), first(1)
+    np.testing.assert_array_equal(a["points1"], b["points1"])
+    assert not np.array_equal(a["points1"], c["points1"])
+    fresh = PipelineOptions(num_points=64, image_size=8)
+    x = next(iter_local_batches(rendered, "train", fresh, batch_size=4, shuffle=False))
+    y = next(iter_local_batches(rendered, "train", fresh, batch_size=4, shuffle=False))
+    assert not np.array_equal(x["points1"], y["points1"])
+
+
+def test_drop_last_and_every_row_once_per_epoch(rendered: str) -> None:
+    opts = PipelineOptions(num_points=64, image_size=8)
+    labels = [b["label"] for b in iter_local_batches(rendered, "train", opts, batch_size=5)]
+    assert [len(x) for x in labels] == [5, 5, 5, 5]  # 24 rows: the last 4 are dropped
+    assert len(set(np.concatenate(labels).tolist())) == 20
+
+
+def test_shards_must_hold_enough_points_and_views(rendered: str) -> None:
+    with pytest.raises(DataError, match=r"hold 64 points per cloud but 128 .*data\.num_points=64"):
+        next(iter_local_batches(rendered, "train", PipelineOptions(num_points=128), batch_size=2))
+    with pytest.raises(DataError, match="4 views per sample asked, the shards have 3"):
+        next(iter_local_batches(rendered, "train", PipelineOptions(num_points=64, views=4), batch_size=2))
+    with pytest.raises(DataError, match="no 'val' shards"):
+        next(iter_local_batches(rendered, "val", PipelineOptions(num_points=64), batch_size=2))
+
+
+def test_make_batch_names_an_undecodable_view() -> None:
+    batch = {
+        "id": ["obj-7"],
+        "label": np.array([0]),
+        "points": np.zeros((1, 8, 3), np.float32),
+        "views": [[b"not a png", b"nor this"]],
+    }
+    with pytest.raises(DataError, match="obj-7: view"):
+        make_batch(batch, PipelineOptions(num_points=8, image_size=4))
+
+
+@pytest.mark.timeout(240)
+def test_ray_two_workers_get_disjoint_equal_shards_and_fresh_augmentation(
+    rendered: str, ray_session: None
+) -> None:
+    opts = PipelineOptions(num_points=64, image_size=8, read_batch=4, point_augment=PointAugment())
+    ds = make_dataset(rendered, "train", opts)
+    splits = ds.streaming_split(2, equal=True)
+
+    def epoch() -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = [{}, {}]
+
+        def consume(i: int) -> None:
+            for batch in splits[i].iter_batches(batch_size=None):
+                for label, pts in zip(batch["label"], batch["points1"], strict=True):
+                    results[i][int(label)] = pts
+
+        threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=200)
+        return results
+
+    first, second = epoch(), epoch()
+    for run in (first, second):
+        assert len(run[0]) == len(run[1]) == 12  # equal length
+        assert not set(run[0]) & set(run[1])  # disjoint
+        assert set(run[0]) | set(run[1]) == set(range(24))  # they cover the data
+    one = {**first[0], **first[1]}
+    two = {**second[0], **second[1]}
+    assert all(not np.allclose(one[k], two[k]) for k in one)  # every object augmented afresh
