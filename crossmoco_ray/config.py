@@ -117,6 +117,9 @@ class DataConfig(_Section):
     synthetic_test: int = Field(500, gt=0, description="built-in set: test objects")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="validation split carved from train")
     read_batch: int = Field(64, gt=0, description="rows per decode/augment task in the Ray Data pipeline")
+    object_store_mb: int = Field(
+        1024, gt=0, description="object-store budget of the streaming pipeline (bounds an epoch's memory)"
+    )
     point_augment: PointAugmentConfig = PointAugmentConfig()
     image_augment: ImageAugmentConfig = ImageAugmentConfig()
     render: RenderConfig = RenderConfig()
@@ -129,7 +132,11 @@ class OptimConfig(_Section):
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-6, ge=0.0)
     sgd_momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "cosine_smooth", "constant"] = Field(
+        "cosine",
+        description="cosine: CrossPoint's per-epoch cosine, stepped at each epoch start (the last epoch runs "
+        "at min_lr); cosine_smooth: per-step cosine (better for short runs)",
+    )
     warmup_epochs: int = Field(0, ge=0)
     min_lr: float = Field(0.0, ge=0.0)
     grad_clip: float | None = Field(None, gt=0.0, description="clip the global gradient norm; null = off")
@@ -154,6 +161,12 @@ class TrainConfig(_Section):
     log_every: int = Field(20, gt=0, description="steps between progress reports")
     keep_checkpoints: int = Field(2, gt=0)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers on nodes"
+    )
+    fault_at_step: int | None = Field(
+        None, ge=0, description="testing aid: the last worker's process dies at this step, once per run"
+    )
 
 
 class EvalConfig(_Section):
@@ -163,6 +176,7 @@ class EvalConfig(_Section):
     eval_every: int = Field(1, gt=0, description="epochs between val_svm_acc monitor runs")
     num_points: int = Field(1024, gt=0, description="points per cloud for SVM features (CrossPoint: 1024)")
     monitor_samples: int = Field(2000, gt=0, description="bound on samples the monitor embeds")
+    final: bool = Field(True, description="after training: SVM on val and test, pretrained vs random init")
 
 
 class TuneConfig(_Section):

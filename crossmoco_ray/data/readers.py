@@ -34,9 +34,22 @@ H5_CHUNK = 512
 
 # ScanObjectNN's 15 object classes in label order (the h5 files carry indices only).
 SCANOBJECTNN_CLASSES = [
-    "bag", "bin", "box", "cabinet", "chair", "desk", "display", "door",
-    "shelf", "table", "bed", "pillow", "sink", "sofa", "toilet",
-]  # fmt: skip
+    "bag",
+    "bin",
+    "box",
+    "cabinet",
+    "chair",
+    "desk",
+    "display",
+    "door",
+    "shelf",
+    "table",
+    "bed",
+    "pillow",
+    "sink",
+    "sofa",
+    "toilet",
+]
 
 
 def to_y_up(points: np.ndarray, up_axis: UpAxis) -> np.ndarray:

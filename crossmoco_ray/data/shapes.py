@@ -248,9 +248,21 @@ def cross_prism(n: int, rng: np.random.Generator) -> np.ndarray:
     w = rng.uniform(0.18, 0.35)
     ax, az = rng.uniform(0.7, 1.0, 2)
     outline = np.array(
-        [[ax, -w], [ax, w], [w, w], [w, az], [-w, az], [-w, w], [-ax, w], [-ax, -w], [-w, -w], [-w, -az],
-         [w, -az], [w, -w]],
-    )  # fmt: skip
+        [
+            [ax, -w],
+            [ax, w],
+            [w, w],
+            [w, az],
+            [-w, az],
+            [-w, w],
+            [-ax, w],
+            [-ax, -w],
+            [-w, -w],
+            [-w, -az],
+            [w, -az],
+            [w, -w],
+        ],
+    )
     return sample_mesh(*prism_mesh(outline, rng.uniform(0.3, 1.0), (0.0, 0.0)), n, rng)
 
 

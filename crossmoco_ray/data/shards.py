@@ -110,11 +110,15 @@ class _ShardWriter:
 
     def __init__(self, fs: pafs.FileSystem, folder: str, split: str, num_points: int, opts: PrepareOptions):
         self.fs, self.folder, self.split, self.opts = fs, folder, split, opts
-        self.schema = pa.schema([
-            ("id", pa.string()), ("label", pa.int32()), ("split", pa.string()),
-            ("points", pa.fixed_shape_tensor(pa.float32(), [num_points, 3])),
-            ("views", pa.list_(pa.binary())),
-        ])  # fmt: skip
+        self.schema = pa.schema(
+            [
+                ("id", pa.string()),
+                ("label", pa.int32()),
+                ("split", pa.string()),
+                ("points", pa.fixed_shape_tensor(pa.float32(), [num_points, 3])),
+                ("views", pa.list_(pa.binary())),
+            ]
+        )
         self.rows: list[tuple[str, int, np.ndarray, list[bytes]]] = []
         self.files: list[dict[str, Any]] = []
         self.writer: pq.ParquetWriter | None = None

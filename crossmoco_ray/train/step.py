@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 Precision = Literal["fp32", "bf16"]
@@ -64,6 +65,14 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool = 
     return model
 
 
+def _all_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every worker (one scalar all-reduce; every worker decides alike)."""
+    flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
 def train_step(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
@@ -74,6 +83,7 @@ def train_step(
     grad_clip: float | None = None,
     channels_last: bool = False,
     normalize_images: bool = True,
+    check_finite: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Run one step of ``model`` (a :class:`~crossmoco_ray.nn.CrossMoCo`, possibly DDP-wrapped).
 
@@ -85,6 +95,8 @@ def train_step(
         grad_clip: clip the global gradient norm to this value (``None``: no clipping).
         channels_last: channels-last image tensors (CUDA only).
         normalize_images: ImageNet normalisation of uint8 images.
+        check_finite: before backward, check (on every worker at once) that the loss is finite; if any is
+            not, skip backward and the update and return ``nonfinite`` = 1, leaving the weights untouched.
     Returns:
         The model's named losses and diagnostics, detached (plus ``grad_norm`` when clipping).
     """
@@ -94,6 +106,8 @@ def train_step(
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
         out = model(points1, points2, views, momentum=momentum)
     optimizer.zero_grad(set_to_none=True)
+    if check_finite and not _all_finite(out["loss"]):
+        return {**{name: value.detach() for name, value in out.items()}, "nonfinite": torch.ones(())}
     out["loss"].backward()
     if grad_clip is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -58,3 +58,28 @@ def test_step_accepts_the_pipelines_uint8_images() -> None:
     batch["images"] = torch.randint(0, 256, (4, 2, 16, 16, 3), dtype=torch.uint8)
     out = train_step(model, batch, opt, momentum=0.9)
     assert torch.isfinite(out["loss"])
+
+
+def test_lr_schedules() -> None:
+    import math
+
+    from crossmoco_ray.config import load_config
+    from crossmoco_ray.train.builders import lr_at, momentum_at
+
+    paper = load_config("paper", overrides=["train.epochs=4"])
+    # CrossPoint: CosineAnnealingLR(T_max=4) stepped at each epoch start → epoch e at step e + 1
+    assert [round(lr_at(paper, e), 8) for e in range(4)] == [
+        round(1e-3 * 0.5 * (1 + math.cos(math.pi * (e + 1) / 4)), 8) for e in range(4)
+    ]
+    assert lr_at(paper, 3) == 0.0
+    smooth = load_config("paper", overrides=["train.epochs=4", "optim.schedule=cosine_smooth"])
+    assert lr_at(smooth, 0, 0.0) == 1e-3
+    assert lr_at(smooth, 2, 0.0) == 1e-3 * 0.5
+    assert lr_at(smooth, 3, 0.99) > 0
+    warm = load_config("paper", overrides=["train.epochs=4", "optim.warmup_epochs=2"])
+    assert lr_at(warm, 0) == 0.5e-3
+    assert lr_at(warm, 1) == 1e-3
+    cos_m = load_config("paper", overrides=["objective.momentum_schedule=cosine", "objective.momentum=0.99"])
+    assert momentum_at(cos_m, 0, 100) == 0.99
+    assert momentum_at(cos_m, 100, 100) == 1.0
+    assert momentum_at(paper, 50, 100) == 0.9999

@@ -1,0 +1,138 @@
+"""Evaluation data and frozen features.
+
+Evaluation sets are small (ModelNet40: 12k clouds, 150 MB at 1024 points), so a split is loaded as one
+array; features are computed in batches, in eval mode, without gradients, on CPU or GPU, with progress.
+Sources: anything the readers open (h5, folders, ShapeNetRender; with ``up_axis``) or prepared shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from ..data.progress import Progress
+from ..data.readers import UpAxis, open_source
+from ..data.shards import MANIFEST, read_manifest, resolve
+from ..data.types import DataError
+
+
+@dataclass
+class EvalSplit:
+    """One labelled split: ``points`` [M, P, 3] float32, ``labels`` [M] int64, class names."""
+
+    points: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    name: str
+
+    def subset(self, count: int | None, seed: int = 0) -> EvalSplit:
+        """At most ``count`` samples, chosen by a seeded permutation (all when ``count`` is None)."""
+        if count is None or count >= len(self.labels):
+            return self
+        idx = np.sort(np.random.default_rng(seed).permutation(len(self.labels))[:count])
+        return EvalSplit(self.points[idx], self.labels[idx], self.class_names, self.name)
+
+
+def is_shards(spec: str) -> bool:
+    """Whether ``spec`` is a prepared-shard directory or URI (it has a manifest)."""
+    if "://" in spec:
+        fs, root = resolve(spec)
+        return fs.get_file_info(f"{root}/{MANIFEST}").type.name != "NotFound"
+    return (Path(spec) / MANIFEST).is_file()
+
+
+def load_split(
+    spec: str, split: str, *, fmt: str = "auto", up_axis: UpAxis = "y", num_points: int | None = None
+) -> EvalSplit:
+    """Split ``split`` of a source or of prepared shards, the first ``num_points`` points of each cloud.
+
+    The first points, not a random subset, as CrossPoint's SVM protocol does (``data[:1024]``).
+    """
+    if is_shards(spec):
+        points, labels, names = _load_shards(spec, split)
+    else:
+        source = open_source(spec, fmt, up_axis=up_axis)
+        if split not in source.splits():
+            raise DataError(spec, f"no {split!r} split (has {source.splits()})")
+        clouds, labs = [], []
+        for item in source.samples(split):
+            if isinstance(item, DataError):
+                raise item
+            if item.label is None:
+                raise DataError(item.source, "evaluation needs labels", item.index)
+            clouds.append(item.points if num_points is None else item.points[:num_points])
+            labs.append(item.label)
+        if len({c.shape[0] for c in clouds}) > 1:
+            raise DataError(
+                spec, "clouds have different point counts; pass num_points to cut them to one size"
+            )
+        points, labels, names = np.stack(clouds), np.asarray(labs, np.int64), source.class_names()
+    if num_points is not None:
+        if points.shape[1] < num_points:
+            raise DataError(spec, f"clouds have {points.shape[1]} points, {num_points} asked for")
+        points = points[:, :num_points]
+    names = names or [str(c) for c in range(int(labels.max()) + 1)]
+    return EvalSplit(np.ascontiguousarray(points, np.float32), labels, list(names), split)
+
+
+def _load_shards(root: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    manifest = read_manifest(root)
+    fs, base = resolve(root)
+    files = [f"{base}/{f['path']}" for f in manifest["files"] if f["split"] == split]
+    if not files:
+        raise DataError(root, f"no {split!r} shards (has {sorted({f['split'] for f in manifest['files']})})")
+    points, labels = [], []
+    for path in files:
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f, columns=["points", "label"])
+        points.append(table.column("points").combine_chunks().to_numpy_ndarray())
+        labels.append(table.column("label").to_numpy())
+    label_arr = np.concatenate(labels).astype(np.int64)
+    if (label_arr < 0).any():
+        raise DataError(root, "the shards are unlabelled; evaluation needs labels")
+    return np.concatenate(points), label_arr, manifest.get("class_names")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    points: np.ndarray,
+    batch_size: int = 32,
+    device: str | torch.device = "auto",
+    what: str = "features",
+    progress: bool = True,
+) -> np.ndarray:
+    """Pooled backbone features ``[M, F]`` (float32) of ``points`` [M, P, 3], eval mode, no gradient.
+
+    The encoder's mode and device are restored afterwards (the training monitor calls this mid-run).
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    was_training = encoder.training
+    first = next(encoder.parameters())
+    home = first.device
+    encoder.eval().to(dev)
+    out = []
+    bar = Progress(what, len(points)) if progress else None
+    try:
+        for start in range(0, len(points), batch_size):
+            batch = torch.from_numpy(points[start : start + batch_size]).to(dev)
+            feats = encoder.forward_features(batch)  # type: ignore[operator]
+            out.append(feats.float().cpu().numpy())
+            if bar:
+                bar.update(len(batch))
+    finally:
+        encoder.train(was_training).to(home)
+        if bar:
+            bar.close()
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
