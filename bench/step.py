@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 # The step settings mirror crossmoco_ray/configs/{paper,quickstart}.yaml (tests/bench/test_bench.py checks
 # that they agree). Batch = what one worker runs per step: the paper trains on one GPU with batch 20;
-# quickstart splits its global batch 16 over 2 workers.
+# quickstart splits its global batch 32 over 2 workers.
 SETTINGS: dict[str, dict[str, Any]] = {
     "paper": dict(
         k=15, emb_dims=1024, point_head_hidden=1024, image_encoder="resnet50", image_head_hidden=512,
@@ -39,9 +39,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
         batch=20, num_points=2048, image_size=224, views=2, lr=1e-3, weight_decay=1e-6,
     ),
     "quickstart": dict(
-        k=10, emb_dims=512, point_head_hidden=512, image_encoder="resnet18", image_head_hidden=256,
-        proj_dim=128, queue_length=512, momentum=0.99, temperature=0.1, cross_temperature=0.1,
-        batch=8, num_points=512, image_size=64, views=2, lr=1e-3, weight_decay=1e-6,
+        k=8, emb_dims=256, point_head_hidden=256, image_encoder="resnet18", image_head_hidden=256,
+        proj_dim=128, queue_length=1024, momentum=0.99, temperature=0.1, cross_temperature=0.1,
+        batch=16, num_points=256, image_size=32, views=2, lr=1e-3, weight_decay=1e-6,
     ),
     "smoke": dict(
         k=4, emb_dims=32, point_head_hidden=32, image_encoder="resnet18", image_head_hidden=16,

@@ -216,6 +216,42 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+PRETRAIN_EPILOG = """\
+examples:
+  crossmoco pretrain                                   # quickstart preset, built-in data, local Ray, ~10 min
+  crossmoco pretrain --preset paper --data s3://bucket/shapenet-shards train.num_workers=8 train.use_gpu=true
+  crossmoco pretrain --name exp1 objective.momentum=0.999 optim.lr=3e-4
+  RAY_ADDRESS=ray://head:10001 crossmoco pretrain ...  # or under `ray job submit`: joins that cluster
+
+A run is identified by --name (default: derived from the configuration) and --storage: relaunching the
+same name resumes from its latest checkpoint, the same MLflow run and the same queues. Results: checkpoints
+under STORAGE/NAME, the exported backbone in STORAGE/NAME/export, the final SVM report in
+STORAGE/NAME/eval, and the MLflow run (default store: sqlite in STORAGE/mlflow.db; MLFLOW_TRACKING_URI
+overrides it).
+"""
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .data.types import DataError
+    from .pretrain import pretrain
+
+    cfg = resolve_config(args)
+    if args.no_tracking:
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    try:
+        code, _ = pretrain(
+            cfg, preset=args.preset, name=args.name, storage=args.storage, data=args.data, log=log
+        )
+    except DataError as err:
+        print(f"crossmoco pretrain: {err}", file=sys.stderr)
+        return 2
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossmoco",
@@ -225,6 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"crossmoco-ray {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p_pre = sub.add_parser(
+        "pretrain",
+        help="pretrain a point encoder with CrossMoCo on Ray Train (the main job)",
+        description="Distributed CrossMoCo pretraining on a local Ray or a cluster, tracked, resumable.",
+        epilog=PRETRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_args(p_pre)
+    p_pre.add_argument("--data", help="prepared shards (path or URI); default: the built-in synthetic set")
+    p_pre.add_argument("--name", help="run name (relaunch the same name to resume)")
+    p_pre.add_argument("--storage", help="checkpoints and results (path or URI); default ./crossmoco_runs")
+    p_pre.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p_pre.set_defaults(func=_cmd_pretrain)
 
     p_prep = sub.add_parser(
         "prepare",

@@ -1,0 +1,161 @@
+"""The main job: ``crossmoco pretrain`` from a configuration to a trained, evaluated, exported encoder.
+
+1. resolve and check the run (:mod:`crossmoco_ray.train.launcher`): data, steps, resources;
+2. join or start Ray, open or resume the MLflow run;
+3. ``TorchTrainer.fit()`` (workers: :mod:`crossmoco_ray.train.loop`);
+4. after training: linear SVM on the validation and test splits for the pretrained encoder and a
+   random-init one of the same architecture, the exported backbone, curves, artifacts, a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .data.shards import resolve
+from .evaluate.models import export_backbone
+from .evaluate.plots import curves_plot
+from .evaluate.run import encoders, run_svm_splits, svm_table
+from .tracking import Tracker
+from .train.launcher import (
+    Run,
+    build_trainer,
+    check_resources,
+    init_ray,
+    resolve_run,
+    start_tracking,
+    write_resolved_config,
+)
+from .train.loop import HISTORY_FILE
+
+EXIT_OK, EXIT_FAILED, EXIT_NONFINITE = 0, 1, 3
+
+
+def pretrain(
+    cfg: Config,
+    *,
+    preset: str | None = None,
+    name: str | None = None,
+    storage: str | None = None,
+    data: str | None = None,
+    address: str | None = None,
+    callbacks: list[Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[int, dict[str, Any]]:
+    """Run (or resume) a pretraining run; returns (exit code, summary)."""
+    run = resolve_run(cfg, name=name, storage=storage, data=data, log=log)
+    local = init_ray(run.cfg, address, log)
+    import ray
+    from ray.train import TrainingFailedError
+
+    check_resources(run.cfg, ray.cluster_resources(), local, log)
+    tracker = start_tracking(run, preset)
+    write_resolved_config(run)
+    t = run.cfg.train
+    log(
+        f"run {run.name}: {t.num_workers} workers × batch {run.cfg.per_worker_batch} "
+        f"(global {t.batch_size}), {t.epochs} epochs × {run.steps_per_epoch} steps\n"
+        f"data {run.data_root}\nstorage {run.run_dir}"
+    )
+    if run.mlflow_run_id:
+        log(f"MLflow run {run.mlflow_run_id} in {run.tracking_uri}")
+    summary: dict[str, Any] = {"run_dir": run.run_dir, "mlflow_run_id": run.mlflow_run_id}
+    try:
+        result = build_trainer(run, callbacks).fit()
+    except TrainingFailedError as err:
+        tracker.end("FAILED")
+        log(
+            f"training failed: {err}\n"
+            f"Checkpoints so far stay in {run.run_dir}; relaunch the same command to resume."
+        )
+        return EXIT_FAILED, summary
+    ret = result.return_value or {}
+    summary.update(result=result, metrics=result.metrics or {})
+    if ret.get("status") == "nonfinite":
+        tracker.end("FAILED")
+        last = result.checkpoint.path if result.checkpoint else "none (no epoch completed)"
+        losses = ", ".join(f"{k} {ret[k]:.4g}" for k in ("loss", "loss_point", "loss_image", "loss_cross"))
+        log(
+            f"stopped: the loss became NaN/Inf at epoch {ret['epoch'] + 1}, step {ret['step']} ({losses}). "
+            f"The last good checkpoint is kept: {last}. Lower optim.lr, set optim.grad_clip (e.g. 1.0) or "
+            "check the data; relaunching the same command resumes from that checkpoint."
+        )
+        return EXIT_NONFINITE, summary
+    if result.checkpoint is None:
+        tracker.end("FAILED")
+        log("training produced no checkpoint")
+        return EXIT_FAILED, summary
+    with result.checkpoint.as_directory() as ckpt_dir:
+        summary.update(finish(run, Path(ckpt_dir), tracker, log))
+    tracker.end("FINISHED")
+    return EXIT_OK, summary
+
+
+def finish(run: Run, ckpt_dir: Path, tracker: Tracker, log: Callable[[str], None]) -> dict[str, Any]:
+    """Everything after training: final SVMs, export, curves, artifacts, the closing summary."""
+    cfg = run.cfg
+    out: dict[str, Any] = {}
+    work = Path(tempfile.mkdtemp(prefix="crossmoco-final-"))
+    try:
+        export_dir = export_backbone(ckpt_dir, work / "export")
+        out["export"] = _publish(export_dir, f"{run.run_dir}/export")
+        history = (
+            json.loads((ckpt_dir / HISTORY_FILE).read_text()) if (ckpt_dir / HISTORY_FILE).is_file() else {}
+        )
+        curves = _curves(history, work)
+        if cfg.eval.final:
+            splits = [s for s in ("val", "test") if s in run.manifest["counts"]]
+            encs = encoders(str(ckpt_dir), baseline=True, seed=cfg.train.seed)
+            num_points = min(cfg.eval.num_points, run.manifest["num_points"])
+            report = run_svm_splits(
+                run.data_root, encs, splits, num_points, cfg.eval.svm_c, out=work / "eval", log=log
+            )
+            out["report"] = report
+            out["eval"] = _publish(work / "eval", f"{run.run_dir}/eval")
+            log(
+                "final linear SVM (fit on train; 'val': the split carved from train; 'test': the test split):"
+            )
+            log(svm_table(report))
+        tracker.log_artifact(ckpt_dir / "config.yaml")
+        for png in curves:
+            tracker.log_artifact(png, "curves")
+        tracker.log_artifact(work / "export", "export")
+        if (work / "eval").is_dir():
+            tracker.log_artifact(work / "eval", "eval")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"exported backbone: {out['export']}")
+    if tracker.enabled:
+        log(f"MLflow run {tracker.run_id}; open it with:  mlflow ui --backend-store-uri {tracker.uri}")
+    return out
+
+
+def _curves(history: dict[str, Any], work: Path) -> list[Path]:
+    """Loss curves per step and the validation SVM accuracy per epoch, as PNGs."""
+    pngs = []
+    steps = history.get("steps", [])
+    if steps:
+        series = {
+            k: [(s["step"], s[k]) for s in steps] for k in ("loss", "loss_point", "loss_image", "loss_cross")
+        }
+        pngs.append(curves_plot(series, work / "loss.png", title="training losses"))
+    epochs = [e for e in history.get("epochs", []) if e.get("val_svm_acc") == e.get("val_svm_acc")]
+    if epochs:
+        acc = {"val_svm_acc": [(e["epoch"], e["val_svm_acc"]) for e in epochs if "val_svm_acc" in e]}
+        pngs.append(curves_plot(acc, work / "val_svm_acc.png", title="validation linear SVM", xlabel="epoch"))
+    return pngs
+
+
+def _publish(local: Path, uri: str) -> str:
+    """Copy a local directory to the run's storage (a path or a pyarrow URI); returns where it went."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return uri

@@ -1,0 +1,319 @@
+"""The Ray Train worker loop: one process per worker, everything built from the resolved config.
+
+Per epoch: set the learning rate (cosine, optional warm-up), stream this worker's shard of the Ray Data
+pipeline, run :func:`train_step` (momentum from its schedule, bf16 autocast on CUDA when asked, a NaN/Inf
+guard), log every ``train.log_every`` steps (rank 0: a console line and MLflow metrics), then, at the end of
+the epoch, the SVM monitor (rank 0) and a checkpoint that rank 0 writes and every rank reports.
+
+DDP wraps the whole CrossMoCo module but never re-sends buffers after construction: the queues stay
+identical because every worker enqueues the same gathered keys, not because DDP copies them each step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import Config, validate
+from ..data.pipeline import iter_train_batches
+from ..nn import convert_sync_batchnorm
+from ..tracking import Tracker
+from .builders import build_model, build_optimizer, lr_at, momentum_at
+from .checkpoint import build_state, read_checkpoint, restore, unwrap, write_checkpoint
+from .step import prepare_model, train_step
+
+HISTORY_FILE = "history.json"
+FAULT_MARKER = ".fault_injected"
+LOSS_KEYS = ("loss", "loss_point", "loss_image", "loss_cross")
+
+
+def ddp_kwargs() -> dict[str, bool]:
+    """Sync buffers at construction only, not per forward (torch ≥ 2.14: ``forward_sync_buffers``)."""
+    params = inspect.signature(DistributedDataParallel).parameters
+    return (
+        {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    )
+
+
+def _gather_floats(value: float, device: torch.device) -> list[float]:
+    """``value`` from every worker, in rank order (collective: every worker calls it)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [float(x.item()) for x in out]
+
+
+def _quiet_worker_logs() -> None:
+    """Keep the console to our progress lines: Ray Train 2.60 logs every report at INFO under a logger
+    named after its file (so ``LoggingConfig`` does not reach it), and DDP warns on every step that
+    mkldnn's 1×1-convolution gradients are laid out differently from its buckets (a copy, not an error).
+    """
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def _gather_objects(value: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _maybe_inject_fault(cfg: Config, rank: int, world: int, step: int, run_dir: str) -> None:
+    """Testing aid: the last rank's process dies at ``train.fault_at_step``, once per run."""
+    if cfg.train.fault_at_step is None or step != cfg.train.fault_at_step or rank != world - 1:
+        return
+    marker = Path(run_dir) / FAULT_MARKER
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"worker {rank} killed at step {step}\n")
+    print(f"[fault injection] killing worker {rank} at step {step}", flush=True)
+    os._exit(1)
+
+
+class EpochMeter:
+    """Loss sums, throughput and time spent waiting for data, for a window and for the epoch."""
+
+    def __init__(self, global_batch: int) -> None:
+        self.global_batch = global_batch
+        self.epoch: dict[str, float] = defaultdict(float)
+        self.window: dict[str, float] = defaultdict(float)
+        self.epoch_steps = self.window_steps = 0
+        self.epoch_wait = self.window_wait = 0.0
+        self.epoch_start = self.window_start = time.perf_counter()
+
+    def add(self, out: dict[str, torch.Tensor], wait: float) -> None:
+        for key in (*LOSS_KEYS, "point_top1", "image_top1"):
+            value = float(out[key])
+            self.epoch[key] += value
+            self.window[key] += value
+        self.epoch_steps += 1
+        self.window_steps += 1
+        self.epoch_wait += wait
+        self.window_wait += wait
+
+    @staticmethod
+    def _summary(
+        sums: dict[str, float], steps: int, wait: float, seconds: float, batch: int
+    ) -> dict[str, float]:
+        out = {k: v / max(steps, 1) for k, v in sums.items()}
+        out["samples_per_s"] = steps * batch / max(seconds, 1e-9)
+        out["data_wait"] = wait / max(seconds, 1e-9)
+        return out
+
+    def take_window(self) -> dict[str, float]:
+        now = time.perf_counter()
+        out = self._summary(
+            self.window, self.window_steps, self.window_wait, now - self.window_start, self.global_batch
+        )
+        self.window, self.window_steps, self.window_wait, self.window_start = defaultdict(float), 0, 0.0, now
+        return out
+
+    def epoch_summary(self) -> dict[str, float]:
+        seconds = time.perf_counter() - self.epoch_start
+        out = self._summary(self.epoch, self.epoch_steps, self.epoch_wait, seconds, self.global_batch)
+        out["epoch_seconds"] = seconds
+        return out
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Entry point of every Ray Train worker (``TorchTrainer(train_loop_per_worker=...)``)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    _quiet_worker_logs()
+    cfg = validate(config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    t = cfg.train
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    torch.manual_seed(t.seed)  # identical initialisation on every worker
+    model = build_model(cfg)
+    if cfg.model.sync_bn:
+        model.point_q = convert_sync_batchnorm(model.point_q)
+        model.image_q = convert_sync_batchnorm(model.image_q)
+    prepare_model(model, device, t.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    torch.manual_seed(t.seed + rank)  # then per-worker randomness
+
+    start_epoch, step = 0, 0
+    history: dict[str, list[dict[str, Any]]] = {"steps": [], "epochs": []}
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            state = read_checkpoint(d)
+            restore(model, optimizer, state)
+            if (Path(d) / HISTORY_FILE).is_file():
+                history = json.loads((Path(d) / HISTORY_FILE).read_text())
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        if rank == 0:
+            print(f"resumed from the checkpoint of epoch {start_epoch} (step {step})", flush=True)
+    attempt_start_step = step
+
+    net: torch.nn.Module = model
+    if world > 1:
+        device_ids = [device] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs())  # type: ignore[arg-type]
+
+    tracker = Tracker(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else Tracker(None)
+    monitor = None
+    if rank == 0 and config.get("monitor"):
+        from ..evaluate.monitor import SvmMonitor
+
+        m = config["monitor"]
+        monitor = SvmMonitor.from_source(
+            m["root"], num_points=m["num_points"], max_samples=m["max_samples"], C=m["C"]
+        )
+        monitor.device = str(device)
+
+    shard = ray.train.get_dataset_shard("train")
+    steps_per_epoch, total_steps = int(config["steps_per_epoch"]), int(config["steps_per_epoch"]) * t.epochs
+    last_val = float("nan")
+    for past in history["epochs"]:
+        last_val = past.get("val_svm_acc", last_val)
+    node_id = ray.get_runtime_context().get_node_id()
+
+    for epoch in range(start_epoch, t.epochs):
+        lr = lr_at(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        meter = EpochMeter(cfg.train.batch_size)
+        momentum = momentum_at(cfg, step, total_steps)
+        batches = iter(iter_train_batches(shard, cfg.per_worker_batch))
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            wait = time.perf_counter() - t0
+            _maybe_inject_fault(cfg, rank, world, step, config["run_dir"])
+            momentum = momentum_at(cfg, step, total_steps)
+            if cfg.optim.schedule == "cosine_smooth":
+                lr = lr_at(cfg, epoch, (step - epoch * steps_per_epoch) / max(steps_per_epoch, 1))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            out = train_step(
+                net,
+                batch,
+                optimizer,
+                momentum,
+                precision=t.precision,
+                grad_clip=cfg.optim.grad_clip,
+                channels_last=t.channels_last,
+                normalize_images=cfg.data.image_augment.normalize,
+                check_finite=True,
+            )
+            if "nonfinite" in out:
+                bad = {k: float(out[k]) for k in LOSS_KEYS}
+                ray.train.report({"epoch": epoch, "step": step, "nonfinite": 1.0, **bad})
+                return {"status": "nonfinite", "epoch": epoch, "step": step, **bad}
+            step += 1
+            meter.add(out, wait)
+            if step % t.log_every == 0:
+                window = meter.take_window()
+                if rank == 0:
+                    print(
+                        _progress_line(epoch, t.epochs, step, steps_per_epoch, window, lr, momentum),
+                        flush=True,
+                    )
+                    tracker.log_metrics({**window, "lr": lr, "momentum": momentum}, step)
+                    history["steps"].append({"step": step, "lr": lr, **{k: window[k] for k in LOSS_KEYS}})
+
+        summary = meter.epoch_summary()
+        if monitor is not None and ((epoch + 1) % cfg.eval.eval_every == 0 or epoch + 1 == t.epochs):
+            summary.update(monitor(unwrap(model).point_q))
+            last_val = summary["val_svm_acc"]
+        checksum = unwrap(model).queue.checksum()
+        checksums = _gather_floats(checksum, device)
+        node_ids = _gather_objects(node_id)
+        metrics = {
+            **summary,
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": lr,
+            "momentum": momentum,
+            "val_svm_acc": last_val,
+            "queue_checksum": checksum,
+            "queue_checksums": checksums,
+            "rank": rank,
+            "world_size": world,
+            "node_id": node_id,
+            "node_ids": node_ids,
+            "attempt_start_step": attempt_start_step,
+        }
+        if rank == 0:
+            history["epochs"].append({k: v for k, v in metrics.items() if isinstance(v, (int, float, list))})
+            print(_epoch_line(epoch, t.epochs, summary, last_val), flush=True)
+            tracker.log_metrics(
+                {f"epoch_{k}": v for k, v in summary.items()} | {"val_svm_acc": last_val}, step
+            )
+            tmp = Path(tempfile.mkdtemp(prefix="crossmoco-ckpt-"))
+            state = build_state(
+                net,
+                optimizer,
+                cfg,
+                epoch=epoch + 1,
+                step=step,
+                lr=lr,
+                mlflow_run_id=tracker.run_id,
+                run_name=config.get("run_name"),
+                metrics=summary,
+            )
+            write_checkpoint(tmp / "ckpt", state, cfg)
+            (tmp / "ckpt" / HISTORY_FILE).write_text(json.dumps(history))
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(tmp / "ckpt"),
+                checkpoint_dir_name=f"epoch_{epoch + 1:04d}",
+            )
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            ray.train.report(metrics)
+    return {"status": "finished", "epoch": t.epochs, "step": step}
+
+
+def _progress_line(
+    epoch: int, epochs: int, step: int, steps_per_epoch: int, w: dict[str, float], lr: float, m: float
+) -> str:
+    in_epoch = step - epoch * steps_per_epoch
+    return (
+        f"epoch {epoch + 1}/{epochs} step {in_epoch}/{steps_per_epoch} | loss {w['loss']:.3f} "
+        f"(point {w['loss_point']:.3f} image {w['loss_image']:.3f} cross {w['loss_cross']:.3f}) | "
+        f"lr {lr:.2e} m {m:.4f} | {w['samples_per_s']:.1f} samples/s | data wait {100 * w['data_wait']:.0f}%"
+    )
+
+
+def _epoch_line(epoch: int, epochs: int, s: dict[str, float], val: float) -> str:
+    val_text = "n/a" if val != val else f"{100 * val:.1f}%"
+    return (
+        f"== epoch {epoch + 1}/{epochs} done in {s['epoch_seconds']:.0f}s | loss {s['loss']:.3f} | "
+        f"top-1 point {100 * s['point_top1']:.0f}% image {100 * s['image_top1']:.0f}% | "
+        f"{s['samples_per_s']:.1f} samples/s | data wait {100 * s['data_wait']:.0f}% | val_svm_acc {val_text}"
+    )

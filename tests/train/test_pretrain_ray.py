@@ -1,0 +1,151 @@
+"""Distributed pretraining on real Ray (CPU, fractional CPUs): queues, checkpoints, resume, faults, MLflow.
+
+Each ``fit()`` costs ~20 s on 2 cores, so the tests share runs through module-scoped fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from crossmoco_ray.config import ConfigError, load_config
+from crossmoco_ray.data.readers import SyntheticSource
+from crossmoco_ray.data.render import RenderSpec
+from crossmoco_ray.data.shards import PrepareOptions, prepare
+from crossmoco_ray.pretrain import EXIT_FAILED, EXIT_OK, pretrain
+from crossmoco_ray.train.checkpoint import read_checkpoint
+from crossmoco_ray.train.loop import HISTORY_FILE
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+TINY = [
+    "model.k=4", "model.emb_dims=32", "model.point_head_hidden=32", "model.proj_dim=16",
+    "model.image_encoder=resnet18", "model.image_head_hidden=16",
+    "data.num_points=64", "data.image_size=32", "data.synthetic_train=120", "data.synthetic_test=26",
+    "data.render.size=32", "data.render.azimuths=[0,120,240]", "data.read_batch=16",
+    "objective.queue_length=64", "train.batch_size=8", "train.log_every=4",
+    "eval.num_points=64", "eval.monitor_samples=40", "eval.final=false",
+]  # fmt: skip
+
+
+def tiny(*overrides: str) -> Any:
+    return load_config("quickstart", overrides=[*TINY, *overrides])
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("epoch_*") if (p / "state.pt").is_file())
+
+
+@pytest.fixture(scope="module")
+def two_workers(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """3 epochs on 2 workers; the last worker is killed in the middle of epoch 2 and restarted."""
+    storage = tmp_path_factory.mktemp("runs")
+    cfg = tiny("train.epochs=3", "train.num_workers=2", "train.max_failures=1", "train.fault_at_step=17")
+    code, summary = pretrain(cfg, name="two", storage=str(storage), log=lambda m: None)
+    return {"code": code, "summary": summary, "run_dir": storage / "two", "storage": storage, "cfg": cfg}
+
+
+def test_two_worker_run_completes_through_a_killed_worker(two_workers: dict[str, Any]) -> None:
+    assert two_workers["code"] == EXIT_OK
+    metrics = two_workers["summary"]["metrics"]
+    assert metrics["epoch"] == 3
+    assert (two_workers["run_dir"] / ".fault_injected").is_file()  # the fault did happen
+
+
+def test_restart_redoes_at_most_the_work_since_the_last_checkpoint(two_workers: dict[str, Any]) -> None:
+    metrics = two_workers["summary"]["metrics"]
+    steps_per_epoch = metrics["step"] // 3
+    fault_step = 17
+    restart_from = metrics["attempt_start_step"]  # where the surviving attempt started
+    assert restart_from == (fault_step // steps_per_epoch) * steps_per_epoch  # the last checkpoint before it
+    assert 0 <= fault_step - restart_from < steps_per_epoch
+
+
+def test_queues_identical_on_both_workers_at_every_checkpoint(two_workers: dict[str, Any]) -> None:
+    last = checkpoints(two_workers["run_dir"])[-1]
+    history = json.loads((last / HISTORY_FILE).read_text())
+    assert [e["epoch"] for e in history["epochs"]][-3:] == [1, 2, 3]
+    for epoch in history["epochs"]:
+        a, b = epoch["queue_checksums"]
+        assert a == b, epoch["epoch"]
+    state = read_checkpoint(last)
+    assert state["queue_checksum"] == history["epochs"][-1]["queue_checksums"][0]
+
+
+def test_checkpoint_holds_everything_exact_resume_needs(two_workers: dict[str, Any]) -> None:
+    state = read_checkpoint(checkpoints(two_workers["run_dir"])[-1])
+    model = state["model"]
+    for prefix in ("point_q.", "point_k.", "image_q.", "image_k.", "point_q.inv_head.", "image_q.inv_head."):
+        assert any(k.startswith(prefix) for k in model), prefix
+    assert model["queue.keys"].shape == (2, 64, 16)
+    assert int(model["queue.ptr"]) == (state["step"] * 8) % 64
+    assert state["optimizer"]["state"]  # Adam moments
+    assert state["scheduler"]["lr"] > 0
+    assert (state["epoch"], state["step"]) == (3, state["step"])
+    assert isinstance(state["rng"]["torch"], torch.Tensor)
+    assert state["config"]["objective"]["queue_length"] == 64
+    assert state["mlflow_run_id"] == two_workers["summary"]["mlflow_run_id"]
+    assert (checkpoints(two_workers["run_dir"])[-1] / "config.yaml").is_file()
+
+
+def test_mlflow_run_has_params_step_metrics_and_artifacts(two_workers: dict[str, Any]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{two_workers['storage'] / 'mlflow.db'}")
+    run = client.get_run(two_workers["summary"]["mlflow_run_id"])
+    assert run.data.params["objective.queue_length"] == "64"
+    assert run.data.params["train.num_workers"] == "2"
+    assert run.data.tags["world_size"] == "2"
+    assert run.data.tags["global_batch"] == "8"
+    assert len(run.data.tags["config_hash"]) == 12
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert len(losses) >= 5
+    assert all(m.step > 0 for m in losses)
+    assert len(client.get_metric_history(run.info.run_id, "val_svm_acc")) >= 3
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "curves", "export"} <= artifacts
+    assert run.info.status == "FINISHED"
+
+
+def test_exact_resume_equals_a_straight_run(ray_session: None, tmp_path: Path) -> None:
+    """2 epochs straight vs 1 epoch, interrupted, then relaunched: identical weights and queues."""
+    base = ["train.epochs=2", "train.num_workers=1", "train.batch_size=4", "train.deterministic=true"]
+    straight = tiny(*base)
+    code, a = pretrain(straight, name="straight", storage=str(tmp_path), log=lambda m: None)
+    assert code == EXIT_OK
+    steps = a["metrics"]["step"] // 2
+    broken = tiny(*base, f"train.fault_at_step={steps}")  # dies at the first step of epoch 2
+    code, first = pretrain(broken, name="resumed", storage=str(tmp_path), log=lambda m: None)
+    assert code == EXIT_FAILED
+    assert len(checkpoints(tmp_path / "resumed")) == 1
+    code, second = pretrain(broken, name="resumed", storage=str(tmp_path), log=lambda m: None)
+    assert code == EXIT_OK
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]  # the same MLflow run continues
+    sa = read_checkpoint(checkpoints(tmp_path / "straight")[-1])
+    sb = read_checkpoint(checkpoints(tmp_path / "resumed")[-1])
+    assert (sa["epoch"], sa["step"]) == (sb["epoch"], sb["step"])
+    for key, value in sa["model"].items():
+        assert torch.equal(value, sb["model"][key]), key
+    assert sa["queue_checksum"] == sb["queue_checksum"]
+
+
+def test_invalid_config_fails_before_any_worker_starts(tmp_path: Path) -> None:
+    import ray
+
+    with pytest.raises(ConfigError, match="use 4080 or 4100"):
+        tiny("objective.queue_length=4096", "train.batch_size=20", "train.num_workers=2")
+    shards = tmp_path / "shards"
+    prepare(
+        SyntheticSource({"train": 30}, num_points=64), str(shards), PrepareOptions(render=RenderSpec(size=16))
+    )
+    was_running = ray.is_initialized()
+    with pytest.raises(
+        ConfigError, match=r"data\.num_points=128 but the shards hold 64 .* data\.num_points=64"
+    ):
+        pretrain(tiny("data.num_points=128"), name="bad", storage=str(tmp_path), data=str(shards), log=print)
+    assert ray.is_initialized() == was_running  # nothing was started for it
+    assert not (tmp_path / "bad").exists()
