@@ -252,6 +252,55 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return code
 
 
+TUNE_EPILOG = """\
+examples:
+  crossmoco tune --space moco --trials 8                   # m, T, K on the quickstart preset, ASHA
+  crossmoco tune --space moco_lr --preset paper --trials 16 train.num_workers=4 train.use_gpu=true \\
+      --data s3://bucket/shards --storage s3://bucket/runs
+  crossmoco tune --space my_space.yaml --scheduler fifo --name sweep1
+  crossmoco tune --name sweep1 --resume                    # continue an interrupted search
+
+--space takes a YAML file of dotted config keys and distributions (see tune_spaces/), or the name of a
+shipped space (moco: momentum, temperature, queue length; moco_lr: + learning rate). The space is checked
+against the configuration before any trial starts. Every trial is a full distributed pretraining run
+(its config: the preset/file/overrides with the sampled values); ASHA stops poor trials by val_svm_acc at
+each epoch. Results: STORAGE/NAME/summary (trials.md, trials.csv, a plot, best.yaml for
+`crossmoco pretrain --config`) and an MLflow parent run with one child run per trial.
+"""
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .data.types import DataError
+    from .tuning import load_space
+    from .tuning.search import tune_search
+
+    space = None if args.resume else load_space(args.space) if args.space else None
+    cfg = resolve_config(args)
+    if args.no_tracking:
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    try:
+        code, _ = tune_search(
+            cfg,
+            space,
+            preset=args.preset,
+            name=args.name,
+            storage=args.storage,
+            data=args.data,
+            trials=args.trials,
+            scheduler=args.scheduler,
+            resume=args.resume,
+            log=log,
+        )
+    except DataError as err:
+        print(f"crossmoco tune: {err}", file=sys.stderr)
+        return 2
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossmoco",
@@ -275,6 +324,26 @@ def build_parser() -> argparse.ArgumentParser:
     p_pre.add_argument("--storage", help="checkpoints and results (path or URI); default ./crossmoco_runs")
     p_pre.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p_pre.set_defaults(func=_cmd_pretrain)
+
+    p_tune = sub.add_parser(
+        "tune",
+        help="search momentum, temperature, queue length (and more) with Ray Tune",
+        description="Hyperparameter search: each trial is a distributed pretraining run, tracked in MLflow.",
+        epilog=TUNE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_args(p_tune)
+    p_tune.add_argument("--space", help="search space YAML, or a shipped one: moco, moco_lr")
+    p_tune.add_argument("--trials", type=int, help="samples from the space (default: tune.num_samples)")
+    p_tune.add_argument("--scheduler", choices=["asha", "fifo"], help="default: tune.scheduler (asha)")
+    p_tune.add_argument("--name", help="search name (default: derived from the space and config)")
+    p_tune.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
+    p_tune.add_argument("--data", help="prepared shards (path or URI); default: the built-in synthetic set")
+    p_tune.add_argument(
+        "--storage", help="searches, trials and results (path or URI); default ./crossmoco_runs"
+    )
+    p_tune.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p_tune.set_defaults(func=_cmd_tune)
 
     p_prep = sub.add_parser(
         "prepare",

@@ -176,6 +176,11 @@ class EvalConfig(_Section):
     eval_every: int = Field(1, gt=0, description="epochs between val_svm_acc monitor runs")
     num_points: int = Field(1024, gt=0, description="points per cloud for SVM features (CrossPoint: 1024)")
     monitor_samples: int = Field(2000, gt=0, description="bound on samples the monitor embeds")
+    monitor_standardize: bool = Field(
+        False,
+        description="standardise features before the monitor's SVM (CrossPoint: raw); helps short runs, "
+        "whose raw features are small in scale",
+    )
     final: bool = Field(True, description="after training: SVM on val and test, pretrained vs random init")
 
 
@@ -187,6 +192,9 @@ class TuneConfig(_Section):
     metric: str = "val_svm_acc"
     mode: Literal["max", "min"] = "max"
     grace_period: int = Field(1, gt=0, description="ASHA: epochs before a trial may be stopped")
+    reduction_factor: float = Field(
+        2.0, gt=1.0, description="ASHA: keep 1/reduction_factor of trials per rung"
+    )
     max_concurrent_trials: int | None = Field(None, gt=0)
 
 

@@ -95,6 +95,50 @@ def curves_plot(
     return _save(fig, path)
 
 
+def search_plot(rows: Sequence[Mapping[str, object]], dims: Sequence[object], path: str | Path) -> Path:
+    """A hyperparameter search at a glance: ``val_svm_acc`` against each searched key, one panel per key;
+    completed trials filled, trials stopped early hollow. ``dims``: the space's searched dimensions."""
+    plt = _pyplot()
+    dims = list(dims) or [None]
+    fig, axes = plt.subplots(1, len(dims), figsize=(4.2 * len(dims), 3.8), squeeze=False)
+    for ax, dim in zip(axes[0], dims, strict=True):
+        key = getattr(dim, "key", None)
+        for status, style in (("completed", {}), ("stopped_early", {"facecolors": "none"})):
+            pts = [
+                (float(r[key]) if key else i, 100 * float(r["val_svm_acc"]))  # type: ignore[arg-type]
+                for i, r in enumerate(rows)
+                if r["status"] == status
+            ]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.scatter(xs, ys, label=status.replace("_", " "), edgecolors="C0", **style)
+        if key is not None and getattr(dim, "kind", "") == "one_minus_loguniform":
+            ax.set_xscale("function", functions=(_one_minus_log, _one_minus_log_inverse))
+        elif getattr(dim, "log_scale", False) or (
+            key is not None and getattr(dim, "kind", "") in ("choice", "grid") and _ratio_spread(rows, key)
+        ):
+            ax.set_xscale("log")
+        ax.set_xlabel(key or "trial")
+        ax.set_ylabel("val_svm_acc (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _one_minus_log(x: np.ndarray) -> np.ndarray:
+    """Momenta near 1 spread out: x -> -log10(1 - x)."""
+    return -np.log10(np.clip(1 - np.asarray(x, dtype=float), 1e-12, None))
+
+
+def _one_minus_log_inverse(y: np.ndarray) -> np.ndarray:
+    return 1 - 10.0 ** (-np.asarray(y, dtype=float))
+
+
+def _ratio_spread(rows: Sequence[Mapping[str, object]], key: str) -> bool:
+    values = [float(r[key]) for r in rows if isinstance(r[key], (int, float)) and float(r[key]) > 0]  # type: ignore[arg-type]
+    return bool(values) and max(values) / min(values) >= 8
+
+
 def _save(fig, path: str | Path) -> Path:  # type: ignore[no-untyped-def]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ MLflow artifacts and a summary that says where everything is.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -83,7 +84,11 @@ def builtin_dataset(cfg: Config, storage: str, log: Callable[[str], None]) -> st
     )
     opts = PrepareOptions(val_fraction=d.val_fraction, seed=0, render=spec)
     source = SyntheticSource({"train": d.synthetic_train, "test": d.synthetic_test}, points, seed=0)
-    root = f"{storage}/_builtin/synthetic-{d.synthetic_train}-{d.synthetic_test}-{points}-{spec.size}"
+    # Cached by everything that shapes the prepared files, so a changed option never reuses stale shards.
+    key = json.dumps([d.synthetic_train, d.synthetic_test, points, d.val_fraction, d.render.model_dump()])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    sizes = f"{d.synthetic_train}-{d.synthetic_test}-{points}-{spec.size}"
+    root = f"{storage}/_builtin/synthetic-{sizes}-{digest}"
     log(f"built-in dataset: {root}")
     prepare(source, root, opts, log=log)
     return root
@@ -158,7 +163,7 @@ def check_resources(
             log(f"warning: {p} (waiting for the autoscaler)")
 
 
-def init_ray(cfg: Config, address: str | None, log: Callable[[str], None]) -> bool:
+def init_ray(cfg: Config, address: str | None, log: Callable[[str], None], extra_cpus: float = 0.0) -> bool:
     """Join a cluster (``address``, ``RAY_ADDRESS``, ``ray job submit``) or start a local Ray (→ True)."""
     import ray
 
@@ -172,7 +177,7 @@ def init_ray(cfg: Config, address: str | None, log: Callable[[str], None]) -> bo
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return False
     t = cfg.train
-    needed = t.num_workers * t.cpus_per_worker + t.data_cpus
+    needed = t.num_workers * t.cpus_per_worker + t.data_cpus + extra_cpus
     cpus = max(os.cpu_count() or 1, int(needed + 0.999))
     log(f"starting a local Ray with {cpus} CPUs")
     # The dashboard (on loopback) gives the State API that Ray Train's placement-group cleanup needs.
@@ -257,8 +262,11 @@ def resolve_run(
     return run
 
 
-def start_tracking(run: Run, preset: str | None) -> Tracker:
-    """Create the MLflow run, or resume the one a previous launch of this run name used."""
+def start_tracking(
+    run: Run, preset: str | None, parent_id: str | None = None, extra_tags: dict[str, str] | None = None
+) -> Tracker:
+    """Create the MLflow run (nested under ``parent_id`` if given), or resume the one a previous launch of
+    this run name used."""
     tracker = Tracker(run.tracking_uri)
     previous = _read_json(f"{run.run_dir}/{RUN_FILE}") or {}
     cfg = run.cfg
@@ -270,9 +278,15 @@ def start_tracking(run: Run, preset: str | None) -> Tracker:
         "preset": preset or "",
         "data": run.data_root,
         "ray_run": run.run_dir,
+        **(extra_tags or {}),
     }
     run.mlflow_run_id = tracker.start(
-        cfg.tracking.experiment, run.name, flatten(cfg), tags, resume_id=previous.get("mlflow_run_id")
+        cfg.tracking.experiment,
+        run.name,
+        flatten(cfg),
+        tags,
+        resume_id=previous.get("mlflow_run_id"),
+        parent_id=parent_id,
     )
     _write_json(
         f"{run.run_dir}/{RUN_FILE}",
@@ -307,6 +321,7 @@ def build_trainer(run: Run, callbacks: list[Any] | None = None) -> Any:
             "num_points": min(cfg.eval.num_points, run.manifest["num_points"]),
             "max_samples": cfg.eval.monitor_samples,
             "C": cfg.eval.svm_c,
+            "standardize": cfg.eval.monitor_standardize,
         }
     loop_config = {
         "config": cfg.model_dump(mode="json"),

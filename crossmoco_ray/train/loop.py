@@ -189,7 +189,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
         m = config["monitor"]
         monitor = SvmMonitor.from_source(
-            m["root"], num_points=m["num_points"], max_samples=m["max_samples"], C=m["C"]
+            m["root"],
+            num_points=m["num_points"],
+            max_samples=m["max_samples"],
+            C=m["C"],
+            standardize=m.get("standardize", False),
         )
         monitor.device = str(device)
 
