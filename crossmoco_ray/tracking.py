@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError
+
 PARAM_CHUNK = 100  # MLflow's limit of params per batch call
 PARAM_VALUE_MAX = 6000
 
@@ -26,7 +28,7 @@ def default_tracking_uri(storage_path: str, configured: str | None = None) -> st
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     if "://" in storage_path and not storage_path.startswith("file://"):
-        raise ValueError(
+        raise ConfigError(
             f"storage {storage_path} is remote, so the default sqlite store cannot live there: set "
             "MLFLOW_TRACKING_URI to a tracking server (or tracking.tracking_uri), or tracking.enabled=false"
         )

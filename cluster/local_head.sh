@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# A local Ray head for `crossmoco pretrain|tune` and `ray job submit` on this machine.
+#
+#   cluster/local_head.sh start [--num-cpus N] [--num-gpus N]   # start, print how clients connect
+#   cluster/local_head.sh status
+#   cluster/local_head.sh stop                                  # stop only what `start` started
+#
+# - The dashboard (and the job API on it) listens on 127.0.0.1 only.
+# - Token authentication stays on: a token is generated if none exists (~/.ray/auth_token), so the head
+#   requires it; clients use it with RAY_AUTH_MODE=token.
+# - Every process of this head runs under its own temp dir ($CROSSMOCO_HEAD_DIR, default /tmp/cmh-UID):
+#   `stop` signals exactly the processes whose command line names that dir (never `ray stop`, which ends
+#   every Ray process of the user on the machine). Keep the dir short: Ray's unix socket paths must fit
+#   in 107 bytes.
+set -euo pipefail
+
+HEAD_DIR="${CROSSMOCO_HEAD_DIR:-/tmp/cmh-$(id -u)}"
+PORT="${CROSSMOCO_HEAD_PORT:-6379}"
+DASHBOARD_PORT="${CROSSMOCO_DASHBOARD_PORT:-8265}"
+PIDS="$HEAD_DIR/head.pids"
+# More `ray start` options, e.g. other ports when a second Ray runs on this machine:
+#   CROSSMOCO_HEAD_OPTIONS="--ray-client-server-port=10101 --dashboard-agent-listen-port=52465"
+read -r -a HEAD_OPTIONS <<<"${CROSSMOCO_HEAD_OPTIONS:-}"
+
+head_pids() {  # live processes of this head: their command line names HEAD_DIR
+  local pid
+  for pid in $(pgrep -f -- "$HEAD_DIR" || true); do
+    [[ "$pid" == "$$" ]] && continue
+    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$HEAD_DIR/"; then
+      echo "$pid"
+    fi
+  done
+}
+
+start() {
+  local extra=()
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --num-cpus|--num-gpus) extra+=("$1" "$2"); shift 2 ;;
+      *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+  done
+  if [[ -n "$(head_pids)" ]]; then
+    echo "a head already runs under $HEAD_DIR (cluster/local_head.sh status)" >&2
+    exit 1
+  fi
+  mkdir -p "$HEAD_DIR/tmp"
+  # Token authentication: `ray start --head` turns it on only when a token exists, so make sure one does.
+  if [[ "${RAY_AUTH_MODE:-token}" != "disabled" ]]; then
+    ray get-auth-token --generate >/dev/null 2>&1
+  fi
+  RAY_USAGE_STATS_ENABLED=0 ray start --head \
+    --port="$PORT" \
+    --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+    --temp-dir="$HEAD_DIR/tmp" \
+    --disable-usage-stats \
+    "${extra[@]}" "${HEAD_OPTIONS[@]}" >"$HEAD_DIR/start.log" 2>&1 || { cat "$HEAD_DIR/start.log" >&2; exit 1; }
+  head_pids >"$PIDS"
+  cat <<MSG
+Ray head started ($(wc -l <"$PIDS") processes, listed in $PIDS; log: $HEAD_DIR/start.log)
+Clients on this machine:
+  export RAY_AUTH_MODE=token    # the token: ~/.ray/auth_token (print it: ray get-auth-token)
+  export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT
+  cluster/submit.sh -- pretrain                          # a job (ray job submit) on this head
+  RAY_ADDRESS=127.0.0.1:$PORT crossmoco pretrain        # or a driver in this shell, joining the head
+Dashboard: http://127.0.0.1:$DASHBOARD_PORT      Stop: cluster/local_head.sh stop
+MSG
+}
+
+status() {
+  local pids
+  pids="$(head_pids)"
+  if [[ -z "$pids" ]]; then
+    echo "no head runs under $HEAD_DIR"
+    return 1
+  fi
+  echo "head under $HEAD_DIR: $(echo "$pids" | wc -l) processes"
+  RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}" ray status --address "127.0.0.1:$PORT" 2>/dev/null || true
+}
+
+stop() {
+  local pids pid
+  pids="$( (cat "$PIDS" 2>/dev/null || true; head_pids) | sort -u)"
+  if [[ -z "$pids" ]]; then
+    echo "no head runs under $HEAD_DIR"
+    return 0
+  fi
+  for pid in $pids; do  # only processes that still belong to this head (PIDs can be reused)
+    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$HEAD_DIR/"; then
+      kill -TERM "$pid" 2>/dev/null || true
+    fi
+  done
+  for _ in $(seq 1 50); do
+    [[ -z "$(head_pids)" ]] && break
+    sleep 0.2
+  done
+  for pid in $(head_pids); do kill -KILL "$pid" 2>/dev/null || true; done
+  rm -f "$PIDS"
+  echo "stopped the head under $HEAD_DIR"
+}
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+  start) start "$@" ;;
+  status) status ;;
+  stop) stop ;;
+  *) sed -n '2,8p' "$0"; exit 2 ;;
+esac
