@@ -90,11 +90,19 @@ stop() {
       kill -TERM "$pid" 2>/dev/null || true
     fi
   done
-  for _ in $(seq 1 50); do
+  # Give them 10 s to exit cleanly, then SIGKILL whatever is left (a dying raylet may still have spawned a
+  # worker) until no process of this head remains.
+  for attempt in $(seq 1 100); do
     [[ -z "$(head_pids)" ]] && break
+    if (( attempt > 50 )); then
+      for pid in $(head_pids); do kill -KILL "$pid" 2>/dev/null || true; done
+    fi
     sleep 0.2
   done
-  for pid in $(head_pids); do kill -KILL "$pid" 2>/dev/null || true; done
+  if [[ -n "$(head_pids)" ]]; then
+    echo "could not stop: $(head_pids | tr '\n' ' ')" >&2
+    exit 1
+  fi
   rm -f "$PIDS"
   echo "stopped the head under $HEAD_DIR"
 }
