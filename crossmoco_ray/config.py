@@ -427,12 +427,17 @@ def parse_override(item: str) -> dict[str, Any]:
     except yaml.YAMLError:
         value = raw
     out: dict[str, Any] = {}
-    node = out
+    set_dotted(out, key, value)
+    return out
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for ``key="a.b"``, creating the sections on the way."""
+    node = data
     parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
-    return out
 
 
 def load_config(

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, ConfigError, suggest_key, valid_keys, validate
+from ..config import Config, ConfigError, set_dotted, suggest_key, valid_keys, validate
 
 KINDS = ("uniform", "loguniform", "one_minus_loguniform", "randint", "choice", "grid")
 RANDINT_EXHAUSTIVE = 20_000  # integer ranges up to this size are checked value by value
@@ -188,11 +188,7 @@ def with_values(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """``base`` (a config as a plain mapping) with dotted ``values`` set."""
     out = copy.deepcopy(base)
     for key, value in values.items():
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        set_dotted(out, key, value)
     return out
 
 
