@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__
 from .config import DEFAULT_PRESET, Config, ConfigError, load_config, preset_names, preset_text, to_yaml
@@ -231,9 +231,12 @@ overrides it).
 """
 
 
-def _cmd_pretrain(args: argparse.Namespace) -> int:
+def _launch(
+    command: str, args: argparse.Namespace, run: Callable[[Config, Callable[[str], None]], int]
+) -> int:
+    """The shared part of ``pretrain`` and ``tune``: the resolved config (tracking off with
+    ``--no-tracking``), console logging, and data errors as a one-line message."""
     from .data.types import DataError
-    from .pretrain import pretrain
 
     cfg = resolve_config(args)
     if args.no_tracking:
@@ -243,13 +246,22 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         print(msg, flush=True)
 
     try:
+        return run(cfg, log)
+    except DataError as err:
+        print(f"crossmoco {command}: {err}", file=sys.stderr)
+        return 2
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import pretrain
+
+    def run(cfg: Config, log: Callable[[str], None]) -> int:
         code, _ = pretrain(
             cfg, preset=args.preset, name=args.name, storage=args.storage, data=args.data, log=log
         )
-    except DataError as err:
-        print(f"crossmoco pretrain: {err}", file=sys.stderr)
-        return 2
-    return code
+        return code
+
+    return _launch("pretrain", args, run)
 
 
 TUNE_EPILOG = """\
@@ -270,19 +282,12 @@ each epoch. Results: STORAGE/NAME/summary (trials.md, trials.csv, a plot, best.y
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .data.types import DataError
     from .tuning import load_space
     from .tuning.search import tune_search
 
     space = None if args.resume else load_space(args.space) if args.space else None
-    cfg = resolve_config(args)
-    if args.no_tracking:
-        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
 
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-
-    try:
+    def run(cfg: Config, log: Callable[[str], None]) -> int:
         code, _ = tune_search(
             cfg,
             space,
@@ -295,10 +300,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             resume=args.resume,
             log=log,
         )
-    except DataError as err:
-        print(f"crossmoco tune: {err}", file=sys.stderr)
-        return 2
-    return code
+        return code
+
+    return _launch("tune", args, run)
 
 
 def build_parser() -> argparse.ArgumentParser:
