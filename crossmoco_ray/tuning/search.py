@@ -13,17 +13,12 @@ the workers log them, ``tune_status``: completed, stopped_early, nonfinite or er
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
-import shutil
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from ..config import Config, ConfigError, config_hash, flatten, to_yaml, validate
+from ..config import Config, ConfigError, config_hash, flatten, validate
 from ..tracking import Tracker, default_tracking_uri
 from ..train.launcher import (
     _read_json,
@@ -35,11 +30,11 @@ from ..train.launcher import (
     resolve_storage,
     start_tracking,
 )
+from .report import close_child_runs, fmt, trial_rows, write_outputs
 from .space import Space, check_space, parse_space, with_values
 
 SEARCH_FILE = "crossmoco_search.json"
 DRIVER_CPU = 0.1  # a trial is only a driver; Tune rejects {"CPU": 0}
-BEST_FILE = "best.yaml"
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
 
@@ -108,7 +103,7 @@ def trial_driver(config: dict[str, Any]) -> None:
         extra_tags={"crossmoco.search": static["search"], "trial_id": trial_id, "tune_status": "running"},
     )
     print(
-        f"trial {trial_id}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()),
+        f"trial {trial_id}: " + ", ".join(f"{k}={fmt(v)}" for k, v in values.items()),
         flush=True,
     )
     result = build_trainer(run, callbacks=[TuneReportCallback()]).fit()
@@ -119,12 +114,6 @@ def trial_driver(config: dict[str, Any]) -> None:
     else:
         tracker.set_tags({"tune_status": "completed"})
         tracker.end("FINISHED")
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,19 +214,17 @@ def tune_search(
     parent_id = parent.start(
         cfg.tracking.experiment, name, params, tags, resume_id=(previous or {}).get("parent_run_id")
     )
+    state = {
+        "base": cfg.model_dump(mode="json"),
+        "space": {d.key: _raw(d) for d in space.dims},
+        "space_name": space.name,
+        "preset": preset,
+        "data": base_run.data_root,
+        "parent_run_id": parent_id,
+        "tracking_uri": tracking_uri,
+    }
     if previous is None:
-        _write_json(
-            f"{search_dir}/{SEARCH_FILE}",
-            {
-                "base": cfg.model_dump(mode="json"),
-                "space": {d.key: _raw(d) for d in space.dims},
-                "space_name": space.name,
-                "preset": preset,
-                "data": base_run.data_root,
-                "parent_run_id": parent_id,
-                "tracking_uri": tracking_uri,
-            },
-        )
+        _write_json(f"{search_dir}/{SEARCH_FILE}", state)
 
     t = cfg.tune
     n_grid = math.prod(len(d.args) for d in space.dims if d.kind == "grid")
@@ -248,17 +235,7 @@ def tune_search(
     )
     if parent_id:
         log(f"MLflow parent run {parent_id} in {tracking_uri}")
-    static = {
-        "base": cfg.model_dump(mode="json"),
-        "space": {d.key: _raw(d) for d in space.dims},
-        "space_name": space.name,
-        "preset": preset,
-        "data": base_run.data_root,
-        "trials_storage": f"{search_dir}/trials",
-        "tracking_uri": tracking_uri,
-        "parent_run_id": parent_id,
-        "search": name,
-    }
+    static = {**state, "trials_storage": f"{search_dir}/trials", "search": name}
     trainable = tune.with_resources(trial_driver, {"CPU": DRIVER_CPU})
     if resume:
         tuner = tune.Tuner.restore(
@@ -306,13 +283,13 @@ def tune_search(
             f"Continue it with:  crossmoco tune --name {name} --storage {storage} --resume"
         )
         return EXIT_INTERRUPTED, {"search_dir": search_dir, "parent_run_id": parent_id}
-    rows = _trial_rows(grid, space, cfg)
+    rows = trial_rows(grid, space, cfg)
     if not rows:
         parent.end("FAILED")
         log("no trial produced a result")
         return EXIT_FAILED, {"search_dir": search_dir, "rows": rows}
-    _close_child_runs(tracking_uri, parent_id, rows)
-    summary = _write_outputs(rows, space, cfg, search_dir, name, parent, log)
+    close_child_runs(tracking_uri, parent_id, rows)
+    summary = write_outputs(rows, space, cfg, search_dir, name, parent, log)
     summary.update(search_dir=search_dir, rows=rows, parent_run_id=parent_id, tracking_uri=tracking_uri)
     parent.end("FINISHED")
     if parent.enabled:
@@ -336,130 +313,3 @@ def _raw(d: Any) -> Any:
     if d.kind == "fixed":
         return d.args[0]
     return {d.kind: list(d.args)}
-
-
-def _trial_rows(grid: Any, space: Space, cfg: Config) -> list[dict[str, Any]]:
-    rows = []
-    for result in grid:
-        metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
-        values = space.overrides(result.config)
-        epoch = int(metrics.get("epoch", 0))
-        if result.error is not None:
-            status = "error"
-        elif metrics.get("nonfinite"):
-            status = "nonfinite"
-        elif epoch >= cfg.train.epochs:
-            status = "completed"
-        else:
-            status = "stopped_early"
-        acc = float(metrics.get("val_svm_acc", float("nan")))
-        rows.append({"trial_id": trial_id, **values, "epochs": epoch, "val_svm_acc": acc, "status": status})
-    return rows
-
-
-def _close_child_runs(uri: str | None, parent_id: str | None, rows: list[dict[str, Any]]) -> None:
-    """Trials that ASHA stopped were killed mid-fit: mark their child runs (status + tag) here."""
-    if uri is None or parent_id is None:
-        return
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_run(parent_id).info.experiment_id
-    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-    by_trial = {r.data.tags.get("trial_id"): r for r in children}
-    for row in rows:
-        run = by_trial.get(row["trial_id"])
-        if run is None:
-            continue
-        client.set_tag(run.info.run_id, "tune_status", row["status"])
-        if run.info.status == "RUNNING":
-            final = {"completed": "FINISHED", "stopped_early": "KILLED"}.get(row["status"], "FAILED")
-            client.set_terminated(run.info.run_id, status=final)
-
-
-def best_row(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
-    """The best trial: among those that completed (a stopped trial saw fewer epochs), else among all."""
-    finite = [r for r in rows if r["val_svm_acc"] == r["val_svm_acc"]]
-    pool = [r for r in finite if r["status"] == "completed"] or finite
-    if not pool:
-        return None
-    pick = max if mode == "max" else min
-    return pick(pool, key=lambda r: r["val_svm_acc"])
-
-
-def _write_outputs(
-    rows: list[dict[str, Any]],
-    space: Space,
-    cfg: Config,
-    search_dir: str,
-    name: str,
-    parent: Tracker,
-    log: Callable[[str], None],
-) -> dict[str, Any]:
-    from ..evaluate.plots import search_plot
-    from ..pretrain import _publish
-
-    work = Path(tempfile.mkdtemp(prefix="crossmoco-tune-"))
-    out: dict[str, Any] = {}
-    try:
-        keys = space.keys
-        header = ["trial_id", *keys, "epochs", "val_svm_acc", "status"]
-        ordered = sorted(rows, key=lambda r: -r["val_svm_acc"] if r["val_svm_acc"] == r["val_svm_acc"] else 1)
-        with open(work / "trials.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(ordered)
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for r in ordered:
-            cells = [_fmt(r[h]) if h != "val_svm_acc" else f"{100 * r[h]:.2f}%" for h in header]
-            lines.append("| " + " | ".join(cells) + " |")
-        table = "\n".join(lines)
-        (work / "trials.md").write_text(f"# search {name}\n\n{table}\n")
-        search_plot(rows, [d for d in space.searched], work / "val_svm_acc_vs_params.png")
-        best = best_row(rows, cfg.tune.mode)
-        if best is not None:
-            values = {k: best[k] for k in keys}
-            best_cfg = validate(with_values(cfg.model_dump(mode="json"), values))
-            note = (
-                f"# Best configuration of search {name}: trial {best['trial_id']}, {cfg.tune.metric} "
-                f"{100 * best['val_svm_acc']:.2f}% after {best['epochs']} epochs ({best['status']}).\n"
-                + "".join(f"#   {k}: {_fmt(v)}\n" for k, v in values.items())
-                + "# Run it:  crossmoco pretrain --config best.yaml\n"
-            )
-            (work / BEST_FILE).write_text(note + to_yaml(best_cfg))
-            parent.log_metrics({f"best_{cfg.tune.metric}": best["val_svm_acc"]}, step=0)
-            parent.set_tags({"best_trial": best["trial_id"]})
-        (work / "trials.json").write_text(json.dumps(rows, indent=1))
-        parent.log_artifact(work)
-        published = _publish(work, f"{search_dir}/summary")
-        out["table"] = table
-        out["summary_dir"] = published
-        log(f"trials (best first):\n{table}")
-        if best is not None:
-            out["best"] = best
-            out["best_config"] = f"{published}/{BEST_FILE}"
-            log(
-                f"best preset: {out['best_config']}\n"
-                f"  run it:  crossmoco pretrain --config {out['best_config']}"
-            )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
-
-
-def load_search_state(storage: str, name: str) -> dict[str, Any] | None:
-    return _read_json(f"{resolve_storage(storage)}/{name}/{SEARCH_FILE}")
-
-
-__all__ = [
-    "BEST_FILE",
-    "SEARCH_FILE",
-    "best_row",
-    "check_search",
-    "concurrent_trials",
-    "load_search_state",
-    "trial_driver",
-    "trial_resources",
-    "tune_search",
-]

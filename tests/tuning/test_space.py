@@ -9,7 +9,8 @@ import pytest
 
 from crossmoco_ray.config import ConfigError, load_config
 from crossmoco_ray.tuning import check_space, load_space, parse_space
-from crossmoco_ray.tuning.search import best_row, check_search, concurrent_trials
+from crossmoco_ray.tuning.report import best_row
+from crossmoco_ray.tuning.search import check_search, concurrent_trials
 from crossmoco_ray.tuning.space import SHIPPED_DIR, with_values
 
 
