@@ -8,6 +8,14 @@ Shard schema (one row per object)::
     points  fixed_shape_tensor<float32>[N, 3]   (Arrow's canonical tensor type; one N per dataset)
     views   list<binary>            (PNG bytes; rendered from the points when the source has none)
 
+Rows are written in a seeded random order per split, whatever the source's order: real datasets are stored
+class by class (ModelNet40's h5, ShapeNetRender by synset, every class-folder source), and shards in that
+order would feed the training pipeline single-class windows. The shuffle streams in two passes with
+bounded memory (an external bucket shuffle): pass 1 reads, validates and renders every object once and
+appends it to one of ``B`` temporary bucket files chosen at random; pass 2 loads one bucket at a time,
+permutes it and writes it out. A uniform bucket choice plus a uniform permutation inside each bucket is a
+uniform permutation of the split; memory holds one bucket (``bucket_rows`` objects), disk one extra copy.
+
 Files are ``<split>-<nnnnn>.parquet`` with row groups of ``row_group_rows``. The manifest records the
 schema version, counts per split and class, class names, point count, views per object, the render
 settings and a sha256 per file. Work happens in ``<out>/.incomplete-<id>/``; files move into place and
@@ -19,6 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
+import tempfile
 import uuid
 import zlib
 from collections import Counter
@@ -58,9 +69,20 @@ class PrepareOptions:
     overwrite: bool = False
     preview: str | None = None  # path of a contact sheet PNG
     preview_objects: int = 8
+    shuffle: bool = True  # rows in a seeded random order per split (False: the source's order)
+    bucket_rows: int = 1024  # objects per temporary bucket of the shuffle (what pass 2 holds in memory)
+    max_buckets: int = 256  # open bucket files in pass 1, at most
 
     def identity(self) -> dict[str, Any]:
-        keep = ("num_points", "min_points", "val_fraction", "seed", "rows_per_shard", "row_group_rows")
+        keep = (
+            "num_points",
+            "min_points",
+            "val_fraction",
+            "seed",
+            "rows_per_shard",
+            "row_group_rows",
+            "shuffle",
+        )
         return {**{k: getattr(self, k) for k in keep}, "render": asdict(self.render)}
 
 
@@ -80,7 +102,11 @@ def val_assignment(sample_id: str, seed: int, fraction: float) -> bool:
 
 
 def check_points(sample: Sample, min_points: int) -> np.ndarray:
-    """The sample's points as ``[N, 3]`` float32, or a :class:`DataError` naming file and index."""
+    """The sample's points as ``[N, 3]`` float32, or a :class:`DataError` naming file and index.
+
+    Rejected: wrong shape, empty, fewer than ``min_points``, NaN/Inf, and degenerate clouds (all points
+    equal, or all on one line), which normalise to nothing or to a needle and carry no shape.
+    """
     pts = np.asarray(sample.points)
     if pts.ndim != 2 or pts.shape[1] != 3:
         raise DataError(sample.source, f"points must be [N, 3], got {tuple(pts.shape)}", sample.index)
@@ -92,7 +118,34 @@ def check_points(sample: Sample, min_points: int) -> np.ndarray:
     if not finite.all():
         bad = int(np.flatnonzero(~finite)[0])
         raise DataError(sample.source, f"NaN or Inf at point {bad}", sample.index)
+    centred = pts.astype(np.float64) - pts.mean(axis=0, dtype=np.float64)
+    spread = np.linalg.svd(centred, compute_uv=False)  # √(N·variance) along the principal axes
+    scale = float(np.abs(pts).max()) * np.sqrt(pts.shape[0]) + 1e-30
+    if spread[0] <= 1e-9 * scale:
+        raise DataError(sample.source, "degenerate cloud: all points are equal", sample.index)
+    if spread[1] <= 1e-6 * spread[0]:
+        raise DataError(sample.source, "degenerate cloud: all points lie on one line", sample.index)
     return pts.astype(np.float32, copy=False)
+
+
+def check_label(sample: Sample, class_names: list[str] | None, hint: str = "") -> int:
+    """The sample's label as a class index (−1 for unlabelled sources), or a :class:`DataError`."""
+    if sample.label is None:
+        return -1
+    label = sample.label
+    if isinstance(label, (float, np.floating)) and label != round(float(label)):
+        raise DataError(sample.source, f"label {label!r} is not an integer class index", sample.index)
+    label = int(label)
+    if label < 0:
+        raise DataError(
+            sample.source,
+            f"label {label} is negative; labels are class indices 0..C-1 (-1 marks unlabelled objects)"
+            + hint,
+            sample.index,
+        )
+    if class_names is not None and label >= len(class_names):
+        raise DataError(sample.source, f"label {label} outside 0..{len(class_names) - 1}{hint}", sample.index)
+    return label
 
 
 def resample(points: np.ndarray, n: int, sample_id: str, seed: int) -> np.ndarray:
@@ -269,75 +322,187 @@ def prepare(
     return manifest
 
 
+class _Buckets:
+    """Pass 1 of the shuffle: rows of one output split appended to ``n`` local Arrow files at random.
+
+    Rows are buffered per bucket and written in small record batches, so pass 1 holds ``n × flush`` rows.
+    """
+
+    SCHEMA = pa.schema(
+        [
+            ("id", pa.string()),
+            ("label", pa.int32()),
+            ("points", pa.binary()),  # float32 [N, 3], raw bytes
+            ("views", pa.list_(pa.binary())),
+        ]
+    )
+
+    def __init__(self, folder: str, split: str, n: int, seed: int, flush: int = 16) -> None:
+        self.folder, self.split, self.n, self.flush = folder, split, n, flush
+        self.rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 0xB0C])
+        self.seed = seed
+        self.buffers: list[list[tuple[str, int, bytes, list[bytes]]]] = [[] for _ in range(n)]
+        self.writers: list[Any] = [None] * n
+        self.rows = 0
+
+    def path(self, b: int) -> str:
+        return f"{self.folder}/{self.split}-{b:04d}.arrow"
+
+    def add(self, sid: str, label: int, points: np.ndarray, views: list[bytes]) -> None:
+        b = int(self.rng.integers(self.n))
+        self.buffers[b].append((sid, label, np.ascontiguousarray(points, np.float32).tobytes(), views))
+        self.rows += 1
+        if len(self.buffers[b]) >= self.flush:
+            self._flush(b)
+
+    def _flush(self, b: int) -> None:
+        rows = self.buffers[b]
+        if not rows:
+            return
+        if self.writers[b] is None:
+            self.writers[b] = pa.ipc.new_file(self.path(b), self.SCHEMA)
+        batch = pa.record_batch(
+            [
+                pa.array([r[0] for r in rows], pa.string()),
+                pa.array([r[1] for r in rows], pa.int32()),
+                pa.array([r[2] for r in rows], pa.binary()),
+                pa.array([r[3] for r in rows], pa.list_(pa.binary())),
+            ],
+            schema=self.SCHEMA,
+        )
+        self.writers[b].write_batch(batch)
+        self.buffers[b] = []
+
+    def drain(self, writer: _ShardWriter, num_points: int, progress: Progress) -> None:
+        """Pass 2: each bucket in turn, its rows permuted, into ``writer``."""
+        for b in range(self.n):
+            self._flush(b)
+            if self.writers[b] is not None:
+                self.writers[b].close()
+        for b in range(self.n):
+            if self.writers[b] is None:
+                continue
+            with pa.memory_map(self.path(b)) as source:
+                table = pa.ipc.open_file(source).read_all()
+            order = np.random.default_rng([self.seed, zlib.crc32(self.split.encode()), b]).permutation(
+                table.num_rows
+            )
+            ids, labels = table.column("id").to_pylist(), table.column("label").to_pylist()
+            points, views = table.column("points").to_pylist(), table.column("views").to_pylist()
+            del table
+            for i in order.tolist():
+                pts = np.frombuffer(points[i], dtype=np.float32).reshape(num_points, 3)
+                writer.add(ids[i], labels[i], pts, views[i])
+                progress.update()
+
+
+def _bucket_count(expected: int | None, opts: PrepareOptions) -> int:
+    """Buckets for ``expected`` rows: about ``bucket_rows`` each, at least 1, at most ``max_buckets``."""
+    if expected is None:
+        return opts.max_buckets // 4
+    return max(1, min(opts.max_buckets, math.ceil(expected / max(opts.bucket_rows, 1))))
+
+
 def _write(
     source: Source, fs: pafs.FileSystem, tmp: str, opts: PrepareOptions, fp: str, log: Callable[[str], None]
 ) -> dict[str, Any]:
     class_names = source.class_names()
+    hint = source.label_hint()
     writers: dict[str, _ShardWriter] = {}
+    buckets: dict[str, _Buckets] = {}
     counts: dict[str, Counter[int]] = {}
     seen: set[str] = set()
     skipped: list[dict[str, Any]] = []
     num_points, num_views = opts.num_points, None
     preview: list[tuple[int, list[np.ndarray]]] = []
+    local = isinstance(fs, pafs.LocalFileSystem)
+    scratch = f"{tmp}/.buckets" if local else tempfile.mkdtemp(prefix="crossmoco-prepare-")
+    if local:
+        fs.create_dir(scratch, recursive=True)
 
     def fail(err: DataError) -> None:
         if not opts.skip_bad:
             raise err
-        skipped.append({"source": err.source, "index": err.index, "problem": err.problem})
+        skipped.append({"source": err.source, "index": err.index, "rows": err.rows, "problem": err.problem})
 
-    for split in source.splits():
-        progress = Progress(f"prepare {source.format} {split}", source.count(split))
-        for item in source.samples(split):
-            progress.update()
-            try:
-                if isinstance(item, DataError):
-                    raise item
-                sample = item
-                if sample.id in seen:
-                    raise DataError(sample.source, f"duplicate id {sample.id!r}", sample.index)
-                pts = check_points(sample, opts.min_points)
-                if opts.num_points is not None:
-                    pts = resample(pts, opts.num_points, sample.id, opts.seed)
-                elif num_points is None:
-                    num_points = pts.shape[0]
-                elif pts.shape[0] != num_points:
-                    raise DataError(
-                        sample.source,
-                        f"{pts.shape[0]} points where earlier clouds have {num_points}; "
-                        "pass --num-points to resample every cloud to one size",
-                        sample.index,
+    def sink(out_split: str, expected: int | None) -> _ShardWriter | _Buckets:
+        if opts.shuffle:
+            if out_split not in buckets:
+                buckets[out_split] = _Buckets(scratch, out_split, _bucket_count(expected, opts), opts.seed)
+            return buckets[out_split]
+        if out_split not in writers:
+            assert num_points is not None
+            writers[out_split] = _ShardWriter(fs, tmp, out_split, num_points, opts)
+        return writers[out_split]
+
+    try:
+        for split in source.splits():
+            total = source.count(split)
+            progress = Progress(f"prepare {source.format} {split}", total)
+            for item in source.samples(split):
+                progress.update()
+                try:
+                    if isinstance(item, DataError):
+                        raise item
+                    sample = item
+                    if sample.id in seen:
+                        raise DataError(sample.source, f"duplicate id {sample.id!r}", sample.index)
+                    pts = check_points(sample, opts.min_points)
+                    if opts.num_points is not None:
+                        pts = resample(pts, opts.num_points, sample.id, opts.seed)
+                    elif num_points is None:
+                        num_points = pts.shape[0]
+                    elif pts.shape[0] != num_points:
+                        raise DataError(
+                            sample.source,
+                            f"{pts.shape[0]} points where earlier clouds have {num_points}; "
+                            "pass --num-points to resample every cloud to one size",
+                            sample.index,
+                        )
+                    label = check_label(sample, class_names, hint)
+                    views, decoded = _views(sample, pts, opts)
+                except DataError as err:
+                    fail(err)
+                    continue
+                seen.add(sample.id)
+                num_views = len(views) if num_views is None else min(num_views, len(views))
+                carve = split == "train" and val_assignment(sample.id, opts.seed, opts.val_fraction)
+                out_split = "val" if carve else split
+                if total is None:
+                    expected = None
+                elif out_split == "val":
+                    expected = math.ceil(total * opts.val_fraction)
+                else:
+                    expected = total if split != "train" else math.ceil(total * (1 - opts.val_fraction))
+                sink(out_split, expected).add(sample.id, label, pts, views)
+                counts.setdefault(out_split, Counter())[label] += 1
+                new_class = label not in {lab for lab, _ in preview}
+                if opts.preview and len(preview) < opts.preview_objects and new_class:
+                    preview.append(
+                        (label, decoded if decoded is not None else [decode_png(v) for v in views])
                     )
-                label = -1 if sample.label is None else int(sample.label)
-                if class_names is not None and not 0 <= label < len(class_names):
-                    raise DataError(
-                        sample.source, f"label {label} outside 0..{len(class_names) - 1}", sample.index
-                    )
-                views, decoded = _views(sample, pts, opts)
-            except DataError as err:
-                fail(err)
-                continue
-            seen.add(sample.id)
-            num_views = len(views) if num_views is None else min(num_views, len(views))
-            out_split = (
-                "val"
-                if split == "train" and val_assignment(sample.id, opts.seed, opts.val_fraction)
-                else split
-            )
-            if out_split not in writers:
-                writers[out_split] = _ShardWriter(fs, tmp, out_split, pts.shape[0], opts)
-            writers[out_split].add(sample.id, label, pts, views)
-            counts.setdefault(out_split, Counter())[label] += 1
-            new_class = label not in {lab for lab, _ in preview}
-            if opts.preview and len(preview) < opts.preview_objects and new_class:
-                preview.append((label, decoded if decoded is not None else [decode_png(v) for v in views]))
-        progress.close()
+            progress.close()
+        if not counts or num_points is None:
+            raise DataError(f"{source.format} source", "no valid samples to write")
+        for out_split, bucket in buckets.items():  # pass 2
+            writers[out_split] = _ShardWriter(fs, tmp, out_split, num_points, opts)
+            progress = Progress(f"write {out_split} in shuffled order", bucket.rows)
+            bucket.drain(writers[out_split], num_points, progress)
+            progress.close()
+    finally:
+        if local:
+            if _exists(fs, scratch):
+                fs.delete_dir(scratch)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
     files = [info for w in writers.values() for info in w.close()]
     if not files:
         raise DataError(f"{source.format} source", "no valid samples to write")
+    skipped_rows = sum(r["rows"] for r in skipped)
     if skipped:
         with fs.open_output_stream(f"{tmp}/{SKIPPED}") as f:
             f.write(json.dumps(skipped, indent=1).encode())
-        log(f"skipped {len(skipped)} bad samples; see {SKIPPED} in the output")
+        log(f"skipped {skipped_rows} bad samples ({len(skipped)} problems); see {SKIPPED} in the output")
     if opts.preview:
         names = [class_names[lab] if class_names and lab >= 0 else str(lab) for lab, _ in preview]
         contact_sheet([views for _, views in preview], opts.preview, labels=names)
@@ -359,7 +524,8 @@ def _write(
         "class_names": class_names,
         "counts": {s: {"total": sum(c.values()), "per_class": per_class(c)} for s, c in counts.items()},
         "val": {"fraction": opts.val_fraction, "seed": opts.seed},
-        "skipped": len(skipped),
+        "order": {"shuffled": opts.shuffle, "seed": opts.seed},
+        "skipped": skipped_rows,
         "files": files,
     }
 

@@ -8,12 +8,20 @@ import numpy as np
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file (and the index inside it) and what is wrong."""
+    """Bad input data; the message names the file (and the index inside it) and what is wrong.
 
-    def __init__(self, source: str, problem: str, index: int | None = None) -> None:
-        self.source, self.problem, self.index = source, problem, index
+    ``rows`` is how many samples the problem costs (a file without labels loses all its rows), so that
+    ``prepare --skip-bad`` counts what it really skipped. The error survives pickling (Ray sends errors
+    raised in its workers and tasks to the driver that way) with its message and fields intact.
+    """
+
+    def __init__(self, source: str, problem: str, index: int | None = None, rows: int = 1) -> None:
+        self.source, self.problem, self.index, self.rows = source, problem, index, rows
         where = source if index is None else f"{source} [index {index}]"
         super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self) -> tuple[type[DataError], tuple[str, str, int | None, int]]:
+        return (type(self), (self.source, self.problem, self.index, self.rows))
 
 
 @dataclass

@@ -27,7 +27,8 @@ SMALL = RenderSpec(azimuths=(0.0, 120.0, 240.0), size=24)
 
 
 def opts(**kw: object) -> PrepareOptions:
-    return PrepareOptions(render=SMALL, row_group_rows=8, rows_per_shard=16, **kw)  # type: ignore[arg-type]
+    base: dict[str, object] = {"render": SMALL, "row_group_rows": 8, "rows_per_shard": 16}
+    return PrepareOptions(**{**base, **kw})  # type: ignore[arg-type]
 
 
 def read_rows(root: Path, split: str) -> dict[str, list]:
@@ -211,3 +212,156 @@ def test_skip_bad_writes_a_report_and_keeps_the_rest(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "out" / "skipped.json").read_text())
     assert sorted(Path(r["source"]).name for r in report) == ["bad.npy", "tiny.npy"]
     assert all(r["problem"] for r in report)
+
+
+# ---- rows in a seeded random order, whatever the source order (real datasets are class-sorted) ----
+
+
+def class_sorted_h5(folder: Path, classes: int = 40, per_class: int = 15, points: int = 32) -> Path:
+    """A ModelNet40-like train.h5 stored class by class (as the real one is), and a small test.h5."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = classes * per_class
+    with h5py.File(folder / "train.h5", "w") as f:
+        f["data"] = fixtures.clouds(n, points, 5)
+        f["label"] = np.repeat(np.arange(classes), per_class).reshape(n, 1).astype(np.int64)
+    with h5py.File(folder / "test.h5", "w") as f:
+        f["data"] = fixtures.clouds(classes, points, 6)
+        f["label"] = np.arange(classes).reshape(classes, 1).astype(np.int64)
+    (folder / "shape_names.txt").write_text("\n".join(f"c{c}" for c in range(classes)) + "\n")
+    return folder
+
+
+def labels_in_file_order(root: Path, split: str) -> np.ndarray:
+    manifest = read_manifest(str(root))
+    return np.concatenate(
+        [
+            pq.read_table(root / f["path"]).column("label").to_numpy()
+            for f in manifest["files"]
+            if f["split"] == split
+        ]
+    )
+
+
+def adjacent_equal(labels: np.ndarray) -> float:
+    return float((labels[1:] == labels[:-1]).mean())
+
+
+def test_class_sorted_source_is_written_mixed_and_reproducibly(tmp_path: Path) -> None:
+    src = H5Source(class_sorted_h5(tmp_path / "mn"))
+    assert adjacent_equal(np.array([s.label for s in src.samples("train")])) > 0.9  # the source: sorted
+    manifest = prepare(src, str(tmp_path / "a"), opts(val_fraction=0.1, bucket_rows=50, rows_per_shard=64))
+    train = labels_in_file_order(tmp_path / "a", "train")
+    assert adjacent_equal(train) < 0.1  # i.i.d. order: 1/40
+    assert manifest["order"] == {"shuffled": True, "seed": 0}
+    assert sorted(train.tolist()) == sorted(
+        lab for lab, n in enumerate(np.bincount(train, minlength=40)) for _ in range(n)
+    )
+    assert len(train) + manifest["counts"]["val"]["total"] == 600  # nothing lost or repeated
+    ids = read_rows(tmp_path / "a", "train")["id"]
+    assert len(set(ids)) == len(ids)
+    # the same seed writes the same order; another seed another one
+    prepare(src, str(tmp_path / "b"), opts(val_fraction=0.1, bucket_rows=50, rows_per_shard=64))
+    assert read_rows(tmp_path / "b", "train")["id"] == ids
+    prepare(src, str(tmp_path / "c"), opts(val_fraction=0.1, bucket_rows=50, rows_per_shard=64, seed=1))
+    assert read_rows(tmp_path / "c", "train")["id"] != ids
+    # points travel with their ids through the buckets
+    by_id = {s.id: s.points for s in src.samples("train")}  # type: ignore[union-attr]
+    for sid, pts in zip(ids, read_rows(tmp_path / "a", "train")["points"], strict=True):
+        np.testing.assert_array_equal(pts, by_id[sid])
+
+
+def test_no_shuffle_keeps_the_source_order(tmp_path: Path) -> None:
+    src = H5Source(class_sorted_h5(tmp_path / "mn", classes=5, per_class=6))
+    prepare(src, str(tmp_path / "out"), opts(shuffle=False))
+    np.testing.assert_array_equal(labels_in_file_order(tmp_path / "out", "train"), np.repeat(np.arange(5), 6))
+
+
+# ---- prepare's bad-input holes: each names the problem and counts what --skip-bad skipped ----
+
+
+def test_skip_bad_survives_a_corrupt_h5_file_and_counts_its_loss(tmp_path: Path) -> None:
+    root = fixtures.modelnet_h5(tmp_path / "mn", n_train=20, n_test=6)
+    (root / "train_extra.h5").write_bytes((root / "train.h5").read_bytes()[:300])  # truncated: won't open
+    src = H5Source(root)
+    assert src.count("train") == 20  # counting no longer opens files outside the error handling
+    manifest = prepare(src, str(tmp_path / "out"), opts(skip_bad=True))
+    assert manifest["counts"]["train"]["total"] == 20
+    report = json.loads((tmp_path / "out" / "skipped.json").read_text())
+    assert [Path(r["source"]).name for r in report] == ["train_extra.h5"]
+    assert "truncated or corrupt" in report[0]["problem"]
+    with pytest.raises(DataError, match=r"train_extra\.h5: cannot open HDF5 file"):
+        prepare(H5Source(root), str(tmp_path / "strict"), opts())
+
+
+def test_a_file_without_labels_counts_all_its_rows_as_skipped(tmp_path: Path) -> None:
+    root = fixtures.modelnet_h5(tmp_path / "mn", n_train=12, n_test=6)
+    with h5py.File(root / "train_nolabel.h5", "w") as f:
+        f["data"] = fixtures.clouds(9, 64, 7)
+    manifest = prepare(H5Source(root), str(tmp_path / "out"), opts(skip_bad=True))
+    assert manifest["skipped"] == 9
+    report = json.loads((tmp_path / "out" / "skipped.json").read_text())
+    assert report[0]["rows"] == 9
+    assert "no 'label' dataset" in report[0]["problem"]
+    assert "all 9 rows skipped" in report[0]["problem"]
+
+
+@pytest.mark.parametrize(
+    ("points", "message"),
+    [
+        (np.tile(np.array([[0.3, -1.0, 2.0]], np.float32), (64, 1)), "all points are .*equal"),
+        (np.outer(np.linspace(-1, 1, 64), [1.0, 2.0, -0.5]).astype(np.float32), "all points lie on one line"),
+        (np.tile(np.array([[1000.0, 5.0, -7.0]], np.float32), (64, 1)), "all points are .*equal"),
+    ],
+    ids=["point", "line", "point-far-from-origin"],
+)
+def test_degenerate_clouds_are_rejected(tmp_path: Path, points: np.ndarray, message: str) -> None:
+    root = bad_folder(tmp_path, "flat.npy", points)
+    with pytest.raises(DataError, match=rf"flat\.npy.*: degenerate cloud: {message}"):
+        prepare(FolderSource(root), str(tmp_path / "out"), opts())
+    manifest = prepare(FolderSource(root), str(tmp_path / "skip"), opts(skip_bad=True))
+    assert manifest["skipped"] == 1
+    assert manifest["counts"]["train"]["total"] == 5
+
+
+def test_a_planar_cloud_is_not_degenerate(tmp_path: Path) -> None:
+    plane = fixtures.clouds(1, 64, 8)[0] * np.array([1.0, 0.0, 1.0], np.float32)  # a flat object is fine
+    manifest = prepare(FolderSource(bad_folder(tmp_path, "sheet.npy", plane)), str(tmp_path / "o"), opts())
+    assert manifest["counts"]["train"]["total"] == 6
+
+
+def h5_with_labels(folder: Path, labels: list[float], dtype: str = "int64") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with h5py.File(folder / "train.h5", "w") as f:
+        f["data"] = fixtures.clouds(len(labels), 32, 9)
+        f["label"] = np.asarray(labels, dtype=dtype).reshape(-1, 1)
+    return folder  # no shape_names.txt
+
+
+@pytest.mark.parametrize(
+    ("bad", "dtype", "message"),
+    [
+        (-3, "int64", r"\[index 4\]: label -3 is negative"),
+        (-1, "int64", r"\[index 4\]: label -1 is negative.*-1 marks unlabelled"),
+        (99, "int64", r"\[index 4\]: label 99 outside 0\.\.3; without .*shape_names\.txt the class count"),
+        (2.5, "float32", r"\[index 4\]: label 2\.5 is not an integer"),
+    ],
+    ids=["negative", "minus-one", "stray-99", "float"],
+)
+def test_labels_without_shape_names_are_checked(tmp_path: Path, bad: float, dtype: str, message: str) -> None:
+    labels = [0, 1, 2, 0, bad, 1, 2, 0]
+    root = h5_with_labels(tmp_path / "h5", labels, dtype)
+    with pytest.raises(DataError, match=rf"train\.h5 {message}"):
+        prepare(H5Source(root), str(tmp_path / "out"), opts())
+    manifest = prepare(H5Source(root), str(tmp_path / "skip"), opts(skip_bad=True))
+    assert manifest["skipped"] == 1
+    assert manifest["counts"]["train"]["total"] == 7
+    if bad == 99:  # the stray label made a 4th class that nothing else uses
+        assert manifest["class_names"] == ["0", "1", "2", "3"]
+    else:
+        assert manifest["class_names"] == ["0", "1", "2"]
+
+
+def test_integral_float_labels_are_accepted(tmp_path: Path) -> None:
+    root = h5_with_labels(tmp_path / "h5", [0.0, 1.0, 2.0, 1.0], "float32")
+    manifest = prepare(H5Source(root), str(tmp_path / "out"), opts())
+    assert manifest["counts"]["train"]["per_class"] == {"0": 1, "1": 2, "2": 1}
