@@ -1,15 +1,28 @@
 """The training input pipeline: prepared shards → two point views and two rendered views per object.
 
-    read_parquet (local or s3:// / gs:// …)  →  map_batches(make_batch)  →  streaming_split per worker
-                                                 │ decode the two chosen PNGs, resize
-                                                 │ pick 2 distinct views, subsample points   (random)
-                                                 └ augment points ×2 and images (uint8)    (random)
+    row groups of the shards (local or s3:// / gs:// …), in a new random order every epoch
+      → read windows: each task reads ``shuffle_window`` rows' worth of row groups from random places
+        and permutes their rows together                                                    (random)
+      → map_batches(make_batch)  →  streaming_split per worker
+          │ decode the two chosen PNGs, resize
+          │ pick 2 distinct views, subsample points                                         (random)
+          └ augment points ×2 and images (uint8)                                            (random)
+
+Batches are class-mixed even when the shards are not: real datasets are stored class by class, and shards
+written in that order (old shards, a user's own Parquet) hold one class per row group. Shuffling files
+alone, or rows inside one map batch, leaves a worker batch with one or two classes; BatchNorm then
+normalises the class away and every in-batch negative is a same-class object. Mixing row groups drawn
+from anywhere in the split, in a window of constant size, gives near-i.i.d. batches with memory that does
+not grow with the dataset (bench/data.py measures both). Ray's global ``random_shuffle`` would
+materialise the whole dataset every epoch (and an ``int`` seed repeats its order every epoch).
 
 Deterministic work (reading, PNG decoding) and random work live in one map task so that only the two
 chosen views are decoded; nothing random is cached, since Ray Data re-executes the pipeline every
-epoch. Randomness is fresh every epoch; with a seed it is reproducible: it is derived from
+epoch. Randomness is fresh every epoch; with a seed it is reproducible: the row-group order comes from
+``(seed, epoch)``, a window's row order from ``(seed, epoch, window)`` and the augmentations from
 ``(seed, epoch, first id of the batch)``, where the epoch is Ray Data's execution index plus
-``epoch_offset`` (set by a resumed run).
+``epoch_offset`` (set by a resumed run). Without a seed the order's seed is drawn once per dataset, so
+that all read tasks of an epoch agree on one permutation.
 
 :func:`iter_local_batches` runs the same ``make_batch`` without Ray (debugging, notebooks, the
 DataLoader baseline of the benchmark).
@@ -17,13 +30,16 @@ DataLoader baseline of the benchmark).
 
 from __future__ import annotations
 
+import math
+import secrets
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .augment import ImageAugment, PointAugment, augment_images, augment_points
@@ -32,6 +48,7 @@ from .shards import read_manifest, resolve
 from .types import DataError
 
 BLOCK_BYTES = 4 * 1024**2
+READ_TASKS = 1  # read windows in memory at once (reading is fast; decoding is the work)
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,85 @@ class PipelineOptions:
     seed: int | None = None
     epoch_offset: int = 0
     object_store_mb: int = 1024
+    shuffle_window: int = 8192  # rows (whole row groups from random places) mixed together per read task
+    order_seed: int | None = None  # the row-group order's seed when ``seed`` is None (drawn per dataset)
+
+
+COLUMNS = ["id", "label", "points", "views"]
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """One row group of one shard file: the unit of random access in a Parquet file."""
+
+    file: int  # index into the split's paths
+    index: int
+    rows: int
+
+
+def row_groups(fs: Any, paths: list[str]) -> list[RowGroup]:
+    """Every row group of ``paths`` (read from the files' footers)."""
+    out = []
+    for f, path in enumerate(paths):
+        with fs.open_input_file(path) as handle:
+            meta = pq.ParquetFile(handle).metadata
+        out += [RowGroup(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+    return out
+
+
+def _order_seed(opts: PipelineOptions) -> int:
+    if opts.seed is not None:
+        return opts.seed
+    if opts.order_seed is None:
+        raise ValueError("PipelineOptions.order_seed must be set when seed is None (make_dataset does it)")
+    return opts.order_seed
+
+
+def epoch_windows(groups: list[RowGroup], opts: PipelineOptions, epoch: int) -> list[list[RowGroup]]:
+    """This epoch's read windows: the row groups in a random order, cut into windows of about
+    ``shuffle_window`` rows. The same for every caller with the same ``(seed, epoch)``."""
+    if not groups:
+        return []
+    per_group = sum(g.rows for g in groups) / len(groups)
+    size = max(1, round(opts.shuffle_window / max(per_group, 1.0)))
+    order = np.random.default_rng([_order_seed(opts), epoch, 0x5EED]).permutation(len(groups))
+    return [[groups[i] for i in order[s : s + size]] for s in range(0, len(groups), size)]
+
+
+def window_rows(window_mb: float, manifest: dict[str, Any], split: str) -> int:
+    """Rows of ``split`` that fit in ``window_mb`` MiB, from the shards' mean bytes per row."""
+    files = [f for f in manifest["files"] if f["split"] == split and f.get("bytes")]
+    rows = sum(f["rows"] for f in files)
+    per_row = sum(f["bytes"] for f in files) / rows if rows else 64 * 1024
+    return max(1, int(window_mb * 1024**2 / max(per_row, 1.0)))
+
+
+def read_window(
+    fs: Any, paths: list[str], window: list[RowGroup], opts: PipelineOptions, epoch: int, slot: int
+) -> Iterator[pa.Table]:
+    """The rows of ``window``'s row groups, permuted together (seeded by ``(seed, epoch, slot)``), in
+    slices of ``read_batch`` rows (each slice a copy, so the window is held once)."""
+    tables = []
+    by_file: dict[int, list[int]] = {}
+    for g in window:
+        by_file.setdefault(g.file, []).append(g.index)
+    for f, indices in by_file.items():
+        with fs.open_input_file(paths[f]) as handle:
+            tables.append(pq.ParquetFile(handle).read_row_groups(indices, columns=COLUMNS))
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    order = np.random.default_rng([_order_seed(opts), epoch, slot, 0x0DE]).permutation(table.num_rows)
+    for start in range(0, table.num_rows, opts.read_batch):
+        yield table.take(pa.array(order[start : start + opts.read_batch]))
+
+
+def _arrow_columns(table: pa.Table) -> dict[str, Any]:
+    """A window's columns as ``make_batch`` takes them."""
+    return {
+        "id": table.column("id").to_pylist(),
+        "label": table.column("label").to_numpy(),
+        "points": table.column("points").combine_chunks().to_numpy_ndarray(),
+        "views": table.column("views").to_pylist(),
+    }
 
 
 def batch_rng(opts: PipelineOptions, ids: Any, epoch: int) -> np.random.Generator:
@@ -66,7 +162,7 @@ def make_batch(batch: dict[str, Any], opts: PipelineOptions, epoch: int = 0) -> 
     """
     rng = batch_rng(opts, batch["id"], epoch)
     B = len(batch["id"])
-    order = rng.permutation(B)  # shuffle rows inside the batch (files are shuffled at read time)
+    order = rng.permutation(B)  # rows arrive mixed from the read windows; this reorders within the batch
     points = np.asarray(batch["points"], dtype=np.float32)[order]
     if points.shape[1] > opts.num_points:  # a fresh random subset each epoch
         keep = np.argsort(rng.random(points.shape[:2]), axis=1)[:, : opts.num_points]
@@ -89,12 +185,26 @@ def make_batch(batch: dict[str, Any], opts: PipelineOptions, epoch: int = 0) -> 
     }
 
 
-def _ray_make_batch(batch: dict[str, Any], opts: PipelineOptions) -> dict[str, np.ndarray]:
+def _data_epoch(opts: PipelineOptions) -> int:
     from ray.data import DataContext
 
     # Ray Data counts executions of a dataset; every epoch (every iteration of a split) is one.
-    epoch = opts.epoch_offset + int(getattr(DataContext.get_current(), "_execution_idx", 0))
-    return make_batch(batch, opts, epoch)
+    return opts.epoch_offset + int(getattr(DataContext.get_current(), "_execution_idx", 0))
+
+
+def _ray_make_batch(batch: dict[str, Any], opts: PipelineOptions) -> dict[str, np.ndarray]:
+    return make_batch(batch, opts, _data_epoch(opts))
+
+
+def _ray_read_windows(
+    batch: dict[str, Any], fs: Any, paths: list[str], groups: list[RowGroup], opts: PipelineOptions
+) -> Iterator[pa.Table]:
+    """Read task: the windows whose slots are in ``batch``, each mixed, in slices of ``read_batch`` rows."""
+    epoch = _data_epoch(opts)
+    windows = epoch_windows(groups, opts, epoch)
+    for slot in np.asarray(batch["slot"]).tolist():
+        if slot < len(windows):
+            yield from read_window(fs, paths, windows[slot], opts, epoch, slot)
 
 
 def split_files(root: str, split: str, opts: PipelineOptions) -> tuple[Any, list[str], dict[str, Any]]:
@@ -119,15 +229,33 @@ def split_files(root: str, split: str, opts: PipelineOptions) -> tuple[Any, list
 
 
 def make_dataset(root: str, split: str, opts: PipelineOptions, shuffle: bool = True) -> Any:
-    """A Ray ``Dataset`` of training batches from the prepared shards of ``split`` under ``root``."""
+    """A Ray ``Dataset`` of training batches from the prepared shards of ``split`` under ``root``.
+
+    With ``shuffle`` (training), rows are mixed across files and row groups every epoch (module
+    docstring); without it, row groups are read in file order.
+    """
     import ray.data
-    from ray.data import FileShuffleConfig
+    from ray.data import TaskPoolStrategy
 
     fs, paths, _ = split_files(root, split, opts)
-    file_shuffle: Any = None
-    if shuffle:
-        file_shuffle = "files" if opts.seed is None else FileShuffleConfig(seed=opts.seed)
-    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=file_shuffle)
+    groups = row_groups(fs, paths)
+    if opts.seed is None and opts.order_seed is None:
+        opts = replace(opts, order_seed=secrets.randbits(62))
+    if not shuffle:
+        opts = replace(opts, shuffle_window=1)
+    windows = len(epoch_windows(groups, opts, 0))  # the count is the same every epoch
+    read = _ray_read_windows if shuffle else _ray_read_in_order
+    ds: Any = ray.data.from_items([{"slot": i} for i in range(windows)], override_num_blocks=windows)
+    # Reading is I/O plus one permutation: it takes no CPU slot (so it never starves decoding on a small
+    # machine), and at most READ_TASKS windows are in memory at once. Decoding and augmentation, the
+    # real work, is a separate operator that runs on as many CPUs as the cluster gives Ray Data.
+    ds = ds.map_batches(
+        partial(read, fs=fs, paths=paths, groups=groups, opts=opts),
+        batch_format="numpy",
+        batch_size=1,
+        num_cpus=0,
+        compute=TaskPoolStrategy(size=READ_TASKS),
+    )
     ds = ds.map_batches(
         partial(_ray_make_batch, opts=opts),
         batch_format="numpy",
@@ -136,6 +264,18 @@ def make_dataset(root: str, split: str, opts: PipelineOptions, shuffle: bool = T
     )
     bound_streaming_memory(ds.context, opts.object_store_mb)
     return ds
+
+
+def _ray_read_in_order(
+    batch: dict[str, Any], fs: Any, paths: list[str], groups: list[RowGroup], opts: PipelineOptions
+) -> Iterator[pa.Table]:
+    """Read task without shuffling: row group ``slot`` as stored."""
+    for slot in np.asarray(batch["slot"]).tolist():
+        g = groups[slot]
+        with fs.open_input_file(paths[g.file]) as handle:
+            table = pq.ParquetFile(handle).read_row_group(g.index, columns=COLUMNS)
+        for start in range(0, table.num_rows, opts.read_batch):
+            yield table.slice(start, opts.read_batch)
 
 
 def bound_streaming_memory(ctx: Any, object_store_mb: int) -> Any:
@@ -170,30 +310,57 @@ def iter_train_batches(shard: Any, batch_size: int, prefetch_batches: int = 2) -
 def iter_local_batches(
     root: str, split: str, opts: PipelineOptions, batch_size: int, epoch: int = 0, shuffle: bool = True
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The same batches without Ray: row groups read with pyarrow, ``make_batch``, re-batched (drop_last)."""
+    """The same batches without Ray: the same windows, ``make_batch``, re-batched (drop_last)."""
     fs, paths, _ = split_files(root, split, opts)
-    rng = np.random.default_rng(None if opts.seed is None else [opts.seed, epoch, 7])
+    groups = row_groups(fs, paths)
+    if opts.seed is None and opts.order_seed is None:
+        opts = replace(opts, order_seed=secrets.randbits(62))
     if shuffle:
-        paths = [paths[i] for i in rng.permutation(len(paths))]
+        tables: Iterator[pa.Table] = (
+            part
+            for slot, window in enumerate(epoch_windows(groups, opts, epoch))
+            for part in read_window(fs, paths, window, opts, epoch, slot)
+        )
+    else:
+        tables = _in_order(fs, paths, groups)
     pending: list[dict[str, np.ndarray]] = []
     rows = 0
-    for path in paths:
-        with fs.open_input_file(path) as f:
-            reader = pq.ParquetFile(f)
-            for batch in reader.iter_batches(
-                batch_size=opts.read_batch, columns=["id", "label", "points", "views"]
-            ):
-                cols = {
-                    "id": batch.column("id").to_pylist(),
-                    "label": batch.column("label").to_numpy(),
-                    "points": batch.column("points").to_numpy_ndarray(),
-                    "views": batch.column("views").to_pylist(),
-                }
-                pending.append(make_batch(cols, opts, epoch))
-                rows += len(cols["id"])
-                while rows >= batch_size:
-                    merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-                    yield {k: v[:batch_size] for k, v in merged.items()}
-                    rest = {k: v[batch_size:] for k, v in merged.items()}
-                    rows -= batch_size
-                    pending = [rest] if rows else []
+    for table in tables:
+        for start in range(0, table.num_rows, opts.read_batch):
+            cols = _arrow_columns(table.slice(start, opts.read_batch))
+            pending.append(make_batch(cols, opts, epoch))
+            rows += len(cols["id"])
+            while rows >= batch_size:
+                merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+                yield {k: v[:batch_size] for k, v in merged.items()}
+                rest = {k: v[batch_size:] for k, v in merged.items()}
+                rows -= batch_size
+                pending = [rest] if rows else []
+
+
+def _in_order(fs: Any, paths: list[str], groups: list[RowGroup]) -> Iterator[pa.Table]:
+    for g in groups:
+        with fs.open_input_file(paths[g.file]) as handle:
+            yield pq.ParquetFile(handle).read_row_group(g.index, columns=COLUMNS)
+
+
+def expected_distinct_labels(class_counts: list[int], batch: int) -> float:
+    """Mean number of distinct labels in a batch of ``batch`` rows drawn at random without replacement
+    from a split with these per-class counts: ``Σ_c 1 − C(N − n_c, B) / C(N, B)``."""
+    total = sum(class_counts)
+    if batch <= 0 or total == 0:
+        return 0.0
+    batch = min(batch, total)
+
+    def log_choose(n: int, k: int) -> float:
+        return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+    out = 0.0
+    for n_c in class_counts:
+        if n_c == 0:
+            continue
+        if total - n_c < batch:
+            out += 1.0
+        else:
+            out += 1.0 - math.exp(log_choose(total - n_c, batch) - log_choose(total, batch))
+    return out

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from crossmoco_ray.data.augment import ImageAugment, PointAugment
-from crossmoco_ray.data.pipeline import PipelineOptions, iter_local_batches, make_batch, make_dataset
+from crossmoco_ray.data.pipeline import (
+    PipelineOptions,
+    expected_distinct_labels,
+    iter_local_batches,
+    make_batch,
+    make_dataset,
+)
 from crossmoco_ray.data.readers import H5Source, ShapeNetRenderSource
 from crossmoco_ray.data.render import RenderSpec
 from crossmoco_ray.data.shards import PrepareOptions, prepare
@@ -136,3 +144,97 @@ def test_ray_two_workers_get_disjoint_equal_shards_and_fresh_augmentation(
     one = {**first[0], **first[1]}
     two = {**second[0], **second[1]}
     assert all(not np.allclose(one[k], two[k]) for k in one)  # every object augmented afresh
+
+
+# ---- class-sorted shards (old shards, a user's own Parquet): the pipeline alone mixes them ----
+
+
+@pytest.fixture(scope="module")
+def class_sorted(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[int]]:
+    """40 classes × 40 rows written class by class (prepare --no-shuffle), 16-row row groups."""
+    import h5py
+
+    tmp = tmp_path_factory.mktemp("sorted")
+    n = 40 * 40
+    (tmp / "h5").mkdir()
+    with h5py.File(tmp / "h5" / "train.h5", "w") as f:
+        f["data"] = fixtures.clouds(n, 16, 11)
+        f["label"] = np.repeat(np.arange(40), 40).reshape(n, 1)
+    out = tmp / "shards"
+    prepare(
+        H5Source(tmp / "h5"),
+        str(out),
+        PrepareOptions(
+            render=RenderSpec(azimuths=(0.0, 180.0), size=8),
+            row_group_rows=16,
+            rows_per_shard=400,
+            shuffle=False,
+        ),
+    )
+    return str(out), [40] * 40
+
+
+# 32 row groups per window, the default's 8192 rows over prepare's 256-row groups (the default window of
+# data.shuffle_window_mb=256 holds all of ModelNet40's train split: 8,837 rows of ~28 KiB).
+SORTED_OPTS = PipelineOptions(num_points=16, image_size=8, read_batch=64, shuffle_window=512)
+
+
+def distinct_ratio(label_batches: list[np.ndarray], class_counts: list[int]) -> float:
+    iid = expected_distinct_labels(class_counts, len(label_batches[0]))
+    return float(np.mean([len(set(b.tolist())) for b in label_batches])) / iid
+
+
+def test_local_pipeline_mixes_class_sorted_shards(class_sorted: tuple[str, list[int]]) -> None:
+    root, counts = class_sorted
+    labels = np.concatenate(
+        [pq.read_table(p).column("label").to_numpy() for p in sorted(Path(root).glob("train-*.parquet"))]
+    )
+    assert (labels[1:] == labels[:-1]).mean() > 0.9  # the shards really are class-sorted
+    opts = replace(SORTED_OPTS, seed=3)
+    epochs = [[b["label"] for b in iter_local_batches(root, "train", opts, 16, epoch=e)] for e in range(3)]
+    for batches in epochs:
+        assert distinct_ratio(batches, counts) >= 0.8
+        assert len(np.unique(np.concatenate(batches))) == 40
+    again = [b["label"] for b in iter_local_batches(root, "train", opts, 16, epoch=0)]
+    assert all(np.array_equal(a, b) for a, b in zip(again, epochs[0], strict=True))  # seeded: repeatable
+    assert not all(np.array_equal(a, b) for a, b in zip(epochs[0], epochs[1], strict=True))  # new each epoch
+    in_order = [b["label"] for b in iter_local_batches(root, "train", opts, 16, shuffle=False)]
+    assert distinct_ratio(in_order, counts) < 0.3  # what the old pipeline fed the workers
+
+
+def test_expected_distinct_labels() -> None:
+    assert expected_distinct_labels([5, 5], 10) == pytest.approx(2.0)
+    assert expected_distinct_labels([100], 16) == pytest.approx(1.0)
+    # 40 equal classes, 16 draws without replacement from 1600 rows
+    p_absent = np.prod([(1560 - i) / (1600 - i) for i in range(16)])
+    assert expected_distinct_labels([40] * 40, 16) == pytest.approx(40 * (1 - p_absent))
+
+
+@pytest.mark.timeout(240)
+def test_ray_worker_batches_from_class_sorted_shards_are_mixed_every_epoch(
+    class_sorted: tuple[str, list[int]], ray_session: None
+) -> None:
+    from crossmoco_ray.data.pipeline import iter_train_batches
+
+    root, counts = class_sorted
+    splits = make_dataset(root, "train", SORTED_OPTS).streaming_split(2, equal=True)
+
+    def epoch() -> list[list[np.ndarray]]:
+        out: list[list[np.ndarray]] = [[], []]
+
+        def consume(i: int) -> None:
+            out[i] = [b["label"].numpy() for b in iter_train_batches(splits[i], 16)]
+
+        threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=200)
+        return out
+
+    first, second = epoch(), epoch()
+    for run in (first, second):
+        batches = run[0] + run[1]
+        assert len(batches) == 2 * (800 // 16)
+        assert distinct_ratio(batches, counts) >= 0.8
+    assert not np.array_equal(np.concatenate(first[0]), np.concatenate(second[0]))  # a new order each epoch
