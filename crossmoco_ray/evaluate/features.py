@@ -3,6 +3,11 @@
 Evaluation sets are small (ModelNet40: 12k clouds, 150 MB at 1024 points), so a split is loaded as one
 array; features are computed in batches, in eval mode, without gradients, on CPU or GPU, with progress.
 Sources: anything the readers open (h5, folders, ShapeNetRender; with ``up_axis``) or prepared shards.
+
+Evaluation sees what training saw: every cloud is centred on its centroid and scaled to the unit sphere
+before the encoder (training's first augmentation step), so data in raw units (millimetres, scanner
+coordinates) evaluates as it trains, and an encoder's features do not change when its input is scaled
+or shifted.
 """
 
 from __future__ import annotations
@@ -44,6 +49,13 @@ def is_shards(spec: str) -> bool:
         fs, root = resolve(spec)
         return fs.get_file_info(f"{root}/{MANIFEST}").type.name != "NotFound"
     return (Path(spec) / MANIFEST).is_file()
+
+
+def available_splits(spec: str, up_axis: str = "y") -> list[str]:
+    """The splits of prepared shards (from the manifest) or of a source."""
+    if is_shards(spec):
+        return sorted(read_manifest(spec)["counts"])
+    return open_source(spec, up_axis=up_axis).splits()  # type: ignore[arg-type]
 
 
 def load_split(
@@ -98,6 +110,13 @@ def _load_shards(root: str, split: str) -> tuple[np.ndarray, np.ndarray, list[st
     return np.concatenate(points), label_arr, manifest.get("class_names")
 
 
+def normalize_clouds(points: torch.Tensor) -> torch.Tensor:
+    """Centre each cloud ``[B, N, 3]`` on its centroid and scale it to unit max radius (as training does)."""
+    centred = points - points.mean(dim=1, keepdim=True)
+    radius = centred.norm(dim=2).amax(dim=1).clamp_min(1e-12)
+    return centred / radius[:, None, None]
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,10 +131,12 @@ def extract_features(
     device: str | torch.device = "auto",
     what: str = "features",
     progress: bool = True,
+    normalize: bool = True,
 ) -> np.ndarray:
     """Pooled backbone features ``[M, F]`` (float32) of ``points`` [M, P, 3], eval mode, no gradient.
 
-    The encoder's mode and device are restored afterwards (the training monitor calls this mid-run).
+    Clouds are normalised as in training first (``normalize``; see the module docstring). The encoder's
+    mode and device are restored afterwards (the training monitor calls this mid-run).
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     was_training = encoder.training
@@ -126,7 +147,9 @@ def extract_features(
     bar = Progress(what, len(points)) if progress else None
     try:
         for start in range(0, len(points), batch_size):
-            batch = torch.from_numpy(points[start : start + batch_size]).to(dev)
+            batch = torch.from_numpy(points[start : start + batch_size]).to(dev, torch.float32)
+            if normalize:
+                batch = normalize_clouds(batch.double()).float()  # float64: raw units (1e3…1e6) stay exact
             feats = encoder.forward_features(batch)  # type: ignore[operator]
             out.append(feats.float().cpu().numpy())
             if bar:

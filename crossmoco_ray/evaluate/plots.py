@@ -95,9 +95,15 @@ def curves_plot(
     return _save(fig, path)
 
 
-def search_plot(rows: Sequence[Mapping[str, object]], dims: Sequence[object], path: str | Path) -> Path:
-    """A hyperparameter search at a glance: ``val_svm_acc`` against each searched key, one panel per key;
+def search_plot(
+    rows: Sequence[Mapping[str, object]],
+    dims: Sequence[object],
+    path: str | Path,
+    metric: str = "val_svm_clean",
+) -> Path:
+    """A hyperparameter search at a glance: ``metric`` against each searched key, one panel per key;
     completed trials filled, trials stopped early hollow. ``dims``: the space's searched dimensions."""
+    scale = 100.0 if "val_" in metric else 1.0
     plt = _pyplot()
     dims = list(dims) or [None]
     fig, axes = plt.subplots(1, len(dims), figsize=(4.2 * len(dims), 3.8), squeeze=False)
@@ -105,7 +111,7 @@ def search_plot(rows: Sequence[Mapping[str, object]], dims: Sequence[object], pa
         key = getattr(dim, "key", None)
         for status, style in (("completed", {}), ("stopped_early", {"facecolors": "none"})):
             pts = [
-                (float(r[key]) if key else i, 100 * float(r["val_svm_acc"]))  # type: ignore[arg-type]
+                (float(r[key]) if key else i, scale * float(r[metric]))  # type: ignore[arg-type]
                 for i, r in enumerate(rows)
                 if r["status"] == status
             ]
@@ -119,7 +125,7 @@ def search_plot(rows: Sequence[Mapping[str, object]], dims: Sequence[object], pa
         ):
             ax.set_xscale("log")
         ax.set_xlabel(key or "trial")
-        ax.set_ylabel("val_svm_acc (%)")
+        ax.set_ylabel(f"{metric} (%)" if scale == 100.0 else metric)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     return _save(fig, path)

@@ -136,15 +136,17 @@ def run_svm_splits(
     out: Path | None = None,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    up_axis: str = "y",
 ) -> dict[str, Any]:
-    """Both SVM protocols on several evaluation splits of prepared shards; train features computed once.
+    """Both SVM protocols on several evaluation splits (of shards or a source); train features once.
 
     Results are keyed ``"<encoder> / <split>"`` (e.g. ``"pretrained / test"``), so :func:`svm_table` prints
     them. The t-SNE and confusion plots are of the last split (normally test).
     """
     t0 = time.perf_counter()
-    train = load_split(spec, "train", num_points=num_points)
-    tests = [load_split(spec, s, num_points=num_points) for s in test_splits]
+    axis: Any = up_axis
+    train = load_split(spec, "train", num_points=num_points, up_axis=axis)
+    tests = [load_split(spec, s, num_points=num_points, up_axis=axis) for s in test_splits]
     report: dict[str, Any] = {"command": "svm", "data": spec, "when": _now(), "results": {}, "encoders": {}}
     for name, enc in encs:
         feats = _features(enc, (train, *tests), batch_size, device, name)
@@ -179,6 +181,37 @@ def run_svm_splits(
     report["seconds"] = time.perf_counter() - t0
     _write_report(out, report)
     return report
+
+
+def gain_lines(report: dict[str, Any]) -> list[str]:
+    """One line per split and protocol: pretrained vs random init, with the gain (clean protocol first)."""
+    lines = []
+    results = report["results"]
+    splits = [key.split(" / ", 1)[1] for key in results if key.startswith("pretrained / ")]
+    for split in splits:
+        pre, rnd = results.get(f"pretrained / {split}"), results.get(f"random-init / {split}")
+        if not pre or not rnd:
+            continue
+        for protocol, label in (("clean", "clean protocol"), ("crosspoint", "CrossPoint protocol")):
+            if protocol in pre and protocol in rnd:
+                a, b = pre[protocol]["overall_acc"], rnd[protocol]["overall_acc"]
+                verdict = "above" if a > b else "NOT above"
+                lines.append(
+                    f"{split}, {label}: pretrained {100 * a:.2f}% vs random init {100 * b:.2f}% "
+                    f"({100 * (a - b):+.2f} points; pretrained is {verdict} random init)"
+                )
+    return lines
+
+
+def final_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """``final_<split>_<protocol>`` (and ``final_random_…``) accuracies for MLflow."""
+    out = {}
+    for key, results in report["results"].items():
+        encoder, split = key.split(" / ", 1) if " / " in key else (key, "test")
+        prefix = "final_" if encoder == "pretrained" else "final_random_"
+        for protocol, r in results.items():
+            out[f"{prefix}{split}_svm_{protocol}"] = float(r["overall_acc"])
+    return out
 
 
 def svm_table(report: dict[str, Any]) -> str:
