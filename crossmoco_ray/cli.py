@@ -64,8 +64,10 @@ examples:
 
 SOURCE is a directory, an .h5 file or glob, or 'synthetic'; --format auto detects ModelNet40/ScanObjectNN
 h5, CrossPoint's ShapeNetRender layout (ShapeNet/ + ShapeNetRendering/) and folders of point files.
-Sources without images get multi-view renders of their points. Bad inputs are named (file and index);
---skip-bad skips them and writes skipped.json. Re-running the same command is a no-op.
+Sources without images get multi-view renders of their points. Rows are written in a seeded random order
+per split (real datasets are stored class by class); the shuffle streams through temporary buckets beside
+the output, so memory stays bounded and the disk briefly holds a second copy. Bad inputs are named (file
+and index); --skip-bad skips them and writes skipped.json. Re-running the same command is a no-op.
 """
 
 
@@ -104,6 +106,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             skip_bad=args.skip_bad,
             overwrite=args.overwrite,
             preview=args.preview,
+            shuffle=not args.no_shuffle,
         )
         prepare(source, args.out, opts, log=lambda msg: print(msg, file=sys.stderr))
     except (DataError, ValueError) as err:
@@ -275,9 +278,11 @@ examples:
 --space takes a YAML file of dotted config keys and distributions (see tune_spaces/), or the name of a
 shipped space (moco: momentum, temperature, queue length; moco_lr: + learning rate). The space is checked
 against the configuration before any trial starts. Every trial is a full distributed pretraining run
-(its config: the preset/file/overrides with the sampled values); ASHA stops poor trials by val_svm_acc at
-each epoch. Results: STORAGE/NAME/summary (trials.md, trials.csv, a plot, best.yaml for
-`crossmoco pretrain --config`) and an MLflow parent run with one child run per trial.
+(its config: the preset/file/overrides with the sampled values); ASHA stops poor trials by tune.metric at
+each epoch (default val_svm_clean: the clean-protocol SVM on validation data; val_knn and
+val_svm_crosspoint, the papers' raw-feature SVM, are also reported). Results: STORAGE/NAME/summary
+(trials.md, trials.csv, a plot, best.yaml for `crossmoco pretrain --config`) and an MLflow parent run with
+one child run per trial.
 """
 
 
@@ -374,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bad", action="store_true", help="skip bad objects, report them in skipped.json"
     )
     p_prep.add_argument("--overwrite", action="store_true", help="replace a different dataset at --out")
+    p_prep.add_argument(
+        "--no-shuffle",
+        action="store_true",
+        help="keep the source's row order (default: a seeded random order per split, so that class-sorted "
+        "sources such as ModelNet40's h5 do not give single-class training windows)",
+    )
     p_prep.add_argument(
         "--preview", metavar="PNG", help="write a contact sheet of the views of a few objects"
     )

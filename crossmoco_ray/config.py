@@ -117,6 +117,12 @@ class DataConfig(_Section):
     synthetic_test: int = Field(500, gt=0, description="built-in set: test objects")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="validation split carved from train")
     read_batch: int = Field(64, gt=0, description="rows per decode/augment task in the Ray Data pipeline")
+    shuffle_window_mb: float = Field(
+        256.0,
+        gt=0.0,
+        description="rows mixed together per read task (row groups from anywhere in the split, a new order "
+        "every epoch); bounds the read's memory; 256 MiB holds all of ModelNet40's train shards",
+    )
     object_store_mb: int = Field(
         1024, gt=0, description="object-store budget of the streaming pipeline (bounds an epoch's memory)"
     )
@@ -170,16 +176,29 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """Evaluation protocols (METHOD.md §1.11–1.12)."""
+    """Evaluation protocols (METHOD.md §1.11–1.12) and the in-training monitor."""
 
-    svm_c: float = Field(0.1, gt=0.0, description="SVC C of the training monitor (CrossPoint: 0.1)")
-    eval_every: int = Field(1, gt=0, description="epochs between val_svm_acc monitor runs")
+    data: str | None = Field(
+        None,
+        description="labelled data for the monitor and the final evaluation (prepared shards or a source "
+        "such as ModelNet40's h5); null = the pretraining data's val/test splits",
+    )
+    up_axis: Literal["x", "y", "z"] = Field("y", description="up axis of eval.data when it is a raw source")
+    val_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="when eval.data has no 'val' split, the monitor carves this much of its train split",
+    )
+    svm_c: float = Field(
+        0.1, gt=0.0, description="C of the CrossPoint-protocol monitor SVM (raw features; CrossPoint: 0.1)"
+    )
+    knn_k: int = Field(20, gt=0, description="neighbours of the monitor's kNN (cosine, weighted votes)")
+    eval_every: int = Field(1, gt=0, description="epochs between monitor runs")
     num_points: int = Field(1024, gt=0, description="points per cloud for SVM features (CrossPoint: 1024)")
-    monitor_samples: int = Field(2000, gt=0, description="bound on samples the monitor embeds")
-    monitor_standardize: bool = Field(
-        False,
-        description="standardise features before the monitor's SVM (CrossPoint: raw); helps short runs, "
-        "whose raw features are small in scale",
+    monitor_samples: int = Field(2000, gt=0, description="bound on samples the monitor embeds per split")
+    monitor_crosspoint: bool = Field(
+        True, description="also run CrossPoint's raw-feature SVM in the monitor (the papers' protocol)"
     )
     final: bool = Field(True, description="after training: SVM on val and test, pretrained vs random init")
 
@@ -189,7 +208,11 @@ class TuneConfig(_Section):
 
     num_samples: int = Field(8, gt=0)
     scheduler: Literal["asha", "fifo"] = "asha"
-    metric: str = "val_svm_acc"
+    metric: str = Field(
+        "val_svm_clean",
+        description="what trials are ranked by: val_svm_clean (clean-protocol SVM on val), val_knn, "
+        "val_svm_crosspoint (the papers' raw-feature SVM), gain_val_svm_clean, …",
+    )
     mode: Literal["max", "min"] = "max"
     grace_period: int = Field(1, gt=0, description="ASHA: epochs before a trial may be stopped")
     reduction_factor: float = Field(

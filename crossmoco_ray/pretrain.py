@@ -18,9 +18,10 @@ from typing import Any
 
 from .config import Config
 from .data.shards import resolve
+from .evaluate.features import available_splits
 from .evaluate.models import export_backbone
 from .evaluate.plots import curves_plot
-from .evaluate.run import encoders, run_svm_splits, svm_table
+from .evaluate.run import encoders, final_metrics, gain_lines, run_svm_splits, svm_table
 from .tracking import Tracker
 from .train.launcher import (
     Run,
@@ -109,18 +110,34 @@ def finish(run: Run, ckpt_dir: Path, tracker: Tracker, log: Callable[[str], None
         )
         curves = _curves(history, work)
         if cfg.eval.final:
-            splits = [s for s in ("val", "test") if s in run.manifest["counts"]]
+            spec = cfg.eval.data or run.data_root
+            splits = [s for s in ("val", "test") if s in available_splits(spec, cfg.eval.up_axis)]
+            # random init = the run's own encoder before its first step (same seed, same construction)
             encs = encoders(str(ckpt_dir), baseline=True, seed=cfg.train.seed)
-            num_points = min(cfg.eval.num_points, run.manifest["num_points"])
+            num_points = cfg.eval.num_points
+            if cfg.eval.data is None:
+                num_points = min(num_points, run.manifest["num_points"])
             report = run_svm_splits(
-                run.data_root, encs, splits, num_points, cfg.eval.svm_c, out=work / "eval", log=log
+                spec,
+                encs,
+                splits,
+                num_points,
+                cfg.eval.svm_c,
+                up_axis=cfg.eval.up_axis,
+                out=work / "eval",
+                log=log,
             )
             out["report"] = report
             out["eval"] = _publish(work / "eval", f"{run.run_dir}/eval")
             log(
-                "final linear SVM (fit on train; 'val': the split carved from train; 'test': the test split):"
+                f"final linear SVM on {spec} (fit on train; 'val': the split carved from train; 'test': the "
+                "test split). 'clean' is the demanding protocol (standardised features, C by CV on train); "
+                "'crosspoint' is the papers' (raw features, fixed C):"
             )
             log(svm_table(report))
+            for line in gain_lines(report):
+                log(line)
+            tracker.log_metrics(final_metrics(report), 0)
         tracker.log_artifact(ckpt_dir / "config.yaml")
         for png in curves:
             tracker.log_artifact(png, "curves")
@@ -144,10 +161,21 @@ def _curves(history: dict[str, Any], work: Path) -> list[Path]:
             k: [(s["step"], s[k]) for s in steps] for k in ("loss", "loss_point", "loss_image", "loss_cross")
         }
         pngs.append(curves_plot(series, work / "loss.png", title="training losses"))
-    epochs = [e for e in history.get("epochs", []) if e.get("val_svm_acc") == e.get("val_svm_acc")]
-    if epochs:
-        acc = {"val_svm_acc": [(e["epoch"], e["val_svm_acc"]) for e in epochs if "val_svm_acc" in e]}
-        pngs.append(curves_plot(acc, work / "val_svm_acc.png", title="validation linear SVM", xlabel="epoch"))
+    epochs = history.get("epochs", [])
+    base = history.get("baseline", {})
+    for key, name in (
+        ("val_svm_clean", "clean-protocol SVM"),
+        ("val_knn", "kNN"),
+        ("val_svm_crosspoint", "CrossPoint-protocol SVM"),
+    ):
+        points = [(e["epoch"], 100 * e[key]) for e in epochs if e.get(key) == e.get(key) and key in e]
+        if not points:
+            continue
+        series = {"pretrained": points}
+        random = base.get(f"random_{key}")
+        if random is not None:
+            series["random init"] = [(0, 100 * random), (points[-1][0], 100 * random)]
+        pngs.append(curves_plot(series, work / f"{key}.png", title=f"validation {name} (%)", xlabel="epoch"))
     return pngs
 
 

@@ -112,7 +112,8 @@ class CrossMoCo(nn.Module):
             enqueue: write this step's gathered keys into the queues.
         Returns:
             ``loss``, ``loss_point``, ``loss_image``, ``loss_cross`` (with gradient) and detached
-            diagnostics: ``{point,image}_{pos_sim,neg_sim,top1}``.
+            diagnostics (:func:`diagnostics`): ``{point,image}_{pos_sim,neg_sim,top1}``, ``cross_top1``,
+            alignment and uniformity, the spread of the projections and of the point feature.
         """
         views = list(images.unbind(1)) if isinstance(images, torch.Tensor) else list(images)
         if len(views) < 2:
@@ -123,7 +124,8 @@ class CrossMoCo(nn.Module):
         # mean of the key views' unit vectors, not re-normalised (original code)          B×C
         k_image = torch.stack([self._key(self.image_k, v) for v in views[1:]]).mean(dim=0)
 
-        z_point = _at_least_fp32(self.point_q(points1)[0])  # B×C (un-normalised, for NT-Xent)
+        proj_point, feat_point = self.point_q(points1)
+        z_point = _at_least_fp32(proj_point)  # B×C (un-normalised, for NT-Xent)
         z_image = _at_least_fp32(self.image_q(views[0])[0])
         q_point, q_image = F.normalize(z_point, dim=1), F.normalize(z_image, dim=1)
 
@@ -142,12 +144,63 @@ class CrossMoCo(nn.Module):
         out = {"loss": loss, "loss_point": loss_point, "loss_image": loss_image, "loss_cross": loss_cross}
         for name, logits in (("point", logits_point), ("image", logits_image)):
             out.update(_diagnostics(name, logits.detach(), self.temperature))
+        out.update(
+            diagnostics(
+                q_point.detach(), k_point, q_image.detach(), k_image, _at_least_fp32(feat_point.detach())
+            )
+        )
         return out
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Losses in fp32 (or fp64) even when the encoders ran under bf16 autocast."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """Wang & Isola (2020): ``log E exp(−t‖z_i − z_j‖²)`` over pairs of unit vectors (lower: more uniform)."""
+    if z.shape[0] < 2:
+        return torch.zeros((), device=z.device)
+    return torch.pdist(z, p=2).pow(2).mul(-t).exp().mean().log()
+
+
+def unit_spread(x: torch.Tensor) -> torch.Tensor:
+    """Mean per-dimension std of the rows' unit vectors × √dim: about 1 when spread, 0 when collapsed."""
+    u = F.normalize(x, dim=1)
+    return u.std(dim=0).mean() * x.shape[1] ** 0.5 if x.shape[0] > 1 else torch.zeros((), device=x.device)
+
+
+@torch.no_grad()
+def diagnostics(
+    q_point: torch.Tensor,
+    k_point: torch.Tensor,
+    q_image: torch.Tensor,
+    k_image: torch.Tensor,
+    feat_point: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Whether learning is healthy, from one step's (local) batch, all detached:
+
+    - ``*_align``: mean ``‖a − b‖²`` of positive pairs of unit vectors (0: identical; 2: orthogonal),
+      for point query/key, image query/key and point/image (the cross-modal pair);
+    - ``*_uniform``: uniformity of the point and image queries (Wang & Isola 2020);
+    - ``cross_top1``: how often an object's point embedding is nearest to its own image embedding among
+      the batch's images (the cross-modal term's in-batch retrieval accuracy);
+    - ``point_proj_spread`` / ``point_feat_spread``: :func:`unit_spread` of the point projections and of
+      the backbone feature (collapse shows as values near 0).
+    """
+    k_image_unit = F.normalize(k_image, dim=1)
+    cross = q_point @ q_image.t()
+    target = torch.arange(cross.shape[0], device=cross.device)
+    return {
+        "point_align": (q_point - k_point).pow(2).sum(1).mean(),
+        "image_align": (q_image - k_image_unit).pow(2).sum(1).mean(),
+        "cross_align": (q_point - q_image).pow(2).sum(1).mean(),
+        "point_uniform": uniformity(q_point),
+        "image_uniform": uniformity(q_image),
+        "cross_top1": (cross.argmax(dim=1) == target).float().mean(),
+        "point_proj_spread": unit_spread(q_point),
+        "point_feat_spread": unit_spread(feat_point),
+    }
 
 
 def _diagnostics(name: str, logits: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:

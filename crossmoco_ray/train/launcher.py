@@ -21,7 +21,13 @@ from typing import Any
 
 from ..config import Config, ConfigError, config_hash, flatten, to_yaml
 from ..data.augment import ImageAugment, PointAugment
-from ..data.pipeline import PipelineOptions, bound_streaming_memory, make_dataset
+from ..data.pipeline import (
+    PipelineOptions,
+    bound_streaming_memory,
+    expected_distinct_labels,
+    make_dataset,
+    window_rows,
+)
 from ..data.readers import SyntheticSource
 from ..data.render import RenderSpec
 from ..data.shards import PrepareOptions, prepare, read_manifest
@@ -94,8 +100,13 @@ def builtin_dataset(cfg: Config, storage: str, log: Callable[[str], None]) -> st
     return root
 
 
-def pipeline_options(cfg: Config, epoch_offset: int = 0) -> PipelineOptions:
+def pipeline_options(
+    cfg: Config, epoch_offset: int = 0, manifest: dict[str, Any] | None = None
+) -> PipelineOptions:
     d = cfg.data
+    window = (
+        window_rows(d.shuffle_window_mb, manifest, "train") if manifest else PipelineOptions.shuffle_window
+    )
     return PipelineOptions(
         num_points=d.num_points,
         image_size=d.image_size,
@@ -106,7 +117,24 @@ def pipeline_options(cfg: Config, epoch_offset: int = 0) -> PipelineOptions:
         seed=cfg.train.seed if cfg.train.deterministic else None,
         epoch_offset=epoch_offset,
         object_store_mb=d.object_store_mb,
+        shuffle_window=window,
     )
+
+
+def absolute(spec: str | None) -> str | None:
+    """A user's path as an absolute one, resolved here on the driver (Ray Train workers run in their own
+    working directory, so ``data/mn40`` would not be found there); URIs and ``None`` pass through."""
+    if spec is None or "://" in spec or spec == "synthetic":
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def iid_batch_classes(cfg: Config, manifest: dict[str, Any]) -> float:
+    """Distinct labels an i.i.d. worker batch of the train split would hold (what ``batch_classes`` is
+    compared with); 0 for unlabelled data."""
+    per_class = manifest["counts"].get("train", {}).get("per_class", {})
+    counts = [n for name, n in per_class.items() if name != "-1"]
+    return expected_distinct_labels(counts, cfg.per_worker_batch) if counts else 0.0
 
 
 def check_data(cfg: Config, root: str, manifest: dict[str, Any]) -> int:
@@ -135,6 +163,23 @@ def check_data(cfg: Config, root: str, manifest: dict[str, Any]) -> int:
             f"{world} workers; lower train.batch_size or use more data"
         )
     return steps
+
+
+def check_eval_data(spec: str, up_axis: str) -> None:
+    """``eval.data`` must open and hold a labelled train split, before any worker starts."""
+    from ..data.readers import open_source
+    from ..data.shards import MANIFEST, resolve
+
+    fs, root = resolve(spec)
+    if fs.get_file_info(f"{root}/{MANIFEST}").type.name != "NotFound":
+        splits = sorted(read_manifest(spec)["counts"])
+    else:
+        splits = open_source(spec, up_axis=up_axis).splits()  # type: ignore[arg-type]
+    if "train" not in splits:
+        raise ConfigError(
+            f"eval.data={spec} has no train split (has {splits}); the monitor fits on train and scores on "
+            "val (carved from train when there is none)"
+        )
 
 
 def check_resources(
@@ -250,12 +295,19 @@ def resolve_run(
     log: Callable[[str], None] = print,
 ) -> Run:
     """Everything a launch needs that does not need Ray: checked config, data, steps, tracking."""
-    if data is not None:
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": data})})
+    data = absolute(data if data is not None else cfg.data.source)
+    cfg = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(update={"source": data}),
+            "eval": cfg.eval.model_copy(update={"data": absolute(cfg.eval.data)}),
+        }
+    )
     storage = resolve_storage(storage)
     root = cfg.data.source or builtin_dataset(cfg, storage, log)
     manifest = read_manifest(root)
     steps = check_data(cfg, root, manifest)
+    if cfg.eval.data is not None:
+        check_eval_data(cfg.eval.data, cfg.eval.up_axis)
     run = Run(cfg, name or default_name(cfg), storage, root, manifest, steps)
     if cfg.tracking.enabled:
         run.tracking_uri = default_tracking_uri(storage, cfg.tracking.tracking_uri)
@@ -307,22 +359,13 @@ def build_trainer(run: Run, callbacks: list[Any] | None = None) -> Any:
 
     cfg, t = run.cfg, run.cfg.train
     offset = latest_epoch(run.run_dir) if t.deterministic else 0
-    dataset = make_dataset(run.data_root, "train", pipeline_options(cfg, offset))
+    dataset = make_dataset(run.data_root, "train", pipeline_options(cfg, offset, run.manifest))
     options = bound_streaming_memory(dataset.context, cfg.data.object_store_mb)
     options.preserve_order = t.deterministic
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
-    has_val = "val" in run.manifest["counts"]
-    monitor = None
-    if has_val:
-        monitor = {
-            "root": run.data_root,
-            "num_points": min(cfg.eval.num_points, run.manifest["num_points"]),
-            "max_samples": cfg.eval.monitor_samples,
-            "C": cfg.eval.svm_c,
-            "standardize": cfg.eval.monitor_standardize,
-        }
+    monitor = monitor_spec(run)
     loop_config = {
         "config": cfg.model_dump(mode="json"),
         "steps_per_epoch": run.steps_per_epoch,
@@ -331,6 +374,7 @@ def build_trainer(run: Run, callbacks: list[Any] | None = None) -> Any:
         "tracking_uri": run.tracking_uri,
         "mlflow_run_id": run.mlflow_run_id,
         "monitor": monitor,
+        "iid_batch_classes": iid_batch_classes(cfg, run.manifest),
     }
     return TorchTrainer(
         train_loop_per_worker,  # type: ignore[arg-type]
@@ -347,7 +391,7 @@ def build_trainer(run: Run, callbacks: list[Any] | None = None) -> Any:
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=t.keep_checkpoints,
-                checkpoint_score_attribute="val_svm_acc" if has_val else None,
+                checkpoint_score_attribute="val_svm_clean" if monitor else None,
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks or [],
@@ -357,6 +401,25 @@ def build_trainer(run: Run, callbacks: list[Any] | None = None) -> Any:
         datasets={"train": dataset},
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": options}),
     )
+
+
+def monitor_spec(run: Run) -> dict[str, Any] | None:
+    """What the rank-0 monitor reads: ``eval.data`` if set (any labelled source or shards; a 'val' split
+    is carved from its train split when it has none), else the pretraining shards' val split."""
+    cfg = run.cfg
+    e = cfg.eval
+    if e.data is None and "val" not in run.manifest["counts"]:
+        return None
+    return {
+        "root": e.data or run.data_root,
+        "up_axis": e.up_axis,
+        "num_points": e.num_points if e.data else min(e.num_points, run.manifest["num_points"]),
+        "max_samples": e.monitor_samples,
+        "val_fraction": e.val_fraction,
+        "C": e.svm_c,
+        "knn_k": e.knn_k,
+        "crosspoint": e.monitor_crosspoint,
+    }
 
 
 def write_resolved_config(run: Run) -> None:

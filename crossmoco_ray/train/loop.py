@@ -1,9 +1,13 @@
 """The Ray Train worker loop: one process per worker, everything built from the resolved config.
 
-Per epoch: set the learning rate (cosine, optional warm-up), stream this worker's shard of the Ray Data
-pipeline, run :func:`train_step` (momentum from its schedule, bf16 autocast on CUDA when asked, a NaN/Inf
-guard), log every ``train.log_every`` steps (rank 0: a console line and MLflow metrics), then, at the end of
-the epoch, the SVM monitor (rank 0) and a checkpoint that rank 0 writes and every rank reports.
+Before the first epoch, rank 0 measures the monitor on the run's own encoder before any step (the
+random-init baseline, once per run; kept in the history so a resume does not redo it). Per epoch: set the
+learning rate (cosine, optional warm-up), stream this worker's shard of the Ray Data pipeline, run
+:func:`train_step` (momentum from its schedule, bf16 autocast on CUDA when asked, a NaN/Inf guard), log
+every ``train.log_every`` steps (rank 0: a console line and MLflow metrics: each loss against its chance
+level, InfoNCE top-1s, alignment/uniformity, spreads, ``batch_classes``), then, at the end of the epoch,
+the monitor (rank 0: clean SVM, kNN and CrossPoint SVM on validation data, with their gains over random
+init) and a checkpoint that rank 0 writes and every rank reports.
 
 DDP wraps the whole CrossMoCo module but never re-sends buffers after construction: the queues stay
 identical because every worker enqueues the same gathered keys, not because DDP copies them each step.
@@ -11,9 +15,11 @@ identical because every worker enqueues the same gathered keys, not because DDP 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -38,6 +44,20 @@ from .step import prepare_model, train_step
 HISTORY_FILE = "history.json"
 FAULT_MARKER = ".fault_injected"
 LOSS_KEYS = ("loss", "loss_point", "loss_image", "loss_cross")
+MONITOR_KEYS = ("val_svm_clean", "val_knn", "val_svm_crosspoint")  # carried between monitor epochs
+BATCH_MIX_WARNING = 0.6  # warn when batches hold fewer than this share of an i.i.d. batch's classes
+
+
+def chance_levels(queue_length: int, global_batch: int) -> dict[str, float]:
+    """Each loss at chance: InfoNCE over ``1 + K`` candidates, NT-Xent over ``2N − 1`` (N: global batch)."""
+    info_nce = math.log(1 + queue_length)
+    nt_xent = math.log(2 * global_batch - 1)
+    return {
+        "chance_loss_point": info_nce,
+        "chance_loss_image": info_nce,
+        "chance_loss_cross": nt_xent,
+        "chance_loss": 2 * info_nce + nt_xent,
+    }
 
 
 def ddp_kwargs() -> dict[str, bool]:
@@ -94,7 +114,8 @@ def _maybe_inject_fault(cfg: Config, rank: int, world: int, step: int, run_dir: 
 
 
 class EpochMeter:
-    """Loss sums, throughput and time spent waiting for data, for a window and for the epoch."""
+    """Means of every scalar the step returns (losses, top-1s, diagnostics) plus ``batch_classes``,
+    throughput and time spent waiting for data, for a window and for the epoch."""
 
     def __init__(self, global_batch: int) -> None:
         self.global_batch = global_batch
@@ -104,9 +125,10 @@ class EpochMeter:
         self.epoch_wait = self.window_wait = 0.0
         self.epoch_start = self.window_start = time.perf_counter()
 
-    def add(self, out: dict[str, torch.Tensor], wait: float) -> None:
-        for key in (*LOSS_KEYS, "point_top1", "image_top1"):
-            value = float(out[key])
+    def add(self, out: dict[str, torch.Tensor], wait: float, batch_classes: float) -> None:
+        values = {k: float(v) for k, v in out.items() if v.numel() == 1 and k != "nonfinite"}
+        values["batch_classes"] = batch_classes
+        for key, value in values.items():
             self.epoch[key] += value
             self.window[key] += value
         self.epoch_steps += 1
@@ -138,6 +160,23 @@ class EpochMeter:
         return out
 
 
+def _build_monitor(spec: dict[str, Any], device: torch.device) -> Any:
+    from ..evaluate.monitor import Monitor
+
+    monitor = Monitor.from_spec(
+        spec["root"],
+        up_axis=spec.get("up_axis", "y"),
+        num_points=spec["num_points"],
+        max_samples=spec["max_samples"],
+        val_fraction=spec.get("val_fraction", 0.1),
+        C=spec["C"],
+        knn_k=spec.get("knn_k", 20),
+        crosspoint=spec.get("crosspoint", True),
+    )
+    monitor.device = str(device)
+    return monitor
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Entry point of every Ray Train worker (``TorchTrainer(train_loop_per_worker=...)``)."""
     import ray
@@ -156,6 +195,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(t.seed)  # identical initialisation on every worker
     model = build_model(cfg)
+    # The random-init baseline of the monitor: this run's own point encoder before any step.
+    initial_point = copy.deepcopy(model.point_q) if rank == 0 and config.get("monitor") else None
     if cfg.model.sync_bn:
         model.point_q = convert_sync_batchnorm(model.point_q)
         model.image_q = convert_sync_batchnorm(model.image_q)
@@ -164,7 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(t.seed + rank)  # then per-worker randomness
 
     start_epoch, step = 0, 0
-    history: dict[str, list[dict[str, Any]]] = {"steps": [], "epochs": []}
+    history: dict[str, Any] = {"steps": [], "epochs": []}
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
@@ -183,25 +224,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         net = DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs())  # type: ignore[arg-type]
 
     tracker = Tracker(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else Tracker(None)
+    chance = chance_levels(cfg.objective.queue_length, cfg.train.batch_size)
+    iid_classes = float(config.get("iid_batch_classes") or 0.0)
     monitor = None
-    if rank == 0 and config.get("monitor"):
-        from ..evaluate.monitor import SvmMonitor
-
-        m = config["monitor"]
-        monitor = SvmMonitor.from_source(
-            m["root"],
-            num_points=m["num_points"],
-            max_samples=m["max_samples"],
-            C=m["C"],
-            standardize=m.get("standardize", False),
-        )
-        monitor.device = str(device)
+    if initial_point is not None:
+        monitor = _build_monitor(config["monitor"], device)
+        if history.get("baseline"):
+            monitor.baseline = history["baseline"]
+        else:
+            print(f"monitor: {monitor.source}; measuring the random-init baseline ...", flush=True)
+            history["baseline"] = monitor.set_baseline(initial_point)
+            print(_baseline_line(history["baseline"]), flush=True)
+            tracker.log_metrics({**history["baseline"], **chance, "iid_batch_classes": iid_classes}, step)
+        initial_point = None
 
     shard = ray.train.get_dataset_shard("train")
     steps_per_epoch, total_steps = int(config["steps_per_epoch"]), int(config["steps_per_epoch"]) * t.epochs
-    last_val = float("nan")
+    last_monitor: dict[str, float] = {key: float("nan") for key in MONITOR_KEYS}
     for past in history["epochs"]:
-        last_val = past.get("val_svm_acc", last_val)
+        last_monitor.update({k: past[k] for k in last_monitor if k in past})
     node_id = ray.get_runtime_context().get_node_id()
 
     for epoch in range(start_epoch, t.epochs):
@@ -239,21 +280,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 ray.train.report({"epoch": epoch, "step": step, "nonfinite": 1.0, **bad})
                 return {"status": "nonfinite", "epoch": epoch, "step": step, **bad}
             step += 1
-            meter.add(out, wait)
+            meter.add(out, wait, float(len(torch.unique(batch["label"]))) if "label" in batch else math.nan)
             if step % t.log_every == 0:
                 window = meter.take_window()
                 if rank == 0:
                     print(
-                        _progress_line(epoch, t.epochs, step, steps_per_epoch, window, lr, momentum),
+                        _progress_line(epoch, t.epochs, step, steps_per_epoch, window, lr, momentum, chance),
                         flush=True,
                     )
                     tracker.log_metrics({**window, "lr": lr, "momentum": momentum}, step)
                     history["steps"].append({"step": step, "lr": lr, **{k: window[k] for k in LOSS_KEYS}})
 
         summary = meter.epoch_summary()
+        warnings_ = _health_warnings(summary, iid_classes)
         if monitor is not None and ((epoch + 1) % cfg.eval.eval_every == 0 or epoch + 1 == t.epochs):
             summary.update(monitor(unwrap(model).point_q))
-            last_val = summary["val_svm_acc"]
+            last_monitor.update({k: summary[k] for k in last_monitor if k in summary})
+            collapse = monitor.collapse_warning(summary)
+            if collapse:
+                warnings_.append(collapse)
         checksum = unwrap(model).queue.checksum()
         checksums = _gather_floats(checksum, device)
         node_ids = _gather_objects(node_id)
@@ -263,7 +308,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "step": step,
             "lr": lr,
             "momentum": momentum,
-            "val_svm_acc": last_val,
+            **last_monitor,
             "queue_checksum": checksum,
             "queue_checksums": checksums,
             "rank": rank,
@@ -274,9 +319,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         }
         if rank == 0:
             history["epochs"].append({k: v for k, v in metrics.items() if isinstance(v, (int, float, list))})
-            print(_epoch_line(epoch, t.epochs, summary, last_val), flush=True)
+            print(_epoch_line(epoch, t.epochs, summary, iid_classes), flush=True)
+            if any(k in summary for k in MONITOR_KEYS):
+                print(_monitor_line(summary, history.get("baseline", {})), flush=True)
+            for line in warnings_:
+                print(line, flush=True)
+            monitor_values = {k: v for k, v in summary.items() if k.startswith(("val_", "gain_"))}
             tracker.log_metrics(
-                {f"epoch_{k}": v for k, v in summary.items()} | {"val_svm_acc": last_val}, step
+                {f"epoch_{k}": v for k, v in summary.items() if k not in monitor_values}
+                | monitor_values
+                | dict(last_monitor.items()),
+                step,
             )
             tmp = Path(tempfile.mkdtemp(prefix="crossmoco-ckpt-"))
             state = build_state(
@@ -303,21 +356,85 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     return {"status": "finished", "epoch": t.epochs, "step": step}
 
 
+def _health_warnings(summary: dict[str, float], iid_classes: float) -> list[str]:
+    """Warnings a user should see at the end of an epoch: unmixed batches, collapsing projections."""
+    out = []
+    classes = summary.get("batch_classes", math.nan)
+    if iid_classes >= 2 and classes == classes and classes < BATCH_MIX_WARNING * iid_classes:
+        out.append(
+            f"warning: a worker batch held {classes:.1f} classes on average where an i.i.d. batch holds "
+            f"{iid_classes:.1f}: the training data is not class-mixed (BatchNorm then normalises the class "
+            "away and in-batch negatives share it). Re-run `crossmoco prepare` (it writes rows in random "
+            "order) or raise data.shuffle_window_mb."
+        )
+    spread = summary.get("point_proj_spread", math.nan)
+    if spread == spread and spread < 0.1:
+        out.append(
+            f"warning: the point projections are collapsing (unit-vector spread {spread:.3f}, ~1 when "
+            "healthy): lower optim.lr or raise objective.temperature"
+        )
+    return out
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:.1f}%"
+
+
 def _progress_line(
-    epoch: int, epochs: int, step: int, steps_per_epoch: int, w: dict[str, float], lr: float, m: float
+    epoch: int,
+    epochs: int,
+    step: int,
+    steps_per_epoch: int,
+    w: dict[str, float],
+    lr: float,
+    m: float,
+    chance: dict[str, float],
 ) -> str:
     in_epoch = step - epoch * steps_per_epoch
     return (
         f"epoch {epoch + 1}/{epochs} step {in_epoch}/{steps_per_epoch} | loss {w['loss']:.3f} "
-        f"(point {w['loss_point']:.3f} image {w['loss_image']:.3f} cross {w['loss_cross']:.3f}) | "
+        f"(point {w['loss_point']:.3f}/{chance['chance_loss_point']:.2f} "
+        f"image {w['loss_image']:.3f}/{chance['chance_loss_image']:.2f} "
+        f"cross {w['loss_cross']:.3f}/{chance['chance_loss_cross']:.2f} of chance) | "
+        f"top-1 point {100 * w['point_top1']:.0f}% image {100 * w['image_top1']:.0f}% "
+        f"cross {100 * w.get('cross_top1', math.nan):.0f}% | "
+        f"classes/batch {w.get('batch_classes', math.nan):.1f} | "
         f"lr {lr:.2e} m {m:.4f} | {w['samples_per_s']:.1f} samples/s | data wait {100 * w['data_wait']:.0f}%"
     )
 
 
-def _epoch_line(epoch: int, epochs: int, s: dict[str, float], val: float) -> str:
-    val_text = "n/a" if val != val else f"{100 * val:.1f}%"
+def _epoch_line(epoch: int, epochs: int, s: dict[str, float], iid_classes: float) -> str:
+    iid = f" (i.i.d. {iid_classes:.1f})" if iid_classes else ""
     return (
         f"== epoch {epoch + 1}/{epochs} done in {s['epoch_seconds']:.0f}s | loss {s['loss']:.3f} | "
-        f"top-1 point {100 * s['point_top1']:.0f}% image {100 * s['image_top1']:.0f}% | "
-        f"{s['samples_per_s']:.1f} samples/s | data wait {100 * s['data_wait']:.0f}% | val_svm_acc {val_text}"
+        f"top-1 point {100 * s['point_top1']:.0f}% image {100 * s['image_top1']:.0f}% "
+        f"cross {100 * s.get('cross_top1', math.nan):.0f}% | align/uniform point "
+        f"{s.get('point_align', math.nan):.2f}/{s.get('point_uniform', math.nan):.2f} | "
+        f"classes/batch {s.get('batch_classes', math.nan):.1f}{iid} | "
+        f"{s['samples_per_s']:.1f} samples/s | data wait {100 * s['data_wait']:.0f}%"
+    )
+
+
+def _monitor_line(s: dict[str, float], base: dict[str, float]) -> str:
+    parts = []
+    for key, name in (
+        ("val_svm_clean", "clean SVM"),
+        ("val_knn", "kNN"),
+        ("val_svm_crosspoint", "CrossPoint SVM"),
+    ):
+        if key not in s:
+            continue
+        random = base.get(f"random_{key}", math.nan)
+        gain = s[key] - random
+        parts.append(f"{name} {_pct(s[key])} (random init {_pct(random)}, {100 * gain:+.1f})")
+    rank, base_rank = s.get("val_feature_rank", math.nan), base.get("random_val_feature_rank", math.nan)
+    return "   val: " + " | ".join(parts) + f" | feature rank {rank:.0f} (random init {base_rank:.0f})"
+
+
+def _baseline_line(base: dict[str, float]) -> str:
+    return (
+        f"monitor, random init: clean SVM {_pct(base.get('random_val_svm_clean', math.nan))} | "
+        f"kNN {_pct(base.get('random_val_knn', math.nan))} | "
+        f"CrossPoint SVM {_pct(base.get('random_val_svm_crosspoint', math.nan))} "
+        f"({base.get('random_monitor_seconds', math.nan):.0f}s)"
     )

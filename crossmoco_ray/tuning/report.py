@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -16,6 +17,11 @@ from ..tracking import Tracker
 from .space import Space, with_values
 
 BEST_FILE = "best.yaml"
+
+
+def _metric_text(metric: str, value: float) -> str:
+    """Accuracies (and their gains) as percentages, anything else (a loss) as a number."""
+    return f"{100 * value:.2f}%" if "val_" in metric else fmt(value)
 
 
 def fmt(v: Any) -> str:
@@ -39,8 +45,9 @@ def trial_rows(grid: Any, space: Space, cfg: Config) -> list[dict[str, Any]]:
             status = "completed"
         else:
             status = "stopped_early"
-        acc = float(metrics.get("val_svm_acc", float("nan")))
-        rows.append({"trial_id": trial_id, **values, "epochs": epoch, "val_svm_acc": acc, "status": status})
+        value = float(metrics.get(cfg.tune.metric, float("nan")))
+        row = {"trial_id": trial_id, **values, "epochs": epoch, cfg.tune.metric: value, "status": status}
+        rows.append(row)
     return rows
 
 
@@ -64,14 +71,14 @@ def close_child_runs(uri: str | None, parent_id: str | None, rows: list[dict[str
             client.set_terminated(run.info.run_id, status=final)
 
 
-def best_row(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
+def best_row(rows: list[dict[str, Any]], mode: str, metric: str) -> dict[str, Any] | None:
     """The best trial: among those that completed (a stopped trial saw fewer epochs), else among all."""
-    finite = [r for r in rows if r["val_svm_acc"] == r["val_svm_acc"]]
+    finite = [r for r in rows if r[metric] == r[metric]]
     pool = [r for r in finite if r["status"] == "completed"] or finite
     if not pool:
         return None
     pick = max if mode == "max" else min
-    return pick(pool, key=lambda r: r["val_svm_acc"])
+    return pick(pool, key=lambda r: r[metric])
 
 
 def write_outputs(
@@ -88,33 +95,35 @@ def write_outputs(
 
     work = Path(tempfile.mkdtemp(prefix="crossmoco-tune-"))
     out: dict[str, Any] = {}
+    metric = cfg.tune.metric
+    sign = -1.0 if cfg.tune.mode == "max" else 1.0
     try:
         keys = space.keys
-        header = ["trial_id", *keys, "epochs", "val_svm_acc", "status"]
-        ordered = sorted(rows, key=lambda r: -r["val_svm_acc"] if r["val_svm_acc"] == r["val_svm_acc"] else 1)
+        header = ["trial_id", *keys, "epochs", metric, "status"]
+        ordered = sorted(rows, key=lambda r: sign * r[metric] if r[metric] == r[metric] else math.inf)
         with open(work / "trials.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=header)
             writer.writeheader()
             writer.writerows(ordered)
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in ordered:
-            cells = [fmt(r[h]) if h != "val_svm_acc" else f"{100 * r[h]:.2f}%" for h in header]
+            cells = [fmt(r[h]) if h != metric else _metric_text(metric, r[h]) for h in header]
             lines.append("| " + " | ".join(cells) + " |")
         table = "\n".join(lines)
         (work / "trials.md").write_text(f"# search {name}\n\n{table}\n")
-        search_plot(rows, [d for d in space.searched], work / "val_svm_acc_vs_params.png")
-        best = best_row(rows, cfg.tune.mode)
+        search_plot(rows, [d for d in space.searched], work / f"{metric}_vs_params.png", metric)
+        best = best_row(rows, cfg.tune.mode, metric)
         if best is not None:
             values = {k: best[k] for k in keys}
             best_cfg = validate(with_values(cfg.model_dump(mode="json"), values))
             note = (
                 f"# Best configuration of search {name}: trial {best['trial_id']}, {cfg.tune.metric} "
-                f"{100 * best['val_svm_acc']:.2f}% after {best['epochs']} epochs ({best['status']}).\n"
+                f"{_metric_text(metric, best[metric])} after {best['epochs']} epochs ({best['status']}).\n"
                 + "".join(f"#   {k}: {fmt(v)}\n" for k, v in values.items())
                 + "# Run it:  crossmoco pretrain --config best.yaml\n"
             )
             (work / BEST_FILE).write_text(note + to_yaml(best_cfg))
-            parent.log_metrics({f"best_{cfg.tune.metric}": best["val_svm_acc"]}, step=0)
+            parent.log_metrics({f"best_{metric}": best[metric]}, step=0)
             parent.set_tags({"best_trial": best["trial_id"]})
         (work / "trials.json").write_text(json.dumps(rows, indent=1))
         parent.log_artifact(work)

@@ -2,7 +2,8 @@
 
 Train V2 cannot be passed to a ``Tuner``; the working pattern (RAY.md §3.1) is a Tune *function* trainable
 (:func:`trial_driver`) that builds and fits a ``TorchTrainer`` with ``TuneReportCallback``, so each epoch's
-``val_svm_acc`` reaches the scheduler (ASHA over epochs). Each trial's Train run is named after its trial id
+``tune.metric`` (default ``val_svm_clean``, the clean-protocol SVM on validation data) reaches the scheduler
+(ASHA over epochs). Each trial's Train run is named after its trial id
 under ``STORAGE/SEARCH/trials``, so a resumed search also resumes its interrupted trials from their last
 checkpoint.
 
@@ -61,15 +62,17 @@ def concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
 def check_search(cfg: Config, space: Space, manifest: dict[str, Any]) -> None:
     """Everything about a search that can be wrong before a trial starts."""
     check_space(space, cfg)
-    if cfg.tune.metric == "val_svm_acc" and "val" not in manifest["counts"]:
+    monitored = cfg.tune.metric.startswith(("val_", "gain_val_"))
+    if monitored and cfg.eval.data is None and "val" not in manifest["counts"]:
         raise ConfigError(
-            "the search ranks trials by val_svm_acc, which needs a 'val' split in the data: prepare it with "
-            "`crossmoco prepare ... --val-fraction 0.1` (the built-in dataset has one)"
+            f"the search ranks trials by {cfg.tune.metric}, which needs validation data: prepare the data "
+            "with `crossmoco prepare ... --val-fraction 0.1` (the built-in dataset has one) or set eval.data "
+            "to a labelled dataset"
         )
     if cfg.tune.scheduler == "asha":
         if cfg.eval.eval_every != 1:
             raise ConfigError(
-                "ASHA compares trials on val_svm_acc at every epoch, but "
+                f"ASHA compares trials on {cfg.tune.metric} at every epoch, but "
                 f"eval.eval_every={cfg.eval.eval_every}: set eval.eval_every=1 (or --scheduler fifo)"
             )
         if cfg.tune.grace_period >= cfg.train.epochs:
@@ -121,7 +124,7 @@ def trial_driver(config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _progress_callback(epochs: int, log: Callable[[str], None]) -> Any:
+def _progress_callback(epochs: int, metric: str, log: Callable[[str], None]) -> Any:
     from ray import tune
 
     class Progress(tune.Callback):
@@ -130,10 +133,10 @@ def _progress_callback(epochs: int, log: Callable[[str], None]) -> Any:
         def on_trial_result(
             self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any
         ) -> None:
-            acc = result.get("val_svm_acc", float("nan"))
+            value = result.get(metric, float("nan"))
             log(
                 f"  trial {trial.trial_id} epoch {result.get('epoch', '?')}/{epochs}: "
-                f"loss {result.get('loss', float('nan')):.4f}  val_svm_acc {100 * acc:.2f}%"
+                f"loss {result.get('loss', float('nan')):.4f}  {metric} {value:.4f}"
             )
 
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
@@ -266,7 +269,7 @@ def tune_search(
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=storage,
-                callbacks=[_progress_callback(cfg.train.epochs, log)],
+                callbacks=[_progress_callback(cfg.train.epochs, cfg.tune.metric, log)],
                 verbose=0,
             ),
         )

@@ -6,6 +6,7 @@ Each ``fit()`` costs ~20 s on 2 cores, so the tests share runs through module-sc
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,14 @@ def test_mlflow_run_has_params_step_metrics_and_artifacts(two_workers: dict[str,
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert len(losses) >= 5
     assert all(m.step > 0 for m in losses)
-    assert len(client.get_metric_history(run.info.run_id, "val_svm_acc")) >= 3
+    assert len(client.get_metric_history(run.info.run_id, "val_svm_clean")) >= 3
+    assert len(client.get_metric_history(run.info.run_id, "gain_val_knn")) >= 3
+    assert len(client.get_metric_history(run.info.run_id, "random_val_svm_clean")) == 1  # measured once
+    for key in ("batch_classes", "point_align", "point_uniform", "cross_top1", "point_feat_spread"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    assert client.get_metric_history(run.info.run_id, "chance_loss_point")[0].value == pytest.approx(
+        math.log(65)
+    )
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "curves", "export"} <= artifacts
     assert run.info.status == "FINISHED"

@@ -106,14 +106,15 @@ def test_concurrency_is_capped_by_resources() -> None:
 
 def test_best_trial_prefers_completed_trials() -> None:
     rows = [
-        {"trial_id": "a", "val_svm_acc": 0.9, "status": "stopped_early"},
-        {"trial_id": "b", "val_svm_acc": 0.8, "status": "completed"},
-        {"trial_id": "c", "val_svm_acc": float("nan"), "status": "error"},
-        {"trial_id": "d", "val_svm_acc": 0.7, "status": "completed"},
+        {"trial_id": "a", "val_svm_clean": 0.9, "status": "stopped_early"},
+        {"trial_id": "b", "val_svm_clean": 0.8, "status": "completed"},
+        {"trial_id": "c", "val_svm_clean": float("nan"), "status": "error"},
+        {"trial_id": "d", "val_svm_clean": 0.7, "status": "completed"},
     ]
-    assert best_row(rows, "max")["trial_id"] == "b"  # type: ignore[index]
-    assert best_row(rows[:1], "max")["trial_id"] == "a"  # type: ignore[index]
-    assert best_row(rows[2:3], "max") is None
+    assert best_row(rows, "max", "val_svm_clean")["trial_id"] == "b"  # type: ignore[index]
+    assert best_row(rows, "min", "val_svm_clean")["trial_id"] == "d"  # type: ignore[index]
+    assert best_row(rows[:1], "max", "val_svm_clean")["trial_id"] == "a"  # type: ignore[index]
+    assert best_row(rows[2:3], "max", "val_svm_clean") is None
 
 
 def test_with_values_sets_dotted_keys_without_touching_the_base() -> None:

@@ -1,0 +1,66 @@
+"""Every project exception reaches the user with its message when it is raised inside a Ray worker.
+
+Ray pickles an exception raised in a task or a Train worker to send it to the driver; an exception whose
+``__init__`` takes more than the message must survive that, or the user sees an unpickling ``TypeError``
+instead of the file and problem it names.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from crossmoco_ray.config import ConfigError
+from crossmoco_ray.data.types import DataError
+
+EXCEPTIONS = [
+    DataError("/data/mn40/train.h5", "no 'label' dataset; all 9 rows skipped", 4, rows=9),
+    DataError("obj-7", "view 1 does not decode"),
+    ConfigError("train.batch_size=20 does not split evenly over train.num_workers=3; use ..."),
+]
+
+
+def _project_exceptions() -> set[type[BaseException]]:
+    import crossmoco_ray.config
+    import crossmoco_ray.data.types
+
+    found = set()
+    for module in (crossmoco_ray.config, crossmoco_ray.data.types):
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and issubclass(value, BaseException)
+                and value.__module__ == module.__name__
+            ):
+                found.add(value)
+    return found
+
+
+def test_every_project_exception_is_covered() -> None:
+    assert _project_exceptions() == {type(e) for e in EXCEPTIONS}
+
+
+@pytest.mark.parametrize("err", EXCEPTIONS, ids=lambda e: type(e).__name__)
+def test_pickle_round_trip_keeps_message_and_fields(err: Exception) -> None:
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is type(err)
+    assert str(back) == str(err)
+    assert vars(back) == vars(err)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("err", EXCEPTIONS, ids=lambda e: type(e).__name__)
+def test_raised_inside_a_ray_task_the_driver_sees_the_message(err: Exception, ray_session: None) -> None:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def fail() -> None:
+        raise err
+
+    with pytest.raises(type(err)) as caught:
+        ray.get(fail.remote())
+    assert str(err) in str(caught.value)
+    if isinstance(err, DataError):
+        assert caught.value.source == err.source  # type: ignore[attr-defined]
+        assert caught.value.rows == err.rows  # type: ignore[attr-defined]

@@ -1,0 +1,71 @@
+"""What the launcher resolves on the driver before any worker starts: paths, the monitor, the batch mix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from crossmoco_ray.config import ConfigError, load_config
+from crossmoco_ray.data.readers import SyntheticSource
+from crossmoco_ray.data.render import RenderSpec
+from crossmoco_ray.data.shards import PrepareOptions, prepare
+from crossmoco_ray.train.launcher import iid_batch_classes, monitor_spec, pipeline_options, resolve_run
+from tests.data import fixtures
+
+TINY = ["data.num_points=32", "eval.num_points=32", "tracking.enabled=false"]
+
+
+@pytest.fixture
+def shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    prepare(
+        SyntheticSource({"train": 60, "test": 13}, num_points=32),
+        "data/shards",
+        PrepareOptions(val_fraction=0.2, render=RenderSpec(size=16)),
+    )
+    return tmp_path / "data" / "shards"
+
+
+def test_relative_paths_are_resolved_on_the_driver(shards: Path) -> None:
+    """`crossmoco pretrain --data data/mn40`: Ray Train workers run in their own working directory, so
+    everything they are sent must be absolute."""
+    fixtures.modelnet_h5(Path("eval_h5"), n_train=12, n_test=6)
+    cfg = load_config("quickstart", overrides=[*TINY, "eval.data=eval_h5"])
+    run = resolve_run(cfg, data="data/shards", storage="runs", log=lambda m: None)
+    assert run.data_root == str(shards)
+    assert run.cfg.data.source == str(shards)
+    assert run.cfg.eval.data == str(shards.parent.parent / "eval_h5")
+    assert run.storage == str(shards.parent.parent / "runs")
+    spec = monitor_spec(run)
+    assert spec is not None
+    assert spec["root"] == run.cfg.eval.data
+    assert Path(spec["root"]).is_absolute()
+    # the same from a config file's data.source
+    from_cfg = resolve_run(
+        load_config("quickstart", overrides=[*TINY, "data.source=data/shards"]), storage="runs", log=print
+    )
+    assert from_cfg.data_root == str(shards)
+    assert monitor_spec(from_cfg)["root"] == str(shards)  # type: ignore[index]
+
+
+def test_eval_data_that_is_missing_or_has_no_train_split_fails_before_start(shards: Path) -> None:
+    from crossmoco_ray.data.types import DataError
+
+    with pytest.raises(DataError, match="nowhere"):
+        resolve_run(load_config("quickstart", overrides=[*TINY, "eval.data=nowhere"]), data="data/shards")
+    h5 = fixtures.modelnet_h5(Path("only_test"), n_train=4, n_test=4)
+    (h5 / "train.h5").unlink()
+    with pytest.raises(ConfigError, match="has no train split"):
+        resolve_run(load_config("quickstart", overrides=[*TINY, f"eval.data={h5}"]), data="data/shards")
+
+
+def test_window_and_iid_class_count_come_from_the_manifest(shards: Path) -> None:
+    run = resolve_run(load_config("quickstart", overrides=TINY), data="data/shards", storage="runs")
+    opts = pipeline_options(run.cfg, manifest=run.manifest)
+    per_row = sum(f["bytes"] for f in run.manifest["files"] if f["split"] == "train") / sum(
+        f["rows"] for f in run.manifest["files"] if f["split"] == "train"
+    )
+    assert opts.shuffle_window == int(256 * 1024**2 / per_row)
+    iid = iid_batch_classes(run.cfg, run.manifest)
+    assert 1.0 < iid <= min(13, run.cfg.per_worker_batch)
