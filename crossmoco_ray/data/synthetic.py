@@ -1,11 +1,14 @@
-"""The built-in synthetic dataset: procedural shapes, so pretraining runs with nothing downloaded.
+"""The built-in synthetic dataset: procedural objects, so pretraining runs with nothing downloaded.
 
-Each sample is one random member of one of :data:`SHAPE_CLASSES` (sampled by :mod:`.shapes`), centred and
-scaled to a maximum radius of 1, mildly deformed (anisotropic scale, taper, twist and bend about the up
-axis), noised, rotated by a random angle about the up axis and finally expressed with the requested up
-axis. Classes differ by 3D shape only: every cloud has the same point count and unit size, and the random
-proportions within a class overlap the neighbouring classes' (a squat cylinder next to a thick ring, a long
-capsule next to a cylinder), so a classifier must look at the geometry.
+Each sample is one random member of one of :data:`SHAPE_CLASSES`, everyday objects made of parts (sampled by
+:mod:`.objects`: tables, chairs, stools, benches, beds, lamps, bottles, mugs, airplanes, cars, ...), centred
+and scaled to a maximum radius of 1, mildly deformed (anisotropic scale, taper, twist and bend about the up
+axis), then seen as a scanner would see it: often partial (a random side cut away, as a single scan
+misses the far side), slightly tilted, noisy, with a few outliers; finally rotated by a random angle about
+the up axis and expressed with the requested up axis. Classes differ by the arrangement of their parts,
+members vary a lot within a class, and the nuisances are large, so features that merely describe the
+raw geometry do not separate the classes well: the set tests what a representation has learned (an
+untrained encoder's standardised features do much worse here than on primitives).
 
 Sample ``i`` of ``(seed, split)`` is drawn from its own generator, so any sample can be rebuilt alone and a
 set of ``count`` samples is a prefix of any larger one.
@@ -19,12 +22,12 @@ from typing import Literal
 
 import numpy as np
 
-from crossmoco_ray.data.shapes import SHAPE_SAMPLERS
+from crossmoco_ray.data.objects import OBJECT_SAMPLERS
 from crossmoco_ray.data.types import Sample
 
 UpAxis = Literal["x", "y", "z"]
 
-SHAPE_CLASSES: tuple[str, ...] = tuple(SHAPE_SAMPLERS)
+SHAPE_CLASSES: tuple[str, ...] = tuple(OBJECT_SAMPLERS)
 """The class names; a sample's label is its class's position here."""
 
 # Canonical (y-up) coordinates → coordinates with the given up axis, as proper rotations (det = +1) so
@@ -41,7 +44,11 @@ _ANISO = (0.85, 1.15)  # per-axis scale
 _TAPER = 0.25  # relative change of the horizontal scale per unit height
 _TWIST = 0.6  # radians of twist about the up axis per unit height
 _BEND = 0.15  # horizontal offset at unit height from the centre
-_NOISE = (0.005, 0.01)  # Gaussian noise σ, in units of the (unit) object radius
+_NOISE = (0.005, 0.02)  # Gaussian noise σ, in units of the (unit) object radius
+_PARTIAL = 0.6  # probability that a sample is a partial scan
+_KEEP = (0.55, 0.9)  # the share of the object a partial scan keeps
+_TILT = np.deg2rad(12.0)  # the largest tilt away from upright
+_OUTLIERS = 0.02  # the largest share of points replaced by outliers in the bounding box
 
 
 def class_names() -> list[str]:
@@ -93,11 +100,37 @@ def _normalise(points: np.ndarray) -> np.ndarray:
     return p / max(radius, 1e-12)
 
 
+def _partial(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What one scan sees: the points on the near side of a random plane (``_KEEP`` of the object)."""
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    depth = points @ direction
+    return points[depth <= np.quantile(depth, rng.uniform(*_KEEP))]
+
+
+def _unit_ball(k: int, rng: np.random.Generator) -> np.ndarray:
+    """``[k, 3]`` points uniform in the unit ball (outliers of a scan)."""
+    v = rng.normal(size=(k, 3))
+    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    return v * rng.random((k, 1)) ** (1 / 3)
+
+
+def _tilt(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rotate by up to ``_TILT`` about a random horizontal axis (objects are rarely perfectly upright)."""
+    a = rng.uniform(0.0, 2.0 * np.pi)
+    axis = np.array([np.cos(a), 0.0, np.sin(a)])
+    angle = rng.uniform(-_TILT, _TILT)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rot = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)  # Rodrigues
+    return points @ rot.T
+
+
 def sample_shape(name: str, num_points: int, rng: np.random.Generator) -> np.ndarray:
-    """Points on the surface of a random member of class ``name``, canonical frame (y up).
+    """Points as a scanner sees a random member of class ``name``, canonical frame (y up).
 
     Random proportions within the class, uniform by area, centred and scaled to a maximum radius of 1,
-    then a mild random deformation and Gaussian noise (σ 0.005–0.01).
+    a mild random deformation, then (with probability ``_PARTIAL``) a partial scan that keeps one side,
+    re-normalised, a small random tilt, Gaussian noise (σ 0.005–0.02) and up to 2% outliers.
 
     Args:
         name: one of :data:`SHAPE_CLASSES`.
@@ -107,13 +140,21 @@ def sample_shape(name: str, num_points: int, rng: np.random.Generator) -> np.nda
     Returns:
         ``[N, 3]`` float32.
     """
-    sampler = SHAPE_SAMPLERS.get(name)
+    sampler = OBJECT_SAMPLERS.get(name)
     if sampler is None:
         raise ValueError(f"unknown shape class {name!r}; the classes are: {', '.join(SHAPE_CLASSES)}")
     if num_points < 1:
         raise ValueError(f"num_points must be at least 1, got {num_points}")
-    points = _deform(_normalise(sampler(num_points, rng)), rng)
+    partial = rng.random() < _PARTIAL
+    drawn = int(np.ceil(num_points / _KEEP[0])) + 1 if partial else num_points
+    points = _deform(_normalise(sampler(drawn, rng)), rng)
+    if partial:
+        points = _partial(points, rng)
+        points = _normalise(points[rng.permutation(len(points))[:num_points]])
+    points = _tilt(points, rng)
     points += rng.normal(scale=rng.uniform(*_NOISE), size=points.shape)
+    outliers = rng.random(num_points) < rng.uniform(0.0, _OUTLIERS)
+    points[outliers] = _unit_ball(int(outliers.sum()), rng)
     return points.astype(np.float32)
 
 
