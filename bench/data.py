@@ -6,7 +6,8 @@
 1. Prepares the built-in synthetic set once (cached under --work): --objects for throughput,
    --memory-objects for the memory runs.
 2. Throughput, in one run, median of --repeats epochs each: samples/s per CPU of
-   - Ray Data (`make_dataset`: read_parquet → map_batches(make_batch)) on --cpus CPUs;
+   - Ray Data (`make_dataset`: per-epoch random windows of row groups → map_batches(make_batch)) on
+     --cpus CPUs, the window sized as `crossmoco pretrain` sizes it (data.shuffle_window_mb, --window-mb);
    - a torch DataLoader over single rows (per-sample transforms, as CrossPoint's loader), --cpus workers;
    - a torch DataLoader over row groups with the same batched `make_batch`, --cpus workers.
 3. Memory of one streaming epoch over 1× and 10× the data (10× = every shard listed ten times): the peak
@@ -38,7 +39,13 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info  # noqa: E402
 
-from crossmoco_ray.data.pipeline import PipelineOptions, make_batch, make_dataset, split_files  # noqa: E402
+from crossmoco_ray.data.pipeline import (  # noqa: E402
+    PipelineOptions,
+    make_batch,
+    make_dataset,
+    split_files,
+    window_rows,
+)
 from crossmoco_ray.data.readers import SyntheticSource  # noqa: E402
 from crossmoco_ray.data.shards import PrepareOptions, prepare, read_manifest  # noqa: E402
 
@@ -178,6 +185,7 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2, help="Ray CPUs and DataLoader workers")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--window-mb", type=float, default=256.0, help="data.shuffle_window_mb (default 256)")
     args = parser.parse_args()
 
     import ray
@@ -189,7 +197,11 @@ def main() -> None:
         return out
 
     shards, memory_shards = synthetic(args.objects), synthetic(args.memory_objects)
-    opts = PipelineOptions(num_points=args.num_points, image_size=args.image_size, read_batch=64)
+    window = window_rows(args.window_mb, read_manifest(str(memory_shards)), "train")
+    opts = PipelineOptions(
+        num_points=args.num_points, image_size=args.image_size, read_batch=64, shuffle_window=window
+    )
+    print(f"shuffle window: {window} rows ({args.window_mb:g} MiB)", file=sys.stderr)
     _, paths, _ = split_files(str(shards), "train", opts)
     torch.set_num_threads(1)
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False)

@@ -1,0 +1,55 @@
+"""The table of the A/B runs of bench/ab_modelnet40.sh: per run and epoch, the monitor's validation numbers
+(clean-protocol SVM, kNN, CrossPoint-protocol SVM) against the random-init encoder measured at its start.
+
+    python bench/ab_table.py bench/out/ab
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+
+def last_history(run: Path) -> dict | None:
+    ckpts = sorted(run.glob("epoch_*/history.json"))
+    return json.loads(ckpts[-1].read_text()) if ckpts else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args()
+    print(
+        "| run | epoch | clean SVM (random init, gain) | kNN (random init, gain) | CrossPoint SVM | "
+        "top-1 point / image | samples/s | wall |"
+    )
+    print("|---|---:|---|---|---:|---|---:|---:|")
+    for run in sorted(p for p in args.out.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        history = last_history(run)
+        if history is None:
+            continue
+        base = history.get("baseline", {})
+        log = args.out / f"{run.name}.log"
+        wall = ""
+        if log.is_file():
+            m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", log.read_text())
+            wall = m.group(1) if m else ""
+        for e in history["epochs"]:
+            cells = []
+            for key in ("val_svm_clean", "val_knn"):
+                r = base.get(f"random_{key}", float("nan"))
+                cells.append(f"{100 * e[key]:.2f} ({100 * r:.2f}, {100 * (e[key] - r):+.2f})")
+            crosspoint = 100 * e.get("val_svm_crosspoint", float("nan"))
+            print(
+                f"| {run.name} | {e['epoch']} | {cells[0]} | {cells[1]} | {crosspoint:.2f} | "
+                f"{100 * e['point_top1']:.0f}% / {100 * e['image_top1']:.0f}% | {e['samples_per_s']:.1f} | "
+                f"{wall if e is history['epochs'][-1] else ''} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
