@@ -18,10 +18,11 @@ T crossmoco pretrain --preset modelnet40-cpu --data "$OUT/shards" --storage "$OU
   2>&1 | tee "$OUT/pretrain.log"
 CKPT="$(ls -d "$OUT"/runs/mn40-cpu/epoch_* | sort | tail -1)"
 
-# 3. Linear SVM (CrossPoint and clean protocols) and few-shot: pretrained vs random init (seed 0), all 1024 points.
+# 3. Linear SVM (CrossPoint and clean protocols) and few-shot: pretrained vs random init (seed 0, the same
+#    architecture), all 1024 points.
 [[ -f "$OUT/svm/report.json" ]] || T crossmoco eval svm --data "$SRC" --up-axis z --checkpoint "$CKPT" --out "$OUT/svm"
 [[ -f "$OUT/fewshot/report.json" ]] || \
-  T crossmoco eval fewshot --data "$SRC" --up-axis z --checkpoint "$CKPT" --no-baseline --episodes 10 --out "$OUT/fewshot"
+  T crossmoco eval fewshot --data "$SRC" --up-axis z --checkpoint "$CKPT" --episodes 10 --out "$OUT/fewshot"
 
 # 4. The spread of the random-init baseline over seeds (seed 0 is in step 3).
 for s in 1 2; do

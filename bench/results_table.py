@@ -3,7 +3,8 @@
     python bench/results_table.py bench/out/mn40 [--figures docs/figures]
 
 Prints markdown: linear SVM (CrossPoint and clean protocols) and few-shot, random-init (mean ± spread over
-seeds) vs pretrained; copies the t-SNE plots and draws the loss / val_svm_acc curves of the run.
+seeds) vs pretrained, with the gains; copies the t-SNE plots and draws the loss curves and the monitor's
+curves (pretrained vs random init, per epoch) of the run.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ def main() -> None:
         r = svm["results"]["pretrained"]
         row = [pct(r[p][k]) for p in ("crosspoint", "clean") for k in ("overall_acc", "mean_class_acc")]
         print("| **CrossMoCo pretrained (modelnet40-cpu)** | " + " | ".join(f"**{c}**" for c in row) + " |")
+        if randoms:
+            gains = []
+            for proto in ("crosspoint", "clean"):
+                for key in ("overall_acc", "mean_class_acc"):
+                    mean = statistics.mean(100 * x[proto][key] for x in randoms)
+                    gains.append(f"{100 * r[proto][key] - mean:+.2f}")
+            print("| gain over the random-init mean | " + " | ".join(gains) + " |")
 
     few = load(out / "fewshot" / "report.json")
     if few:
@@ -80,6 +88,16 @@ def main() -> None:
             for proto, res in protos.items():
                 cells = [f"{res[s]['mean']:.1f} ± {res[s]['std']:.1f}" for s in SETTINGS]
                 print(f"| {enc} | {proto} | " + " | ".join(cells) + " |")
+        res = few["results"]
+        if "pretrained" in res and "random-init" in res:
+            for proto in res["pretrained"]:
+                wins = sum(
+                    res["pretrained"][proto][s]["mean"] > res["random-init"][proto][s]["mean"]
+                    for s in SETTINGS
+                )
+                print(
+                    f"\n{proto} protocol: pretrained above random init in {wins} of {len(SETTINGS)} settings"
+                )
 
     args.figures.mkdir(parents=True, exist_ok=True)
     for png in sorted((out / "svm").glob("tsne_*.png")):
@@ -94,9 +112,19 @@ def main() -> None:
             k: [(s["step"], s[k]) for s in steps] for k in ("loss", "loss_point", "loss_image", "loss_cross")
         }
         curves_plot(series, args.figures / "mn40_loss.png", title="modelnet40-cpu: training losses")
-        acc = [(e["epoch"], 100 * e["val_svm_acc"]) for e in history.get("epochs", []) if "val_svm_acc" in e]
-        curves_plot({"val_svm_acc (%)": acc}, args.figures / "mn40_val_svm_acc.png",
-                    title="modelnet40-cpu: validation linear SVM (monitor)", xlabel="epoch")  # fmt: skip
+        base = history.get("baseline", {})
+        for key, name in (("val_svm_clean", "clean-protocol SVM"), ("val_knn", "kNN (k=20)")):
+            acc = [(e["epoch"], 100 * e[key]) for e in history.get("epochs", []) if e.get(key) == e.get(key)]
+            if not acc:
+                continue
+            series = {"pretrained": [(0, 100 * base[f"random_{key}"]), *acc]} if base else {"pretrained": acc}
+            if base:
+                series["random init"] = [
+                    (0, 100 * base[f"random_{key}"]),
+                    (acc[-1][0], 100 * base[f"random_{key}"]),
+                ]
+            curves_plot(series, args.figures / f"mn40_{key}.png", xlabel="epoch",
+                        title=f"modelnet40-cpu: validation {name}, % (monitor)")  # fmt: skip
 
 
 if __name__ == "__main__":
