@@ -66,10 +66,8 @@ def frustum(
     def sample(k: int) -> np.ndarray:
         # uniform by area: the radius at height t grows linearly, so draw t with density ∝ r(t)
         u = rng.random(k)
-        if abs(r1 - r0) < 1e-9:
-            t = u
-        else:
-            t = (np.sqrt(r0**2 + u * (r1**2 - r0**2)) - r0) / (r1 - r0)
+        cone = abs(r1 - r0) >= 1e-9
+        t = (np.sqrt(r0**2 + u * (r1**2 - r0**2)) - r0) / (r1 - r0) if cone else u
         radius = r0 + (r1 - r0) * t
         a = rng.uniform(0.0, TAU, k)
         pts = np.stack([radius * np.cos(a), h * (t - 0.5), radius * np.sin(a)], axis=1)
@@ -86,7 +84,9 @@ def ellipsoid(rng: np.random.Generator, centre: tuple[float, float, float], radi
     return area, lambda k: unit_sphere(k, rng) * np.asarray(radii) + np.asarray(centre)
 
 
-def torus(rng: np.random.Generator, centre: tuple[float, float, float], R: float, r: float, axis: str) -> Part:
+def torus(
+    rng: np.random.Generator, centre: tuple[float, float, float], R: float, r: float, axis: str
+) -> Part:
     """A torus (ring radius ``R``, tube radius ``r``) about ``axis``, uniform by area (rejection)."""
 
     def sample(k: int) -> np.ndarray:
@@ -158,7 +158,7 @@ def stool(n: int, rng: np.random.Generator) -> np.ndarray:
         top = np.array([np.cos(a), 0.0, np.sin(a)]) * r * 0.7
         foot = top * splay
         mid = (top + foot) / 2 + np.array([0.0, seat_y / 2, 0.0])
-        parts += cylinder(rng, tuple(mid), t, seat_y)  # type: ignore[arg-type]
+        parts += cylinder(rng, (float(mid[0]), float(mid[1]), float(mid[2])), t, seat_y)
     return mix_parts(parts, n, rng)
 
 
@@ -169,7 +169,8 @@ def bench(n: int, rng: np.random.Generator) -> np.ndarray:
     parts = [box(rng, (0, seat_y, 0), (hx, thick, hz))]
     if rng.random() < 0.5:
         for sx in (-1, 1):
-            parts.append(box(rng, (sx * (hx - 0.1), (seat_y - thick) / 2, 0), (0.03, (seat_y - thick) / 2, hz)))
+            leg = (seat_y - thick) / 2
+            parts.append(box(rng, (sx * (hx - 0.1), leg, 0), (0.03, leg, hz)))
     else:
         parts += _legs(rng, hx, hz, seat_y - thick, seat_y - thick, True)
     if rng.random() < 0.4:

@@ -48,10 +48,11 @@ MONITOR_KEYS = ("val_svm_clean", "val_knn", "val_svm_crosspoint")  # carried bet
 BATCH_MIX_WARNING = 0.6  # warn when batches hold fewer than this share of an i.i.d. batch's classes
 
 
-def chance_levels(queue_length: int, global_batch: int) -> dict[str, float]:
-    """Each loss at chance: InfoNCE over ``1 + K`` candidates, NT-Xent over ``2N − 1`` (N: global batch)."""
+def chance_levels(queue_length: int, cross_batch: int) -> dict[str, float]:
+    """Each loss at chance: InfoNCE over ``1 + K`` candidates, NT-Xent over ``2N − 1`` (N: the objects
+    whose embeddings are the cross-modal candidates)."""
     info_nce = math.log(1 + queue_length)
-    nt_xent = math.log(2 * global_batch - 1)
+    nt_xent = math.log(2 * cross_batch - 1)
     return {
         "chance_loss_point": info_nce,
         "chance_loss_image": info_nce,
@@ -224,7 +225,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         net = DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs())  # type: ignore[arg-type]
 
     tracker = Tracker(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else Tracker(None)
-    chance = chance_levels(cfg.objective.queue_length, cfg.train.batch_size)
+    # the cross-modal negatives come from all workers (global) or this worker's batch (local)
+    cross_batch = cfg.train.batch_size if cfg.objective.cross_negatives == "global" else cfg.per_worker_batch
+    chance = chance_levels(cfg.objective.queue_length, cross_batch)
     iid_classes = float(config.get("iid_batch_classes") or 0.0)
     monitor = None
     if initial_point is not None:
