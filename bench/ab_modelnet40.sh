@@ -27,6 +27,7 @@ overrides() {
     pts1024-k20) echo "data.num_points=1024 model.k=20" ;;
     norot)       echo "data.point_augment.rotate=false" ;;          # ModelNet40 is aligned: no spin about up
     lr2)         echo "optim.lr=0.002" ;;
+    lr05)        echo "optim.lr=0.0005" ;;
     t02)         echo "objective.temperature=0.2 objective.cross_temperature=0.2" ;;
     weak)        echo "data.point_augment.translate=0.1 data.point_augment.scale_low=0.8 data.point_augment.scale_high=1.25 data.point_augment.dropout_max=0.5" ;;
     m999)        echo "objective.momentum=0.999" ;;

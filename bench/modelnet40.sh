@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce docs/results.md: CrossMoCo pretraining on real ModelNet40 on CPU (the modelnet40-cpu preset), then
 # the papers' evaluations of the pretrained encoder and of random-init encoders of the same architecture.
-#   bash bench/modelnet40.sh [MODELNET40_DIR]      (default ../shared/data/modelnet40_1024; ~2 h on 2 cores)
+#   bash bench/modelnet40.sh [MODELNET40_DIR]      (default ../shared/data/modelnet40_1024; about 2.5 h on 2 cores)
 # Everything goes to bench/out/mn40/. Steps that already produced their output are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ T() { /usr/bin/time -v "$@"; }
 # 1. Shards: train (with a validation split carved from it, seed 0) and test; 6 depth views per object.
 [[ -f "$OUT/shards/manifest.json" ]] || T crossmoco prepare "$SRC" --out "$OUT/shards" --up-axis z --val-fraction 0.1
 
-# 2. Pretraining on the train split only (about an hour on 2 cores); relaunching resumes.
+# 2. Pretraining on the train split only (about 70 minutes on 2 cores); relaunching resumes.
 T crossmoco pretrain --preset modelnet40-cpu --data "$OUT/shards" --storage "$OUT/runs" --name mn40-cpu \
   2>&1 | tee "$OUT/pretrain.log"
 CKPT="$(ls -d "$OUT"/runs/mn40-cpu/epoch_* | sort | tail -1)"
