@@ -218,7 +218,8 @@ def tune_search(
         cfg.tracking.experiment, name, params, tags, resume_id=(previous or {}).get("parent_run_id")
     )
     state = {
-        "base": cfg.model_dump(mode="json"),
+        # paths made absolute on this driver: a trial runs in its own working directory
+        "base": base_run.cfg.model_dump(mode="json"),
         "space": {d.key: _raw(d) for d in space.dims},
         "space_name": space.name,
         "preset": preset,

@@ -20,6 +20,7 @@ from crossmoco_ray.pretrain import EXIT_OK, pretrain
 from crossmoco_ray.train.loop import HISTORY_FILE
 from crossmoco_ray.tuning import parse_space
 from crossmoco_ray.tuning.search import tune_search
+from tests.data import fixtures
 from tests.train.test_pretrain_ray import TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -44,12 +45,20 @@ SPACE = {
 @pytest.fixture(scope="module")
 def search(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     storage = tmp_path_factory.mktemp("tune")
-    cfg = load_config("quickstart", overrides=SEARCH)
-    lines: list[str] = []
-    code, summary = tune_search(
-        cfg, parse_space(SPACE, "test", name="test"), name="s", storage=str(storage), trials=1,
-        log=lines.append,
-    )  # fmt: skip
+    # the monitor reads another labelled dataset, named relative to the driver's working directory (trials
+    # run in their own directories: the path must be made absolute before it reaches them)
+    fixtures.modelnet_h5(storage / "eval_h5", n_train=40, n_test=8, classes=4)
+    cwd = os.getcwd()
+    os.chdir(storage)
+    try:
+        cfg = load_config("quickstart", overrides=[*SEARCH, "eval.data=eval_h5"])
+        lines: list[str] = []
+        code, summary = tune_search(
+            cfg, parse_space(SPACE, "test", name="test"), name="s", storage=str(storage), trials=1,
+            log=lines.append,
+        )  # fmt: skip
+    finally:
+        os.chdir(cwd)
     return {"code": code, "summary": summary, "storage": storage, "log": "\n".join(lines)}
 
 
@@ -74,6 +83,9 @@ def test_search_runs_two_trials_and_asha_stops_the_worse(search: dict[str, Any])
     assert bad["status"] == "stopped_early", search["log"]
     assert bad["epochs"] == 1
     assert good["loss"] < bad["loss"]
+    # every trial's monitor read eval.data, found through the absolute path stored in the search's state
+    state = json.loads((search["storage"] / "s" / "crossmoco_search.json").read_text())
+    assert state["base"]["eval"]["data"] == str((search["storage"] / "eval_h5").resolve())
 
 
 def test_mlflow_holds_a_parent_and_a_child_per_trial(search: dict[str, Any]) -> None:
