@@ -66,8 +66,9 @@ SOURCE is a directory, an .h5 file or glob, or 'synthetic'; --format auto detect
 h5, CrossPoint's ShapeNetRender layout (ShapeNet/ + ShapeNetRendering/) and folders of point files.
 Sources without images get multi-view renders of their points. Rows are written in a seeded random order
 per split (real datasets are stored class by class); the shuffle streams through temporary buckets beside
-the output, so memory stays bounded and the disk briefly holds a second copy. Bad inputs are named (file
-and index); --skip-bad skips them and writes skipped.json. Re-running the same command is a no-op.
+the output (in the local temp directory for s3:// or gs://), so memory stays bounded and the disk briefly
+holds a second copy. Bad inputs are named (file and index); --skip-bad skips them and writes skipped.json.
+Re-running the same command is a no-op.
 """
 
 

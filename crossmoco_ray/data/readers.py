@@ -24,8 +24,8 @@ import h5py
 import numpy as np
 
 from .ply import read_ply
+from .synthetic import GENERATOR_VERSION, synthetic_samples
 from .synthetic import class_names as synthetic_class_names
-from .synthetic import synthetic_samples
 from .types import DataError, Sample
 
 UpAxis = Literal["x", "y", "z"]
@@ -404,6 +404,7 @@ class SyntheticSource(Source):
     def identity(self) -> dict[str, Any]:
         return {
             "format": self.format,
+            "generator": GENERATOR_VERSION,
             "counts": self.counts,
             "num_points": self.num_points,
             "seed": self.seed,

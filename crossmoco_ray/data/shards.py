@@ -14,7 +14,9 @@ order would feed the training pipeline single-class windows. The shuffle streams
 bounded memory (an external bucket shuffle): pass 1 reads, validates and renders every object once and
 appends it to one of ``B`` temporary bucket files chosen at random; pass 2 loads one bucket at a time,
 permutes it and writes it out. A uniform bucket choice plus a uniform permutation inside each bucket is a
-uniform permutation of the split; memory holds one bucket (``bucket_rows`` objects), disk one extra copy.
+uniform permutation of the split. Memory holds about ``bucket_rows`` objects in either pass (up to
+``max_buckets × bucket_rows`` objects per split; beyond that, and for sources that cannot count their
+objects (64 buckets), a bucket holds ``1/B`` of the split); the disk holds one extra copy while it runs.
 
 Files are ``<split>-<nnnnn>.parquet`` with row groups of ``row_group_rows``. The manifest records the
 schema version, counts per split and class, class names, point count, views per object, the render
@@ -82,6 +84,8 @@ class PrepareOptions:
             "rows_per_shard",
             "row_group_rows",
             "shuffle",
+            "bucket_rows",
+            "max_buckets",
         )
         return {**{k: getattr(self, k) for k in keep}, "render": asdict(self.render)}
 
@@ -133,7 +137,9 @@ def check_label(sample: Sample, class_names: list[str] | None, hint: str = "") -
     if sample.label is None:
         return -1
     label = sample.label
-    if isinstance(label, (float, np.floating)) and label != round(float(label)):
+    if isinstance(label, (float, np.floating)) and not (
+        math.isfinite(float(label)) and label == round(float(label))
+    ):
         raise DataError(sample.source, f"label {label!r} is not an integer class index", sample.index)
     label = int(label)
     if label < 0:
@@ -325,7 +331,8 @@ def prepare(
 class _Buckets:
     """Pass 1 of the shuffle: rows of one output split appended to ``n`` local Arrow files at random.
 
-    Rows are buffered per bucket and written in small record batches, so pass 1 holds ``n × flush`` rows.
+    Rows are buffered per bucket and written in small record batches of ``flush`` rows, sized so that
+    pass 1 holds at most ``max(bucket_rows, n)`` rows in all.
     """
 
     SCHEMA = pa.schema(
@@ -337,8 +344,9 @@ class _Buckets:
         ]
     )
 
-    def __init__(self, folder: str, split: str, n: int, seed: int, flush: int = 16) -> None:
-        self.folder, self.split, self.n, self.flush = folder, split, n, flush
+    def __init__(self, folder: str, split: str, n: int, seed: int, bucket_rows: int = 1024) -> None:
+        self.folder, self.split, self.n = folder, split, n
+        self.flush = max(1, min(16, bucket_rows // n))
         self.rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 0xB0C])
         self.seed = seed
         self.buffers: list[list[tuple[str, int, bytes, list[bytes]]]] = [[] for _ in range(n)]
@@ -428,7 +436,9 @@ def _write(
     def sink(out_split: str, expected: int | None) -> _ShardWriter | _Buckets:
         if opts.shuffle:
             if out_split not in buckets:
-                buckets[out_split] = _Buckets(scratch, out_split, _bucket_count(expected, opts), opts.seed)
+                buckets[out_split] = _Buckets(
+                    scratch, out_split, _bucket_count(expected, opts), opts.seed, opts.bucket_rows
+                )
             return buckets[out_split]
         if out_split not in writers:
             assert num_points is not None

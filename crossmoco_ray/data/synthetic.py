@@ -40,6 +40,7 @@ _UP_ROTATIONS: dict[str, np.ndarray] = {
 }
 
 # Within-class deformation ranges (all mild, so a deformed box is still a box).
+GENERATOR_VERSION = 2  # bump when the samples change (shards prepared by an older generator are not reused)
 _ANISO = (0.85, 1.15)  # per-axis scale
 _TAPER = 0.25  # relative change of the horizontal scale per unit height
 _TWIST = 0.6  # radians of twist about the up axis per unit height

@@ -9,7 +9,6 @@ MLflow artifacts and a summary that says where everything is.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from ..data.pipeline import (
 )
 from ..data.readers import SyntheticSource
 from ..data.render import RenderSpec
-from ..data.shards import PrepareOptions, prepare, read_manifest
+from ..data.shards import PrepareOptions, fingerprint, prepare, read_manifest
 from ..tracking import Tracker, default_tracking_uri
 from .loop import train_loop_per_worker
 
@@ -90,9 +89,9 @@ def builtin_dataset(cfg: Config, storage: str, log: Callable[[str], None]) -> st
     )
     opts = PrepareOptions(val_fraction=d.val_fraction, seed=0, render=spec)
     source = SyntheticSource({"train": d.synthetic_train, "test": d.synthetic_test}, points, seed=0)
-    # Cached by everything that shapes the prepared files, so a changed option never reuses stale shards.
-    key = json.dumps([d.synthetic_train, d.synthetic_test, points, d.val_fraction, d.render.model_dump()])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    # Cached by prepare's fingerprint (the generator's version, sizes, every prepare option), so a changed
+    # option or a newer generator never meets shards it would have to overwrite.
+    digest = fingerprint(source, opts)[:8]
     sizes = f"{d.synthetic_train}-{d.synthetic_test}-{points}-{spec.size}"
     root = f"{storage}/_builtin/synthetic-{sizes}-{digest}"
     log(f"built-in dataset: {root}")
@@ -419,6 +418,7 @@ def monitor_spec(run: Run) -> dict[str, Any] | None:
         "C": e.svm_c,
         "knn_k": e.knn_k,
         "crosspoint": e.monitor_crosspoint,
+        "normalize": cfg.data.point_augment.normalize,
     }
 
 

@@ -344,8 +344,9 @@ def h5_with_labels(folder: Path, labels: list[float], dtype: str = "int64") -> P
         (-1, "int64", r"\[index 4\]: label -1 is negative.*-1 marks unlabelled"),
         (99, "int64", r"\[index 4\]: label 99 outside 0\.\.3; without .*shape_names\.txt the class count"),
         (2.5, "float32", r"\[index 4\]: label 2\.5 is not an integer"),
+        (float("nan"), "float32", r"\[index 4\]: label nan is not an integer"),
     ],
-    ids=["negative", "minus-one", "stray-99", "float"],
+    ids=["negative", "minus-one", "stray-99", "float", "nan"],
 )
 def test_labels_without_shape_names_are_checked(tmp_path: Path, bad: float, dtype: str, message: str) -> None:
     labels = [0, 1, 2, 0, bad, 1, 2, 0]
@@ -365,3 +366,29 @@ def test_integral_float_labels_are_accepted(tmp_path: Path) -> None:
     root = h5_with_labels(tmp_path / "h5", [0.0, 1.0, 2.0, 1.0], "float32")
     manifest = prepare(H5Source(root), str(tmp_path / "out"), opts())
     assert manifest["counts"]["train"]["per_class"] == {"0": 1, "1": 2, "2": 1}
+
+
+def test_the_first_shuffle_pass_holds_about_bucket_rows_objects(tmp_path: Path) -> None:
+    """Pass 1 buffers rows per bucket; with many buckets the buffers together stay near ``bucket_rows``."""
+    from crossmoco_ray.data.shards import _Buckets
+
+    buckets = _Buckets(str(tmp_path), "train", n=64, seed=0, bucket_rows=128)
+    points = np.zeros((8, 3), np.float32)
+    most = 0
+    for i in range(2000):
+        buckets.add(f"id{i}", i % 7, points, [])
+        most = max(most, sum(len(b) for b in buckets.buffers))
+    assert most <= 128
+    assert buckets.rows == 2000
+
+
+def test_the_built_in_sets_fingerprint_follows_its_generator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards of an older synthetic generator are never taken for the current one."""
+    from crossmoco_ray.data import readers
+    from crossmoco_ray.data.shards import fingerprint
+
+    src = SyntheticSource({"train": 10, "test": 4}, 64, seed=0)
+    before = fingerprint(src, opts())
+    monkeypatch.setattr(readers, "GENERATOR_VERSION", readers.GENERATOR_VERSION + 1)
+    assert fingerprint(src, opts()) != before
+    assert fingerprint(src, opts(bucket_rows=7)) != fingerprint(src, opts())
