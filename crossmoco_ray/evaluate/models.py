@@ -44,6 +44,8 @@ class LoadedEncoder:
     kwargs: dict[str, Any]
     source: str  # "checkpoint", "backbone", "crosspoint", "random-init"
     info: dict[str, Any] = field(default_factory=dict)  # epoch, config hash, run id … when known
+    # centre + unit sphere before the encoder, as its training did (data.point_augment.normalize)
+    normalize: bool = True
 
 
 def _torch_load(path: Path) -> Any:
@@ -109,7 +111,8 @@ def load_point_encoder(path: str | Path, k: int = 15, edgeconv: str = "fast") ->
             "config_hash": config_hash(cfg),
             "mlflow_run_id": obj.get("mlflow_run_id"),
         }
-        return LoadedEncoder(encoder.eval(), spec["name"], spec["kwargs"], "checkpoint", info)
+        normalize = cfg.data.point_augment.normalize
+        return LoadedEncoder(encoder.eval(), spec["name"], spec["kwargs"], "checkpoint", info, normalize)
 
     if isinstance(obj, dict) and obj.get("format") == BACKBONE_FORMAT:
         meta = (
@@ -119,7 +122,8 @@ def load_point_encoder(path: str | Path, k: int = 15, edgeconv: str = "fast") ->
         if "edgeconv" in kwargs:
             kwargs["edgeconv"] = edgeconv
         encoder = _load_into(name, kwargs, obj["point_encoder"], str(path))
-        return LoadedEncoder(encoder.eval(), name, kwargs, "backbone", meta)
+        normalize = bool(obj.get("normalize", True))
+        return LoadedEncoder(encoder.eval(), name, kwargs, "backbone", meta, normalize)
 
     # Foreign (CrossPoint / CrossMoCo) formats
     if isinstance(obj, (list, tuple)):
@@ -155,6 +159,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, with_image: bool = 
         "architecture": spec["name"],
         "kwargs": spec["kwargs"],
         "point_encoder": backbone,
+        "normalize": cfg.data.point_augment.normalize,  # how its inputs were prepared in training
     }
     if with_image:
         payload["image_encoder"] = {
@@ -174,6 +179,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, with_image: bool = 
         "architecture": spec["name"],
         "kwargs": spec["kwargs"],
         "feature_dim": feature_dim,
+        "normalize": cfg.data.point_augment.normalize,
         "image_encoder": cfg.model.image_encoder if with_image else None,
         "config_hash": config_hash(cfg),
         "source_checkpoint": str(Path(checkpoint).resolve()),

@@ -70,6 +70,7 @@ class Monitor:
     C: float = 0.1
     knn_k: int = 20
     crosspoint: bool = True
+    normalize: bool = True  # clouds centred and scaled as training prepared them
     batch_size: int = 32
     device: str = "auto"
     baseline: dict[str, float] = field(default_factory=dict)
@@ -87,6 +88,7 @@ class Monitor:
         C: float = 0.1,
         knn_k: int = 20,
         crosspoint: bool = True,
+        normalize: bool = True,
     ) -> Monitor:
         """Load the monitor's data: ``train`` and ``val`` of ``spec``, or ``val`` carved from ``train``."""
         train = load_split(spec, "train", up_axis=up_axis, num_points=num_points)  # type: ignore[arg-type]
@@ -97,14 +99,19 @@ class Monitor:
             train, val = carve(train, val_fraction, seed)
             source = f"{spec}: train minus {val_fraction:.0%} → that {val_fraction:.0%} (carved, seed {seed})"
         return cls(
-            train.subset(max_samples, seed), val.subset(max_samples, seed), source, C, knn_k, crosspoint
-        )
+            train.subset(max_samples, seed), val.subset(max_samples, seed), source, C, knn_k, crosspoint,
+            normalize,
+        )  # fmt: skip
 
     def measure(self, encoder: nn.Module, prefix: str = "") -> dict[str, float]:
         """Every monitor number of ``encoder`` (keys prefixed with ``prefix``)."""
         t0 = time.perf_counter()
-        f_train = extract_features(encoder, self.train.points, self.batch_size, self.device, progress=False)
-        f_val = extract_features(encoder, self.val.points, self.batch_size, self.device, progress=False)
+        f_train, f_val = (
+            extract_features(
+                encoder, s.points, self.batch_size, self.device, progress=False, normalize=self.normalize
+            )
+            for s in (self.train, self.val)
+        )
         y_train, y_val = self.train.labels, self.val.labels
         out = {
             "val_svm_clean": clean_svm(f_train, y_train, f_val, y_val, cv_samples=len(y_train)).overall_acc,

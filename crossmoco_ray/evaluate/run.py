@@ -40,8 +40,10 @@ def encoders(
     if checkpoint:
         loaded = load_point_encoder(checkpoint, k=k)
         out.append(("pretrained", loaded))
-        if baseline:
-            out.append(("random-init", random_encoder(loaded.name, seed, **loaded.kwargs)))
+        if baseline:  # the same architecture, fed the same way
+            random = random_encoder(loaded.name, seed, **loaded.kwargs)
+            random.normalize = loaded.normalize
+            out.append(("random-init", random))
     else:
         out.append(("random-init", random_encoder("dgcnn", seed, k=k, emb_dims=emb_dims)))
     return out
@@ -51,7 +53,14 @@ def _features(
     enc: LoadedEncoder, splits: Sequence[EvalSplit], batch_size: int, device: str, label: str
 ) -> list[np.ndarray]:
     return [
-        extract_features(enc.encoder, s.points, batch_size, device, what=f"features {label} {s.name}")
+        extract_features(
+            enc.encoder,
+            s.points,
+            batch_size,
+            device,
+            what=f"features {label} {s.name}",
+            normalize=enc.normalize,
+        )
         for s in splits
     ]
 

@@ -74,3 +74,23 @@ def test_mismatched_checkpoint_lists_the_keys(
     torch.save({"not": "a model"}, tmp_path / "junk.pth")
     with pytest.raises(ValueError, match="not a state dict"):
         load_point_encoder(tmp_path / "junk.pth")
+
+
+def test_an_encoder_trained_on_raw_clouds_is_evaluated_on_raw_clouds(tmp_path: Path) -> None:
+    """``data.point_augment.normalize=false`` travels with the checkpoint and the export, and the random-init
+    baseline of ``eval`` is fed the same way; by default clouds are normalised."""
+    from crossmoco_ray.config import load_config
+    from crossmoco_ray.evaluate.run import encoders
+    from crossmoco_ray.train.builders import build_model, build_optimizer
+    from crossmoco_ray.train.checkpoint import build_state, write_checkpoint
+
+    from .conftest import TINY
+
+    cfg = load_config("quickstart", overrides=[*TINY, "data.point_augment.normalize=false"])
+    model = build_model(cfg)
+    state = build_state(model, build_optimizer(cfg, model), cfg, epoch=1, step=1, lr=1e-3)
+    path = write_checkpoint(tmp_path / "ckpt", state, cfg)
+    assert load_point_encoder(path).normalize is False
+    assert load_point_encoder(export_backbone(path, tmp_path / "export")).normalize is False
+    assert [enc.normalize for _, enc in encoders(str(path), baseline=True)] == [False, False]
+    assert all(enc.normalize for _, enc in encoders(None, baseline=True, k=4, emb_dims=16))
