@@ -39,6 +39,8 @@ def main() -> None:
             m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", log.read_text())
             wall = m.group(1) if m else ""
         for e in history["epochs"]:
+            if "monitor_seconds" not in e:  # the monitor did not run in this epoch
+                continue
             cells = []
             for key in ("val_svm_clean", "val_knn"):
                 r = base.get(f"random_{key}", float("nan"))

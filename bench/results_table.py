@@ -114,7 +114,8 @@ def main() -> None:
         curves_plot(series, args.figures / "mn40_loss.png", title="modelnet40-cpu: training losses")
         base = history.get("baseline", {})
         for key, name in (("val_svm_clean", "clean-protocol SVM"), ("val_knn", "kNN (k=20)")):
-            acc = [(e["epoch"], 100 * e[key]) for e in history.get("epochs", []) if e.get(key) == e.get(key)]
+            measured = [e for e in history.get("epochs", []) if "monitor_seconds" in e]  # not carried values
+            acc = [(e["epoch"], 100 * e[key]) for e in measured if e.get(key) == e.get(key)]
             if not acc:
                 continue
             series = {"pretrained": [(0, 100 * base[f"random_{key}"]), *acc]} if base else {"pretrained": acc}

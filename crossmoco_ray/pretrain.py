@@ -168,7 +168,8 @@ def _curves(history: dict[str, Any], work: Path) -> list[Path]:
         ("val_knn", "kNN"),
         ("val_svm_crosspoint", "CrossPoint-protocol SVM"),
     ):
-        points = [(e["epoch"], 100 * e[key]) for e in epochs if e.get(key) == e.get(key) and key in e]
+        measured = [e for e in epochs if "monitor_seconds" in e and key in e and e[key] == e[key]]
+        points = [(e["epoch"], 100 * e[key]) for e in measured]
         if not points:
             continue
         series = {"pretrained": points}

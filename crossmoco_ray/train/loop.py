@@ -44,20 +44,27 @@ from .step import prepare_model, train_step
 HISTORY_FILE = "history.json"
 FAULT_MARKER = ".fault_injected"
 LOSS_KEYS = ("loss", "loss_point", "loss_image", "loss_cross")
-MONITOR_KEYS = ("val_svm_clean", "val_knn", "val_svm_crosspoint")  # carried between monitor epochs
+# the monitor's numbers; Ray Train's reports carry the last measured ones through epochs without a monitor
+# (so Tune always sees its metric), MLflow and the history hold only the epochs that measured them
+MONITOR_KEYS = tuple(
+    f"{prefix}{key}" for prefix in ("", "gain_") for key in ("val_svm_clean", "val_knn", "val_svm_crosspoint")
+)
 BATCH_MIX_WARNING = 0.6  # warn when batches hold fewer than this share of an i.i.d. batch's classes
 
 
-def chance_levels(queue_length: int, cross_batch: int) -> dict[str, float]:
+def chance_levels(
+    queue_length: int, cross_batch: int, weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+) -> dict[str, float]:
     """Each loss at chance: InfoNCE over ``1 + K`` candidates, NT-Xent over ``2N − 1`` (N: the objects
-    whose embeddings are the cross-modal candidates)."""
+    whose embeddings are the cross-modal candidates); the total with the objective's weights."""
     info_nce = math.log(1 + queue_length)
     nt_xent = math.log(2 * cross_batch - 1)
+    w_point, w_image, w_cross = weights
     return {
         "chance_loss_point": info_nce,
         "chance_loss_image": info_nce,
         "chance_loss_cross": nt_xent,
-        "chance_loss": 2 * info_nce + nt_xent,
+        "chance_loss": (w_point + w_image) * info_nce + w_cross * nt_xent,
     }
 
 
@@ -173,6 +180,7 @@ def _build_monitor(spec: dict[str, Any], device: torch.device) -> Any:
         C=spec["C"],
         knn_k=spec.get("knn_k", 20),
         crosspoint=spec.get("crosspoint", True),
+        normalize=spec.get("normalize", True),
     )
     monitor.device = str(device)
     return monitor
@@ -227,16 +235,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     tracker = Tracker(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else Tracker(None)
     # the cross-modal negatives come from all workers (global) or this worker's batch (local)
     cross_batch = cfg.train.batch_size if cfg.objective.cross_negatives == "global" else cfg.per_worker_batch
-    chance = chance_levels(cfg.objective.queue_length, cross_batch)
+    o = cfg.objective
+    chance = chance_levels(o.queue_length, cross_batch, (o.weight_point, o.weight_image, o.weight_cross))
     iid_classes = float(config.get("iid_batch_classes") or 0.0)
     monitor = None
     if initial_point is not None:
         monitor = _build_monitor(config["monitor"], device)
-        if history.get("baseline"):
+        if history.get("baseline") and history.get("baseline_spec") == config["monitor"]:
             monitor.baseline = history["baseline"]
-        else:
+        else:  # a new run, or a resume whose monitor reads other data: the same random init, measured anew
             print(f"monitor: {monitor.source}; measuring the random-init baseline ...", flush=True)
             history["baseline"] = monitor.set_baseline(initial_point)
+            history["baseline_spec"] = config["monitor"]
             print(_baseline_line(history["baseline"]), flush=True)
             tracker.log_metrics({**history["baseline"], **chance, "iid_batch_classes": iid_classes}, step)
         initial_point = None
@@ -321,7 +331,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "attempt_start_step": attempt_start_step,
         }
         if rank == 0:
-            history["epochs"].append({k: v for k, v in metrics.items() if isinstance(v, (int, float, list))})
+            history["epochs"].append(
+                {
+                    k: v
+                    for k, v in metrics.items()
+                    if isinstance(v, (int, float, list)) and (k not in MONITOR_KEYS or k in summary)
+                }
+            )
             print(_epoch_line(epoch, t.epochs, summary, iid_classes), flush=True)
             if any(k in summary for k in MONITOR_KEYS):
                 print(_monitor_line(summary, history.get("baseline", {})), flush=True)
@@ -329,9 +345,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 print(line, flush=True)
             monitor_values = {k: v for k, v in summary.items() if k.startswith(("val_", "gain_"))}
             tracker.log_metrics(
-                {f"epoch_{k}": v for k, v in summary.items() if k not in monitor_values}
-                | monitor_values
-                | dict(last_monitor.items()),
+                {f"epoch_{k}": v for k, v in summary.items() if k not in monitor_values} | monitor_values,
                 step,
             )
             tmp = Path(tempfile.mkdtemp(prefix="crossmoco-ckpt-"))

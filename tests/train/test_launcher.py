@@ -69,3 +69,17 @@ def test_window_and_iid_class_count_come_from_the_manifest(shards: Path) -> None
     assert opts.shuffle_window == int(256 * 1024**2 / per_row)
     iid = iid_batch_classes(run.cfg, run.manifest)
     assert 1.0 < iid <= min(13, run.cfg.per_worker_batch)
+
+
+def test_chance_levels_follow_the_objective_weights() -> None:
+    """Each InfoNCE at chance is ln(1 + K), NT-Xent ln(2N − 1); the total weighs them as the loss does."""
+    import math
+
+    from crossmoco_ray.train.loop import chance_levels
+
+    plain = chance_levels(2048, 32)
+    assert plain["chance_loss_point"] == pytest.approx(math.log(2049))
+    assert plain["chance_loss_cross"] == pytest.approx(math.log(63))
+    assert plain["chance_loss"] == pytest.approx(2 * math.log(2049) + math.log(63))
+    weighted = chance_levels(2048, 32, (100.0, 1.0, 0.5))
+    assert weighted["chance_loss"] == pytest.approx(101 * math.log(2049) + 0.5 * math.log(63))
