@@ -99,14 +99,16 @@ def _order_seed(opts: PipelineOptions) -> int:
 
 
 def epoch_windows(groups: list[RowGroup], opts: PipelineOptions, epoch: int) -> list[list[RowGroup]]:
-    """This epoch's read windows: the row groups in a random order, cut into windows of about
-    ``shuffle_window`` rows. The same for every caller with the same ``(seed, epoch)``."""
+    """This epoch's read windows: the row groups in a random order, cut into windows of at most about
+    ``shuffle_window`` rows, balanced (no short last window whose rows could only mix among themselves).
+    The same for every caller with the same ``(seed, epoch)``."""
     if not groups:
         return []
     per_group = sum(g.rows for g in groups) / len(groups)
     size = max(1, round(opts.shuffle_window / max(per_group, 1.0)))
     order = np.random.default_rng([_order_seed(opts), epoch, 0x5EED]).permutation(len(groups))
-    return [[groups[i] for i in order[s : s + size]] for s in range(0, len(groups), size)]
+    windows = np.array_split(order, math.ceil(len(groups) / size))
+    return [[groups[i] for i in window] for window in windows]
 
 
 def window_rows(window_mb: float, manifest: dict[str, Any], split: str) -> int:

@@ -14,6 +14,8 @@ import pytest
 from crossmoco_ray.data.augment import ImageAugment, PointAugment
 from crossmoco_ray.data.pipeline import (
     PipelineOptions,
+    RowGroup,
+    epoch_windows,
     expected_distinct_labels,
     iter_local_batches,
     make_batch,
@@ -200,6 +202,19 @@ def test_local_pipeline_mixes_class_sorted_shards(class_sorted: tuple[str, list[
     assert not all(np.array_equal(a, b) for a, b in zip(epochs[0], epochs[1], strict=True))  # new each epoch
     in_order = [b["label"] for b in iter_local_batches(root, "train", opts, 16, shuffle=False)]
     assert distinct_ratio(in_order, counts) < 0.3  # what the old pipeline fed the workers
+
+
+def test_read_windows_are_balanced_and_cover_every_row_group_once() -> None:
+    """33 row groups of 256 rows, windows of at most 8 groups: 5 windows of 6–7 groups (not 8, 8, 8, 8 and a
+    lone group whose rows could only mix among themselves)."""
+    groups = [RowGroup(g // 4, g % 4, 256) for g in range(33)]
+    opts = PipelineOptions(shuffle_window=8 * 256, seed=1)
+    windows = epoch_windows(groups, opts, epoch=0)
+    sizes = sorted(len(w) for w in windows)
+    assert sizes == [6, 6, 7, 7, 7]
+    assert sorted((g.file, g.index) for w in windows for g in w) == [(g.file, g.index) for g in groups]
+    assert epoch_windows(groups, opts, epoch=0) == windows
+    assert epoch_windows(groups, opts, epoch=1) != windows
 
 
 def test_expected_distinct_labels() -> None:
