@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from crossmoco_ray.data.shards import PrepareOptions, prepare
 from crossmoco_ray.pretrain import EXIT_FAILED, EXIT_OK, pretrain
 from crossmoco_ray.train.checkpoint import read_checkpoint
 from crossmoco_ray.train.loop import HISTORY_FILE
+from tests.data import fixtures
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -120,8 +122,15 @@ def test_mlflow_run_has_params_step_metrics_and_artifacts(two_workers: dict[str,
 
 
 def test_exact_resume_equals_a_straight_run(ray_session: None, tmp_path: Path) -> None:
-    """2 epochs straight vs 1 epoch, interrupted, then relaunched: identical weights and queues."""
-    base = ["train.epochs=2", "train.num_workers=1", "train.batch_size=4", "train.deterministic=true"]
+    """2 epochs straight vs 1 epoch, interrupted, then relaunched: identical weights and queues. The monitor
+    reads another labelled dataset (``eval.data``, an h5 source without a val split, given as a path relative
+    to the driver's working directory), and its random-init baseline is measured once per run, not again
+    after the restart."""
+    h5 = fixtures.modelnet_h5(tmp_path / "eval_h5", n_train=40, n_test=8, classes=4)
+    base = [
+        "train.epochs=2", "train.num_workers=1", "train.batch_size=4", "train.deterministic=true",
+        f"eval.data={os.path.relpath(h5)}",
+    ]  # fmt: skip
     straight = tiny(*base)
     code, a = pretrain(straight, name="straight", storage=str(tmp_path), log=lambda m: None)
     assert code == EXIT_OK
@@ -139,6 +148,15 @@ def test_exact_resume_equals_a_straight_run(ray_session: None, tmp_path: Path) -
     for key, value in sa["model"].items():
         assert torch.equal(value, sb["model"][key]), key
     assert sa["queue_checksum"] == sb["queue_checksum"]
+    # the monitor ran on eval.data and measured its baseline once, before the interruption
+    history = json.loads((checkpoints(tmp_path / "resumed")[-1] / HISTORY_FILE).read_text())
+    assert 0.0 <= history["baseline"]["random_val_svm_clean"] <= 1.0
+    assert all(0.0 <= e["val_svm_clean"] <= 1.0 for e in history["epochs"])
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(client.get_metric_history(second["mlflow_run_id"], "random_val_svm_clean")) == 1
+    assert len(client.get_metric_history(second["mlflow_run_id"], "val_svm_clean")) == 2
 
 
 def test_invalid_config_fails_before_any_worker_starts(tmp_path: Path) -> None:
