@@ -4,7 +4,8 @@
 # clean-protocol SVM and kNN on the validation split against a random-init encoder of the same architecture.
 #   bash bench/ab_modelnet40.sh VARIANT [VARIANT ...]     (default shards: bench/out/mn40/shards)
 #   python bench/ab_table.py bench/out/ab                 (the table of every run so far)
-# Variants are named override sets (below); a run that already finished is skipped.
+# Variants are named override sets (below) on the preset as it was during the A/B, with CrossPoint's spin about
+# the up axis (ROT); `norot` is the preset as it is now. A run that already finished is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARDS="${SHARDS:-bench/out/mn40/shards}"
@@ -15,7 +16,7 @@ mkdir -p "$OUT"
 
 overrides() {
   case "$1" in
-    base)        echo "" ;;                                         # the preset as it was (512 points)
+    base)        echo "" ;;                                         # the preset during the A/B (512 points)
     pts1024)     echo "data.num_points=1024" ;;                     # train on what is evaluated
     pts1024-lr2) echo "data.num_points=1024 optim.lr=0.002" ;;
     pts1024-t02) echo "data.num_points=1024 objective.temperature=0.2 objective.cross_temperature=0.2" ;;
@@ -25,7 +26,7 @@ overrides() {
     pts1024-weak) echo "data.num_points=1024 data.point_augment.translate=0.1 data.point_augment.scale_low=0.8 data.point_augment.scale_high=1.25 data.point_augment.dropout_max=0.5" ;;
     pts1024-strong) echo "data.num_points=1024 data.point_augment.dropout_max=0.875 data.point_augment.jitter_std=0.02" ;;
     pts1024-k20) echo "data.num_points=1024 model.k=20" ;;
-    norot)       echo "data.point_augment.rotate=false" ;;          # ModelNet40 is aligned: no spin about up
+    norot)       echo "" ;;                                         # ModelNet40 is aligned: no spin about up
     lr2)         echo "optim.lr=0.002" ;;
     lr05)        echo "optim.lr=0.0005" ;;
     t02)         echo "objective.temperature=0.2 objective.cross_temperature=0.2" ;;
@@ -37,6 +38,7 @@ overrides() {
 
 for variant in "$@"; do
   extra="$(overrides "$variant")"
+  [[ "$variant" == norot ]] || extra="data.point_augment.rotate=true $extra"
   if compgen -G "$OUT/$variant/epoch_*/history.json" > /dev/null && [[ -f "$OUT/$variant.done" ]]; then
     echo "== $variant: done already"; continue
   fi
