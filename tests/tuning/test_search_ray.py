@@ -109,7 +109,8 @@ def test_mlflow_holds_a_parent_and_a_child_per_trial(search: dict[str, Any]) -> 
     assert {"trials.md", "trials.csv", "best.yaml", "loss_vs_params.png"} <= artifacts
 
 
-def test_best_preset_loads_and_runs(search: dict[str, Any]) -> None:
+def test_best_preset_loads_and_runs(search: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(search["storage"])  # best.yaml keeps the user's relative eval.data
     best = Path(search["summary"]["best_config"])
     assert best.is_file()
     assert search["summary"]["best"]["objective.weight_point"] == 1.0
