@@ -11,10 +11,9 @@ Shard schema (one row per object)::
 Rows are written in a seeded random order per split, whatever the source's order: real datasets are stored
 class by class (ModelNet40's h5, ShapeNetRender by synset, every class-folder source), and shards in that
 order would feed the training pipeline single-class windows. The shuffle streams in two passes with
-bounded memory (an external bucket shuffle): pass 1 reads, validates and renders every object once and
-appends it to one of ``B`` temporary bucket files chosen at random; pass 2 loads one bucket at a time,
-permutes it and writes it out. A uniform bucket choice plus a uniform permutation inside each bucket is a
-uniform permutation of the split. Memory holds about ``bucket_rows`` objects in either pass (up to
+bounded memory (an external bucket shuffle, :mod:`.shuffle`): pass 1 reads, validates and renders every
+object once and appends it to a random temporary bucket; pass 2 permutes one bucket at a time into the
+shards. Memory holds about ``bucket_rows`` objects in either pass (up to
 ``max_buckets × bucket_rows`` objects per split; beyond that, and for sources that cannot count their
 objects (64 buckets), a bucket holds ``1/B`` of the split); the disk holds one extra copy while it runs.
 
@@ -49,6 +48,7 @@ from .. import __version__
 from .progress import Progress
 from .readers import Source
 from .render import RenderSpec, contact_sheet, decode_png, encode_png, render_views
+from .shuffle import Buckets, bucket_count
 from .types import DataError, Sample
 
 SCHEMA_VERSION = 1
@@ -328,96 +328,13 @@ def prepare(
     return manifest
 
 
-class _Buckets:
-    """Pass 1 of the shuffle: rows of one output split appended to ``n`` local Arrow files at random.
-
-    Rows are buffered per bucket and written in small record batches of ``flush`` rows, sized so that
-    pass 1 holds at most ``max(bucket_rows, n)`` rows in all.
-    """
-
-    SCHEMA = pa.schema(
-        [
-            ("id", pa.string()),
-            ("label", pa.int32()),
-            ("points", pa.binary()),  # float32 [N, 3], raw bytes
-            ("views", pa.list_(pa.binary())),
-        ]
-    )
-
-    def __init__(self, folder: str, split: str, n: int, seed: int, bucket_rows: int = 1024) -> None:
-        self.folder, self.split, self.n = folder, split, n
-        self.flush = max(1, min(16, bucket_rows // n))
-        self.rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 0xB0C])
-        self.seed = seed
-        self.buffers: list[list[tuple[str, int, bytes, list[bytes]]]] = [[] for _ in range(n)]
-        self.writers: list[Any] = [None] * n
-        self.rows = 0
-
-    def path(self, b: int) -> str:
-        return f"{self.folder}/{self.split}-{b:04d}.arrow"
-
-    def add(self, sid: str, label: int, points: np.ndarray, views: list[bytes]) -> None:
-        b = int(self.rng.integers(self.n))
-        self.buffers[b].append((sid, label, np.ascontiguousarray(points, np.float32).tobytes(), views))
-        self.rows += 1
-        if len(self.buffers[b]) >= self.flush:
-            self._flush(b)
-
-    def _flush(self, b: int) -> None:
-        rows = self.buffers[b]
-        if not rows:
-            return
-        if self.writers[b] is None:
-            self.writers[b] = pa.ipc.new_file(self.path(b), self.SCHEMA)
-        batch = pa.record_batch(
-            [
-                pa.array([r[0] for r in rows], pa.string()),
-                pa.array([r[1] for r in rows], pa.int32()),
-                pa.array([r[2] for r in rows], pa.binary()),
-                pa.array([r[3] for r in rows], pa.list_(pa.binary())),
-            ],
-            schema=self.SCHEMA,
-        )
-        self.writers[b].write_batch(batch)
-        self.buffers[b] = []
-
-    def drain(self, writer: _ShardWriter, num_points: int, progress: Progress) -> None:
-        """Pass 2: each bucket in turn, its rows permuted, into ``writer``."""
-        for b in range(self.n):
-            self._flush(b)
-            if self.writers[b] is not None:
-                self.writers[b].close()
-        for b in range(self.n):
-            if self.writers[b] is None:
-                continue
-            with pa.memory_map(self.path(b)) as source:
-                table = pa.ipc.open_file(source).read_all()
-            order = np.random.default_rng([self.seed, zlib.crc32(self.split.encode()), b]).permutation(
-                table.num_rows
-            )
-            ids, labels = table.column("id").to_pylist(), table.column("label").to_pylist()
-            points, views = table.column("points").to_pylist(), table.column("views").to_pylist()
-            del table
-            for i in order.tolist():
-                pts = np.frombuffer(points[i], dtype=np.float32).reshape(num_points, 3)
-                writer.add(ids[i], labels[i], pts, views[i])
-                progress.update()
-
-
-def _bucket_count(expected: int | None, opts: PrepareOptions) -> int:
-    """Buckets for ``expected`` rows: about ``bucket_rows`` each, at least 1, at most ``max_buckets``."""
-    if expected is None:
-        return opts.max_buckets // 4
-    return max(1, min(opts.max_buckets, math.ceil(expected / max(opts.bucket_rows, 1))))
-
-
 def _write(
     source: Source, fs: pafs.FileSystem, tmp: str, opts: PrepareOptions, fp: str, log: Callable[[str], None]
 ) -> dict[str, Any]:
     class_names = source.class_names()
     hint = source.label_hint()
     writers: dict[str, _ShardWriter] = {}
-    buckets: dict[str, _Buckets] = {}
+    buckets: dict[str, Buckets] = {}
     counts: dict[str, Counter[int]] = {}
     seen: set[str] = set()
     skipped: list[dict[str, Any]] = []
@@ -433,11 +350,15 @@ def _write(
             raise err
         skipped.append({"source": err.source, "index": err.index, "rows": err.rows, "problem": err.problem})
 
-    def sink(out_split: str, expected: int | None) -> _ShardWriter | _Buckets:
+    def sink(out_split: str, expected: int | None) -> _ShardWriter | Buckets:
         if opts.shuffle:
             if out_split not in buckets:
-                buckets[out_split] = _Buckets(
-                    scratch, out_split, _bucket_count(expected, opts), opts.seed, opts.bucket_rows
+                buckets[out_split] = Buckets(
+                    scratch,
+                    out_split,
+                    bucket_count(expected, opts.bucket_rows, opts.max_buckets),
+                    opts.seed,
+                    opts.bucket_rows,
                 )
             return buckets[out_split]
         if out_split not in writers:

@@ -370,9 +370,9 @@ def test_integral_float_labels_are_accepted(tmp_path: Path) -> None:
 
 def test_the_first_shuffle_pass_holds_about_bucket_rows_objects(tmp_path: Path) -> None:
     """Pass 1 buffers rows per bucket; with many buckets the buffers together stay near ``bucket_rows``."""
-    from crossmoco_ray.data.shards import _Buckets
+    from crossmoco_ray.data.shuffle import Buckets
 
-    buckets = _Buckets(str(tmp_path), "train", n=64, seed=0, bucket_rows=128)
+    buckets = Buckets(str(tmp_path), "train", n=64, seed=0, bucket_rows=128)
     points = np.zeros((8, 3), np.float32)
     most = 0
     for i in range(2000):
