@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+from crossmoco_ray.evaluate.monitor import measured_epochs
+
 
 def last_history(run: Path) -> dict | None:
     ckpts = sorted(run.glob("epoch_*/history.json"))
@@ -38,9 +40,7 @@ def main() -> None:
         if log.is_file():
             m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", log.read_text())
             wall = m.group(1) if m else ""
-        for e in history["epochs"]:
-            if "monitor_seconds" not in e:  # the monitor did not run in this epoch
-                continue
+        for e in measured_epochs(history):
             cells = []
             for key in ("val_svm_clean", "val_knn"):
                 r = base.get(f"random_{key}", float("nan"))

@@ -104,6 +104,7 @@ def main() -> None:
         shutil.copy(png, args.figures / f"mn40_{png.name}")
     checkpoints = sorted((out / "runs" / "mn40-cpu").glob("epoch_*/history.json"))
     if checkpoints:
+        from crossmoco_ray.evaluate.monitor import measured_epochs
         from crossmoco_ray.evaluate.plots import curves_plot
 
         history = json.loads(checkpoints[-1].read_text())
@@ -114,8 +115,7 @@ def main() -> None:
         curves_plot(series, args.figures / "mn40_loss.png", title="modelnet40-cpu: training losses")
         base = history.get("baseline", {})
         for key, name in (("val_svm_clean", "clean-protocol SVM"), ("val_knn", "kNN (k=20)")):
-            measured = [e for e in history.get("epochs", []) if "monitor_seconds" in e]  # not carried values
-            acc = [(e["epoch"], 100 * e[key]) for e in measured if e.get(key) == e.get(key)]
+            acc = [(e["epoch"], 100 * e[key]) for e in measured_epochs(history) if e.get(key) == e.get(key)]
             if not acc:
                 continue
             series = {"pretrained": [(0, 100 * base[f"random_{key}"]), *acc]} if base else {"pretrained": acc}

@@ -20,6 +20,7 @@ from .config import Config
 from .data.shards import resolve
 from .evaluate.features import available_splits
 from .evaluate.models import export_backbone
+from .evaluate.monitor import measured_epochs
 from .evaluate.plots import curves_plot
 from .evaluate.run import encoders, final_metrics, gain_lines, run_svm_splits, svm_table
 from .tracking import Tracker
@@ -161,15 +162,13 @@ def _curves(history: dict[str, Any], work: Path) -> list[Path]:
             k: [(s["step"], s[k]) for s in steps] for k in ("loss", "loss_point", "loss_image", "loss_cross")
         }
         pngs.append(curves_plot(series, work / "loss.png", title="training losses"))
-    epochs = history.get("epochs", [])
     base = history.get("baseline", {})
     for key, name in (
         ("val_svm_clean", "clean-protocol SVM"),
         ("val_knn", "kNN"),
         ("val_svm_crosspoint", "CrossPoint-protocol SVM"),
     ):
-        measured = [e for e in epochs if "monitor_seconds" in e and key in e and e[key] == e[key]]
-        points = [(e["epoch"], 100 * e[key]) for e in measured]
+        points = [(e["epoch"], 100 * e[key]) for e in measured_epochs(history) if e.get(key) == e.get(key)]
         if not points:
             continue
         series = {"pretrained": points}

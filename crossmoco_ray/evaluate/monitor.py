@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -148,3 +149,9 @@ class Monitor:
                 "optim.lr, raise objective.temperature or check the augmentations"
             )
         return None
+
+
+def measured_epochs(history: dict[str, Any]) -> list[dict[str, Any]]:
+    """The epochs of a run's history in which the monitor ran (histories written before this version also
+    carry its last numbers through the epochs in between)."""
+    return [e for e in history.get("epochs", []) if "monitor_seconds" in e]
