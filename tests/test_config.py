@@ -17,6 +17,7 @@ from crossmoco_ray.config import (
     preset_names,
     to_yaml,
     valid_keys,
+    validate,
 )
 
 
@@ -28,13 +29,60 @@ def test_paper_preset_is_the_crossmoco_recipe_and_the_schema_default() -> None:
     assert (m.image_encoder, m.image_weights) == ("resnet50", None)
     assert (o.queue_length, o.momentum, o.temperature, o.cross_temperature) == (4000, 0.9999, 0.1, 0.1)
     assert (opt.optimizer, opt.lr, opt.weight_decay, opt.schedule) == ("adam", 1e-3, 1e-6, "cosine")
-    assert (t.epochs, t.batch_size, d.num_points, d.image_size, d.views_per_sample) == (125, 20, 2048, 224, 2)
+    assert (t.epochs, t.batch_size_per_worker, d.num_points, d.image_size, d.views_per_sample) == (
+        125,
+        20,
+        2048,
+        224,
+        2,
+    )
+    assert t.max_failures > 0  # failures are survived by default
 
 
 @pytest.mark.parametrize("name", preset_names())
 def test_every_shipped_preset_validates(name: str) -> None:
     cfg = load_config(name)
-    assert cfg.objective.queue_length % cfg.train.batch_size == 0
+    assert cfg.objective.queue_length % cfg.global_batch == 0
+    assert cfg.train.max_failures != 0
+
+
+def test_paper_on_eight_gpus_is_twenty_per_gpu() -> None:
+    """The flagship cluster command: the paper's batch of 20 is per GPU, so 8 workers train at 160."""
+    cfg = load_config("paper", overrides=["train.num_workers=8", "train.use_gpu=true"])
+    assert (cfg.per_worker_batch, cfg.global_batch) == (20, 160)
+    assert cfg.objective.queue_length % cfg.global_batch == 0
+    assert cfg.base_lr == cfg.optim.lr  # no silent lr scaling
+
+
+def test_a_global_batch_override_replaces_a_presets_per_worker_batch() -> None:
+    cfg = load_config("paper", overrides=["train.num_workers=2", "train.batch_size=40"])
+    assert (cfg.train.batch_size_per_worker, cfg.per_worker_batch, cfg.global_batch) == (None, 20, 40)
+    cfg = load_config("quickstart", overrides=["train.batch_size_per_worker=8"])
+    assert (cfg.train.batch_size, cfg.global_batch) == (None, 16)
+
+
+def test_one_layer_setting_both_batches_or_none_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="sets both train.batch_size"):
+        load_config(extra={"train": {"batch_size": 40, "batch_size_per_worker": 20}})
+    with pytest.raises(ConfigError, match="set exactly one of train.batch_size"):
+        validate({"train": {"batch_size_per_worker": None}})
+
+
+def test_learning_rate_scales_with_the_global_batch_only_when_asked() -> None:
+    base = ["train.num_workers=8", "optim.lr=0.001"]
+    assert load_config("paper", overrides=base).base_lr == pytest.approx(0.001)
+    linear = load_config("paper", overrides=[*base, "optim.lr_scaling=linear"])
+    assert linear.base_lr == pytest.approx(0.001 * 160 / 20)
+    sqrt = load_config("paper", overrides=[*base, "optim.lr_scaling=sqrt"])
+    assert sqrt.base_lr == pytest.approx(0.001 * (160 / 20) ** 0.5)
+
+
+def test_queue_check_uses_the_global_batch_from_workers_and_names_the_fix() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("paper", overrides=["train.num_workers=3"])
+    message = str(err.value)
+    assert "global batch 60" in message and "x 3 workers" in message
+    assert "objective.queue_length=3960 or 4020" in message
 
 
 def test_dotted_overrides_are_typed() -> None:
@@ -90,6 +138,7 @@ def test_queue_length_not_a_multiple_of_the_global_batch_suggests_4000_or_4100()
     ("overrides", "fix"),
     [
         (["train.batch_size=20", "train.num_workers=3"], "use num_workers in [1, 2, 4, 5, 10, 20]"),
+        (["train.batch_size=20", "train.num_workers=3"], "train.batch_size_per_worker=6"),
         (
             ["train.batch_size=4", "train.num_workers=4", "objective.queue_length=16"],
             "raise train.batch_size to 8",

@@ -61,12 +61,12 @@ def build_model(cfg: Config) -> CrossMoCo:
 def build_optimizer(cfg: Config, model: CrossMoCo) -> torch.optim.Optimizer:
     """Only the online encoders (and their heads) are optimised, as in CrossMoCo."""
     params = [p for p in model.parameters() if p.requires_grad]
-    o = cfg.optim
+    o, lr = cfg.optim, cfg.base_lr
     if o.optimizer == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=o.weight_decay)
     if o.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.sgd_momentum, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=o.sgd_momentum, weight_decay=o.weight_decay)
 
 
 def lr_at(cfg: Config, epoch: int, frac: float = 0.0) -> float:
@@ -74,16 +74,17 @@ def lr_at(cfg: Config, epoch: int, frac: float = 0.0) -> float:
 
     ``cosine`` is CrossPoint/CrossMoCo's ``CosineAnnealingLR(T_max=epochs)`` stepped once at the start of
     every epoch: epoch e runs at the cosine value of step e + 1 (so the last epoch runs at ``min_lr``; kept
-    for faithfulness). ``cosine_smooth`` follows the cosine per step. Warm-up rises linearly first.
+    for faithfulness). ``cosine_smooth`` follows the cosine per step. Warm-up rises linearly first. The peak
+    is ``cfg.base_lr``: ``optim.lr``, scaled with the global batch when ``optim.lr_scaling`` says so.
     """
-    o, epochs = cfg.optim, cfg.train.epochs
+    o, epochs, peak = cfg.optim, cfg.train.epochs, cfg.base_lr
     if epoch < o.warmup_epochs:
-        return o.lr * (epoch + (frac if o.schedule == "cosine_smooth" else 1.0)) / o.warmup_epochs
+        return peak * (epoch + (frac if o.schedule == "cosine_smooth" else 1.0)) / o.warmup_epochs
     if o.schedule == "constant":
-        return o.lr
+        return peak
     span = max(epochs - o.warmup_epochs, 1)
     t = epoch - o.warmup_epochs + (frac if o.schedule == "cosine_smooth" else 1.0)
-    return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, span) / span))
+    return o.min_lr + (peak - o.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, span) / span))
 
 
 def momentum_at(cfg: Config, step: int, total_steps: int) -> float:
