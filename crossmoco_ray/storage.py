@@ -1,0 +1,88 @@
+"""One place that reads and writes run storage: local paths and pyarrow-filesystem URIs alike.
+
+Runs, shards, searches and exports live under a *storage* that is a local directory on a laptop and a bucket
+(``s3://``, ``gs://``) or shared filesystem on a cluster. Everything that touches them goes through these
+helpers, so there is one way to open a URI, one way to write a file atomically enough for our readers, and
+one way to copy a local directory up.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path)`` for a local path or a pyarrow-filesystem URI (``s3://``, ``gs://``, ``file://``)."""
+    if "://" not in uri:
+        uri = str(Path(uri).expanduser().resolve())
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return fs, path.rstrip("/")
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return bool(fs.get_file_info(path).type != pafs.FileType.NotFound)
+
+
+def read_bytes(uri: str) -> bytes | None:
+    """The file's bytes, or ``None`` when it does not exist."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        data: bytes = f.read()
+    return data
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri``, creating its parent directories."""
+    fs, path = resolve(uri)
+    if "/" in path:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def read_json(uri: str) -> dict[str, Any] | None:
+    data = read_bytes(uri)
+    if data is None:
+        return None
+    out: dict[str, Any] = json.loads(data.decode())
+    return out
+
+
+def write_json(uri: str, data: dict[str, Any]) -> None:
+    write_bytes(uri, json.dumps(data, indent=1).encode())
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the directories directly under ``uri`` (empty when it does not exist)."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def publish_dir(local: str | Path, uri: str) -> str:
+    """Copy a local directory to ``uri`` (a path or a URI); returns ``uri``."""
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return uri
+
+
+def copy_to_local(uri: str, local: str | Path) -> Path:
+    """Copy a directory at ``uri`` to the local directory ``local``; returns it."""
+    fs, path = resolve(uri)
+    Path(local).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return Path(local)
