@@ -1,0 +1,76 @@
+"""What every reader implements: :class:`Source` (a dataset streamed split by split) and the up-axis frame.
+
+Sources return points in the project's canonical frame, **y up**: a z-up source (``up_axis="z"``, e.g. the
+raw ModelNet frame) is rotated on read by :func:`to_y_up`, so pretraining augmentation, rendering and
+evaluation all agree on the up axis.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .types import DataError, Sample
+
+UpAxis = Literal["x", "y", "z"]
+
+
+def to_y_up(points: np.ndarray, up_axis: UpAxis) -> np.ndarray:
+    """Rotate ``[..., 3]`` points so that the source's ``up_axis`` becomes +y (right-handed)."""
+    if up_axis == "y":
+        return points
+    x, y, z = points[..., 0], points[..., 1], points[..., 2]
+    if up_axis == "z":  # rotate −90° about x: z → y, y → −z
+        return np.stack([x, z, -y], axis=-1)
+    return np.stack([-y, x, z], axis=-1)  # x up: rotate +90° about z: x → y, y → −x
+
+
+class Source(ABC):
+    """A dataset on disk (or generated) that can be streamed split by split."""
+
+    format: str = ""
+
+    @abstractmethod
+    def splits(self) -> list[str]:
+        """The splits this source holds, e.g. ``["train", "test"]``."""
+
+    @abstractmethod
+    def samples(self, split: str) -> Iterator[Sample | DataError]:
+        """Stream the samples of ``split``.
+
+        Bad input is *yielded* as a :class:`DataError` naming the file (and index) instead of raised, so a
+        caller that skips bad samples can go on with the next file; callers that cannot skip raise it.
+        """
+
+    def class_names(self) -> list[str] | None:
+        """Class names in label order, or ``None`` for unlabelled sources."""
+        return None
+
+    def count(self, split: str) -> int | None:
+        """Number of samples in ``split`` when known without reading it all (for progress)."""
+        return None
+
+    def has_views(self) -> bool:
+        """Whether samples carry their own images (otherwise they are rendered at prepare time)."""
+        return False
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies this source's content (files, sizes, times) for re-run detection."""
+        return {"format": self.format}
+
+    def label_hint(self) -> str:
+        """Where the class count comes from, when it is a guess (appended to label errors)."""
+        return ""
+
+
+def file_identity(paths: list[Path]) -> list[tuple[str, int, int]]:
+    """``(absolute path, size, mtime in whole seconds)`` per file: a change to any of them is a new source."""
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append((str(p.resolve()), st.st_size, int(st.st_mtime)))
+    return out
