@@ -42,9 +42,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..storage import resolve
 from .augment import ImageAugment, PointAugment, augment_images, augment_points
+from .manifest import read_manifest
 from .render import decode_png
-from .shards import read_manifest, resolve
 from .types import DataError
 
 BLOCK_BYTES = 4 * 1024**2

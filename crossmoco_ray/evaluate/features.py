@@ -20,10 +20,12 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from ..data.manifest import MANIFEST, read_manifest
 from ..data.progress import Progress
-from ..data.readers import UpAxis, open_source
-from ..data.shards import MANIFEST, read_manifest, resolve
+from ..data.readers import open_source
+from ..data.source import UpAxis
 from ..data.types import DataError
+from ..storage import resolve
 
 
 @dataclass

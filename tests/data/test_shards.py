@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from crossmoco_ray.data.manifest import read_manifest, verify_shards
 from crossmoco_ray.data.readers import (
     FolderSource,
     H5Source,
@@ -19,7 +20,7 @@ from crossmoco_ray.data.readers import (
     open_source,
 )
 from crossmoco_ray.data.render import RenderSpec, decode_png
-from crossmoco_ray.data.shards import PrepareOptions, prepare, read_manifest, verify_shards
+from crossmoco_ray.data.shards import PrepareOptions, prepare
 from crossmoco_ray.data.types import DataError
 from tests.data import fixtures
 
