@@ -6,12 +6,18 @@ workers logs the per-step and per-epoch metrics into the same run by id. Everyth
 
 Default store: ``sqlite:///<storage>/mlflow.db`` (MLflow 3 refuses the old ``./mlruns`` file store);
 ``MLFLOW_TRACKING_URI`` (a tracking server on clusters) or ``tracking.tracking_uri`` override it.
+
+The exported backbone is logged as an MLflow PyTorch model (:meth:`Tracker.log_point_model`), optionally
+registered; a run that cannot be resumed is an error naming it (:class:`ResumeError`), never a silent new run.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,8 @@ from .config import ConfigError
 
 PARAM_CHUNK = 100  # MLflow's limit of params per batch call
 PARAM_VALUE_MAX = 6000
+MODEL_NAME = "point_encoder"  # the logged model's name in its run
+EXAMPLE_BATCH = 2  # > 1, and the example's sizes differ from each other and from 3: see example_points
 
 
 def default_tracking_uri(storage_path: str, configured: str | None = None) -> str:
@@ -29,12 +37,54 @@ def default_tracking_uri(storage_path: str, configured: str | None = None) -> st
         return os.environ["MLFLOW_TRACKING_URI"]
     if "://" in storage_path and not storage_path.startswith("file://"):
         raise ConfigError(
-            f"storage {storage_path} is remote, so the default sqlite store cannot live there: set "
-            "MLFLOW_TRACKING_URI to a tracking server (or tracking.tracking_uri), or tracking.enabled=false"
+            f"storage {storage_path} is remote, and MLflow's default store (a sqlite file beside the runs) "
+            "cannot live in a bucket. Point tracking at an MLflow server, one of:\n"
+            "  - jobs (cluster/submit.sh): in cluster/runtime_env.yaml under env_vars, "
+            'MLFLOW_TRACKING_URI: "http://<mlflow-host>:5000";\n'
+            "  - this shell: export MLFLOW_TRACKING_URI=http://<mlflow-host>:5000;\n"
+            "  - this run: tracking.tracking_uri=http://<mlflow-host>:5000;\n"
+            "or run without MLflow: tracking.enabled=false. A server that keeps its artifacts in the same "
+            "bucket: mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri postgresql://... "
+            "--artifacts-destination s3://<bucket>/mlflow (docs/cluster.md)."
         )
     root = Path(storage_path.removeprefix("file://")).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+class ResumeError(ConfigError):
+    """A previous launch's MLflow run cannot be continued (gone from this store, deleted, unreachable)."""
+
+
+@dataclass(frozen=True)
+class LoggedModel:
+    """A logged point-encoder model: ``model_uri`` (``models:/m-<id>``) and, when registered, its
+    registered ``name`` and ``version`` (then also loadable as ``models:/<name>/<version>``)."""
+
+    model_uri: str
+    name: str | None = None
+    version: str | None = None
+
+    @property
+    def registered_uri(self) -> str | None:
+        return f"models:/{self.name}/{self.version}" if self.name and self.version else None
+
+
+def _resume_error(
+    run_id: str, uri: str, problem: str, record: str | None, recorded_uri: str | None
+) -> ResumeError:
+    where = record or "crossmoco_run.json in the run's storage directory"
+    moved = (
+        f" It was recorded with tracking URI {recorded_uri}." if recorded_uri and recorded_uri != uri else ""
+    )
+    return ResumeError(
+        f"cannot resume MLflow run {run_id} from the tracking store {uri}: {problem}.{moved} The run's "
+        f"record ({where}) says a previous launch logged to that MLflow run, and a new one would split "
+        "its history, so no new MLflow run was created. Either point MLFLOW_TRACKING_URI (or "
+        f"tracking.tracking_uri) at the store that holds run {run_id}, and make sure it is up; or start a "
+        "new run under another name (--name, or tracking.run_name); or keep the checkpoints and log to a "
+        f"new MLflow run: delete {where}."
+    )
 
 
 class Tracker:
@@ -60,18 +110,21 @@ class Tracker:
         tags: Mapping[str, str],
         resume_id: str | None = None,
         parent_id: str | None = None,
+        *,
+        record: str | None = None,
+        recorded_uri: str | None = None,
     ) -> str | None:
-        """Resume ``resume_id`` when it exists in this store, else create a run; returns its id."""
+        """Resume run ``resume_id`` if given, else create a run; returns its id.
+
+        Resuming never falls back to a new run: a run missing from this store, deleted in MLflow, or a
+        store that cannot be reached raises :class:`ResumeError` naming the run, the store and the fixes.
+        ``record`` (the file that named the run) and ``recorded_uri`` (its store then) refine the message.
+        """
         if self._client is None:
             return None
         if resume_id is not None:
-            try:
-                self._client.get_run(resume_id)
-                self._client.update_run(resume_id, status="RUNNING")
-                self.run_id = resume_id
-                return resume_id
-            except Exception:
-                pass
+            self._resume(resume_id, record, recorded_uri)
+            return resume_id
         exp = self._client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(experiment)
         all_tags = dict(tags)
@@ -81,6 +134,30 @@ class Tracker:
         self.run_id = run.info.run_id
         self.log_params(params)
         return self.run_id
+
+    def _resume(self, run_id: str, record: str | None, recorded_uri: str | None) -> None:
+        from mlflow.exceptions import MlflowException
+
+        assert self.uri is not None
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                problem = "no such run in this store (the store moved, or points elsewhere than before)"
+            else:  # a server that is down ends here too (INTERNAL_ERROR after MLflow's HTTP retries)
+                problem = f"{err.error_code}: {err.message[:400]}"
+            raise _resume_error(run_id, self.uri, problem, record, recorded_uri) from err
+        except Exception as err:  # connection refused, DNS, timeouts: the requests/urllib3 family
+            problem = f"the store cannot be reached ({type(err).__name__}: {err})"
+            raise _resume_error(run_id, self.uri, problem, record, recorded_uri) from err
+        if run.info.lifecycle_stage == "deleted":
+            problem = (
+                "the run was deleted in MLflow (to continue it, restore it first: "
+                f"MLFLOW_TRACKING_URI={self.uri} mlflow runs restore --run-id {run_id})"
+            )
+            raise _resume_error(run_id, self.uri, problem, record, recorded_uri)
+        self._client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self._client is None or self.run_id is None:
@@ -117,6 +194,73 @@ class Tracker:
             else:
                 self._client.log_artifact(self.run_id, str(p), artifact_path)
 
+    def log_point_model(
+        self, export_dir: str | Path, register: str | None = None, name: str = MODEL_NAME
+    ) -> LoggedModel | None:
+        """Log an exported backbone (``crossmoco export`` / ``<run>/export``) as an MLflow PyTorch model
+        of this run, with a signature, and register it under ``register`` if given (a new version).
+
+        The model is :class:`~crossmoco_ray.evaluate.models.PointFeatures`: points ``[B, N, 3]`` float32
+        in any units → the pooled feature ``[B, F]`` float32 (F = 2·emb_dims for DGCNN: 2048 at the
+        paper's width; emb_dims for PointNet), normalised as evaluation does. It is saved as ``"pt2"``
+        (``torch.export``), not pickle:
+
+        - it loads with ``mlflow.pytorch.load_model`` (a ``torch.fx.GraphModule``) or as a pyfunc without
+          crossmoco-ray installed, and without MLflow 3's opt-in to unpickling
+          (``MLFLOW_ALLOW_PICKLE_DESERIALIZATION``): a registry user runs no code from the file;
+        - the signature's ``-1`` batch and point dimensions are exported as dynamic shapes (any B ≥ 1,
+          any N ≥ k), so other batch sizes and point counts give the encoder's features; a pickled module
+          would do so too, but only with this package importable and pickle allowed.
+
+        The graph is traced on CPU from the encoder's reference EdgeConv (the same function and
+        parameters as the fast path, which builds CPU-only sparse products and batch-size-dependent
+        chunks): run it on CPU, or use ``load_point_encoder`` on the exported files for GPU inference.
+        """
+        if self._client is None or self.run_id is None:
+            return None
+        import mlflow
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        from .evaluate.models import META_FILE, feature_model, load_point_encoder
+
+        loaded = load_point_encoder(export_dir)
+        model = feature_model(loaded)
+        example = example_points(int(loaded.kwargs.get("k", 1)))
+        with torch.no_grad():
+            dim = int(model(torch.from_numpy(example)).shape[1])
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, 3))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]),
+        )
+        meta_file = Path(export_dir) / META_FILE
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        metadata = {"crossmoco": {**meta, "feature_dim": dim, "normalize": loaded.normalize}}
+        # Created here, in the run's experiment: log_model would put it in the process's active
+        # experiment (MLflow's "Default" unless set globally) rather than the run's.
+        run = self._client.get_run(self.run_id)
+        target = self._client.create_logged_model(
+            run.info.experiment_id, name=name, source_run_id=self.run_id, params=dict(run.data.params)
+        )
+        with _fluent_tracking_uri(self.uri):
+            info = mlflow.pytorch.log_model(
+                model,
+                name=name,
+                model_id=target.model_id,
+                run_id=self.run_id,
+                signature=signature,
+                input_example=example,
+                serialization_format="pt2",
+                # the graph needs torch only; naming it skips MLflow's slow requirement inference
+                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                metadata=metadata,
+                registered_model_name=register,
+            )
+        version = info.registered_model_version
+        return LoggedModel(info.model_uri, register, str(version) if version is not None else None)
+
     def end(self, status: str = "FINISHED") -> None:
         if self._client is not None and self.run_id is not None:
             self._client.set_terminated(self.run_id, status=status)
@@ -125,3 +269,38 @@ class Tracker:
         if self._client is None or self.run_id is None:
             return []
         return [(m.step, m.value) for m in self._client.get_metric_history(self.run_id, key)]
+
+
+def example_points(k: int, batch: int = EXAMPLE_BATCH) -> Any:
+    """The input example a model is traced with: ``[batch, N, 3]`` float32, N ≥ k.
+
+    ``torch.export`` treats an example size of 1 as a constant, and gives dimensions of equal example
+    size one shared symbol, so batch, N and 3 are all different here (else the model would only accept
+    clouds with N == batch).
+    """
+    import numpy as np
+
+    n = max(2 * k, 16)
+    while n in (batch, 3):
+        n += 1
+    return np.random.default_rng(0).standard_normal((batch, n, 3)).astype(np.float32)
+
+
+@contextmanager
+def _fluent_tracking_uri(uri: str | None) -> Iterator[None]:
+    """Point MLflow's process-global tracking URI (what ``mlflow.pytorch.log_model`` uses) at ``uri`` for
+    a block, then restore it and ``MLFLOW_TRACKING_URI``, which ``set_tracking_uri`` also writes and
+    :func:`default_tracking_uri` reads: a later run in this process must not inherit this run's store."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils  # the global's only reader is private
+
+    before, env_before = getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # type: ignore[arg-type]  # None unsets it
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before

@@ -29,6 +29,7 @@ from ..nn import build_point_encoder, load_checked, strip_prefixes
 from ..train.builders import point_encoder_spec
 from ..train.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from ..train.checkpoint import STATE_FILE, read_checkpoint
+from .features import normalize_clouds
 
 BACKBONE_FORMAT = "crossmoco-ray/backbone"
 BACKBONE_FILE = "backbone.pt"
@@ -46,6 +47,43 @@ class LoadedEncoder:
     info: dict[str, Any] = field(default_factory=dict)  # epoch, config hash, run id … when known
     # centre + unit sphere before the encoder, as its training did (data.point_augment.normalize)
     normalize: bool = True
+
+
+class PointFeatures(nn.Module):
+    """A point encoder as one function for users of an exported model (the MLflow model's class).
+
+    ``forward(points)``: clouds ``[B, N, 3]`` float32 in any units → pooled backbone features ``[B, F]``
+    float32 (``encoder.forward_features``: 2·emb_dims for DGCNN, emb_dims for PointNet). When
+    ``normalize`` (the training recipe's ``data.point_augment.normalize``), each cloud is first centred
+    and scaled to the unit sphere in float64, exactly as evaluation does (:func:`extract_features`), so the
+    features are the ones the linear SVM saw. Always in eval mode (BatchNorm uses its running statistics).
+    """
+
+    def __init__(self, encoder: nn.Module, normalize: bool = True) -> None:
+        super().__init__()
+        self.encoder = encoder.eval()
+        self.normalize = normalize
+        self.feature_dim = int(getattr(encoder, "feature_dim", 0))
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        if self.normalize:
+            points = normalize_clouds(points.double()).float()
+        out: torch.Tensor = self.encoder.forward_features(points)  # type: ignore[operator]
+        return out
+
+    def train(self, mode: bool = True) -> PointFeatures:
+        return super().train(False)  # a feature extractor: never BatchNorm's batch statistics
+
+
+def feature_model(loaded: LoadedEncoder, edgeconv: str = "reference") -> PointFeatures:
+    """:class:`PointFeatures` of a loaded encoder; a DGCNN is rebuilt with ``edgeconv`` (the same
+    parameters and function). The reference EdgeConv is the one ``torch.export`` traces for any batch size
+    and point count; the fast one builds CPU-only sparse products and chunks that depend on the batch."""
+    encoder = loaded.encoder
+    if "edgeconv" in loaded.kwargs and loaded.kwargs["edgeconv"] != edgeconv:
+        encoder = build_point_encoder(loaded.name, **{**loaded.kwargs, "edgeconv": edgeconv})
+        encoder.load_state_dict(loaded.encoder.state_dict())
+    return PointFeatures(encoder, loaded.normalize)
 
 
 def _torch_load(path: Path) -> Any:

@@ -55,7 +55,8 @@ def knn(x: torch.Tensor, k: int, max_elements: int | None = KNN_MAX_ELEMENTS) ->
         x = x.float()
         chunk = B if max_elements is None else max(1, min(B, max_elements // (N * N)))
         out = []
-        for start in range(0, B, chunk):
+        # Unbounded: one block and no range() over B, so torch.export keeps the batch size symbolic.
+        for start in [0] if max_elements is None else range(0, B, chunk):
             xc = x[start : start + chunk]
             # -||x_i - x_j||² = 2 x_i·x_j - |x_i|² - |x_j|²                        [c, N, N]
             neg_dist = torch.bmm(xc, xc.transpose(1, 2)).mul_(2)
