@@ -2,6 +2,10 @@
 
 Every command that takes a configuration resolves it the same way: the schema's defaults (the paper
 recipe) ← ``--preset`` (default: quickstart) ← ``--config FILE`` ← ``KEY=VALUE`` overrides.
+:func:`parse_command` does all of that (and every check that needs no data, no Ray) for any command
+line; :func:`main` runs what it returns, and the documented-commands test validates every command in the
+docs with it, so the two cannot disagree. ``prepare`` lives in :mod:`.cli_prepare`, ``eval`` and
+``export`` in :mod:`.cli_eval`.
 """
 
 from __future__ import annotations
@@ -9,9 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
+from .cli_eval import add_eval_parsers
+from .cli_prepare import add_prepare_parser
 from .config import DEFAULT_PRESET, Config, ConfigError, load_config, preset_names, preset_text, to_yaml
+
+if TYPE_CHECKING:
+    from .tuning import Space
 
 EPILOG = """\
 examples:
@@ -26,7 +37,50 @@ not a multiple of the global batch, k >= points, ...) are rejected with the fix.
 """
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+class UsageError(Exception):
+    """A command line that argparse rejects (unknown option, bad value, missing argument).
+
+    Raised instead of argparse's print-and-exit so that :func:`parse_command` can be called from code
+    (the documented-commands test); :func:`main` prints it exactly as argparse would.
+    """
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are exceptions; subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self, message)
+
+
+@dataclass(frozen=True)
+class ParsedCommand:
+    """A command line as ``crossmoco`` reads it, before anything runs.
+
+    ``form`` is the subcommand path ("pretrain", "eval svm", "config show"; "" for a bare ``crossmoco``).
+    ``config`` is the resolved, checked configuration of the commands that take one (``pretrain``, ``tune``,
+    ``config show``) and None for the others; ``space`` is ``tune``'s search space, checked against it.
+    """
+
+    form: str
+    args: argparse.Namespace
+    config: Config | None = None
+    space: Space | None = None
+
+    def run(self) -> int:
+        if self.config is not None:
+            code: int = self.args.configured(self)
+        else:
+            code = self.args.func(self.args)
+        return code
+
+
+def _add_config_args(p: argparse.ArgumentParser, handler: Callable[[ParsedCommand], int]) -> None:
+    """The configuration arguments; ``handler`` gets the :class:`ParsedCommand` with the resolved config."""
     p.add_argument(
         "--preset",
         default=DEFAULT_PRESET,
@@ -36,14 +90,56 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. objective.momentum=0.999"
     )
+    p.set_defaults(configured=handler)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    return load_config(preset=args.preset, config_file=args.config, overrides=args.overrides)
+    """The configuration a command runs with: preset ← ``--config`` ← overrides (tracking off with
+    ``--no-tracking``), checked."""
+    cfg = load_config(preset=args.preset, config_file=args.config, overrides=args.overrides)
+    if getattr(args, "no_tracking", False):
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
+    return cfg
 
 
-def _cmd_config_show(args: argparse.Namespace) -> int:
-    sys.stdout.write(to_yaml(resolve_config(args)))
+def _form(args: argparse.Namespace) -> str:
+    words = [getattr(args, dest, None) for dest in ("command", "eval_command", "config_command")]
+    return " ".join(w for w in words if w)
+
+
+def parse_command(argv: Sequence[str] | None = None) -> ParsedCommand:
+    """Parse ``argv`` (without the program name) and resolve and check its configuration, as
+    ``crossmoco`` does before it runs anything: no training, no Ray, no data access (``--data``,
+    ``--storage``, ``--checkpoint`` are not opened; ``--config`` and ``--space`` files are read).
+
+    Raises :class:`UsageError` (argparse) or :class:`ConfigError` (configuration, search space); ``--help``
+    and ``--version`` print and raise ``SystemExit(0)`` as usual.
+    """
+    args = build_parser().parse_args(argv)
+    form = _form(args)
+    if not hasattr(args, "configured"):
+        return ParsedCommand(form, args)
+    cfg = resolve_config(args)
+    space = None
+    if form == "tune" and args.space and not args.resume:  # --resume: the search's stored space
+        from .tuning import check_space, load_space
+
+        space = load_space(args.space)
+        check_space(space, cfg)
+    return ParsedCommand(form, args, cfg, space)
+
+
+def _cmd_config_show(cmd: ParsedCommand) -> int:
+    cfg = cmd.config
+    assert cfg is not None
+    t = cfg.train
+    per = "train.batch_size_per_worker" if t.batch_size_per_worker is not None else "train.batch_size"
+    # YAML comments, so that the output stays a valid --config file
+    print(
+        f"# global batch {cfg.global_batch} = {t.num_workers} worker(s) x {cfg.per_worker_batch} per worker "
+        f"(set by {per})"
+    )
+    sys.stdout.write(to_yaml(cfg))
     return 0
 
 
@@ -51,172 +147,6 @@ def _cmd_config_presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         first = preset_text(name).splitlines()[0].lstrip("# ").strip()
         print(f"{name:<14} {first}")
-    return 0
-
-
-PREPARE_EPILOG = """\
-examples:
-  crossmoco prepare synthetic --out data/synthetic --preview docs/synthetic.png
-  crossmoco prepare ../shared/data/modelnet40_1024 --out data/mn40 --up-axis z --val-fraction 0.1 \\
-      --preview docs/modelnet40_renders.png
-  crossmoco prepare /data/ShapeNetRender --out s3://bucket/shapenet-shards       # PLY + PNG renders
-  crossmoco prepare /data/my_scans --out data/scans --num-points 2048 --skip-bad  # <class>/<file>.ply|npy|xyz
-
-SOURCE is a directory, an .h5 file or glob, or 'synthetic'; --format auto detects ModelNet40/ScanObjectNN
-h5, CrossPoint's ShapeNetRender layout (ShapeNet/ + ShapeNetRendering/) and folders of point files.
-Sources without images get multi-view renders of their points. Rows are written in a seeded random order
-per split (real datasets are stored class by class); the shuffle streams through temporary buckets beside
-the output (in the local temp directory for s3:// or gs://), so memory stays bounded and the disk briefly
-holds a second copy. Bad inputs are named (file and index); --skip-bad skips them and writes skipped.json.
-Re-running the same command is a no-op.
-"""
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
-
-
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    from .data.readers import open_source
-    from .data.render import RenderSpec
-    from .data.shards import PrepareOptions, prepare
-    from .data.types import DataError
-
-    try:
-        source = open_source(
-            args.source,
-            args.format,
-            up_axis=args.up_axis,
-            synthetic_counts={"train": args.synthetic_train, "test": args.synthetic_test},
-            num_points=args.num_points or 2048,
-            seed=args.seed,
-        )
-        opts = PrepareOptions(
-            num_points=args.num_points,
-            min_points=args.min_points,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            render=RenderSpec(
-                azimuths=_floats(args.azimuths),
-                elevations=_floats(args.elevations),
-                size=args.render_size,
-                point_size=args.point_size,
-                mode=args.render_mode,
-            ),
-            rows_per_shard=args.rows_per_shard,
-            skip_bad=args.skip_bad,
-            overwrite=args.overwrite,
-            preview=args.preview,
-            shuffle=not args.no_shuffle,
-        )
-        prepare(source, args.out, opts, log=lambda msg: print(msg, file=sys.stderr))
-    except (DataError, ValueError) as err:
-        print(f"crossmoco prepare: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-EVAL_EPILOG = """\
-examples:
-  crossmoco eval svm --data ../shared/data/modelnet40_1024 --up-axis z                   # random-init DGCNN
-  crossmoco eval svm --data ../shared/data/modelnet40_1024 --up-axis z \\
-      --checkpoint runs/quickstart/checkpoint_000004 --out eval/svm        # + report.json, t-SNE, confusion
-  crossmoco eval fewshot --data data/mn40 --checkpoint exported/ --episodes 50
-  crossmoco eval svm --data ScanObjectNN/main_split --checkpoint dgcnn_crosspoint.pth   # CrossPoint file
-
---checkpoint takes a crossmoco-ray checkpoint (directory or state.pt), an export (crossmoco export), or a
-CrossPoint / CrossMoCo .pth (state dict, [q, k] list, module.-prefixed). Every evaluation also runs the
-same protocol on a random-init encoder of the same architecture (--no-baseline to skip), so the gain
-from pretraining is visible. Protocols: 'crosspoint' (the original code, exactly) and 'clean'
-(SVM: standardised features, C by cross-validation on train; few-shot: queries from the test split).
-"""
-
-
-def _eval_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="h5 file/dir/glob, a folder source, or prepared shards")
-    p.add_argument("--format", default="auto", help="source format (auto-detected)")
-    p.add_argument("--up-axis", default="y", choices=["x", "y", "z"], help="the source's up axis")
-    p.add_argument("--checkpoint", help="pretrained encoder; omitted: evaluate a random-init DGCNN only")
-    p.add_argument("--no-baseline", action="store_true", help="skip the random-init baseline")
-    p.add_argument("--k", type=int, default=15, help="DGCNN neighbours for foreign/random encoders (15)")
-    p.add_argument("--emb-dims", type=int, default=1024, help="random-init DGCNN width when no checkpoint")
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--test-split", default="test")
-    p.add_argument("--protocol", default="both", choices=["both", "crosspoint", "clean"])
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write report.json (and plots) here")
-
-
-def _protocols(args: argparse.Namespace) -> tuple[str, ...]:
-    return ("crosspoint", "clean") if args.protocol == "both" else (args.protocol,)
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .data.types import DataError
-    from .evaluate.run import EvalData, encoders, fewshot_table_text, run_fewshot, run_svm, svm_table
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    data = EvalData(args.data, args.format, args.up_axis, args.num_points, args.train_split, args.test_split)
-    out = Path(args.out) if args.out else None
-    try:
-        encs = encoders(args.checkpoint, not args.no_baseline, args.k, args.emb_dims, args.seed)
-        if args.eval_command == "svm":
-            report = run_svm(
-                data,
-                encs,
-                _protocols(args),
-                args.c,
-                args.batch_size,
-                args.device,
-                out,
-                not args.no_plots,
-                args.seed,
-                log,
-            )
-            print(svm_table(report))
-        else:
-            settings = [(w, s) for w in _ints(args.ways) for s in _ints(args.shots)]
-            report = run_fewshot(
-                data,
-                encs,
-                settings,
-                _protocols(args),
-                args.queries,
-                args.episodes,
-                args.batch_size,
-                args.device,
-                out,
-                args.seed,
-                log,
-            )
-            print(fewshot_table_text(report))
-    except (DataError, ValueError, FileNotFoundError) as err:
-        print(f"crossmoco eval: {err}", file=sys.stderr)
-        return 2
-    if out is not None:
-        log(f"report: {out / 'report.json'}")
-    return 0
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from .evaluate.models import export_backbone
-
-    try:
-        out = export_backbone(args.checkpoint, args.out, with_image=args.with_image)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"crossmoco export: {err}", file=sys.stderr)
-        return 2
-    print(f"exported backbone to {out} (backbone.pt + meta.json)")
     return 0
 
 
@@ -235,16 +165,11 @@ overrides it).
 """
 
 
-def _launch(
-    command: str, args: argparse.Namespace, run: Callable[[Config, Callable[[str], None]], int]
-) -> int:
-    """The shared part of ``pretrain`` and ``tune``: the resolved config (tracking off with
-    ``--no-tracking``), console logging, and data errors as a one-line message."""
+def _launch(command: str, cfg: Config | None, run: Callable[[Config, Callable[[str], None]], int]) -> int:
+    """The shared part of ``pretrain`` and ``tune``: console logging, data errors as a one-line message."""
     from .data.types import DataError
 
-    cfg = resolve_config(args)
-    if args.no_tracking:
-        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
+    assert cfg is not None
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -256,8 +181,10 @@ def _launch(
         return 2
 
 
-def _cmd_pretrain(args: argparse.Namespace) -> int:
+def _cmd_pretrain(cmd: ParsedCommand) -> int:
     from .pretrain import pretrain
+
+    args = cmd.args
 
     def run(cfg: Config, log: Callable[[str], None]) -> int:
         code, _ = pretrain(
@@ -265,14 +192,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         )
         return code
 
-    return _launch("pretrain", args, run)
+    return _launch("pretrain", cmd.config, run)
 
 
 TUNE_EPILOG = """\
 examples:
   crossmoco tune --space moco --trials 8                   # m, T, K on the quickstart preset, ASHA
   crossmoco tune --space moco_lr --preset paper --trials 16 train.num_workers=4 train.use_gpu=true \\
-      --data s3://bucket/shards --storage s3://bucket/runs
+      train.batch_size_per_worker=32 objective.queue_length=4096 \\
+      --data s3://bucket/shards --storage s3://bucket/runs        # powers of two: the space's K
   crossmoco tune --space my_space.yaml --scheduler fifo --name sweep1
   crossmoco tune --name sweep1 --resume                    # continue an interrupted search
 
@@ -287,16 +215,15 @@ one child run per trial.
 """
 
 
-def _cmd_tune(args: argparse.Namespace) -> int:
-    from .tuning import load_space
+def _cmd_tune(cmd: ParsedCommand) -> int:
     from .tuning.search import tune_search
 
-    space = None if args.resume else load_space(args.space) if args.space else None
+    args = cmd.args
 
     def run(cfg: Config, log: Callable[[str], None]) -> int:
         code, _ = tune_search(
             cfg,
-            space,
+            cmd.space,
             preset=args.preset,
             name=args.name,
             storage=args.storage,
@@ -308,19 +235,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         )
         return code
 
-    return _launch("tune", args, run)
+    return _launch("tune", cmd.config, run)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="crossmoco",
-        description="CrossMoCo pretraining of point-cloud encoders (point clouds x rendered views) on Ray.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"crossmoco-ray {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_run_parsers(sub: argparse._SubParsersAction[Any]) -> None:
+    """``pretrain`` and ``tune``: the commands that start Ray."""
     p_pre = sub.add_parser(
         "pretrain",
         help="pretrain a point encoder with CrossMoCo on Ray Train (the main job)",
@@ -328,12 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=PRETRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_config_args(p_pre)
+    _add_config_args(p_pre, _cmd_pretrain)
     p_pre.add_argument("--data", help="prepared shards (path or URI); default: the built-in synthetic set")
     p_pre.add_argument("--name", help="run name (relaunch the same name to resume)")
     p_pre.add_argument("--storage", help="checkpoints and results (path or URI); default ./crossmoco_runs")
     p_pre.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    p_pre.set_defaults(func=_cmd_pretrain)
 
     p_tune = sub.add_parser(
         "tune",
@@ -342,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=TUNE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_config_args(p_tune)
+    _add_config_args(p_tune, _cmd_tune)
     p_tune.add_argument("--space", help="search space YAML, or a shipped one: moco, moco_lr")
     p_tune.add_argument("--trials", type=int, help="samples from the space (default: tune.num_samples)")
     p_tune.add_argument("--scheduler", choices=["asha", "fifo"], help="default: tune.scheduler (asha)")
@@ -353,97 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage", help="searches, trials and results (path or URI); default ./crossmoco_runs"
     )
     p_tune.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    p_tune.set_defaults(func=_cmd_tune)
 
-    p_prep = sub.add_parser(
-        "prepare",
-        help="turn a dataset into validated Parquet shards (+ renders) for training",
-        description="Convert a source into Parquet shards with a manifest, validating every object.",
-        epilog=PREPARE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p_prep.add_argument("source", help="a directory, an .h5 file or glob, or 'synthetic'")
-    p_prep.add_argument("--out", required=True, help="output directory or URI (s3://, gs://, file://)")
-    p_prep.add_argument(
-        "--format",
-        default="auto",
-        choices=["auto", "modelnet40", "scanobjectnn", "shapenetrender", "folder", "synthetic"],
-    )
-    p_prep.add_argument(
-        "--up-axis", default="y", choices=["x", "y", "z"], help="the source's up axis (ModelNet40 raw: z)"
-    )
-    p_prep.add_argument("--num-points", type=int, help="resample every cloud to this many points")
-    p_prep.add_argument("--min-points", type=int, default=16, help="reject clouds with fewer points")
-    p_prep.add_argument("--val-fraction", type=float, default=0.0, help="carve a validation split from train")
-    p_prep.add_argument("--seed", type=int, default=0, help="seed of the validation carve and resampling")
-    p_prep.add_argument(
-        "--skip-bad", action="store_true", help="skip bad objects, report them in skipped.json"
-    )
-    p_prep.add_argument("--overwrite", action="store_true", help="replace a different dataset at --out")
-    p_prep.add_argument(
-        "--no-shuffle",
-        action="store_true",
-        help="keep the source's row order (default: a seeded random order per split, so that class-sorted "
-        "sources such as ModelNet40's h5 do not give single-class training windows)",
-    )
-    p_prep.add_argument(
-        "--preview", metavar="PNG", help="write a contact sheet of the views of a few objects"
-    )
-    p_prep.add_argument("--rows-per-shard", type=int, default=2048)
-    p_prep.add_argument(
-        "--azimuths", default="0,60,120,180,240,300", help="render: degrees about the up axis"
-    )
-    p_prep.add_argument("--elevations", default="20", help="render: degrees above the horizon")
-    p_prep.add_argument("--render-size", type=int, default=128, help="render: image side in pixels")
-    p_prep.add_argument("--point-size", type=int, default=2, help="render: splat side in pixels")
-    p_prep.add_argument("--render-mode", default="depth", choices=["depth", "coords"])
-    p_prep.add_argument("--synthetic-train", type=int, default=2000, help="synthetic: training objects")
-    p_prep.add_argument("--synthetic-test", type=int, default=500, help="synthetic: test objects")
-    p_prep.set_defaults(func=_cmd_prepare)
 
-    p_eval = sub.add_parser(
-        "eval",
-        help="linear SVM and few-shot on frozen features (CrossPoint protocols + clean ones)",
-        description="Evaluate a point encoder's frozen features as in the papers.",
-        epilog=EVAL_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    eval_sub = p_eval.add_subparsers(dest="eval_command", metavar="PROTOCOL", required=True)
-    p_svm = eval_sub.add_parser(
-        "svm",
-        help="linear SVM: overall and mean class accuracy",
-        epilog=EVAL_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _eval_common(p_svm)
-    p_svm.add_argument("--num-points", type=int, default=1024, help="first N points of each cloud (1024)")
-    p_svm.add_argument("--c", type=float, default=0.01, help="C of the crosspoint protocol (notebook: 0.01)")
-    p_svm.add_argument("--no-plots", action="store_true", help="no t-SNE / confusion PNGs")
-    p_svm.set_defaults(func=_cmd_eval)
-    p_fs = eval_sub.add_parser(
-        "fewshot",
-        help="N-way K-shot, mean ± std over episodes",
-        epilog=EVAL_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _eval_common(p_fs)
-    p_fs.add_argument("--num-points", type=int, default=None, help="first N points (default: all)")
-    p_fs.add_argument("--ways", default="5,10")
-    p_fs.add_argument("--shots", default="10,20")
-    p_fs.add_argument("--queries", type=int, default=20, help="queries per class")
-    p_fs.add_argument("--episodes", type=int, default=10, help="episodes per setting (CrossPoint script: 50)")
-    p_fs.set_defaults(func=_cmd_eval)
-
-    p_export = sub.add_parser(
-        "export",
-        help="write a checkpoint's point backbone (state dict + meta.json) for evaluation or fine-tuning",
-        description="Export the online point encoder (without projection head) of a pretraining checkpoint.",
-    )
-    p_export.add_argument("checkpoint", help="a checkpoint directory (or its state.pt)")
-    p_export.add_argument("--out", required=True, help="output directory")
-    p_export.add_argument("--with-image", action="store_true", help="also export the image trunk")
-    p_export.set_defaults(func=_cmd_export)
-
+def _add_config_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     p_config = sub.add_parser(
         "config",
         help="show the resolved configuration or the presets",
@@ -457,8 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the resolved configuration as YAML",
         description="Print the configuration a command would run with, after preset, file and overrides.",
     )
-    _add_config_args(p_show)
-    p_show.set_defaults(func=_cmd_config_show)
+    _add_config_args(p_show, _cmd_config_show)
     p_presets = config_sub.add_parser("presets", help="list the shipped presets")
     p_presets.set_defaults(func=_cmd_config_presets)
 
@@ -467,21 +296,40 @@ def build_parser() -> argparse.ArgumentParser:
         return 0
 
     p_config.set_defaults(func=config_help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="crossmoco",
+        description="CrossMoCo pretraining of point-cloud encoders (point clouds x rendered views) on Ray.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"crossmoco-ray {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run_parsers(sub)
+    add_prepare_parser(sub)
+    add_eval_parsers(sub)
+    _add_config_parsers(sub)
+
+    def top_help(_args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 0
+
+    parser.set_defaults(func=top_help)  # a bare `crossmoco`; every subcommand sets its own
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "func"):
-        parser.print_help()
-        return 0
     try:
-        code: int = args.func(args)
+        return parse_command(argv).run()
+    except UsageError as err:  # what argparse itself prints, and its exit status
+        err.parser.print_usage(sys.stderr)
+        print(f"{err.parser.prog}: error: {err.message}", file=sys.stderr)
+        return 2
     except ConfigError as err:
         print(f"crossmoco: configuration error: {err}", file=sys.stderr)
         return 2
-    return code
 
 
 if __name__ == "__main__":
