@@ -61,6 +61,7 @@ Ray head started ($(wc -l <"$PIDS") processes, listed in $PIDS; log: $HEAD_DIR/s
 Clients on this machine:
   export RAY_AUTH_MODE=token    # the token: ~/.ray/auth_token (print it: ray get-auth-token)
   export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT
+  export CROSSMOCO_RUNTIME_ENV=cluster/runtime_env.local.yaml   # one machine: MLflow's default sqlite store
   cluster/submit.sh -- pretrain                          # a job (ray job submit) on this head
   RAY_ADDRESS=127.0.0.1:$PORT crossmoco pretrain        # or a driver in this shell, joining the head
 Dashboard: http://127.0.0.1:$DASHBOARD_PORT      Stop: cluster/local_head.sh stop

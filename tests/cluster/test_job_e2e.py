@@ -112,7 +112,8 @@ def test_job_submit_on_a_local_head(head: dict[str, str], tmp_path: Path) -> Non
     storage = tmp_path / "runs"
     overrides = [*TINY, "train.epochs=1", "train.num_workers=1", "train.cpus_per_worker=0.5"]
     submitted = subprocess.run(
-        ["bash", str(ROOT / "cluster" / "submit.sh"), "--address", head["dashboard"], "--id", "e2e-job", "--",
+        ["bash", str(ROOT / "cluster" / "submit.sh"), "--address", head["dashboard"], "--id", "e2e-job",
+         "--runtime-env", "cluster/runtime_env.local.yaml", "--",
          "pretrain", "--name", "e2e", "--storage", str(storage), *overrides],
         env=env, capture_output=True, text=True, timeout=480,
     )  # fmt: skip
