@@ -270,12 +270,14 @@ def to_yaml(cfg: Config) -> str:
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
-    """``{"objective.queue_length": 4000, ...}``: every leaf under its dotted key."""
+    """``{"objective.queue_length": 4000, ...}``: every leaf under its dotted key (a mapping-valued field
+    such as ``train.worker_resources`` is one leaf)."""
     out: dict[str, Any] = {}
+    leaves = set(valid_keys())
 
     def walk(node: Mapping[str, Any], prefix: str) -> None:
         for key, value in node.items():
-            if isinstance(value, Mapping):
+            if isinstance(value, Mapping) and f"{prefix}{key}" not in leaves:
                 walk(value, f"{prefix}{key}.")
             else:
                 out[f"{prefix}{key}"] = value

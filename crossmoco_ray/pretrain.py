@@ -17,23 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .data.shards import resolve
 from .evaluate.features import available_splits
 from .evaluate.models import export_backbone
 from .evaluate.monitor import measured_epochs
 from .evaluate.plots import curves_plot
 from .evaluate.run import encoders, final_metrics, gain_lines, run_svm_splits, svm_table
+from .storage import publish_dir
 from .tracking import Tracker
-from .train.launcher import (
-    Run,
-    build_trainer,
-    check_resources,
-    init_ray,
-    resolve_run,
-    start_tracking,
-    write_resolved_config,
-)
 from .train.loop import HISTORY_FILE
+from .train.resources import check_resources, init_ray
+from .train.run import Run, resolve_run, start_tracking, write_resolved_config
+from .train.trainer import build_trainer
 
 EXIT_OK, EXIT_FAILED, EXIT_NONFINITE = 0, 1, 3
 
@@ -61,7 +55,7 @@ def pretrain(
     t = run.cfg.train
     log(
         f"run {run.name}: {t.num_workers} workers × batch {run.cfg.per_worker_batch} "
-        f"(global {t.batch_size}), {t.epochs} epochs × {run.steps_per_epoch} steps\n"
+        f"(global {run.cfg.global_batch}), {t.epochs} epochs × {run.steps_per_epoch} steps\n"
         f"data {run.data_root}\nstorage {run.run_dir}"
     )
     if run.mlflow_run_id:
@@ -105,7 +99,7 @@ def finish(run: Run, ckpt_dir: Path, tracker: Tracker, log: Callable[[str], None
     work = Path(tempfile.mkdtemp(prefix="crossmoco-final-"))
     try:
         export_dir = export_backbone(ckpt_dir, work / "export")
-        out["export"] = _publish(export_dir, f"{run.run_dir}/export")
+        out["export"] = publish_dir(export_dir, f"{run.run_dir}/export")
         history = (
             json.loads((ckpt_dir / HISTORY_FILE).read_text()) if (ckpt_dir / HISTORY_FILE).is_file() else {}
         )
@@ -129,7 +123,7 @@ def finish(run: Run, ckpt_dir: Path, tracker: Tracker, log: Callable[[str], None
                 log=log,
             )
             out["report"] = report
-            out["eval"] = _publish(work / "eval", f"{run.run_dir}/eval")
+            out["eval"] = publish_dir(work / "eval", f"{run.run_dir}/eval")
             log(
                 f"final linear SVM on {spec} (fit on train; 'val': the split carved from train; 'test': the "
                 "test split). 'clean' is the demanding protocol (standardised features, C by CV on train); "
@@ -145,11 +139,33 @@ def finish(run: Run, ckpt_dir: Path, tracker: Tracker, log: Callable[[str], None
         tracker.log_artifact(work / "export", "export")
         if (work / "eval").is_dir():
             tracker.log_artifact(work / "eval", "eval")
+        if tracker.enabled:
+            # The backbone as a loadable MLflow model (+ a registry version). Training is over and the
+            # files are stored and logged above, so a model that cannot be logged is reported, not fatal.
+            try:
+                out["model"] = tracker.log_point_model(work / "export", register=cfg.tracking.register_model)
+            except Exception as err:
+                out["model_error"] = f"{type(err).__name__}: {err}"
+                tracker.set_tags({"model_error": out["model_error"][:500]})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log(f"exported backbone: {out['export']}")
+    if out.get("model") is not None:
+        model = out["model"]
+        log(f"MLflow model: {model.model_uri} (mlflow.pytorch.load_model; points [B, N, 3] → features)")
+        if model.registered_uri:
+            log(f"registered as {model.name!r} version {model.version}: {model.registered_uri}")
+    if "model_error" in out:
+        log(
+            f"could not log the backbone as an MLflow model ({out['model_error']}); its files are in "
+            f"{out['export']} and in the run's export/ artifacts"
+        )
     if tracker.enabled:
-        log(f"MLflow run {tracker.run_id}; open it with:  mlflow ui --backend-store-uri {tracker.uri}")
+        uri = str(tracker.uri)
+        if uri.startswith(("http://", "https://", "databricks")):
+            log(f"MLflow run {tracker.run_id} on the tracking server {uri}")
+        else:
+            log(f"MLflow run {tracker.run_id}; open it with:  mlflow ui --backend-store-uri {uri}")
     return out
 
 
@@ -177,13 +193,3 @@ def _curves(history: dict[str, Any], work: Path) -> list[Path]:
             series["random init"] = [(0, 100 * random), (points[-1][0], 100 * random)]
         pngs.append(curves_plot(series, work / f"{key}.png", title=f"validation {name} (%)", xlabel="epoch"))
     return pngs
-
-
-def _publish(local: Path, uri: str) -> str:
-    """Copy a local directory to the run's storage (a path or a pyarrow URI); returns where it went."""
-    import pyarrow.fs as pafs
-
-    fs, path = resolve(uri)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    return uri

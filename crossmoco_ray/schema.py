@@ -164,6 +164,11 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, ge=0.0)
     data_cpus: float = Field(1.0, ge=0.0, description="CPUs kept free for Ray Data tasks")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each worker also requests, e.g. {trainer_slot: 1} to keep "
+        "workers on the nodes that advertise them (`ray start --resources`)",
+    )
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on CUDA")
     channels_last: bool = Field(False, description="channels-last image tensors on CUDA")
     seed: int = 1
@@ -171,7 +176,9 @@ class TrainConfig(_Section):
         False, description="seed the augmentations and use deterministic kernels (exact reruns and resumes)"
     )
     log_every: int = Field(20, gt=0, description="steps between progress reports")
-    keep_checkpoints: int = Field(2, gt=0, description="checkpoints kept (the latest always is)")
+    keep_checkpoints: int = Field(
+        2, gt=0, description="epoch-end checkpoints kept (the newest ones), plus the latest checkpoint"
+    )
     checkpoint_every_steps: int | None = Field(
         500,
         gt=0,
@@ -232,7 +239,12 @@ class TuneConfig(_Section):
     reduction_factor: float = Field(
         2.0, gt=1.0, description="ASHA: keep 1/reduction_factor of trials per rung"
     )
-    max_concurrent_trials: int | None = Field(None, gt=0)
+    max_concurrent_trials: int | None = Field(
+        None,
+        gt=0,
+        description="trials at once; null = all, each starting when its workers fit (on a cluster the "
+        "waiting ones are demand an autoscaler adds nodes for; a local Ray runs what it holds)",
+    )
 
 
 class TrackingConfig(_Section):
@@ -243,6 +255,10 @@ class TrackingConfig(_Section):
     run_name: str | None = None
     tracking_uri: str | None = Field(
         None, description="null: MLFLOW_TRACKING_URI, else sqlite under the run's storage path"
+    )
+    register_model: str | None = Field(
+        None,
+        description="registered-model name: the run's logged encoder model becomes a new version of it",
     )
 
 

@@ -8,8 +8,9 @@ Layout of a checkpoint directory::
 
 ``state.pt``: ``format``, ``version``, ``model`` (the CrossMoCo state dict, DDP prefix stripped),
 ``optimizer``, ``scheduler`` (``{"lr": …}``: the schedule is a function of the epoch), ``epoch`` (epochs
-completed), ``step`` (optimizer steps done), ``rng`` (torch CPU and CUDA), ``config`` (a plain
-dict), ``mlflow_run_id``, ``run_name``, ``metrics``, ``queue_checksum``.
+completed), ``step`` (optimizer steps done: mid-epoch when ``step`` is not a multiple of the steps per
+epoch), ``rng`` (torch CPU and CUDA of rank 0), ``rng_per_rank`` (the same for every rank, in rank order),
+``config`` (a plain dict), ``mlflow_run_id``, ``run_name``, ``metrics``, ``queue_checksum``.
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ def build_state(
     mlflow_run_id: str | None = None,
     run_name: str | None = None,
     metrics: dict[str, float] | None = None,
+    rng_per_rank: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """Everything a resume needs; ``rng_per_rank``: every worker's :func:`rng_state` (default: this one)."""
     module = unwrap(model)
+    rngs = rng_per_rank or [rng_state()]
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -77,7 +81,8 @@ def build_state(
         "scheduler": {"lr": lr},
         "epoch": epoch,
         "step": step,
-        "rng": rng_state(),
+        "rng": rngs[0],
+        "rng_per_rank": rngs,
         "config": cfg.model_dump(mode="json"),
         "mlflow_run_id": mlflow_run_id,
         "run_name": run_name,
@@ -116,9 +121,23 @@ def read_checkpoint(directory: str | Path) -> dict[str, Any]:
     return state
 
 
-def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
-    """Load model (queues and pointer included), optimizer and RNG states from a checkpoint state."""
+def restore(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    rank: int = 0,
+    world_size: int = 1,
+) -> bool:
+    """Load model (queues and pointer included), optimizer and this rank's RNG state from a checkpoint
+    state. Returns whether the RNG state was this rank's own: a run resumed on another number of workers
+    gets fresh per-rank seeds instead (``seed + rank`` mixed with the step), so it is not bit-exact."""
     unwrap(model).load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
+    rngs = state.get("rng_per_rank") or [state["rng"]]
+    if len(rngs) == world_size:
+        set_rng_state(rngs[rank])
+        return True
+    seed = int(state["config"]["train"]["seed"])
+    torch.manual_seed(seed * 1_000_003 + rank * 7919 + int(state["step"]))
+    return False

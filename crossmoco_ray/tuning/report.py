@@ -45,7 +45,8 @@ def trial_rows(grid: Any, space: Space, cfg: Config) -> list[dict[str, Any]]:
             status = "completed"
         else:
             status = "stopped_early"
-        value = float(metrics.get(cfg.tune.metric, float("nan")))
+        # a diverged trial's report carries the metric it last measured; it must not rank as that
+        value = math.nan if status == "nonfinite" else float(metrics.get(cfg.tune.metric, math.nan))
         row = {"trial_id": trial_id, **values, "epochs": epoch, cfg.tune.metric: value, "status": status}
         rows.append(row)
     return rows
@@ -91,7 +92,7 @@ def write_outputs(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     from ..evaluate.plots import search_plot
-    from ..pretrain import _publish
+    from ..storage import publish_dir
 
     work = Path(tempfile.mkdtemp(prefix="crossmoco-tune-"))
     out: dict[str, Any] = {}
@@ -127,7 +128,7 @@ def write_outputs(
             parent.set_tags({"best_trial": best["trial_id"]})
         (work / "trials.json").write_text(json.dumps(rows, indent=1))
         parent.log_artifact(work)
-        published = _publish(work, f"{search_dir}/summary")
+        published = publish_dir(work, f"{search_dir}/summary")
         out["table"] = table
         out["summary_dir"] = published
         log(f"trials (best first):\n{table}")

@@ -1,4 +1,4 @@
-"""What the launcher resolves on the driver before any worker starts: paths, the monitor, the batch mix."""
+"""What a launch resolves on the driver before any worker starts: paths, the monitor, the batch mix."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from crossmoco_ray.config import ConfigError, load_config
 from crossmoco_ray.data.readers import SyntheticSource
 from crossmoco_ray.data.render import RenderSpec
 from crossmoco_ray.data.shards import PrepareOptions, prepare
-from crossmoco_ray.train.launcher import iid_batch_classes, monitor_spec, pipeline_options, resolve_run
+from crossmoco_ray.train.checks import iid_batch_classes
+from crossmoco_ray.train.run import resolve_run
+from crossmoco_ray.train.trainer import monitor_spec, pipeline_options
 from tests.data import fixtures
 
 TINY = ["data.num_points=32", "eval.num_points=32", "tracking.enabled=false"]
@@ -75,7 +77,7 @@ def test_chance_levels_follow_the_objective_weights() -> None:
     """Each InfoNCE at chance is ln(1 + K), NT-Xent ln(2N − 1); the total weighs them as the loss does."""
     import math
 
-    from crossmoco_ray.train.loop import chance_levels
+    from crossmoco_ray.train.progress import chance_levels
 
     plain = chance_levels(2048, 32)
     assert plain["chance_loss_point"] == pytest.approx(math.log(2049))
@@ -83,3 +85,17 @@ def test_chance_levels_follow_the_objective_weights() -> None:
     assert plain["chance_loss"] == pytest.approx(2 * math.log(2049) + math.log(63))
     weighted = chance_levels(2048, 32, (100.0, 1.0, 0.5))
     assert weighted["chance_loss"] == pytest.approx(101 * math.log(2049) + 0.5 * math.log(63))
+
+
+def test_run_name_follows_what_is_trained_not_how_it_runs() -> None:
+    """Relaunching with more restarts, another checkpoint interval or a model registry resumes the run;
+    another learning rate is another run."""
+    from crossmoco_ray.train.run import default_name
+
+    base = load_config("quickstart")
+    same = load_config(
+        "quickstart",
+        overrides=["train.max_failures=-1", "train.checkpoint_every_steps=7", "tracking.register_model=enc"],
+    )
+    assert default_name(same) == default_name(base)
+    assert default_name(load_config("quickstart", overrides=["optim.lr=0.002"])) != default_name(base)

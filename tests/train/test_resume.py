@@ -1,0 +1,86 @@
+"""Where a restarted run picks up: checkpoint names, Ray's registered checkpoint vs ``progress.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from crossmoco_ray.train.checkpoint import STATE_FILE, restore
+from crossmoco_ray.train.resume import (
+    PROGRESS_FILE,
+    ResumePoint,
+    checkpoint_name,
+    resume_point,
+    step_of,
+    write_progress,
+)
+
+SPE = 10  # steps per epoch
+
+
+def _checkpoint(run_dir: Path, name: str) -> None:
+    (run_dir / name).mkdir(parents=True)
+    (run_dir / name / STATE_FILE).write_bytes(b"state")
+
+
+def test_names_say_where_in_the_run_a_checkpoint_is() -> None:
+    assert checkpoint_name(30, SPE) == "epoch_0003"
+    assert checkpoint_name(34, SPE) == "step_00000034"
+    assert step_of("epoch_0003", SPE) == 30
+    assert step_of("/runs/x/step_00000034/", SPE) == 34
+    assert step_of("checkpoint_2026-12-03", SPE) is None
+    point = ResumePoint("x/step_00000034", 34)
+    assert (point.epoch(SPE), point.skip(SPE)) == (3, 4)  # the fourth epoch, 4 batches already trained on
+
+
+def test_a_fresh_run_starts_at_step_zero(tmp_path: Path) -> None:
+    assert resume_point(str(tmp_path / "run"), SPE, None) == ResumePoint(None, 0)
+
+
+def test_an_uploaded_but_unregistered_checkpoint_is_not_lost(tmp_path: Path) -> None:
+    """A worker that dies right after its report can leave the newest checkpoint unregistered by Ray."""
+    run = tmp_path / "run"
+    _checkpoint(run, "epoch_0002")
+    _checkpoint(run, "step_00000025")
+    write_progress(str(run), "step_00000025", 25, 2)
+    point = resume_point(str(run), SPE, registered=str(run / "epoch_0002"))
+    assert point == ResumePoint(f"{run}/step_00000025", 25)
+
+
+def test_the_registered_checkpoint_wins_when_newer_or_when_progress_names_a_missing_one(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    _checkpoint(run, "epoch_0003")
+    write_progress(str(run), "step_00000025", 25, 2)  # its directory was deleted (or never completed)
+    assert resume_point(str(run), SPE, registered=str(run / "epoch_0003")) == ResumePoint(
+        f"{run}/epoch_0003", 30
+    )
+    (run / PROGRESS_FILE).unlink()
+    assert resume_point(str(run), SPE, registered=None) == ResumePoint(None, 0)
+
+
+def test_every_rank_gets_its_own_rng_state_back() -> None:
+    """Each rank restores the RNG state it saved (not rank 0's); another world size gets fresh seeds."""
+    from crossmoco_ray.config import load_config
+    from crossmoco_ray.train.builders import build_model, build_optimizer
+    from crossmoco_ray.train.checkpoint import build_state, rng_state
+
+    cfg = load_config(
+        "quickstart",
+        overrides=["model.emb_dims=32", "model.image_encoder=resnet18", "objective.queue_length=64"],
+    )
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    states, next_draws = [], []
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        states.append(rng_state())
+        next_draws.append(torch.rand(3))
+    state = build_state(model, optimizer, cfg, epoch=1, step=5, lr=1e-3, rng_per_rank=states)
+    for rank in range(2):
+        torch.manual_seed(0)
+        assert restore(model, optimizer, state, rank=rank, world_size=2) is True
+        assert torch.equal(torch.rand(3), next_draws[rank]), rank
+    assert restore(model, optimizer, state, rank=1, world_size=3) is False  # resumed on another world size
