@@ -1,11 +1,18 @@
 """``crossmoco tune``: a Ray Tune search in which every trial is a distributed pretraining run.
 
 Train V2 cannot be passed to a ``Tuner``; the working pattern (RAY.md §3.1) is a Tune *function* trainable
-(:func:`trial_driver`) that builds and fits a ``TorchTrainer`` with ``TuneReportCallback``, so each epoch's
-``tune.metric`` (default ``val_svm_clean``, the clean-protocol SVM on validation data) reaches the scheduler
-(ASHA over epochs). Each trial's Train run is named after its trial id
-under ``STORAGE/SEARCH/trials``, so a resumed search also resumes its interrupted trials from their last
-checkpoint.
+(:func:`trial_driver`, 0.1 CPU) that builds and fits a ``TorchTrainer`` whose results reach Tune through
+:class:`~.callbacks.CarriedReport`, so ``tune.metric`` (default ``val_svm_clean``, the clean-protocol SVM on
+validation data) reaches the scheduler (ASHA over completed epochs, ``time_attr="epoch"``). Each trial's
+Train run is named after its trial id under ``STORAGE/SEARCH/trials``, so a resumed search also resumes its
+interrupted trials from their last checkpoint.
+
+Scaling: on a cluster every trial starts at once (up to ``tune.max_concurrent_trials``) and its Train run
+requests its workers' placement group; a group that does not fit waits, which is the resource demand an
+autoscaler adds nodes for. Train's worker-group start timeout only makes it ask again
+(``controller_failure_limit`` is unlimited), so a waiting trial waits and does not fail. Only a local Ray,
+which nothing can grow, limits the trials to what fits (with the CPUs kept for Ray Data, which would
+otherwise starve).
 
 MLflow: a parent run for the search (params: the base config and the space; artifacts: summary table,
 plot, best preset) and a nested child run per trial (the trial's resolved config as params, its metrics as
@@ -20,17 +27,11 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import Config, ConfigError, config_hash, flatten, validate
+from ..storage import read_json, write_json
 from ..tracking import Tracker, default_tracking_uri
-from ..train.launcher import (
-    _read_json,
-    _write_json,
-    build_trainer,
-    check_resources,
-    init_ray,
-    resolve_run,
-    resolve_storage,
-    start_tracking,
-)
+from ..train.resources import check_resources, init_ray
+from ..train.run import resolve_run, resolve_storage, start_tracking
+from ..train.trainer import build_trainer
 from .report import close_child_runs, fmt, trial_rows, write_outputs
 from .space import Space, check_space, parse_space, with_values
 
@@ -47,16 +48,29 @@ def trial_resources(cfg: Config) -> tuple[float, float]:
     return cpus, gpus
 
 
-def concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
-    """How many trials fit at once (a Train run starts only when all its workers fit)."""
+def trials_that_fit(cfg: Config, resources: dict[str, float]) -> int:
+    """How many trials ``resources`` hold at once (0: not one); a Train run starts only when all its
+    workers fit, and its Ray Data tasks need the CPUs kept for them besides."""
     cpus, gpus = trial_resources(cfg)
-    fit = int(resources.get("CPU", 0.0) // cpus + 1e-9)
+    fit = int(resources.get("CPU", 0.0) / cpus + 1e-9)
     if gpus > 0:
-        fit = min(fit, int(resources.get("GPU", 0.0) // gpus + 1e-9))
-    fit = max(1, fit)
-    if cfg.tune.max_concurrent_trials:
-        fit = min(fit, cfg.tune.max_concurrent_trials)
+        fit = min(fit, int(resources.get("GPU", 0.0) / gpus + 1e-9))
     return fit
+
+
+def trial_concurrency(cfg: Config, resources: dict[str, float], local: bool) -> int | None:
+    """Tune's ``max_concurrent_trials`` (``None``: no limit).
+
+    On a cluster it is ``tune.max_concurrent_trials``, never the resources present now: every trial is
+    started, its Train run requests its workers, and a request that does not fit is pending demand that an
+    autoscaler adds nodes for. A local Ray never grows, and trials whose workers took every CPU would starve
+    each other's Ray Data (a hang), so there it is what fits (at least 1), capped by the setting.
+    """
+    limit = cfg.tune.max_concurrent_trials
+    if not local:
+        return limit
+    fit = max(1, trials_that_fit(cfg, resources))
+    return min(fit, limit) if limit else fit
 
 
 def check_search(cfg: Config, space: Space, manifest: dict[str, Any]) -> None:
@@ -88,9 +102,11 @@ def check_search(cfg: Config, space: Space, manifest: dict[str, Any]) -> None:
 
 
 def trial_driver(config: dict[str, Any]) -> None:
-    """Tune function trainable: resolve the trial's config, fit its TorchTrainer, report per epoch."""
+    """Tune function trainable: resolve the trial's config, fit its TorchTrainer; every Train report
+    (epoch ends and mid-epoch checkpoints) becomes a Tune result."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .callbacks import CarriedReport
 
     static = config["crossmoco"]
     space = parse_space(static["space"], "search space", name=static["space_name"])
@@ -109,7 +125,10 @@ def trial_driver(config: dict[str, Any]) -> None:
         f"trial {trial_id}: " + ", ".join(f"{k}={fmt(v)}" for k, v in values.items()),
         flush=True,
     )
-    result = build_trainer(run, callbacks=[TuneReportCallback()]).fit()
+    # A Train run whose workers do not fit yet waits for them (the autoscaler's cue), retrying its
+    # worker-group start without limit; every report becomes a Tune result carrying epoch and the metric.
+    report = CarriedReport(("epoch", cfg.tune.metric))
+    result = build_trainer(run, callbacks=[report]).fit()
     ret = result.return_value or {}
     if ret.get("status") == "nonfinite":
         tracker.set_tags({"tune_status": "nonfinite"})
@@ -122,30 +141,6 @@ def trial_driver(config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 # The search (runs in the driver)
 # --------------------------------------------------------------------------------------------------
-
-
-def _progress_callback(epochs: int, metric: str, log: Callable[[str], None]) -> Any:
-    from ray import tune
-
-    class Progress(tune.Callback):
-        """One console line per trial epoch and per trial end, instead of Tune's status tables."""
-
-        def on_trial_result(
-            self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any
-        ) -> None:
-            value = result.get(metric, float("nan"))
-            log(
-                f"  trial {trial.trial_id} epoch {result.get('epoch', '?')}/{epochs}: "
-                f"loss {result.get('loss', float('nan')):.4f}  {metric} {value:.4f}"
-            )
-
-        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            log(f"  trial {trial.trial_id} ended")
-
-        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            log(f"  trial {trial.trial_id} FAILED: see {trial.local_path or trial.path}")
-
-    return Progress()
 
 
 def default_search_name(cfg: Config, space: Space) -> str:
@@ -171,7 +166,7 @@ def tune_search(
     if resume:
         if name is None:
             raise ConfigError("--resume needs the --name of the search to continue")
-        state = _read_json(f"{storage}/{name}/{SEARCH_FILE}")
+        state = read_json(f"{storage}/{name}/{SEARCH_FILE}")
         if state is None:
             raise ConfigError(
                 f"no search {name!r} under {storage}: nothing to resume (drop --resume to start it)"
@@ -195,7 +190,7 @@ def tune_search(
     # Everything that can fail, before Ray or any trial starts.
     base_run = resolve_run(cfg, name=name, storage=storage, data=data, log=log)
     check_search(cfg, space, base_run.manifest)
-    previous = _read_json(f"{search_dir}/{SEARCH_FILE}")
+    previous = read_json(f"{search_dir}/{SEARCH_FILE}")
     if previous is not None and not resume:
         raise ConfigError(
             f"search {name!r} already exists under {storage}: add --resume to continue it, "
@@ -207,8 +202,19 @@ def tune_search(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    check_resources(cfg, ray.cluster_resources(), local, log)
-    concurrency = concurrent_trials(cfg, ray.cluster_resources())
+    from .callbacks import Progress
+
+    resources = ray.cluster_resources()
+    if local:
+        check_resources(cfg, resources, local, log)  # a local Ray that cannot hold one trial never will
+    elif trials_that_fit(cfg, resources) == 0:
+        cpus, gpus = trial_resources(cfg)
+        log(
+            f"warning: the cluster cannot hold one trial now ({cpus:g} CPUs, {gpus:g} GPUs each; it has "
+            f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs): the trials are queued "
+            "with their resource requests and wait for the autoscaler to add nodes"
+        )
+    concurrency = trial_concurrency(cfg, resources, local)
 
     tracking_uri = default_tracking_uri(storage, cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
     parent = Tracker(tracking_uri)
@@ -228,13 +234,14 @@ def tune_search(
         "tracking_uri": tracking_uri,
     }
     if previous is None:
-        _write_json(f"{search_dir}/{SEARCH_FILE}", state)
+        write_json(f"{search_dir}/{SEARCH_FILE}", state)
 
     t = cfg.tune
     n_grid = math.prod(len(d.args) for d in space.dims if d.kind == "grid")
     log(
         f"search {name}: {t.num_samples * n_grid} trials ({t.scheduler}, metric {t.metric} {t.mode}), "
-        f"{concurrency} at a time; each trial {cfg.train.num_workers} workers × {cfg.train.epochs} epochs\n"
+        f"{_concurrency_text(concurrency, local)}; each trial {cfg.train.num_workers} workers × "
+        f"{cfg.train.epochs} epochs\n"
         f"space {space.name}:\n{space.describe()}\nstorage {search_dir}"
     )
     if parent_id:
@@ -270,7 +277,10 @@ def tune_search(
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=storage,
-                callbacks=[_progress_callback(cfg.train.epochs, cfg.tune.metric, log)],
+                callbacks=[Progress(cfg.train.epochs, cfg.tune.metric, log)],
+                # a trial driver lost with its node is restarted; its Train run (named after the trial id)
+                # then resumes from its newest checkpoint
+                failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
                 verbose=0,
             ),
         )
@@ -311,6 +321,12 @@ class _InterruptWatch(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if "has been interrupted" in record.getMessage():
             self.interrupted = True
+
+
+def _concurrency_text(concurrency: int | None, local: bool) -> str:
+    if concurrency is None:
+        return "all at once as the cluster's resources allow"
+    return f"{concurrency} at a time" + (" (what this machine holds)" if local else "")
 
 
 def _raw(d: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from crossmoco_ray.config import ConfigError, load_config
 from crossmoco_ray.tuning import check_space, load_space, parse_space
 from crossmoco_ray.tuning.report import best_row
-from crossmoco_ray.tuning.search import check_search, concurrent_trials
+from crossmoco_ray.tuning.search import check_search, trial_concurrency, trials_that_fit
 from crossmoco_ray.tuning.space import SHIPPED_DIR, with_values
 
 
@@ -94,14 +95,54 @@ def test_search_level_checks(tmp_path: Path) -> None:
         )
 
 
-def test_concurrency_is_capped_by_resources() -> None:
+def test_concurrency_on_a_cluster_is_the_setting_not_the_resources_present() -> None:
     cfg = load_config("quickstart")  # 2 workers x 0.5 CPU + 1 CPU for data + 0.1 driver = 2.1 CPUs a trial
-    assert concurrent_trials(cfg, {"CPU": 2.0}) == 1
-    assert concurrent_trials(cfg, {"CPU": 9.0}) == 4
-    gpu = load_config("quickstart", overrides=["train.use_gpu=true", "train.num_workers=2"])
-    assert concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4  # 2 GPUs a trial
+    # an autoscaling cluster starts empty: every trial is queued and its workers are pending demand
+    assert trial_concurrency(cfg, {"CPU": 0.0}, local=False) is None
+    assert trial_concurrency(cfg, {"CPU": 2.0}, local=False) is None
+    capped = load_config("quickstart", overrides=["tune.max_concurrent_trials=3"])
+    assert trial_concurrency(capped, {"CPU": 2.0}, local=False) == 3
+
+
+def test_concurrency_on_a_local_ray_is_what_fits() -> None:
+    # nothing adds nodes to a local Ray, and trials holding every CPU would starve each other's Ray Data
+    cfg = load_config("quickstart")
+    assert trial_concurrency(cfg, {"CPU": 2.0}, local=True) == 1
+    assert trial_concurrency(cfg, {"CPU": 9.0}, local=True) == 4
     capped = load_config("quickstart", overrides=["tune.max_concurrent_trials=2"])
-    assert concurrent_trials(capped, {"CPU": 64.0}) == 2
+    assert trial_concurrency(capped, {"CPU": 64.0}, local=True) == 2
+    gpu = load_config("quickstart", overrides=["train.use_gpu=true", "train.num_workers=2"])
+    assert trials_that_fit(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4  # 2 GPUs a trial
+    assert trials_that_fit(gpu, {"CPU": 64.0}) == 0  # what the search warns about on a cluster
+
+
+def test_reports_carry_epoch_and_the_metric_tune_needs() -> None:
+    from crossmoco_ray.tuning.callbacks import Carry
+
+    carry = Carry(("epoch", "val_svm_clean"))
+    first = carry({"step": 5, "loss": 9.0})  # mid-epoch, before any epoch ended or the monitor ran
+    assert first["epoch"] == 0
+    assert math.isnan(first["val_svm_clean"])
+    assert carry({"epoch": 1, "step": 10, "val_svm_clean": 0.5})["val_svm_clean"] == 0.5
+    mid = carry({"step": 15, "loss": 8.0})  # a mid-epoch checkpoint report of epoch 2
+    assert (mid["epoch"], mid["val_svm_clean"], mid["step"]) == (1, 0.5, 15)
+    nonfinite = carry({"epoch": 1, "step": 17, "nonfinite": 1.0})
+    assert nonfinite["val_svm_clean"] == 0.5
+    assert carry({"epoch": 2, "val_svm_clean": 0.6})["val_svm_clean"] == 0.6  # fresh values win
+
+
+def test_progress_prints_a_trial_once_per_epoch() -> None:
+    from types import SimpleNamespace
+
+    from crossmoco_ray.tuning.callbacks import Progress
+
+    lines: list[str] = []
+    progress = Progress(3, "loss", lines.append)
+    trial = SimpleNamespace(trial_id="t1")
+    for result in ({"epoch": 0, "step": 4}, {"epoch": 1, "loss": 2.0}, {"epoch": 1, "step": 14},
+                   {"epoch": 2, "loss": 1.5}):  # fmt: skip
+        progress.on_trial_result(0, [], trial, result)
+    assert [line.split(":")[0].strip() for line in lines] == ["trial t1 epoch 1/3", "trial t1 epoch 2/3"]
 
 
 def test_best_trial_prefers_completed_trials() -> None:
