@@ -5,9 +5,11 @@ Each ``fit()`` costs ~20 s on 2 cores, so the tests share runs through module-sc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from crossmoco_ray.data.shards import PrepareOptions, prepare
 from crossmoco_ray.pretrain import EXIT_FAILED, EXIT_OK, pretrain
 from crossmoco_ray.train.checkpoint import read_checkpoint
 from crossmoco_ray.train.loop import HISTORY_FILE
+from crossmoco_ray.train.process import FAULT_ENV
 from tests.data import fixtures
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -32,6 +35,7 @@ TINY = [
     "data.render.size=32", "data.render.azimuths=[0,120,240]", "data.read_batch=16",
     "objective.queue_length=64", "train.batch_size=8", "train.log_every=4",
     "eval.num_points=64", "eval.monitor_samples=40", "eval.final=false",
+    "tracking.log_model=false",  # tests/test_mlflow_server.py logs and loads the model through finish()
 ]  # fmt: skip
 
 
@@ -40,15 +44,32 @@ def tiny(*overrides: str) -> Any:
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's epoch-end checkpoints, in order."""
     return sorted(p for p in run_dir.glob("epoch_*") if (p / "state.pt").is_file())
+
+
+FAULT_STEP = 17
+CHECKPOINT_EVERY = 4
+
+
+@contextlib.contextmanager
+def fault_at(step: int) -> Iterator[None]:
+    """The last worker's process dies at ``step`` (once per run): the loop's test-only fault injection."""
+    os.environ[FAULT_ENV] = str(step)
+    try:
+        yield
+    finally:
+        del os.environ[FAULT_ENV]
 
 
 @pytest.fixture(scope="module")
 def two_workers(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """3 epochs on 2 workers; the last worker is killed in the middle of epoch 2 and restarted."""
+    """3 epochs on 2 workers, a checkpoint every 4 steps; the last worker is killed at step 17 (in epoch 2)
+    and the group restarts from the checkpoint of step 16, mid-epoch."""
     storage = tmp_path_factory.mktemp("runs")
-    cfg = tiny("train.epochs=3", "train.num_workers=2", "train.max_failures=1", "train.fault_at_step=17")
-    code, summary = pretrain(cfg, name="two", storage=str(storage), log=lambda m: None)
+    cfg = tiny("train.epochs=3", "train.num_workers=2", f"train.checkpoint_every_steps={CHECKPOINT_EVERY}")
+    with fault_at(FAULT_STEP):
+        code, summary = pretrain(cfg, name="two", storage=str(storage), log=lambda m: None)
     return {"code": code, "summary": summary, "run_dir": storage / "two", "storage": storage, "cfg": cfg}
 
 
@@ -59,13 +80,19 @@ def test_two_worker_run_completes_through_a_killed_worker(two_workers: dict[str,
     assert (two_workers["run_dir"] / ".fault_injected").is_file()  # the fault did happen
 
 
-def test_restart_redoes_at_most_the_work_since_the_last_checkpoint(two_workers: dict[str, Any]) -> None:
+def test_restart_resumes_mid_epoch_from_the_last_checkpoint(two_workers: dict[str, Any]) -> None:
+    """The surviving attempt starts at the last checkpoint before the fault (step 16, inside epoch 2): it
+    fails if the restore were skipped (it would start at 0) or only per-epoch checkpoints were kept."""
     metrics = two_workers["summary"]["metrics"]
     steps_per_epoch = metrics["step"] // 3
-    fault_step = 17
+    assert FAULT_STEP // steps_per_epoch == 1  # the fault is inside epoch 2
     restart_from = metrics["attempt_start_step"]  # where the surviving attempt started
-    assert restart_from == (fault_step // steps_per_epoch) * steps_per_epoch  # the last checkpoint before it
-    assert 0 <= fault_step - restart_from < steps_per_epoch
+    assert restart_from == (FAULT_STEP // CHECKPOINT_EVERY) * CHECKPOINT_EVERY == 16
+    assert restart_from % steps_per_epoch != 0  # mid-epoch
+    history = json.loads((checkpoints(two_workers["run_dir"])[-1] / HISTORY_FILE).read_text())
+    epoch2 = history["epochs"][1]
+    assert epoch2["attempt_start_step"] == 16
+    assert epoch2["step"] == 2 * steps_per_epoch
 
 
 def test_queues_identical_on_both_workers_at_every_checkpoint(two_workers: dict[str, Any]) -> None:
@@ -88,7 +115,12 @@ def test_checkpoint_holds_everything_exact_resume_needs(two_workers: dict[str, A
     assert int(model["queue.ptr"]) == (state["step"] * 8) % 64
     assert state["optimizer"]["state"]  # Adam moments
     assert state["scheduler"]["lr"] > 0
-    assert (state["epoch"], state["step"]) == (3, state["step"])
+    steps_per_epoch = two_workers["summary"]["metrics"]["step"] // 3
+    assert (state["epoch"], state["step"]) == (3, 3 * steps_per_epoch)
+    assert state["step"] == two_workers["summary"]["metrics"]["step"]
+    rngs = state["rng_per_rank"]  # every rank's own RNG state, in rank order
+    assert len(rngs) == 2
+    assert not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
     assert isinstance(state["rng"]["torch"], torch.Tensor)
     assert state["config"]["objective"]["queue_length"] == 64
     assert state["mlflow_run_id"] == two_workers["summary"]["mlflow_run_id"]
@@ -122,23 +154,25 @@ def test_mlflow_run_has_params_step_metrics_and_artifacts(two_workers: dict[str,
 
 
 def test_exact_resume_equals_a_straight_run(ray_session: None, tmp_path: Path) -> None:
-    """2 epochs straight vs 1 epoch, interrupted, then relaunched: identical weights and queues. The monitor
-    reads another labelled dataset (``eval.data``, an h5 source without a val split, given as a path relative
-    to the driver's working directory), and its random-init baseline is measured once per run, not again
-    after the restart."""
+    """2 epochs straight vs interrupted late in epoch 2, then relaunched from a mid-epoch checkpoint:
+    identical weights and queues. The monitor reads another labelled dataset (``eval.data``, an h5 source
+    without a val split, given as a path relative to the driver's working directory), and its random-init
+    baseline is measured once per run, not again after the restart."""
     h5 = fixtures.modelnet_h5(tmp_path / "eval_h5", n_train=40, n_test=8, classes=4)
     base = [
         "train.epochs=2", "train.num_workers=1", "train.batch_size=4", "train.deterministic=true",
-        f"eval.data={os.path.relpath(h5)}",
+        f"eval.data={os.path.relpath(h5)}", "train.checkpoint_every_steps=3", "train.max_failures=0",
     ]  # fmt: skip
     straight = tiny(*base)
     code, a = pretrain(straight, name="straight", storage=str(tmp_path), log=lambda m: None)
     assert code == EXIT_OK
     steps = a["metrics"]["step"] // 2
-    # dies at the last step of epoch 2, well after epoch 1's checkpoint was reported (a worker that dies
-    # within moments of its report can leave that checkpoint unregistered: issue 13's territory)
-    broken = tiny(*base, f"train.fault_at_step={2 * steps - 1}")
-    code, first = pretrain(broken, name="resumed", storage=str(tmp_path), log=lambda m: None)
+    # dies at the last step of epoch 2; with a checkpoint every 3 steps the relaunch resumes mid-epoch
+    every = 3
+    fault = 2 * steps - 1
+    broken = tiny(*base)
+    with fault_at(fault):
+        code, first = pretrain(broken, name="resumed", storage=str(tmp_path), log=lambda m: None)
     assert code == EXIT_FAILED
     assert len(checkpoints(tmp_path / "resumed")) == 1
     code, second = pretrain(broken, name="resumed", storage=str(tmp_path), log=lambda m: None)
@@ -152,8 +186,11 @@ def test_exact_resume_equals_a_straight_run(ray_session: None, tmp_path: Path) -
     assert sa["queue_checksum"] == sb["queue_checksum"]
     # the monitor ran on eval.data and measured its baseline once, before the interruption
     history = json.loads((checkpoints(tmp_path / "resumed")[-1] / HISTORY_FILE).read_text())
-    # the relaunch really restored epoch 1 (a fresh start would give the same weights: seeded, deterministic)
-    assert [e["attempt_start_step"] for e in history["epochs"]] == [0, steps]
+    # the relaunch really restored the mid-epoch checkpoint (a fresh start would give the same weights:
+    # seeded, deterministic), and skipped the batches it had trained on (else the weights would differ)
+    resumed_at = (fault // every) * every
+    assert resumed_at % steps != 0  # mid-epoch
+    assert [e["attempt_start_step"] for e in history["epochs"]] == [0, resumed_at]
     assert 0.0 <= history["baseline"]["random_val_svm_clean"] <= 1.0
     assert all(0.0 <= e["val_svm_clean"] <= 1.0 for e in history["epochs"])
     from mlflow.tracking import MlflowClient
