@@ -139,7 +139,7 @@ def finish(run: Run, ckpt_dir: Path, tracker: Tracker, log: Callable[[str], None
         tracker.log_artifact(work / "export", "export")
         if (work / "eval").is_dir():
             tracker.log_artifact(work / "eval", "eval")
-        if tracker.enabled:
+        if tracker.enabled and cfg.tracking.log_model:
             # The backbone as a loadable MLflow model (+ a registry version). Training is over and the
             # files are stored and logged above, so a model that cannot be logged is reported, not fatal.
             try:

@@ -256,9 +256,15 @@ class TrackingConfig(_Section):
     tracking_uri: str | None = Field(
         None, description="null: MLFLOW_TRACKING_URI, else sqlite under the run's storage path"
     )
+    log_model: bool = Field(
+        True,
+        description="log the exported backbone as an MLflow model (torch.export; seconds to minutes for "
+        "large encoders); its files are logged as artifacts either way",
+    )
     register_model: str | None = Field(
         None,
-        description="registered-model name: the run's logged encoder model becomes a new version of it",
+        description="registered-model name: the run's logged encoder model becomes a new version of it "
+        "(needs tracking.log_model)",
     )
 
 
@@ -370,6 +376,11 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if t.precision == "bf16" and not t.use_gpu:
         problems.append(
             "train.precision=bf16 runs on CUDA only; set train.use_gpu=true or train.precision=fp32"
+        )
+    if cfg.tracking.register_model and not cfg.tracking.log_model:
+        problems.append(
+            f"tracking.register_model={cfg.tracking.register_model} needs the model logged: set "
+            "tracking.log_model=true (or drop tracking.register_model)"
         )
     if m.sync_bn and not t.use_gpu:
         problems.append("model.sync_bn=true needs CUDA (torch's SyncBatchNorm); set train.use_gpu=true")

@@ -62,9 +62,9 @@ def test_a_global_batch_override_replaces_a_presets_per_worker_batch() -> None:
 
 
 def test_one_layer_setting_both_batches_or_none_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="sets both train.batch_size"):
+    with pytest.raises(ConfigError, match=r"sets both train\.batch_size"):
         load_config(extra={"train": {"batch_size": 40, "batch_size_per_worker": 20}})
-    with pytest.raises(ConfigError, match="set exactly one of train.batch_size"):
+    with pytest.raises(ConfigError, match=r"set exactly one of train\.batch_size"):
         validate({"train": {"batch_size_per_worker": None}})
 
 
@@ -81,7 +81,8 @@ def test_queue_check_uses_the_global_batch_from_workers_and_names_the_fix() -> N
     with pytest.raises(ConfigError) as err:
         load_config("paper", overrides=["train.num_workers=3"])
     message = str(err.value)
-    assert "global batch 60" in message and "x 3 workers" in message
+    assert "global batch 60" in message
+    assert "x 3 workers" in message
     assert "objective.queue_length=3960 or 4020" in message
 
 
@@ -144,6 +145,7 @@ def test_queue_length_not_a_multiple_of_the_global_batch_suggests_4000_or_4100()
             "raise train.batch_size to 8",
         ),
         (["model.k=2048"], "lower model.k below 2048"),
+        (["tracking.register_model=enc", "tracking.log_model=false"], "set tracking.log_model=true"),
         (["train.precision=bf16"], "set train.use_gpu=true or train.precision=fp32"),
         (["train.batch_size=-1"], "train.batch_size: Input should be greater than 0"),
         (["objective.momentum=1.0"], "objective.momentum: Input should be less than 1"),
