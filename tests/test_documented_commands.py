@@ -39,10 +39,6 @@ ARGUMENTS_ONLY = {
 }
 # Matches of the command finder that are not commands: (file, text in the line) -> why.
 NOT_COMMANDS = {
-    (
-        "docs/architecture.md",
-        "crossmoco {pretrain, prepare, eval, export, config}",
-    ): "a synopsis of the commands",
     ("cluster/submit.sh", 'python -m crossmoco_ray.cli "$@"'): "the script forwards its own arguments",
 }
 

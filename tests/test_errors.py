@@ -13,20 +13,23 @@ import pytest
 
 from crossmoco_ray.config import ConfigError
 from crossmoco_ray.data.types import DataError
+from crossmoco_ray.tracking import ResumeError
 
 EXCEPTIONS = [
     DataError("/data/mn40/train.h5", "no 'label' dataset; all 9 rows skipped", 4, rows=9),
     DataError("obj-7", "view 1 does not decode"),
     ConfigError("train.batch_size=20 does not split evenly over train.num_workers=3; use ..."),
+    ResumeError("cannot resume MLflow run 0a1b from the tracking store sqlite:///x/mlflow.db: no such run"),
 ]
 
 
 def _project_exceptions() -> set[type[BaseException]]:
-    import crossmoco_ray.config
     import crossmoco_ray.data.types
+    import crossmoco_ray.schema
+    import crossmoco_ray.tracking
 
     found = set()
-    for module in (crossmoco_ray.config, crossmoco_ray.data.types):
+    for module in (crossmoco_ray.schema, crossmoco_ray.data.types, crossmoco_ray.tracking):
         for value in vars(module).values():
             if (
                 isinstance(value, type)
