@@ -203,7 +203,7 @@ def test_exact_resume_equals_a_straight_run(ray_session: None, tmp_path: Path) -
 def test_invalid_config_fails_before_any_worker_starts(tmp_path: Path) -> None:
     import ray
 
-    with pytest.raises(ConfigError, match="use objective.queue_length=4080 or 4100"):
+    with pytest.raises(ConfigError, match=r"use objective\.queue_length=4080 or 4100"):
         tiny("objective.queue_length=4096", "train.batch_size=20", "train.num_workers=2")
     shards = tmp_path / "shards"
     prepare(
