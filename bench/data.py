@@ -39,6 +39,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info  # noqa: E402
 
+from crossmoco_ray.data.manifest import read_manifest  # noqa: E402
 from crossmoco_ray.data.pipeline import (  # noqa: E402
     PipelineOptions,
     make_batch,
@@ -47,7 +48,7 @@ from crossmoco_ray.data.pipeline import (  # noqa: E402
     window_rows,
 )
 from crossmoco_ray.data.readers import SyntheticSource  # noqa: E402
-from crossmoco_ray.data.shards import PrepareOptions, prepare, read_manifest  # noqa: E402
+from crossmoco_ray.data.shards import PrepareOptions, prepare  # noqa: E402
 
 
 def row_columns(table: Any) -> dict[str, Any]:

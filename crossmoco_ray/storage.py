@@ -63,15 +63,6 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode())
 
 
-def list_dirs(uri: str) -> list[str]:
-    """Names of the directories directly under ``uri`` (empty when it does not exist)."""
-    fs, path = resolve(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
-
-
 def publish_dir(local: str | Path, uri: str) -> str:
     """Copy a local directory to ``uri`` (a path or a URI); returns ``uri``."""
     fs, path = resolve(uri)

@@ -48,27 +48,13 @@ import pyarrow.fs as pafs
 from .. import __version__
 from ..storage import resolve, write_bytes, write_json
 from .checks import check_label, check_points, check_views, resample, val_assignment
-from .manifest import MANIFEST, SCHEMA_VERSION, SKIPPED, file_exists, join_uri, read_manifest, verify_shards
+from .manifest import MANIFEST, SCHEMA_VERSION, SKIPPED, file_exists, join_uri, read_manifest
 from .progress import Progress
 from .render import RenderSpec, contact_sheet
 from .shuffle import Buckets, bucket_count
 from .source import Source
 from .types import DataError
 from .writer import ShardWriter
-
-# The shard/manifest API is importable from here (its callers predate the split into modules); ``resolve``
-# is :func:`crossmoco_ray.storage.resolve`.
-__all__ = [
-    "MANIFEST",
-    "SCHEMA_VERSION",
-    "SKIPPED",
-    "PrepareOptions",
-    "fingerprint",
-    "prepare",
-    "read_manifest",
-    "resolve",
-    "verify_shards",
-]
 
 
 @dataclass
