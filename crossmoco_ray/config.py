@@ -286,7 +286,11 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def config_hash(cfg: Config) -> str:
-    """A short stable hash of the resolved configuration (12 hex digits)."""
-    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
+def config_hash(cfg: Config, exclude: tuple[str, ...] = ()) -> str:
+    """A short stable hash of the resolved configuration (12 hex digits), leaving out the dotted keys that
+    start with any of ``exclude`` (e.g. ``("tracking.",)``)."""
+    data: Any = cfg.model_dump(mode="json")
+    if exclude:
+        data = {k: v for k, v in flatten(cfg).items() if not k.startswith(exclude)}
+    blob = json.dumps(data, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

@@ -216,14 +216,13 @@ def run_epoch(w: Worker, shard: Any, epoch: int, skip: int) -> tuple[EpochMeter,
     cfg, t, spe = w.cfg, w.cfg.train, w.steps_per_epoch
     lr = lr_at(cfg, epoch)
     _set_lr(w, lr)
-    meter = EpochMeter(cfg.global_batch)
     batches = iter(iter_train_batches(shard, cfg.per_worker_batch))
     if skip:
         if w.rank == 0:
             print(f"epoch {epoch + 1}: skipping the {skip} batches trained on before the restart", flush=True)
         for _ in range(skip):
             next(batches, None)
-        meter = EpochMeter(cfg.global_batch)  # time spent skipping is not training throughput
+    meter = EpochMeter(cfg.global_batch)  # started after the skip: skipping is not training throughput
     while True:
         t0 = time.perf_counter()
         batch = next(batches, None)

@@ -8,8 +8,6 @@ prepared once, and the config is checked against the data (:mod:`crossmoco_ray.t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,9 +69,7 @@ def default_name(cfg: Config) -> str:
     failures, checkpoint interval, resources, tracking); changing what it trains starts a new run."""
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
-    trained = {k: v for k, v in flatten(cfg).items() if not k.startswith(OPERATIONAL_KEYS)}
-    digest = hashlib.sha256(json.dumps(trained, sort_keys=True, default=str).encode()).hexdigest()
-    return f"crossmoco-{digest[:8]}"
+    return f"crossmoco-{config_hash(cfg, exclude=OPERATIONAL_KEYS)[:8]}"
 
 
 def resolve_storage(spec: str | None) -> str:
