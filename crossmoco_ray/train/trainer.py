@@ -25,9 +25,8 @@ from .resume import registered_checkpoint, resume_point
 from .run import Run
 
 
-def pipeline_options(
-    cfg: Config, epoch_offset: int = 0, manifest: dict[str, Any] | None = None
-) -> PipelineOptions:
+def pipeline_options(cfg: Config, manifest: dict[str, Any] | None = None) -> PipelineOptions:
+    """The pipeline's options from the config (the data epoch to start at is set by :func:`train_dataset`)."""
     d = cfg.data
     window = (
         window_rows(d.shuffle_window_mb, manifest, "train") if manifest else PipelineOptions.shuffle_window
@@ -40,7 +39,6 @@ def pipeline_options(
         image_augment=ImageAugment(**d.image_augment.model_dump(exclude={"normalize"})),
         read_batch=d.read_batch,
         seed=cfg.train.seed if cfg.train.deterministic else None,
-        epoch_offset=epoch_offset,
         object_store_mb=d.object_store_mb,
         shuffle_window=window,
     )
@@ -82,7 +80,7 @@ def build_trainer(run: Run, callbacks: list[Any] | None = None) -> Any:
     from ray.train.torch import TorchTrainer
 
     cfg, t = run.cfg, run.cfg.train
-    opts = pipeline_options(cfg, 0, run.manifest)
+    opts = pipeline_options(cfg, run.manifest)
     # how the split executes (DataConfig gives these to the dataset the factory builds)
     options = bound_streaming_memory(copy.deepcopy(DataContext.get_current()), opts.object_store_mb)
     options.preserve_order = t.deterministic
