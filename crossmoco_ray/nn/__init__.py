@@ -24,7 +24,8 @@ from .distributed import (
     rank,
     world_size,
 )
-from .edgeconv import edge_conv_fast, edge_conv_reference, knn
+from .edgeconv import edge_conv_fast, edge_conv_reference
+from .graph import knn
 from .heads import image_head, point_head
 from .image import IMAGE_TRUNKS, ImageEncoder
 from .losses import info_nce, nt_xent

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .edgeconv import edge_conv_fast, edge_conv_reference, knn
+from .edgeconv import compute_dtype, edge_conv_fast, edge_conv_reference
+from .graph import knn, knn_reference
 from .heads import point_head
+from .pointwise import conv_bn_pool
 
 EDGE_CHANNELS = (64, 64, 128, 256)
 SLOPE = 0.2
@@ -77,22 +79,29 @@ class DGCNN(nn.Module):
         x = points
         outs = []
         for block in self.edge_blocks:
-            idx = knn(x, self.k)
+            idx = knn(x, self.k, ordered=False)
             x = edge_conv_fast(x, idx, cast(nn.Conv2d, block[0]), block[1], SLOPE)  # [B, N, C_out]
             outs.append(x)
         x = torch.cat(outs, dim=-1)  # [B, N, 512]
         B, N, C = x.shape
-        h = (
-            x @ cast(nn.Conv1d, self.conv5[0]).weight.reshape(self.emb_dims, C).t()
-        )  # per-point 1×1 conv  [B, N, E]
-        h = F.leaky_relu(self.bn5(h.reshape(B * N, -1)), SLOPE).view(B, N, -1)
+        conv, bn = cast(nn.Conv1d, self.conv5[0]), self.bn5
+        fused = conv_bn_pool(x, conv, bn, SLOPE, compute_dtype(x, conv.weight))
+        if fused is not None:  # training: one function that keeps little for backward
+            return fused
+        weight = conv.weight.reshape(self.emb_dims, C)
+        if bn.training or not bn.affine or bn.running_mean is None or bn.running_var is None:
+            h = self.bn5((x @ weight.t()).reshape(B * N, -1))  # per-point 1×1 conv, BN   [B·N, E]
+        else:  # running statistics: BN folded into the conv, one product with a bias
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            h = F.linear(x.reshape(B * N, C), weight * scale[:, None], bn.bias - bn.running_mean * scale)
+        h = F.leaky_relu(h, SLOPE).view(B, N, -1)
         return torch.cat((h.max(dim=1).values, h.mean(dim=1)), dim=1)
 
     def _features_reference(self, points: torch.Tensor) -> torch.Tensor:
         x = points.transpose(1, 2)  # [B, 3, N]
         outs = []
         for block in self.edge_blocks:
-            idx = knn(x.transpose(1, 2), self.k, max_elements=None)
+            idx = knn_reference(x, self.k)
             x = edge_conv_reference(x, idx, block)  # [B, C_out, N]
             outs.append(x)
         x = self.conv5(torch.cat(outs, dim=1))  # [B, E, N]

@@ -1,4 +1,4 @@
-"""EdgeConv: the k-nearest-neighbour graph and DGCNN's edge convolution, fast and reference.
+"""DGCNN's edge convolution, fast and reference.
 
 DGCNN's edge convolution applies a 1×1 convolution ``W = [W_a | W_b]`` to every edge feature
 ``concat(x_j − x_i, x_i)`` of a point ``i`` and its ``k`` neighbours ``j``, then BatchNorm, LeakyReLU and
@@ -6,17 +6,20 @@ a max over the neighbours. Because the convolution is linear,
 
     W · concat(x_j − x_i, x_i) = W_a·x_j + (W_b − W_a)·x_i = a_j + b_i,
 
-so ``a = W_a·x`` and ``b = (W_b − W_a)·x`` can be computed once **per point** (k times fewer
-multiply-adds). The fast path never builds the ``[B, O, N, k]`` edge tensor either:
+so ``a = W_a·x`` and ``b = (W_b − W_a)·x`` are computed once **per point** (k times fewer multiply-adds,
+one matrix product for both). The fast path never builds the ``[B, O, N, k]`` edge tensor either:
 
 - BatchNorm's training statistics over all edges follow from per-point sums (``Σ_j a_j`` per point and
   each point's in-degree), in a centred form that stays accurate in fp32;
 - LeakyReLU is increasing and BatchNorm is ``s·(e − μ) + β`` per channel, so the max over neighbours of
   the activated edges is the activation of ``|s|·max_j(sign(s)·a_j) + s·(b_i − μ) + β``.
 
-Everything is ordinary autograd over per-point tensors (no hand-written backward), so memory and time
-scale with ``B·N·O`` instead of ``B·N·k·2C``. The neighbour sum and max are sparse products on CPU and
-gathers elsewhere (:class:`NeighbourGraph`).
+:class:`_FusedEdgeConv` is that layer as one autograd function with its own backward (checked against
+autograd through the reference in fp64 by the tests). It keeps for backward only the product ``[a | b]``,
+the arg-max of each neighbour max (one byte per output) and the layer's output, which the next layer
+holds anyway: a fraction of what autograd through the per-point formula kept, and fewer passes over
+memory. Under bf16 autocast the products and the neighbour max run in bf16; the statistics, the
+normalisation and everything that feeds them stay fp32 (as do the kNN distances, :mod:`.graph`).
 
 ``edge_conv_reference`` is the straightforward formulation (materialised ``[B, 2C, N, k]`` edge features,
 as in CrossPoint), kept for tests and the benchmark.
@@ -24,54 +27,13 @@ as in CrossPoint), kept for tests and the benchmark.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# knn builds a [chunk, N, N] distance matrix; chunking the batch bounds that transient to this many floats.
-KNN_MAX_ELEMENTS = 1 << 24
-
-
-@torch.no_grad()
-def knn(x: torch.Tensor, k: int, max_elements: int | None = KNN_MAX_ELEMENTS) -> torch.Tensor:
-    """Indices of the ``k`` nearest neighbours of every point (itself included).
-
-    Args:
-        x: point features ``[B, N, C]``.
-        k: neighbours per point, ``k <= N``.
-        max_elements: bound on the ``[chunk, N, N]`` distance matrix built at once; ``None`` builds the
-            whole batch at once (the reference behaviour).
-    Returns:
-        ``[B, N, k]`` int64 indices into ``N``, nearest first.
-    """
-    B, N, _ = x.shape
-    if k > N:
-        raise ValueError(f"knn: k={k} neighbours requested but the cloud has only N={N} points")
-    # Distances in fp32 even under autocast: bf16 distances would pick different neighbours.
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        x = x.float()
-        chunk = B if max_elements is None else max(1, min(B, max_elements // (N * N)))
-        out = []
-        # Unbounded: one block and no range() over B, so torch.export keeps the batch size symbolic.
-        for start in [0] if max_elements is None else range(0, B, chunk):
-            xc = x[start : start + chunk]
-            # -||x_i - x_j||² = 2 x_i·x_j - |x_i|² - |x_j|²                        [c, N, N]
-            neg_dist = torch.bmm(xc, xc.transpose(1, 2)).mul_(2)
-            sq = xc.pow(2).sum(-1)  # [c, N]
-            neg_dist.sub_(sq.unsqueeze(2)).sub_(sq.unsqueeze(1))
-            out.append(neg_dist.topk(k, dim=-1).indices)
-    return torch.cat(out) if len(out) > 1 else out[0]
-
-
-def flat_neighbour_index(idx: torch.Tensor) -> torch.Tensor:
-    """``[B, N, k]`` per-cloud indices → ``[B·N·k]`` row indices into a ``[B·N, C]`` view."""
-    B, N, _ = idx.shape
-    base = torch.arange(B, device=idx.device).view(B, 1, 1) * N
-    return (idx + base).reshape(-1)
-
+from .graph import NeighbourGraph, flat_neighbour_index
 
 # --------------------------------------------------------------------------------------------------
 # Reference: CrossPoint's formulation, every edge materialised.
@@ -95,73 +57,137 @@ def edge_conv_reference(x: torch.Tensor, idx: torch.Tensor, block: nn.Module) ->
 
 
 # --------------------------------------------------------------------------------------------------
-# Fast: per-point convolution; BatchNorm statistics and the max over neighbours from per-point tensors.
+# Fast: per-point products; BatchNorm statistics and the max over neighbours from per-point tensors.
 # --------------------------------------------------------------------------------------------------
 
 
-class _GatherMax(torch.autograd.Function):
-    """``max_j a[j]`` over each row's neighbours, saving only the arg-max (as uint8) for backward.
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the layer's products: autocast's (bf16) for fp32/bf16 inputs under autocast."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(x.dtype, weight.dtype)
 
-    The ``[rows, k, O]`` gathered tensor exists only inside forward. Used where the sparse ``amax``
-    product is unavailable (CUDA).
+
+def _split_weight(weight: torch.Tensor, c: int) -> torch.Tensor:
+    """``[O, 2C(,1,1)]`` conv weight → ``[W_a; W_b − W_a]`` ``[2O, C]``: ``x @ it.T`` gives ``[a | b]``."""
+    w = weight.reshape(weight.shape[0], 2 * c)
+    return torch.cat((w[:, :c], w[:, c:] - w[:, :c]))
+
+
+def _edge_statistics(
+    a: torch.Tensor, b: torch.Tensor, graph: NeighbourGraph
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance over the edges ``e_ij = a_j + b_i``, and the edge means of a and b.
+
+    With ``ā``, ``b̄`` the edge means of ``a_j`` and ``b_i``, ``e_ij − μ = (a_j − ā) + (b_i − b̄)``, whose
+    square sums per point: ``Σ deg·a_c² + k·Σ b_c² + 2·Σ_i b_c,i·Σ_j a_c,j``.
+    """
+    n_edges = graph.rows * graph.k
+    deg = graph.in_degree.to(a.dtype)
+    a_bar, b_bar = (deg * a).sum(0) / n_edges, b.mean(0)
+    a_c, b_c = a - a_bar, b - b_bar
+    cross = (b_c * (graph.sum(a) - graph.k * a_bar)).sum(0)
+    var = ((deg * a_c * a_c).sum(0) + graph.k * (b_c * b_c).sum(0) + 2 * cross) / n_edges
+    return a_bar + b_bar, var, a_bar, b_bar
+
+
+class _FusedEdgeConv(torch.autograd.Function):
+    """EdgeConv + BatchNorm + LeakyReLU + max over neighbours on flat rows, with a hand-written backward.
+
+    Inputs: ``x`` [R, C], the conv weight, BN's γ and β, the graph, running statistics (``None``: use the
+    batch's), eps, the slope, the compute dtype and whether a backward will follow (else no arg-max).
+    Outputs: ``y`` [R, O] (compute dtype) and the statistics used (fp32, no gradient).
     """
 
     @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, cols: torch.Tensor, k: int) -> torch.Tensor:
-        rows, O = a.shape[0], a.shape[1]
-        values, arg = a.index_select(0, cols).view(rows, k, O).max(dim=1)
-        ctx.save_for_backward(cols, arg.to(torch.uint8 if k <= 256 else torch.int32))
-        ctx.k = k
-        return values
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        gamma: torch.Tensor,
+        beta: torch.Tensor,
+        graph: NeighbourGraph,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        eps: float,
+        slope: float,
+        cdt: torch.dtype,
+        need_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        C, O = x.shape[1], weight.shape[0]
+        sdt = torch.promote_types(cdt, torch.float32)  # statistics and normalisation
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            ab = x.to(cdt) @ _split_weight(weight, C).to(cdt).t()  # [R, 2O]
+            a, b = ab[:, :O], ab[:, O:]
+            if running_mean is None:
+                mean, var, a_bar, b_bar = _edge_statistics(a.to(sdt), b.to(sdt), graph)
+            else:
+                assert running_var is not None
+                mean, var = running_mean.to(sdt), running_var.to(sdt)
+                a_bar = b_bar = mean.new_zeros(())
+            rstd = torch.rsqrt(var + eps)
+            s = gamma.to(sdt) * rstd  # BN(e) = s·(e − μ) + β
+            positive = bool((s >= 0).all())
+            sign = torch.where(s >= 0, 1.0, -1.0).to(sdt)
+            signed = a if positive else a * sign.to(cdt)
+            if need_grad:
+                m, ctx.max_backward = graph.max_for_backward(signed)
+            else:
+                m = graph.max(signed)
+            del signed
+            # z = |s|·max_j(sign·a_j) + s·b_i + (β − s·μ)
+            z = torch.addcmul(beta.to(sdt) - s * mean, m, s.abs())
+            z.addcmul_(b, s)
+            y = F.leaky_relu(z, slope).to(cdt)  # (the in-place kernel is several times slower on CPU)
+        mean, var = mean.clone(), var.clone()  # never the running buffers themselves
+        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(x, weight, gamma, ab, y, mean, rstd, s, a_bar, b_bar)
+        ctx.graph, ctx.slope, ctx.cdt = graph, slope, cdt
+        ctx.batch_stats = running_mean is None
+        return y, mean, var
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        cols, arg = ctx.saved_tensors
-        node = cols.view(-1, ctx.k).gather(1, arg.long())  # row of the chosen neighbour   [rows, O]
-        return torch.zeros_like(grad).scatter_add_(0, node, grad), None, None
-
-
-class NeighbourGraph:
-    """A batch's kNN graph as flat rows: neighbour sums and maxima of per-point features ``[B·N, O]``.
-
-    On CPU both are products with a CSR adjacency (``reduce="amax"`` for the max), which never build
-    the ``[B·N·k, O]`` edge tensor; elsewhere they gather (the max through :class:`_GatherMax`).
-    """
-
-    def __init__(self, idx: torch.Tensor) -> None:
-        B, N, k = idx.shape
-        self.k, self.rows = k, B * N
-        self.cols = flat_neighbour_index(idx)
-        self.in_degree = torch.bincount(self.cols, minlength=self.rows).unsqueeze(1)  # [B·N, 1]
-        self._csr: dict[torch.dtype, torch.Tensor] = {}
-
-    def _adjacency(self, dtype: torch.dtype) -> torch.Tensor | None:
-        if self.cols.device.type != "cpu":
-            return None
-        if dtype not in self._csr:
-            crow = torch.arange(0, self.cols.numel() + 1, self.k, device=self.cols.device)
-            values = torch.ones(self.cols.numel(), dtype=dtype, device=self.cols.device)
-            with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are stable
-                warnings.simplefilter("ignore", UserWarning)
-                self._csr[dtype] = torch.sparse_csr_tensor(
-                    crow, self.cols, values, (self.rows, self.rows), check_invariants=False
-                )
-        return self._csr[dtype]
-
-    def sum(self, a: torch.Tensor) -> torch.Tensor:
-        """``Σ_j a[j]`` over each row's k neighbours."""
-        adj = self._adjacency(a.dtype)
-        if adj is not None:
-            return torch.sparse.mm(adj, a)
-        return a.index_select(0, self.cols).view(self.rows, self.k, -1).sum(dim=1)
-
-    def max(self, a: torch.Tensor) -> torch.Tensor:
-        """``max_j a[j]`` over each row's k neighbours."""
-        adj = self._adjacency(a.dtype)
-        if adj is not None:
-            return torch.sparse.mm(adj, a, reduce="amax")
-        out: torch.Tensor = _GatherMax.apply(a, self.cols, self.k)
-        return out
+    def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, weight, gamma, ab, y, mean, rstd, s, a_bar, b_bar = ctx.saved_tensors
+        graph: NeighbourGraph = ctx.graph
+        cdt, sdt = ctx.cdt, s.dtype
+        R, C, O, k = x.shape[0], x.shape[1], weight.shape[0], graph.k
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            a, b = ab[:, :O].to(sdt), ab[:, O:].to(sdt)
+            # LeakyReLU keeps the sign of z, so its backward can read the output
+            dz = torch.ops.aten.leaky_relu_backward(dy, y, ctx.slope, True).to(sdt)
+            # sign·max_j(sign·a_j) = a at the chosen neighbour; u is the chosen edge centred: z = s·u + β
+            sign = torch.where(s >= 0, 1.0, -1.0).to(sdt)
+            u = graph.max(a * sign).mul_(sign).add_(b).sub_(mean)
+            ds, dbeta = (dz * u).sum(0), dz.sum(0)
+            del u
+            du = dz.mul_(s)
+            da = ctx.max_backward(du).to(sdt)
+            db = du
+            if ctx.batch_stats:
+                # through μ and σ²: ∂σ²/∂a_j = 2(deg_j·a_c,j + Σ_{i∋j} b_c,i)/n,
+                #                   ∂σ²/∂b_i = 2(k·b_c,i + Σ_j a_c,j)/n
+                n_edges = R * k
+                dmean = -du.sum(0)
+                dvar = ds * gamma.to(sdt) * (-0.5) * rstd**3
+                deg = graph.in_degree.to(sdt)
+                b_c = b - b_bar
+                a_c = a - a_bar
+                s_c = graph.sum(a_c)
+                coef = 2 * dvar / n_edges
+                da.add_((deg * a_c + graph.sum_t(b_c)) * coef + deg * (dmean / n_edges))
+                db = du.add_((k * b_c + s_c) * coef + dmean / R)
+            dab = torch.cat((da, db), dim=1).to(cdt)  # [R, 2O]
+            w_ab = _split_weight(weight, C)
+            dx = (dab @ w_ab.to(cdt)).to(x.dtype) if ctx.needs_input_grad[0] else None
+            dweight = None
+            if ctx.needs_input_grad[1]:
+                dw_ab = (dab.t() @ x.to(cdt)).to(weight.dtype)  # [2O, C]: d[W_a; W_b − W_a]
+                dw_a, dw_d = dw_ab[:O], dw_ab[O:]
+                dweight = torch.cat((dw_a - dw_d, dw_d), dim=1).view_as(weight)
+            dgamma = (ds * rstd).to(gamma.dtype)
+        return dx, dweight, dgamma, dbeta.to(gamma.dtype), None, None, None, None, None, None, None
 
 
 def edge_conv_fast(
@@ -171,43 +197,29 @@ def edge_conv_fast(
 
     Uses the parameters of ``conv`` (a bias-free 1×1 ``Conv2d(2C → O)``) and ``bn``, and computes the
     same function as ``edge_conv_reference`` with ``Sequential(conv, bn, LeakyReLU(slope))``, running
-    statistics included. Gradients come from autograd through per-point tensors only.
+    statistics included. Under autocast the output is in the autocast dtype.
     """
     B, N, C = x.shape
     k, O = idx.shape[-1], conv.out_channels
-    dtype = torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 even under bf16 autocast
-    w = conv.weight.reshape(O, 2 * C)
-    w_a, w_b = w[:, :C], w[:, C:]
-    a = (x @ w_a.t()).reshape(B * N, O).to(dtype)  # acts on x_j   [B·N, O]
-    b = (x @ (w_b - w_a).t()).reshape(B * N, O).to(dtype)  # acts on x_i
     graph = NeighbourGraph(idx)
     if type(bn) is not nn.BatchNorm2d or not bn.affine:
         # Other normalisations (SyncBatchNorm on GPU): build the edge tensor, autograd over the edges.
-        e = a.index_select(0, graph.cols).view(B, N, k, O) + b.view(B, N, 1, O)
+        w = _split_weight(conv.weight, C)
+        ab = x.reshape(B * N, C) @ w.t().to(x.dtype)
+        a, b = ab[:, :O], ab[:, O:]
+        e = a.index_select(0, graph.cols).view(B, N, k, O) + b.reshape(B, N, 1, O)
         e = F.leaky_relu(bn(e.permute(0, 3, 1, 2)), slope)  # [B, O, N, k]
         return e.max(dim=-1).values.transpose(1, 2)
-
-    if bn.training or bn.running_mean is None:
-        # Statistics over the B·N·k edges e_ij = a_j + b_i without building them: with ā, b̄ the edge
-        # means of a_j and b_i, e_ij − μ = (a_j − ā) + (b_i − b̄), and its square sums per point.
-        n_edges = B * N * k
-        deg = graph.in_degree.to(dtype)
-        a_bar, b_bar = (deg * a).sum(0) / n_edges, b.mean(0)
-        a_c, b_c = a - a_bar, b - b_bar
-        cross = (b_c * (graph.sum(a) - k * a_bar)).sum(0)  # Σ_i (b_i − b̄)·Σ_j (a_j − ā)
-        var = ((deg * a_c * a_c).sum(0) + k * (b_c * b_c).sum(0) + 2 * cross) / n_edges
-        mean = a_bar + b_bar
-        if bn.training and bn.track_running_stats:
-            _update_running_stats(bn, mean.detach(), var.detach(), n_edges)
-    else:
-        assert bn.running_var is not None
-        mean, var = bn.running_mean, bn.running_var
-    s = bn.weight * torch.rsqrt(var + bn.eps)  # BN(e) = s·(e − μ) + β, per channel
-    sign = torch.where(s.detach() >= 0, 1.0, -1.0).to(dtype)
-    # LeakyReLU is increasing, so
-    #   max_j act(s·(a_j + b_i − μ) + β) = act(|s|·max_j(sign·a_j) + s·(b_i − μ) + β)
-    z = s.abs() * graph.max(a * sign) + s * (b - mean) + bn.bias
-    return F.leaky_relu(z, slope).view(B, N, O)
+    batch_stats = bn.training or bn.running_mean is None
+    y, mean, var = _FusedEdgeConv.apply(
+        x.reshape(B * N, C), conv.weight, bn.weight, bn.bias, graph,
+        None if batch_stats else bn.running_mean, None if batch_stats else bn.running_var,
+        bn.eps, slope, compute_dtype(x, conv.weight),
+        torch.is_grad_enabled() and any(t.requires_grad for t in (x, conv.weight, bn.weight, bn.bias)),
+    )  # fmt: skip
+    if bn.training and bn.track_running_stats:
+        _update_running_stats(bn, mean.detach(), var.detach(), B * N * k)
+    return y.view(B, N, O)
 
 
 @torch.no_grad()

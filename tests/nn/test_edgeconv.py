@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from crossmoco_ray.nn.edgeconv import NeighbourGraph, edge_conv_fast, edge_conv_reference, knn
+from crossmoco_ray.nn.edgeconv import edge_conv_fast, edge_conv_reference
+from crossmoco_ray.nn.graph import NeighbourGraph, knn
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,7 +68,8 @@ def test_gather_path_equals_sparse_path(monkeypatch: pytest.MonkeyPatch) -> None
     idx = knn(x, 10)
     block = make_block(8, 12, torch.float64)
     (y_sparse, x_sparse, b_sparse), _ = run_pair(x, idx, copy.deepcopy(block), True)
-    monkeypatch.setattr(NeighbourGraph, "_adjacency", lambda self, dtype: None)
+    monkeypatch.setattr(NeighbourGraph, "_sparse", lambda self, a: False)
+    monkeypatch.setattr(NeighbourGraph, "_csr_max", lambda self, a: False)
     (y_gather, x_gather, b_gather), _ = run_pair(x, idx, copy.deepcopy(block), True)
     assert rel_err(y_gather, y_sparse) < 1e-12
     assert rel_err(x_gather.grad, x_sparse.grad) < 1e-12
@@ -106,3 +108,67 @@ def test_knn_chunking_does_not_change_neighbours() -> None:
 def test_knn_rejects_k_above_points() -> None:
     with pytest.raises(ValueError, match="k=9 neighbours"):
         knn(torch.randn(1, 8, 3), 9)
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["csr", "gather"])
+def test_neighbour_reductions_equal_brute_force(sparse: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sum, transposed sum and max over the neighbours, and the max's backward, against dense loops."""
+    if not sparse:
+        monkeypatch.setattr(NeighbourGraph, "_sparse", lambda self, a: False)
+        monkeypatch.setattr(NeighbourGraph, "_csr_max", lambda self, a: False)
+    torch.manual_seed(4)
+    x = torch.randn(2, 30, 3, dtype=torch.float64)
+    x[:, 10:14] = x[:, :1]  # exact ties in the max
+    idx = knn(x, 6)
+    graph = NeighbourGraph(idx)
+    a = torch.randn(60, 5, dtype=torch.float64)
+    a[10:14] = a[0]
+    rows = [[int(j) + 30 * b for j in idx[b, i]] for b in range(2) for i in range(30)]
+    torch.testing.assert_close(graph.sum(a), torch.stack([a[r].sum(0) for r in rows]))
+    transposed = torch.zeros_like(a)
+    for i, r in enumerate(rows):
+        for j in r:
+            transposed[j] += a[i]
+    torch.testing.assert_close(graph.sum_t(a), transposed)
+    values, send_back = graph.max_for_backward(a)
+    torch.testing.assert_close(values, torch.stack([a[r].max(0).values for r in rows]))
+    torch.testing.assert_close(graph.max(a), values)
+    leaf = a.clone().requires_grad_()
+    dense = torch.stack([leaf[r].max(0).values for r in rows])
+    grad = torch.randn_like(dense)
+    dense.backward(grad)
+    da = send_back(grad)
+    torch.testing.assert_close(da, leaf.grad)  # each max sends its gradient to one neighbour, ties included
+
+
+def _edge_conv_run(x, idx, block, fast: bool, bf16: bool):
+    block = copy.deepcopy(block).train()
+    xi = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        if fast:
+            y = edge_conv_fast(xi, idx, block[0], block[1])
+        else:
+            y = edge_conv_reference(xi.transpose(1, 2), idx, block).transpose(1, 2)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+    (y.float() * g).sum().backward()
+    return {
+        "y": y.float(), "x.grad": xi.grad, "W.grad": block[0].weight.grad, "gamma.grad": block[1].weight.grad,
+        "beta.grad": block[1].bias.grad, "running_var": block[1].running_var,
+    }  # fmt: skip
+
+
+def test_bf16_autocast_is_as_close_to_fp32_as_autocast_on_the_reference() -> None:
+    """Under CPU bf16 autocast the fused EdgeConv (statistics in fp32) is within bf16 rounding of fp32:
+    no further from it than plain autocast over the straightforward implementation."""
+    torch.manual_seed(5)
+    x = torch.randn(4, 128, 16)
+    idx = knn(x, 10)
+    block = make_block(16, 32, torch.float32)
+    exact = _edge_conv_run(x, idx, block, fast=False, bf16=False)
+    fast = _edge_conv_run(x, idx, block, fast=True, bf16=True)
+    ref = _edge_conv_run(x, idx, block, fast=False, bf16=True)
+    assert fast["running_var"].dtype == torch.float32
+    for name, value in exact.items():
+        err_fast, err_ref = rel_err(fast[name], value), rel_err(ref[name], value)
+        assert err_fast < 0.1, (name, err_fast)
+        assert err_fast <= max(1.5 * err_ref, 1e-2), (name, err_fast, err_ref)

@@ -1,0 +1,205 @@
+"""The dynamic k-nearest-neighbour graph of DGCNN: neighbour indices and products over the neighbours.
+
+:func:`knn` finds each point's ``k`` nearest neighbours (itself included) from fp32 distances, in
+batch chunks that bound the ``[chunk, N, N]`` score matrix. :class:`NeighbourGraph` holds a batch's
+graph as flat rows and reduces per-point features ``[B·N, O]`` over each row's neighbours (sum, max
+with its arg-max) or over the rows each point is a neighbour of (the transposed sum), without ever
+building the ``[B·N·k, O]`` edge tensor at once: CSR products on CPU, chunked gathers elsewhere.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+# knn builds a [chunk, N, N] score matrix; chunking the batch bounds that transient to this many floats.
+KNN_MAX_ELEMENTS = 1 << 24
+# A chunked neighbour gather builds [rows, k, O]; bound it to this many elements.
+GATHER_MAX_ELEMENTS = 1 << 23
+
+
+@torch.no_grad()
+def knn(
+    x: torch.Tensor, k: int, max_elements: int | None = KNN_MAX_ELEMENTS, ordered: bool = True
+) -> torch.Tensor:
+    """Indices of the ``k`` nearest neighbours of every point (itself included).
+
+    Args:
+        x: point features ``[B, N, C]``.
+        k: neighbours per point, ``k <= N``.
+        max_elements: bound on the ``[chunk, N, N]`` score matrix built at once; ``None`` builds the
+            whole batch at once (the reference behaviour).
+        ordered: nearest first; ``False`` leaves each row's ``k`` in any order (faster; EdgeConv reduces
+            over them with order-free sums and maxima).
+    Returns:
+        ``[B, N, k]`` int64 indices into ``N``.
+    """
+    B, N, _ = x.shape
+    if k > N:
+        raise ValueError(f"knn: k={k} neighbours requested but the cloud has only N={N} points")
+    # Distances in fp32 even under autocast: bf16 distances would pick different neighbours.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = x.float()
+        chunk = B if max_elements is None else max(1, min(B, max_elements // (N * N)))
+        out = []
+        # Unbounded: one block and no range() over B, so torch.export keeps the batch size symbolic.
+        for start in [0] if max_elements is None else range(0, B, chunk):
+            xc = x[start : start + chunk]
+            # -||x_i - x_j||² = 2 x_i·x_j - |x_j|² - |x_i|²; the last term is the same along a row, so
+            # the row's order is that of [2 x_i, 1]·[x_j, -|x_j|²]: one product, no pass over the scores.
+            sq = xc.pow(2).sum(-1, keepdim=True)  # [c, N, 1]
+            lhs = torch.cat((2 * xc, torch.ones_like(sq)), dim=-1)
+            rhs = torch.cat((xc, -sq), dim=-1)
+            score = torch.bmm(lhs, rhs.transpose(1, 2))
+            out.append(score.topk(k, dim=-1, sorted=ordered).indices)
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+@torch.no_grad()
+def knn_reference(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The straightforward kNN of the original code, for the reference EdgeConv: ``x`` [B, C, N] → [B, N, k].
+
+    The whole ``[B, N, N]`` matrix of negative squared distances at once, then a sorted top-k.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = x.float()
+        inner = torch.matmul(x.transpose(2, 1), x)  # [B, N, N]
+        sq = x.pow(2).sum(dim=1, keepdim=True)  # [B, 1, N]
+        neg_dist = 2 * inner - sq - sq.transpose(2, 1)
+        return neg_dist.topk(k, dim=-1).indices
+
+
+def flat_neighbour_index(idx: torch.Tensor) -> torch.Tensor:
+    """``[B, N, k]`` per-cloud indices → ``[B·N·k]`` row indices into a ``[B·N, C]`` view."""
+    B, N, _ = idx.shape
+    base = torch.arange(B, device=idx.device).view(B, 1, 1) * N
+    return (idx + base).reshape(-1)
+
+
+def _csr(crow: torch.Tensor, cols: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    values = torch.ones(cols.numel(), dtype=dtype, device=cols.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are stable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, (rows, rows), check_invariants=False)
+
+
+class NeighbourGraph:
+    """A batch's kNN graph as flat rows ``[B·N]``, each with its ``k`` neighbours ``cols``.
+
+    Sums are CSR products on CPU (fp32/fp64) and chunked gathers elsewhere; maxima are chunked gathers
+    (they work in every dtype, bf16 included, and give the arg-max a backward needs).
+    """
+
+    def __init__(self, idx: torch.Tensor) -> None:
+        B, N, k = idx.shape
+        self.k, self.rows = k, B * N
+        self.cols = flat_neighbour_index(idx)
+        self.in_degree = torch.bincount(self.cols, minlength=self.rows).unsqueeze(1)  # [B·N, 1]
+        self._adj: torch.Tensor | None = None
+        self._adj_t: torch.Tensor | None = None
+
+    def _sparse(self, a: torch.Tensor) -> bool:
+        return a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
+
+    def _adjacency(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._adj is None or self._adj.dtype != dtype:
+            crow = torch.arange(0, self.cols.numel() + 1, self.k, device=self.cols.device)
+            self._adj = _csr(crow, self.cols, self.rows, dtype)
+        return self._adj
+
+    def sum(self, a: torch.Tensor) -> torch.Tensor:
+        """``Σ_j a[j]`` over each row's k neighbours ``[B·N, O]``."""
+        if self._sparse(a):
+            return torch.sparse.mm(self._adjacency(a.dtype), a)
+        return self._reduce(a, "sum")[0]
+
+    def sum_t(self, v: torch.Tensor) -> torch.Tensor:
+        """``Σ_i v[i]`` over the rows ``i`` that have ``j`` among their neighbours (with multiplicity)."""
+        if self._sparse(v):
+            if self._adj_t is None or self._adj_t.dtype != v.dtype:
+                order = torch.argsort(self.cols, stable=True)
+                src = order // self.k  # the row each (sorted) edge comes from
+                crow = torch.zeros(self.rows + 1, dtype=torch.int64, device=v.device)
+                crow[1:] = torch.cumsum(self.in_degree.squeeze(1), 0)
+                self._adj_t = _csr(crow, src, self.rows, v.dtype)
+            return torch.sparse.mm(self._adj_t, v)
+        rows = torch.arange(self.rows, device=v.device).repeat_interleave(self.k)
+        out = torch.zeros_like(v)
+        step = max(1, GATHER_MAX_ELEMENTS // max(1, v.shape[1]))
+        for start in range(0, rows.numel(), step):
+            sl = slice(start, start + step)
+            out.index_add_(0, self.cols[sl], v.index_select(0, rows[sl]))
+        return out
+
+    def _csr_max(self, a: torch.Tensor) -> bool:
+        return a.device.type == "cpu" and _CSR_MAX_WITH_ARG is not None and _CSR_MAX_BACKWARD is not None
+
+    def max(self, a: torch.Tensor) -> torch.Tensor:
+        """``max_j a[j]`` over each row's k neighbours."""
+        if self._csr_max(a):
+            return torch.sparse.mm(self._adjacency(a.dtype), a, reduce="amax")
+        return self._reduce(a, "amax")[0]
+
+    def max_for_backward(self, a: torch.Tensor) -> tuple[torch.Tensor, MaxBackward]:
+        """:meth:`max`, and what sends a gradient of the maxima back to the neighbours they came from."""
+        if self._csr_max(a):
+            assert _CSR_MAX_WITH_ARG is not None
+            adj = self._adjacency(a.dtype)
+            with torch.enable_grad():  # the kernel only records its arg-max for an input that needs grad
+                out, arg = _CSR_MAX_WITH_ARG(adj, a.detach().requires_grad_(), "amax")
+            if arg.numel() == out.numel():
+                # kept as the position among the row's k neighbours: 1 byte instead of an int64 edge index
+                first = torch.arange(0, arg.shape[0] * self.k, self.k, device=arg.device).unsqueeze(1)
+                return out.detach(), MaxBackward(self, arg.sub_(first).to(self._pos_dtype()), adj=adj)
+        values, pos = self._reduce(a, "amax_arg")
+        assert pos is not None
+        return values, MaxBackward(self, pos)
+
+    def _pos_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.k <= 256 else torch.int32
+
+    def _reduce(self, a: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows, k, O = self.rows, self.k, a.shape[1]
+        out = torch.empty((rows, O), dtype=a.dtype, device=a.device)
+        arg = torch.empty((rows, O), dtype=self._pos_dtype(), device=a.device) if how == "amax_arg" else None
+        step = max(1, GATHER_MAX_ELEMENTS // max(1, k * O))  # rows per chunk
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            g = a.index_select(0, self.cols[start * k : stop * k]).view(stop - start, k, O)
+            if how == "sum":
+                torch.sum(g, dim=1, out=out[start:stop])
+            elif arg is None:
+                torch.amax(g, dim=1, out=out[start:stop])
+            else:
+                values, pos = g.max(dim=1)
+                out[start:stop] = values
+                arg[start:stop] = pos
+        return out, arg
+
+
+class MaxBackward:
+    """Sends a gradient of a neighbour max back to the neighbour each max chose (one per row and channel).
+
+    Holds the arg-max only, as the position among the row's ``k`` neighbours (uint8 up to k = 256).
+    """
+
+    def __init__(self, graph: NeighbourGraph, arg: torch.Tensor, adj: torch.Tensor | None = None) -> None:
+        self.graph, self.arg, self.adj = graph, arg, adj
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        """``d a`` ``[B·N, O]`` from ``d max`` ``[B·N, O]``."""
+        g = self.graph
+        if self.adj is not None:
+            assert _CSR_MAX_BACKWARD is not None
+            grad = grad.to(self.adj.dtype)
+            first = torch.arange(0, g.rows * g.k, g.k, device=grad.device).unsqueeze(1)
+            edge = self.arg.long().add_(first)  # the CSR edge index the kernel's backward reads
+            return _CSR_MAX_BACKWARD(self.adj, grad, grad, "amax", edge, [False, True])[1]
+        chosen = g.cols.view(g.rows, g.k).gather(1, self.arg.long())
+        return torch.zeros_like(grad).scatter_add_(0, chosen, grad)
+
+
+# The CSR max-product kernel with its arg-max, and its backward (a scatter), where torch has them.
+_CSR_MAX_WITH_ARG = getattr(torch.ops.aten, "_sparse_mm_reduce_impl", None)
+_CSR_MAX_BACKWARD = getattr(torch.ops.aten, "_sparse_mm_reduce_impl_backward", None)

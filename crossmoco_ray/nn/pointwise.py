@@ -1,0 +1,100 @@
+"""DGCNN's last block in training: per-point 1×1 conv, BatchNorm, LeakyReLU, global max ‖ mean pool.
+
+One autograd function (:class:`_ConvBNPool`) with its own backward, so that what is kept for backward
+is the block's input and the conv output ``h`` ``[B·N, E]`` only (E = 1024 in the paper: the widest
+per-point tensor of the network). The normalised and activated tensors are recomputed element-wise in
+backward from ``h`` and the batch statistics; autograd through the modules would keep two more
+``[B·N, E]`` tensors. BatchNorm runs through ATen's own kernels (statistics and running-statistics
+update in fp32, also under bf16 autocast). Tests compare it with the modules it replaces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _ConvBNPool(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        gamma: torch.Tensor,
+        beta: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        factor: float,
+        eps: float,
+        slope: float,
+        cdt: torch.dtype,
+        batch: int,
+        need_grad: bool,
+    ) -> torch.Tensor:
+        R, C = x.shape
+        E = weight.shape[0]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            h = x.to(cdt) @ weight.reshape(E, C).to(cdt).t()  # [R, E]
+            hf = h.to(torch.promote_types(cdt, torch.float32))
+            z, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+                hf, gamma, beta, running_mean, running_var, True, factor, eps
+            )
+            del hf
+            y = F.leaky_relu(z, slope).view(batch, R // batch, E)
+            del z
+            # the arg-max over N only when a backward follows (max with indices is the slower reduction)
+            top, arg = y.max(dim=1) if need_grad else (y.amax(dim=1), None)
+            out = torch.cat((top, y.mean(dim=1)), dim=1).to(cdt)  # [B, 2E]
+        ctx.save_for_backward(x, weight, gamma, beta, h, save_mean, save_invstd, arg)
+        ctx.eps, ctx.slope, ctx.cdt, ctx.batch = eps, slope, cdt, batch
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, weight, gamma, beta, h, save_mean, save_invstd, arg = ctx.saved_tensors
+        R, C = x.shape
+        E, B, cdt = weight.shape[0], ctx.batch, ctx.cdt
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            hf = h.to(save_mean.dtype)
+            scale = gamma.to(hf.dtype) * save_invstd
+            z = torch.addcmul(beta.to(hf.dtype) - save_mean * scale, hf, scale)  # BN output, recomputed
+            dout = dout.to(hf.dtype)
+            dy = (dout[:, E:] / (R // B)).unsqueeze(1).repeat(1, R // B, 1)  # mean pool   [B, N, E]
+            dy.scatter_add_(1, arg.unsqueeze(1), dout[:, :E].unsqueeze(1))  # max pool
+            dz = torch.ops.aten.leaky_relu_backward(dy.view(R, E), z, ctx.slope, False)
+            del dy, z
+            dh, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+                dz, hf, gamma, None, None, save_mean, save_invstd, True, ctx.eps, [True, True, True]
+            )
+            del dz, hf
+            dh = dh.to(cdt)
+            w = weight.reshape(E, C)
+            dx = (dh @ w.to(cdt)).to(x.dtype) if ctx.needs_input_grad[0] else None
+            dweight = None
+            if ctx.needs_input_grad[1]:
+                dweight = (dh.t() @ x.to(cdt)).to(weight.dtype).view_as(weight)
+        return dx, dweight, dgamma, dbeta, None, None, None, None, None, None, None, None
+
+
+def conv_bn_pool(
+    x: torch.Tensor, conv: nn.Module, bn: nn.Module, slope: float, cdt: torch.dtype
+) -> torch.Tensor | None:
+    """``cat(max_N, mean_N)`` of ``LeakyReLU(bn(conv(x)))`` for ``x`` [B, N, C] → [B, 2E], or ``None``
+    where the fused form does not apply (BatchNorm not in training mode, not a plain affine BatchNorm1d)."""
+    if type(bn) is not nn.BatchNorm1d or not bn.training or not bn.affine:
+        return None
+    factor = 0.0
+    if bn.track_running_stats:
+        assert bn.num_batches_tracked is not None
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    B, N, C = x.shape
+    out: torch.Tensor = _ConvBNPool.apply(
+        x.reshape(B * N, C), conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+        factor, bn.eps, slope, cdt, B,
+        torch.is_grad_enabled() and any(t.requires_grad for t in (x, conv.weight, bn.weight, bn.bias)),
+    )  # fmt: skip
+    return out
