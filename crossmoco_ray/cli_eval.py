@@ -56,6 +56,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .data.types import DataError
     from .evaluate.run import EvalData, encoders, fewshot_table_text, run_fewshot, run_svm, svm_table
+    from .nn.runtime import keep_freed_memory
+
+    keep_freed_memory()  # large feature batches: freed memory reused, not re-faulted
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

@@ -40,6 +40,11 @@ class ModelConfig(_Section):
         "fast", description="fast: per-point EdgeConv (same function, less time and memory)"
     )
     sync_bn: bool = Field(False, description="SyncBatchNorm in the online encoders (CUDA only)")
+    image_checkpoint: bool = Field(
+        False,
+        description="activation checkpointing of the online image trunk: its residual stages are "
+        "recomputed in backward (about half the step's activation memory for one more trunk forward)",
+    )
 
 
 class ObjectiveConfig(_Section):
@@ -169,8 +174,12 @@ class TrainConfig(_Section):
         description="custom Ray resources each worker also requests, e.g. {trainer_slot: 1} to keep "
         "workers on the nodes that advertise them (`ray start --resources`)",
     )
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on CUDA")
-    channels_last: bool = Field(False, description="channels-last image tensors on CUDA")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: autocast on CUDA, or on a CPU with native bf16 (AVX-512 BF16 or AMX; elsewhere "
+        "fp32, with a warning); kNN distances, BatchNorm statistics and losses stay fp32",
+    )
+    channels_last: bool = Field(True, description="channels-last image tensors (faster on CPU and CUDA)")
     seed: int = 1
     deterministic: bool = Field(
         False, description="seed the augmentations and use deterministic kernels (exact reruns and resumes)"
@@ -372,10 +381,6 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if pa.scale_low > pa.scale_high:
         problems.append(
             f"data.point_augment.scale_low={pa.scale_low} is above scale_high={pa.scale_high}; swap them"
-        )
-    if t.precision == "bf16" and not t.use_gpu:
-        problems.append(
-            "train.precision=bf16 runs on CUDA only; set train.use_gpu=true or train.precision=fp32"
         )
     if cfg.tracking.register_model and not cfg.tracking.log_model:
         problems.append(

@@ -146,7 +146,6 @@ def test_queue_length_not_a_multiple_of_the_global_batch_suggests_4000_or_4100()
         ),
         (["model.k=2048"], "lower model.k below 2048"),
         (["tracking.register_model=enc", "tracking.log_model=false"], "set tracking.log_model=true"),
-        (["train.precision=bf16"], "set train.use_gpu=true or train.precision=fp32"),
         (["train.batch_size=-1"], "train.batch_size: Input should be greater than 0"),
         (["objective.momentum=1.0"], "objective.momentum: Input should be less than 1"),
     ],

@@ -37,6 +37,7 @@ from .. import storage
 from ..config import Config, validate
 from ..data.pipeline import iter_train_batches
 from ..nn import convert_sync_batchnorm
+from ..nn.runtime import cpu_description, keep_freed_memory, resolve_precision
 from ..tracking import Tracker
 from .builders import build_model, build_optimizer, lr_at, momentum_at
 from .checkpoint import build_state, read_checkpoint, rng_state, unwrap, write_checkpoint
@@ -79,6 +80,7 @@ class Worker:
     chance: dict[str, float]
     iid_classes: float
     node_id: str
+    precision: str = "fp32"  # what the step uses (train.precision, or fp32 where bf16 does not pay off)
     step: int = 0
     attempt_start_step: int = 0
     monitor: Any = None
@@ -115,6 +117,7 @@ def build(config: dict[str, Any]) -> Worker:
     import ray.train.torch
 
     quiet_worker_logs()
+    keep_freed_memory()
     cfg = validate(config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -155,7 +158,18 @@ def build(config: dict[str, Any]) -> Worker:
         chance=chance_levels(o.queue_length, cross_batch, (o.weight_point, o.weight_image, o.weight_cross)),
         iid_classes=float(config.get("iid_batch_classes") or 0.0),
         node_id=ray.get_runtime_context().get_node_id(),
+        precision=_precision(t.precision, device, rank),
     )
+
+
+def _precision(requested: str, device: torch.device, rank: int) -> str:
+    used, why = resolve_precision(requested, device)
+    if why:
+        print(f"warning (rank {rank}): {why}", flush=True)
+    elif used == "bf16" and rank == 0:
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
+        print(f"bf16 autocast on {where}; kNN distances, BatchNorm statistics and losses in fp32", flush=True)
+    return used
 
 
 def restore(w: Worker) -> ResumePoint:
@@ -239,7 +253,7 @@ def run_epoch(w: Worker, shard: Any, epoch: int, skip: int) -> tuple[EpochMeter,
             batch,
             w.optimizer,
             momentum,
-            precision=t.precision,
+            precision=w.precision,
             grad_clip=cfg.optim.grad_clip,
             channels_last=t.channels_last,
             normalize_images=cfg.data.image_augment.normalize,

@@ -55,6 +55,7 @@ OPERATIONAL_KEYS = (
     "train.checkpoint_every_steps",
     "train.keep_checkpoints",
     "train.log_every",
+    "train.channels_last",
     "train.placement_strategy",
     "train.cpus_per_worker",
     "train.gpus_per_worker",

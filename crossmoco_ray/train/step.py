@@ -2,7 +2,9 @@
 
 The same function runs in the Ray Train worker loop, in a local debug run and in ``bench/step.py``:
 forward (momentum update, keys, losses, enqueue of the gathered keys), backward, optional gradient
-clipping, optimizer step. bf16 autocast and channels-last image tensors are options for CUDA.
+clipping, optimizer step. bf16 autocast and channels-last image tensors are options, on CUDA and on CPU
+(bf16 where the device supports it: :func:`~crossmoco_ray.nn.runtime.resolve_precision`); the kNN
+distances, BatchNorm statistics, losses and queues stay fp32.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..nn.image import ImageEncoder
 
 Precision = Literal["fp32", "bf16"]
 
@@ -52,16 +56,21 @@ def to_device_batch(
     points2 = batch["points2"].to(device, non_blocking=True)
     images = images_to_tensor(batch["images"].to(device, non_blocking=True), normalize)
     views = list(images.unbind(1))
-    if channels_last and device.type == "cuda":
+    if channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     return points1, points2, views
 
 
 def prepare_model(model: nn.Module, device: torch.device, channels_last: bool = False) -> nn.Module:
-    """Move ``model`` to ``device``; on CUDA optionally convert its conv weights to channels-last."""
+    """Move ``model`` to ``device``; optionally make its image encoders' conv weights channels-last.
+
+    Only the image encoders: the DGCNN's 1×1 convolutions run as matrix products on point-major rows.
+    """
     model = model.to(device)
-    if channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    if channels_last:
+        for module in model.modules():
+            if isinstance(module, ImageEncoder):
+                module.to(memory_format=torch.channels_last)
     return model
 
 
@@ -91,9 +100,10 @@ def train_step(
         batch: ``points1`` / ``points2`` ``[B, N, 3]`` and ``images`` (uint8 ``[B, V, H, W, 3]`` from the
             pipeline, or float ``[B, V, 3, H, W]``).
         momentum: key-encoder momentum for this step.
-        precision: ``"bf16"`` runs the forward under bf16 autocast (CUDA only; fp32 elsewhere).
+        precision: ``"bf16"`` runs the forward under bf16 autocast (resolve it with
+            :func:`~crossmoco_ray.nn.runtime.resolve_precision` first: this function does as told).
         grad_clip: clip the global gradient norm to this value (``None``: no clipping).
-        channels_last: channels-last image tensors (CUDA only).
+        channels_last: channels-last image tensors.
         normalize_images: ImageNet normalisation of uint8 images.
         check_finite: before backward, check (on every worker at once) that the loss is finite; if any is
             not, skip backward and the update and return ``nonfinite`` = 1, leaving the weights untouched.
@@ -102,7 +112,7 @@ def train_step(
     """
     device = next(model.parameters()).device
     points1, points2, views = to_device_batch(batch, device, channels_last, normalize_images)
-    use_bf16 = precision == "bf16" and device.type == "cuda"
+    use_bf16 = precision == "bf16"
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
         out = model(points1, points2, views, momentum=momentum)
     optimizer.zero_grad(set_to_none=True)
