@@ -7,12 +7,14 @@ a local file the user names; nothing is ever downloaded. The wrapper keeps Cross
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .compat import load_checked, strip_prefixes
 from .heads import image_head
@@ -36,6 +38,10 @@ class ImageEncoder(nn.Module):
         head_hidden: projection head hidden width (paper: 512).
         weights: optional path to a torchvision-layout state dict (e.g. ImageNet ResNet-50); ``fc.*`` is
             ignored, every other trunk key must match.
+        checkpoint_trunk: in training with gradients, keep only each residual stage's input for backward
+            and recompute the stage's activations there (activation checkpointing): most of the trunk's
+            activation memory for one more trunk forward. BatchNorm running statistics are updated once,
+            as without it; the result is the same function and gradient.
     """
 
     def __init__(
@@ -44,8 +50,10 @@ class ImageEncoder(nn.Module):
         proj_dim: int = 256,
         head_hidden: int = 512,
         weights: str | Path | None = None,
+        checkpoint_trunk: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpoint_trunk = checkpoint_trunk
         if arch not in IMAGE_TRUNKS:
             raise ValueError(f"unknown image encoder {arch!r}; choose one of {sorted(IMAGE_TRUNKS)}")
         make, self.feature_dim = IMAGE_TRUNKS[arch]
@@ -70,9 +78,36 @@ class ImageEncoder(nn.Module):
         load_checked(self.resnet, state, ignored_unexpected=("fc.",), what=str(path))
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.resnet(images)
-        return out
+        if not (self.checkpoint_trunk and self.training and torch.is_grad_enabled()):
+            out: torch.Tensor = self.resnet(images)
+            return out
+        r = self.resnet
+        x = r.maxpool(r.relu(r.bn1(r.conv1(images))))
+        for stage in (r.layer1, r.layer2, r.layer3, r.layer4):
+            x = checkpoint(
+                stage, x, use_reentrant=False,
+                context_fn=lambda stage=stage: (nullcontext(), _running_stats_kept(stage)),
+            )  # fmt: skip
+        return torch.flatten(r.avgpool(x), 1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feat = self.forward_features(images)
         return self.inv_head(feat), feat
+
+
+@contextmanager
+def _running_stats_kept(module: nn.Module) -> Iterator[None]:
+    """Leave BatchNorm running statistics as they were across a recomputation of ``module``'s forward."""
+    saved = [
+        (buf, buf.clone())
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
+        if buf is not None
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)

@@ -38,7 +38,11 @@ def make_point_encoder(m: ModelConfig) -> nn.Module:
 
 def make_image_encoder(m: ModelConfig) -> ImageEncoder:
     return ImageEncoder(
-        m.image_encoder, proj_dim=m.proj_dim, head_hidden=m.image_head_hidden, weights=m.image_weights
+        m.image_encoder,
+        proj_dim=m.proj_dim,
+        head_hidden=m.image_head_hidden,
+        weights=m.image_weights,
+        checkpoint_trunk=m.image_checkpoint,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,23 @@ def test_image_weights_from_local_file(tmp_path: Path) -> None:
     torch.save({"conv1.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="missing"):
         ImageEncoder("resnet18", weights=path)
+
+
+def test_image_trunk_checkpointing_is_the_same_function_and_gradient() -> None:
+    """Activation checkpointing recomputes the residual stages in backward: same output, gradients and
+    BatchNorm running statistics (updated once, not again by the recomputation)."""
+    torch.manual_seed(0)
+    plain = ImageEncoder("resnet18", proj_dim=8, head_hidden=16).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.checkpoint_trunk = True
+    x = torch.randn(4, 3, 32, 32)
+    outs = []
+    for enc in (plain, ckpt):
+        z, feat = enc(x)
+        (z.square().sum() + feat.sum()).backward()
+        outs.append(z)
+    torch.testing.assert_close(outs[1], outs[0])
+    for (name, a), (_, b) in zip(ckpt.named_parameters(), plain.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, a), (_, b) in zip(ckpt.named_buffers(), plain.named_buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
