@@ -1,4 +1,4 @@
-"""Benchmark: the CrossMoCo training step and the DGCNN with the fast vs the reference EdgeConv.
+"""Benchmark: the CrossMoCo training step and the DGCNN, fast (fp32, bf16) vs the straightforward reference.
 
 Torch only (no Ray, MLflow or pydantic), so it runs on this CPU and on a bare GPU machine:
 
@@ -6,10 +6,25 @@ Torch only (no Ray, MLflow or pydantic), so it runs on this CPU and on a bare GP
     python bench/step.py --device cpu --repeats 5 --json bench/out/step.json
     python bench/step.py --smoke              # tiny sizes: checks that the script runs
 
+Implementations:
+
+- ``reference``: as the original code: every edge feature materialised (``[B, 2C, N, k]``), fp32,
+  contiguous (NCHW) image tensors;
+- ``fast``: the fused EdgeConv (:mod:`crossmoco_ray.nn.edgeconv`), channels-last image tensors, fp32;
+- ``fast-ckpt``: ``fast`` with activation checkpointing of the online image trunk
+  (``model.image_checkpoint``): less memory for one more trunk forward;
+- ``fast-bf16``: ``fast`` under bf16 autocast (measured where the device has native bf16).
+
 Each measurement runs in a fresh subprocess so that its peak memory is its own: on CPU the peak
 resident set size (and the part above the RSS just before the first step), on CUDA the peak
-allocated memory. Times are the median of ``--repeats`` steps after ``--warmup`` steps; every
-comparison is a ratio between two measurements of the same run.
+allocated memory. The allocator: ``keep`` = freed memory kept for reuse, as training runs
+(:func:`crossmoco_ray.nn.runtime.keep_freed_memory`); ``system`` = glibc's defaults, as the original
+code runs. The fast rows run with ``keep``; the reference step runs with both, so that the table gives
+the implementation's gain alone (same allocator) and the step as shipped against the original's way of
+running (on CUDA the allocator setting does nothing). Times are the median
+of ``--repeats`` steps after ``--warmup`` steps; every comparison is a ratio between two measurements of
+the same run. ``saved`` rows give what each part of the step keeps for backward (bytes of the tensors
+autograd saves, each storage counted once).
 """
 
 from __future__ import annotations
@@ -17,7 +32,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -51,16 +65,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def rss_mb() -> float:
     """Current resident set size in MiB (Linux), falling back to the peak elsewhere."""
     try:
@@ -70,43 +74,105 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(kind: str, setting: str, edgeconv: str, device_name: str, warmup: int, repeats: int) -> dict:
-    """One measurement in this (fresh) process; returns a JSON-able dict."""
+IMPLS = ("reference", "fast", "fast-ckpt", "fast-bf16")
+
+
+def build(setting: str, impl: str, device: Any) -> tuple[Any, dict]:
+    """The CrossMoCo model of ``setting`` for ``impl`` on ``device``, and one batch."""
     import torch
 
     from crossmoco_ray.nn import DGCNN, CrossMoCo, ImageEncoder
+    from crossmoco_ray.train.step import prepare_model
+
+    s = SETTINGS[setting]
+    B, N = s["batch"], s["num_points"]
+    edgeconv = "reference" if impl == "reference" else "fast"
+    points = DGCNN(k=s["k"], emb_dims=s["emb_dims"], head_hidden=s["point_head_hidden"],
+                   proj_dim=s["proj_dim"], edgeconv=edgeconv)  # fmt: skip
+    image = ImageEncoder(s["image_encoder"], proj_dim=s["proj_dim"], head_hidden=s["image_head_hidden"])
+    model = CrossMoCo(points, image, queue_length=s["queue_length"], dim=s["proj_dim"],
+                      temperature=s["temperature"], cross_temperature=s["cross_temperature"])  # fmt: skip
+    model = prepare_model(model, device, channels_last=impl != "reference").train()
+    model.image_q.checkpoint_trunk = impl == "fast-ckpt"
+    batch = {
+        "points1": torch.randn(B, N, 3, device=device),
+        "points2": torch.randn(B, N, 3, device=device),
+        "images": torch.randn(B, s["views"], 3, s["image_size"], s["image_size"], device=device),
+    }
+    return model, batch
+
+
+def saved_bytes(setting: str, impl: str, device_name: str) -> dict:
+    """Bytes autograd keeps for backward, per part of one step (each storage counted once)."""
+    import torch
+
+    from crossmoco_ray.train.step import to_device_batch
+
+    torch.manual_seed(0)
+    device = torch.device(device_name)
+    model, batch = build(setting, impl, device)
+    p1, _, views = to_device_batch(batch, device, channels_last=impl != "reference")
+    out: dict[str, Any] = {"kind": "saved", "setting": setting, "edgeconv": impl, "batch": p1.shape[0],
+                           "malloc": "keep"}  # fmt: skip
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.layout == torch.strided:  # (the small CSR adjacency of the kNN graph is left out)
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    parts = (("point encoder", model.point_q, p1), ("image encoder", model.image_q, views[0]))
+    for part, encoder, x in parts:
+        seen.clear()
+        bf16 = impl == "fast-bf16"
+        with (
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            result = encoder(x)
+        out[part] = sum(seen.values()) / 2**20
+        del result
+    return out
+
+
+def child(
+    kind: str, setting: str, impl: str, device_name: str, warmup: int, repeats: int, malloc: str
+) -> dict:
+    """One measurement in this (fresh) process; returns a JSON-able dict."""
+    import torch
+
+    from crossmoco_ray.nn import DGCNN
     from crossmoco_ray.train.step import train_step
 
+    if kind == "saved":
+        return saved_bytes(setting, impl, device_name)
     torch.manual_seed(0)
     s = SETTINGS[setting]
     device = torch.device(device_name)
     B, N = s["batch"], s["num_points"]
-    points = DGCNN(k=s["k"], emb_dims=s["emb_dims"], head_hidden=s["point_head_hidden"],
-                   proj_dim=s["proj_dim"], edgeconv=edgeconv)  # fmt: skip
+    bf16 = impl == "fast-bf16"
     if kind == "dgcnn":
-        model: torch.nn.Module = points.to(device).train()
+        model: torch.nn.Module = DGCNN(
+            k=s["k"], emb_dims=s["emb_dims"], head_hidden=s["point_head_hidden"], proj_dim=s["proj_dim"],
+            edgeconv="reference" if impl == "reference" else "fast",
+        ).to(device).train()  # fmt: skip
         x = torch.randn(B, N, 3, device=device)
 
         def step() -> None:
-            z, feat = model(x)
-            (z.square().mean() + feat.mean()).backward()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                z, feat = model(x)
+            (z.float().square().mean() + feat.float().mean()).backward()
             model.zero_grad(set_to_none=True)
 
     else:
-        image = ImageEncoder(s["image_encoder"], proj_dim=s["proj_dim"], head_hidden=s["image_head_hidden"])
-        model = CrossMoCo(points, image, queue_length=s["queue_length"], dim=s["proj_dim"],
-                          temperature=s["temperature"], cross_temperature=s["cross_temperature"])  # fmt: skip
-        model = model.to(device).train()
+        model, batch = build(setting, impl, device)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=s["lr"], weight_decay=s["weight_decay"])
-        batch = {
-            "points1": torch.randn(B, N, 3, device=device),
-            "points2": torch.randn(B, N, 3, device=device),
-            "images": torch.randn(B, s["views"], 3, s["image_size"], s["image_size"], device=device),
-        }
 
         def step() -> None:
-            train_step(model, batch, opt, s["momentum"])
+            train_step(model, batch, opt, s["momentum"], precision="bf16" if bf16 else "fp32",
+                       channels_last=impl != "reference")  # fmt: skip
 
     def sync() -> None:
         if device.type == "cuda":
@@ -127,7 +193,7 @@ def child(kind: str, setting: str, edgeconv: str, device_name: str, warmup: int,
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     out = {
-        "kind": kind, "setting": setting, "edgeconv": edgeconv, "batch": B, "times": times,
+        "kind": kind, "setting": setting, "edgeconv": impl, "batch": B, "times": times, "malloc": malloc,
         "median_s": statistics.median(times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "before_rss_mb": before_rss,
@@ -138,13 +204,13 @@ def child(kind: str, setting: str, edgeconv: str, device_name: str, warmup: int,
     return out
 
 
-def measure(args: argparse.Namespace, kind: str, setting: str, edgeconv: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, setting, edgeconv, "--device", args.device,
-           "--warmup", str(args.warmup), "--repeats", str(args.repeats)]  # fmt: skip
-    print(f"... {kind} {setting} edgeconv={edgeconv}", file=sys.stderr, flush=True)
+def measure(args: argparse.Namespace, kind: str, setting: str, impl: str, malloc: str = "keep") -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, setting, impl, "--device", args.device,
+           "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--malloc", malloc]  # fmt: skip
+    print(f"... {kind} {setting} {impl} (malloc {malloc})", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise SystemExit(f"measurement {kind}/{setting}/{edgeconv} failed:\n{done.stderr[-4000:]}")
+        raise SystemExit(f"measurement {kind}/{setting}/{impl} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -163,59 +229,82 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--settings", default="paper,quickstart", help="step settings to measure")
-    parser.add_argument("--dgcnn-setting", default="paper", help="setting of the DGCNN fast-vs-reference run")
+    parser.add_argument("--dgcnn-setting", default="paper", help="setting of the DGCNN rows")
     parser.add_argument("--no-reference-step", action="store_true", help="skip the reference paper step")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                        help="bf16 rows: auto = where the device has native bf16")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repeat: checks the script runs")
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
-    parser.add_argument("--child", nargs=3, metavar=("KIND", "SETTING", "EDGECONV"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("KIND", "SETTING", "IMPL"), help=argparse.SUPPRESS)
+    parser.add_argument("--malloc", choices=("keep", "system"), default="keep", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     import torch
 
+    from crossmoco_ray.nn.runtime import bf16_support, cpu_description, keep_freed_memory
+
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child:
-        kind, setting, edgeconv = args.child
-        print(json.dumps(child(kind, setting, edgeconv, args.device, args.warmup, args.repeats)))
+        if args.malloc == "keep":
+            keep_freed_memory()
+        kind, setting, impl = args.child
+        print(json.dumps(child(kind, setting, impl, args.device, args.warmup, args.repeats, args.malloc)))
         return
     if args.smoke:
         args.settings, args.dgcnn_setting, args.repeats, args.warmup = "smoke", "smoke", 1, 0
+    no_bf16 = bf16_support(torch.device(args.device))
+    impls = ["reference", "fast", "fast-ckpt"]
+    if args.bf16 == "on" or (args.bf16 == "auto" and no_bf16 is None):
+        impls.append("fast-bf16")
+    elif args.bf16 == "auto":
+        print(f"no bf16 rows: {no_bf16}", file=sys.stderr)
 
-    rows = []
-    for impl in ("reference", "fast"):
-        rows.append(measure(args, "dgcnn", args.dgcnn_setting, impl))
+    rows = [measure(args, "dgcnn", args.dgcnn_setting, impl) for impl in impls if impl != "fast-ckpt"]
     for setting in args.settings.split(","):
-        rows.append(measure(args, "step", setting, "fast"))
         if setting in ("paper", "smoke") and not args.no_reference_step:
-            rows.append(measure(args, "step", setting, "reference"))
+            rows.append(measure(args, "step", setting, "reference", malloc="system"))
+        for impl in impls:
+            if impl != "reference" or (setting in ("paper", "smoke") and not args.no_reference_step):
+                rows.append(measure(args, "step", setting, impl))
+    saved = [measure(args, "saved", args.dgcnn_setting, impl) for impl in impls]
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_description()
     mem_name = "peak CUDA alloc MiB" if args.device == "cuda" else "step peak RSS MiB"
     print(f"\ntorch {torch.__version__} on {args.device} ({device}), {torch.get_num_threads()} threads; "
           f"median of {args.repeats} after {args.warmup} warm-up\n")  # fmt: skip
-    print(f"| what | setting | EdgeConv | batch | median s/step | samples/s | {mem_name} | peak RSS MiB |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print(f"| what | setting | implementation | malloc | batch | median s/step | samples/s | {mem_name} "
+          "| peak RSS MiB |")  # fmt: skip
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         what = "DGCNN fwd+bwd" if r["kind"] == "dgcnn" else "CrossMoCo step"
         print(
-            f"| {what} | {r['setting']} | {r['edgeconv']} "
+            f"| {what} | {r['setting']} | {r['edgeconv']} | {r['malloc']} "
             f"| {r['batch']} | {r['median_s']:.3f} | {r['batch'] / r['median_s']:.2f} | {memory_mb(r):.0f} "
             f"| {r['peak_rss_mb']:.0f} |"
         )
+    print("\n| kept for backward (MiB) | setting | implementation | point encoder (query) "
+          "| image encoder (query) |")  # fmt: skip
+    print("|---|---|---|---:|---:|")
+    for r in saved:
+        print(f"| | {r['setting']} | {r['edgeconv']} | {r['point encoder']:.0f} | {r['image encoder']:.0f} |")
     print()
-    pairs = [(r, f) for r in rows for f in rows
-             if r["edgeconv"] == "reference" and f["edgeconv"] == "fast"
-             and (r["kind"], r["setting"]) == (f["kind"], f["setting"])]  # fmt: skip
-    for ref, fast in pairs:
-        speedup = ref["median_s"] / fast["median_s"]
-        print(
-            f"{ref['kind']} {ref['setting']}: fast/reference speed x{speedup:.2f}, "
-            f"memory x{memory_mb(fast) / max(memory_mb(ref), 1e-9):.2f}"
-        )
+    for ref in rows:
+        for fast in rows:
+            if ref["edgeconv"] != "reference" or fast["edgeconv"] == "reference":
+                continue
+            if (ref["kind"], ref["setting"]) != (fast["kind"], fast["setting"]):
+                continue
+            print(
+                f"{ref['kind']} {ref['setting']}: {fast['edgeconv']} vs reference (malloc {ref['malloc']}): "
+                "speed "
+                f"x{ref['median_s'] / fast['median_s']:.2f}, "
+                f"memory x{memory_mb(fast) / max(memory_mb(ref), 1e-9):.2f}"
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
-            json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=2)
+            json.dumps({"device": device, "torch": torch.__version__, "rows": rows, "saved": saved}, indent=2)
         )
 
 

@@ -46,5 +46,7 @@ def test_bench_smoke_run_prints_the_table() -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert "| DGCNN fwd+bwd | smoke | fast |" in done.stdout
-    assert "fast/reference speed" in done.stdout
+    assert "| DGCNN fwd+bwd | smoke | fast | keep |" in done.stdout
+    assert "| CrossMoCo step | smoke | reference | system |" in done.stdout
+    assert "fast vs reference (malloc system): speed" in done.stdout
+    assert "fast-ckpt vs reference (malloc keep): speed" in done.stdout
