@@ -24,7 +24,9 @@ the implementation's gain alone (same allocator) and the step as shipped against
 running (on CUDA the allocator setting does nothing). Times are the median
 of ``--repeats`` steps after ``--warmup`` steps; every comparison is a ratio between two measurements of
 the same run. ``saved`` rows give what each part of the step keeps for backward (bytes of the tensors
-autograd saves, each storage counted once).
+autograd saves, each storage counted once). On CPU, ``live`` is the peak of the bytes held by tensors
+during one step above what was held before it (from the profiler's allocation events: independent of
+the allocator, the counterpart of CUDA's peak allocated memory), after one warm-up step.
 """
 
 from __future__ import annotations
@@ -136,6 +138,36 @@ def saved_bytes(setting: str, impl: str, device_name: str) -> dict:
     return out
 
 
+def live_peak(setting: str, impl: str, device_name: str) -> dict:
+    """Peak bytes held by tensors during one step above those held at its start (the profiler's memory
+    timeline: every tensor the step allocates, frees or uses, by category)."""
+    import torch
+    from torch.profiler import profile
+
+    from crossmoco_ray.train.step import train_step
+
+    torch.manual_seed(0)
+    s = SETTINGS[setting]
+    model, batch = build(setting, impl, torch.device(device_name))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=s["lr"])
+    kwargs = dict(precision="bf16" if impl == "fast-bf16" else "fp32", channels_last=impl != "reference")
+    train_step(model, batch, opt, s["momentum"], **kwargs)  # warm-up: the optimizer state exists
+    with profile(
+        activities=[torch.profiler.ProfilerActivity.CPU],
+        profile_memory=True,
+        record_shapes=True,
+        with_stack=True,
+    ) as prof:
+        train_step(model, batch, opt, s["momentum"], **kwargs)
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    totals = [sum(row) for row in sizes]  # bytes held per event, every category
+    peak = max(totals) - totals[0] if totals else 0
+    return {"kind": "live", "setting": setting, "edgeconv": impl, "batch": s["batch"], "malloc": "any",
+            "live_peak_mb": peak / 2**20}  # fmt: skip
+
+
 def child(
     kind: str, setting: str, impl: str, device_name: str, warmup: int, repeats: int, malloc: str
 ) -> dict:
@@ -147,6 +179,8 @@ def child(
 
     if kind == "saved":
         return saved_bytes(setting, impl, device_name)
+    if kind == "live":
+        return live_peak(setting, impl, device_name)
     torch.manual_seed(0)
     s = SETTINGS[setting]
     device = torch.device(device_name)
@@ -268,6 +302,9 @@ def main() -> None:
             if impl != "reference" or (setting in ("paper", "smoke") and not args.no_reference_step):
                 rows.append(measure(args, "step", setting, impl))
     saved = [measure(args, "saved", args.dgcnn_setting, impl) for impl in impls]
+    live = []
+    if args.device == "cpu":
+        live = [measure(args, "live", args.settings.split(",")[0], impl) for impl in impls]
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_description()
     mem_name = "peak CUDA alloc MiB" if args.device == "cuda" else "step peak RSS MiB"
@@ -288,6 +325,13 @@ def main() -> None:
     print("|---|---|---|---:|---:|")
     for r in saved:
         print(f"| | {r['setting']} | {r['edgeconv']} | {r['point encoder']:.0f} | {r['image encoder']:.0f} |")
+    if live:
+        ref_live = live[0]["live_peak_mb"]
+        print("\n| step peak held by tensors (MiB, CPU) | setting | implementation | MiB | / reference |")
+        print("|---|---|---|---:|---:|")
+        for r in live:
+            print(f"| | {r['setting']} | {r['edgeconv']} | {r['live_peak_mb']:.0f} "
+                  f"| x{r['live_peak_mb'] / max(ref_live, 1e-9):.2f} |")  # fmt: skip
     print()
     for ref in rows:
         for fast in rows:
@@ -304,7 +348,10 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
-            json.dumps({"device": device, "torch": torch.__version__, "rows": rows, "saved": saved}, indent=2)
+            json.dumps(
+                {"device": device, "torch": torch.__version__, "rows": rows, "saved": saved, "live": live},
+                indent=2,
+            )
         )
 
 
