@@ -84,11 +84,11 @@ def _edge_statistics(
     square sums per point: ``Σ deg·a_c² + k·Σ b_c² + 2·Σ_i b_c,i·Σ_j a_c,j``.
     """
     n_edges = graph.rows * graph.k
-    deg = graph.in_degree.to(a.dtype)
-    a_bar, b_bar = (deg * a).sum(0) / n_edges, b.mean(0)
+    deg = graph.in_degree.to(a.dtype).squeeze(1)  # [R]
+    a_bar, b_bar = (deg @ a) / n_edges, b.mean(0)  # deg-weighted sums as products: one pass each
     a_c, b_c = a - a_bar, b - b_bar
-    cross = (b_c * (graph.sum(a) - graph.k * a_bar)).sum(0)
-    var = ((deg * a_c * a_c).sum(0) + graph.k * (b_c * b_c).sum(0) + 2 * cross) / n_edges
+    cross = torch.linalg.vecdot(b_c, graph.sum(a_c), dim=0)  # Σ_i b_c,i·Σ_j a_c,j
+    var = (deg @ a_c.square() + graph.k * torch.linalg.vector_norm(b_c, dim=0).square() + 2 * cross) / n_edges
     return a_bar + b_bar, var, a_bar, b_bar
 
 
@@ -120,8 +120,9 @@ class _FusedEdgeConv(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             ab = x.to(cdt) @ _split_weight(weight, C).to(cdt).t()  # [R, 2O]
             a, b = ab[:, :O], ab[:, O:]
+            b32 = b.to(sdt)
             if running_mean is None:
-                mean, var, a_bar, b_bar = _edge_statistics(a.to(sdt), b.to(sdt), graph)
+                mean, var, a_bar, b_bar = _edge_statistics(a.to(sdt), b32, graph)
             else:
                 assert running_var is not None
                 mean, var = running_mean.to(sdt), running_var.to(sdt)
@@ -136,9 +137,10 @@ class _FusedEdgeConv(torch.autograd.Function):
             else:
                 m = graph.max(signed)
             del signed
-            # z = |s|·max_j(sign·a_j) + s·b_i + (β − s·μ)
-            z = torch.addcmul(beta.to(sdt) - s * mean, m, s.abs())
-            z.addcmul_(b, s)
+            # z = |s|·max_j(sign·a_j) + s·b_i + (β − s·μ), in fp32 (same-dtype kernels: mixed ones are slow)
+            z = torch.addcmul(beta.to(sdt) - s * mean, m.to(sdt), s.abs())
+            z.addcmul_(b32, s)
+            del b32
             y = F.leaky_relu(z, slope).to(cdt)  # (the in-place kernel is several times slower on CPU)
         mean, var = mean.clone(), var.clone()  # never the running buffers themselves
         ctx.mark_non_differentiable(mean, var)
@@ -154,7 +156,7 @@ class _FusedEdgeConv(torch.autograd.Function):
         cdt, sdt = ctx.cdt, s.dtype
         R, C, O, k = x.shape[0], x.shape[1], weight.shape[0], graph.k
         with torch.autocast(device_type=x.device.type, enabled=False):
-            a, b = ab[:, :O].to(sdt), ab[:, O:].to(sdt)
+            a, b = ab[:, :O].to(sdt, copy=True), ab[:, O:].to(sdt, copy=True)  # centred in place below
             # LeakyReLU keeps the sign of z, so its backward can read the output
             dz = torch.ops.aten.leaky_relu_backward(dy, y, ctx.slope, True).to(sdt)
             # sign·max_j(sign·a_j) = a at the chosen neighbour; u is the chosen edge centred: z = s·u + β
@@ -172,12 +174,12 @@ class _FusedEdgeConv(torch.autograd.Function):
                 dmean = -du.sum(0)
                 dvar = ds * gamma.to(sdt) * (-0.5) * rstd**3
                 deg = graph.in_degree.to(sdt)
-                b_c = b - b_bar
-                a_c = a - a_bar
+                b_c = b.sub_(b_bar)
+                a_c = a.sub_(a_bar)
                 s_c = graph.sum(a_c)
                 coef = 2 * dvar / n_edges
-                da.add_((deg * a_c + graph.sum_t(b_c)) * coef + deg * (dmean / n_edges))
-                db = du.add_((k * b_c + s_c) * coef + dmean / R)
+                da.addcmul_(torch.addcmul(dmean / n_edges, a_c, coef), deg).addcmul_(graph.sum_t(b_c), coef)
+                db = du.add_(dmean / R).addcmul_(b_c, k * coef).addcmul_(s_c, coef)
             dab = torch.cat((da, db), dim=1).to(cdt)  # [R, 2O]
             w_ab = _split_weight(weight, C)
             dx = (dab @ w_ab.to(cdt)).to(x.dtype) if ctx.needs_input_grad[0] else None

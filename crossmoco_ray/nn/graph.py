@@ -192,10 +192,11 @@ class MaxBackward:
         g = self.graph
         if self.adj is not None:
             assert _CSR_MAX_BACKWARD is not None
-            grad = grad.to(self.adj.dtype)
             first = torch.arange(0, g.rows * g.k, g.k, device=grad.device).unsqueeze(1)
             edge = self.arg.long().add_(first)  # the CSR edge index the kernel's backward reads
-            return _CSR_MAX_BACKWARD(self.adj, grad, grad, "amax", edge, [False, True])[1]
+            # the gradient keeps its own dtype (fp32 under autocast): the arg-max does not depend on it
+            adj = g._adjacency(grad.dtype) if grad.dtype in (torch.float32, torch.float64) else self.adj
+            return _CSR_MAX_BACKWARD(adj, grad.to(adj.dtype), grad, "amax", edge, [False, True])[1]
         chosen = g.cols.view(g.rows, g.k).gather(1, self.arg.long())
         return torch.zeros_like(grad).scatter_add_(0, chosen, grad)
 

@@ -38,16 +38,15 @@ class _ConvBNPool(torch.autograd.Function):
         E = weight.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
             h = x.to(cdt) @ weight.reshape(E, C).to(cdt).t()  # [R, E]
-            hf = h.to(torch.promote_types(cdt, torch.float32))
+            # ATen's BatchNorm takes bf16 input with fp32 parameters: fp32 statistics, output in h's dtype
             z, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
-                hf, gamma, beta, running_mean, running_var, True, factor, eps
+                h, gamma, beta, running_mean, running_var, True, factor, eps
             )
-            del hf
             y = F.leaky_relu(z, slope).view(batch, R // batch, E)
             del z
             # the arg-max over N only when a backward follows (max with indices is the slower reduction)
             top, arg = y.max(dim=1) if need_grad else (y.amax(dim=1), None)
-            out = torch.cat((top, y.mean(dim=1)), dim=1).to(cdt)  # [B, 2E]
+            out = torch.cat((top, y.mean(dim=1, dtype=save_mean.dtype).to(y.dtype)), dim=1)  # [B, 2E]
         ctx.save_for_backward(x, weight, gamma, beta, h, save_mean, save_invstd, arg)
         ctx.eps, ctx.slope, ctx.cdt, ctx.batch = eps, slope, cdt, batch
         return out
@@ -58,18 +57,18 @@ class _ConvBNPool(torch.autograd.Function):
         R, C = x.shape
         E, B, cdt = weight.shape[0], ctx.batch, ctx.cdt
         with torch.autocast(device_type=x.device.type, enabled=False):
-            hf = h.to(save_mean.dtype)
-            scale = gamma.to(hf.dtype) * save_invstd
-            z = torch.addcmul(beta.to(hf.dtype) - save_mean * scale, hf, scale)  # BN output, recomputed
-            dout = dout.to(hf.dtype)
+            # BN output, recomputed with the batch statistics (the same kernel, as an affine map)
+            var = save_invstd.pow(-2).sub_(ctx.eps)
+            z = torch.ops.aten.native_batch_norm(h, gamma, beta, save_mean, var, False, 0.0, ctx.eps)[0]
+            dout = dout.to(h.dtype)
             dy = (dout[:, E:] / (R // B)).unsqueeze(1).repeat(1, R // B, 1)  # mean pool   [B, N, E]
             dy.scatter_add_(1, arg.unsqueeze(1), dout[:, :E].unsqueeze(1))  # max pool
             dz = torch.ops.aten.leaky_relu_backward(dy.view(R, E), z, ctx.slope, False)
             del dy, z
             dh, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
-                dz, hf, gamma, None, None, save_mean, save_invstd, True, ctx.eps, [True, True, True]
+                dz, h, gamma, None, None, save_mean, save_invstd, True, ctx.eps, [True, True, True]
             )
-            del dz, hf
+            del dz
             dh = dh.to(cdt)
             w = weight.reshape(E, C)
             dx = (dh @ w.to(cdt)).to(x.dtype) if ctx.needs_input_grad[0] else None
