@@ -33,7 +33,7 @@ def run(precision: str, seed: int, storage: str) -> dict:
     ckpt = sorted(Path(storage, name).glob("epoch_*"))[-1]
     last = json.loads((ckpt / "history.json").read_text())["epochs"][-1]
     report = json.loads(Path(storage, name, "eval", "report.json").read_text())["results"]
-    test = {enc: report[f"{enc} / test"] for enc in ("pretrained", "random init")}
+    test = {enc: report[f"{enc} / test"] for enc in ("pretrained", "random-init")}
     return {"precision": used, "seed": seed, "loss": last["loss"], "samples_per_s": last["samples_per_s"],
             "gain_val_svm_clean": last.get("gain_val_svm_clean"), "test": test}  # fmt: skip
 
@@ -59,8 +59,8 @@ def main() -> None:
         print(
             f"| {r['precision']} | {r['seed']} | {r['loss']:.3f} | {r['samples_per_s']:.1f} "
             f"| {'' if gain is None else f'{100 * gain:+.2f}'} "
-            f"| {pct['pretrained', 'clean']:.2f} / {pct['random init', 'clean']:.2f} "
-            f"| {pct['pretrained', 'crosspoint']:.2f} / {pct['random init', 'crosspoint']:.2f} |"
+            f"| {pct['pretrained', 'clean']:.2f} / {pct['random-init', 'clean']:.2f} "
+            f"| {pct['pretrained', 'crosspoint']:.2f} / {pct['random-init', 'crosspoint']:.2f} |"
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
