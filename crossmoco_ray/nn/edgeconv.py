@@ -101,7 +101,7 @@ class _FusedEdgeConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor,
@@ -150,7 +150,7 @@ class _FusedEdgeConv(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         x, weight, gamma, ab, y, mean, rstd, s, a_bar, b_bar = ctx.saved_tensors
         graph: NeighbourGraph = ctx.graph
         cdt, sdt = ctx.cdt, s.dtype

@@ -87,8 +87,8 @@ def _csr(crow: torch.Tensor, cols: torch.Tensor, rows: int, dtype: torch.dtype) 
 class NeighbourGraph:
     """A batch's kNN graph as flat rows ``[B·N]``, each with its ``k`` neighbours ``cols``.
 
-    Sums are CSR products on CPU (fp32/fp64) and chunked gathers elsewhere; maxima are chunked gathers
-    (they work in every dtype, bf16 included, and give the arg-max a backward needs).
+    On CPU, sums (fp32/fp64) and maxima (bf16 too, with the kernel's arg-max when a backward follows) are
+    CSR products; elsewhere chunked gathers, whose max keeps its arg-max as one byte per output.
     """
 
     def __init__(self, idx: torch.Tensor) -> None:
@@ -96,17 +96,17 @@ class NeighbourGraph:
         self.k, self.rows = k, B * N
         self.cols = flat_neighbour_index(idx)
         self.in_degree = torch.bincount(self.cols, minlength=self.rows).unsqueeze(1)  # [B·N, 1]
-        self._adj: torch.Tensor | None = None
+        self._adj: dict[torch.dtype, torch.Tensor] = {}  # per dtype: the forward runs bf16, sums fp32
         self._adj_t: torch.Tensor | None = None
 
     def _sparse(self, a: torch.Tensor) -> bool:
         return a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
 
     def _adjacency(self, dtype: torch.dtype) -> torch.Tensor:
-        if self._adj is None or self._adj.dtype != dtype:
+        if dtype not in self._adj:
             crow = torch.arange(0, self.cols.numel() + 1, self.k, device=self.cols.device)
-            self._adj = _csr(crow, self.cols, self.rows, dtype)
-        return self._adj
+            self._adj[dtype] = _csr(crow, self.cols, self.rows, dtype)
+        return self._adj[dtype]
 
     def sum(self, a: torch.Tensor) -> torch.Tensor:
         """``Σ_j a[j]`` over each row's k neighbours ``[B·N, O]``."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torchvision
@@ -81,18 +82,20 @@ class ImageEncoder(nn.Module):
         if not (self.checkpoint_trunk and self.training and torch.is_grad_enabled()):
             out: torch.Tensor = self.resnet(images)
             return out
-        r = self.resnet
+        r = cast(torchvision.models.ResNet, self.resnet)
         x = r.maxpool(r.relu(r.bn1(r.conv1(images))))
         for stage in (r.layer1, r.layer2, r.layer3, r.layer4):
-            x = checkpoint(
-                stage, x, use_reentrant=False,
-                context_fn=lambda stage=stage: (nullcontext(), _running_stats_kept(stage)),
-            )  # fmt: skip
+            x = checkpoint(stage, x, use_reentrant=False, context_fn=_keep_running_stats(stage))
         return torch.flatten(r.avgpool(x), 1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feat = self.forward_features(images)
         return self.inv_head(feat), feat
+
+
+def _keep_running_stats(module: nn.Module) -> Callable[[], tuple[Any, Any]]:
+    """``checkpoint``'s ``context_fn``: nothing in the forward, running statistics kept in the recompute."""
+    return lambda: (nullcontext(), _running_stats_kept(module))
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from torch import nn
 
 class _ConvBNPool(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor,
@@ -52,7 +52,7 @@ class _ConvBNPool(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, gamma, beta, h, save_mean, save_invstd, arg = ctx.saved_tensors
         R, C = x.shape
         E, B, cdt = weight.shape[0], ctx.batch, ctx.cdt

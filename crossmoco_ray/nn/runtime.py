@@ -20,6 +20,7 @@ import os
 import platform
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -67,10 +68,10 @@ def bf16_support(device: torch.device) -> str | None:
     return f"bf16 autocast is not supported on {device.type}"
 
 
-def resolve_precision(requested: str, device: torch.device) -> tuple[str, str | None]:
+def resolve_precision(requested: str, device: torch.device) -> tuple[Literal["fp32", "bf16"], str | None]:
     """(precision used, message when it differs from the request)."""
     if requested != "bf16":
-        return requested, None
+        return "fp32", None
     reason = bf16_support(device)
     if reason is None:
         return "bf16", None

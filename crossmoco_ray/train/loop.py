@@ -55,7 +55,7 @@ from .progress import (
     progress_line,
 )
 from .resume import ResumePoint, checkpoint_name, resume_point, write_progress
-from .step import prepare_model, train_step
+from .step import Precision, prepare_model, train_step
 
 HISTORY_FILE = "history.json"
 CHECKPOINT_PRIORITY = "checkpoint_priority"  # epochs done at an epoch end, -1 mid-epoch (what Ray keeps)
@@ -80,7 +80,7 @@ class Worker:
     chance: dict[str, float]
     iid_classes: float
     node_id: str
-    precision: str = "fp32"  # what the step uses (train.precision, or fp32 where bf16 does not pay off)
+    precision: Precision = "fp32"  # what the step uses (train.precision, or fp32 where bf16 does not pay off)
     step: int = 0
     attempt_start_step: int = 0
     monitor: Any = None
@@ -162,7 +162,7 @@ def build(config: dict[str, Any]) -> Worker:
     )
 
 
-def _precision(requested: str, device: torch.device, rank: int) -> str:
+def _precision(requested: str, device: torch.device, rank: int) -> Precision:
     used, why = resolve_precision(requested, device)
     if why:
         print(f"warning (rank {rank}): {why}", flush=True)
