@@ -56,6 +56,7 @@ OPERATIONAL_KEYS = (
     "train.keep_checkpoints",
     "train.log_every",
     "train.channels_last",
+    "model.image_checkpoint",  # the same function and gradient, recomputed: runs resume across it
     "train.placement_strategy",
     "train.cpus_per_worker",
     "train.gpus_per_worker",

@@ -95,7 +95,9 @@ def test_run_name_follows_what_is_trained_not_how_it_runs() -> None:
     base = load_config("quickstart")
     same = load_config(
         "quickstart",
-        overrides=["train.max_failures=-1", "train.checkpoint_every_steps=7", "tracking.register_model=enc"],
-    )
+        overrides=["train.max_failures=-1", "train.checkpoint_every_steps=7", "tracking.register_model=enc",
+                   "train.channels_last=false", "model.image_checkpoint=true"],
+    )  # fmt: skip
     assert default_name(same) == default_name(base)
     assert default_name(load_config("quickstart", overrides=["optim.lr=0.002"])) != default_name(base)
+    assert default_name(load_config("quickstart", overrides=["train.precision=bf16"])) != default_name(base)
