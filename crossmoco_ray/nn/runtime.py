@@ -7,8 +7,9 @@
 - :func:`keep_freed_memory` stops glibc from giving large freed blocks back to the OS. A training step
   allocates and frees the same large tensors every step; by default each block above 32 MiB is a fresh
   ``mmap`` whose every page faults on first touch, which on CPU costs as much as the arithmetic of
-  element-wise ops (measured: the DGCNN step 1.3–1.4× faster without it). The process then keeps its
-  peak resident size between steps, which a training process reaches every step anyway. Set
+  element-wise ops (measured: keeping freed memory made the DGCNN step 1.3–1.4× faster). The price: the
+  process keeps its peak resident size between steps, and fragmentation can lift it above the peak the
+  tensors need (bench/RESULTS.md: the fast step's RSS 3.9 GB for 2.2 GB of tensors above its start). Set
   ``CROSSMOCO_MALLOC=system`` to leave glibc's defaults alone.
 """
 
