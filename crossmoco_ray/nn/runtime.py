@@ -9,7 +9,7 @@
   ``mmap`` whose every page faults on first touch, which on CPU costs as much as the arithmetic of
   element-wise ops (measured: keeping freed memory made the DGCNN step 1.3–1.4× faster). The price: the
   process keeps its peak resident size between steps, and fragmentation can lift it above the peak the
-  tensors need (bench/RESULTS.md: the materialising reference step's RSS doubles; the fast step's not). Set
+  tensors need (bench/RESULTS.md: the materialising reference step's RSS went from 7.3 to 14.8 GB). Set
   ``CROSSMOCO_MALLOC=system`` to leave glibc's defaults alone.
 """
 
