@@ -3,7 +3,7 @@
 Both sides run :func:`crossmoco_ray.evaluate.features.extract_features` on the same random clouds with a
 randomly initialised DGCNN in eval mode, in fresh subprocesses, alternating; the baseline is the package
 as it was at ``--baseline`` (extracted with ``git archive``, so the comparison is one run on one
-machine). Torch, numpy and h5py only (no Ray):
+machine). It needs torch, numpy, pyarrow and h5py (what the evaluation module imports), not Ray:
 
     python bench/features.py                              # modelnet40-cpu and paper encoders
     python bench/features.py --baseline 76a316d --clouds 256 --repeats 3
