@@ -2,12 +2,12 @@
 
 - :func:`bf16_support` tells whether bf16 autocast pays off here: on CUDA when the GPU supports bf16,
   on CPU when the cores have native bf16 instructions (AVX-512 BF16 or AMX; without them oneDNN
-  emulates bf16 and the step gets slower, not faster). :func:`resolve_precision` turns the requested
-  precision into the one used, with a message saying why when they differ.
+  emulates bf16, which is not expected to pay off: not measured here). :func:`resolve_precision` turns
+  the requested precision into the one used, with a message saying why when they differ.
 - :func:`keep_freed_memory` stops glibc from giving large freed blocks back to the OS. A training step
   allocates and frees the same large tensors every step; by default each block above 32 MiB is a fresh
   ``mmap`` whose every page faults on first touch, which on CPU costs as much as the arithmetic of
-  element-wise ops (measured: keeping freed memory made the DGCNN step 1.3–1.4× faster). The price: the
+  element-wise ops (bench/step.py's two reference rows show the effect: 45.6 vs 20.2 s). The price: the
   process keeps its peak resident size between steps, and fragmentation can lift it above the peak the
   tensors need (bench/RESULTS.md: the materialising reference step's RSS went from 7.3 to 14.8 GB). Set
   ``CROSSMOCO_MALLOC=system`` to leave glibc's defaults alone.
