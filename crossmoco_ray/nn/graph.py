@@ -1,10 +1,12 @@
 """The dynamic k-nearest-neighbour graph of DGCNN: neighbour indices and products over the neighbours.
 
-:func:`knn` finds each point's ``k`` nearest neighbours (itself included) from fp32 distances, in
-batch chunks that bound the ``[chunk, N, N]`` score matrix. :class:`NeighbourGraph` holds a batch's
-graph as flat rows and reduces per-point features ``[B·N, O]`` over each row's neighbours (sum, max
-with its arg-max) or over the rows each point is a neighbour of (the transposed sum), without ever
-building the ``[B·N·k, O]`` edge tensor at once: CSR products on CPU, chunked gathers elsewhere.
+:func:`knn` finds each point's ``k`` nearest neighbours (itself included) from fp32 distances: on CPU with
+the compiled kernel of :mod:`crossmoco_ray.nn.kernels` (scores and selection fused, a few rows at a
+time), elsewhere in batch chunks that bound the ``[chunk, N, N]`` score matrix, with ``torch.topk``.
+:class:`NeighbourGraph` holds a batch's graph as flat rows and reduces per-point features ``[B·N, O]``
+over each row's neighbours (sum, max with its arg-max) or over the rows each point is a neighbour of
+(the transposed sum), without ever building the ``[B·N·k, O]`` edge tensor at once: CSR products on
+CPU, chunked gathers elsewhere.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from crossmoco_ray.nn import kernels
 
 # knn builds a [chunk, N, N] score matrix; chunking the batch bounds that transient to this many floats.
 KNN_MAX_ELEMENTS = 1 << 24
@@ -41,6 +45,13 @@ def knn(
     # Distances in fp32 even under autocast: bf16 distances would pick different neighbours.
     with torch.autocast(device_type=x.device.type, enabled=False):
         x = x.float()
+        if x.device.type == "cpu" and not torch.compiler.is_compiling() and k <= kernels.max_k():
+            # The compiled kernel scores a few rows at a time in cache and selects as it goes: no
+            # [chunk, N, N] matrix, whose writing and re-reading costs more than the selection on CPU.
+            sq = x.pow(2).sum(-1, keepdim=True)
+            lhs = torch.cat((2 * x, torch.ones_like(sq)), dim=-1)
+            rhs_t = torch.cat((x, -sq), dim=-1).transpose(1, 2)
+            return kernels.knn_direct(lhs, rhs_t, k, ordered)
         chunk = B if max_elements is None else max(1, min(B, max_elements // (N * N)))
         out = []
         # Unbounded: one block and no range() over B, so torch.export keeps the batch size symbolic.

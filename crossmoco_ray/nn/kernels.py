@@ -1,0 +1,185 @@
+"""A compiled top-k for the kNN graph, built at first use from ``_knn.c`` with the system's C compiler.
+
+torch's CPU ``topk`` sorts each row's candidates with a scalar comparator; the graph needs only the ``k``
+best of ``N`` per row, and most candidates can be rejected 16 at a time against the current k-th best.
+The C file has no Python or torch headers, so it builds in well under a second with ``cc -O3
+-march=native`` and is loaded with :mod:`ctypes`; rows are split over ``torch.get_num_threads()``
+threads (ctypes releases the GIL during the call).
+
+The library is cached under ``$CROSSMOCO_CACHE`` (default ``~/.cache/crossmoco-ray``) in ``kernels/``,
+keyed by the source, the compiler and the CPU's model and flags, so nodes of different CPU types that
+share a home directory each get their own build. Without a compiler, or if the build fails, the kNN
+falls back to ``torch.topk`` with one warning per process; ``CROSSMOCO_KNN=torch`` forces the fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from crossmoco_ray.nn.runtime import cpu_flags, cpu_name
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = "_knn.c"
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": the CDLL or None once tried; "pool": (threads, executor)
+
+
+def _after_fork() -> None:  # a forked child has none of the parent's pool threads, and maybe a held lock
+    global _lock
+    _lock = threading.Lock()
+    _state.pop("pool", None)
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("CROSSMOCO_CACHE")
+    if root:
+        return Path(root).expanduser() / "kernels"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "crossmoco-ray" / "kernels"
+
+
+def _compiler() -> list[str] | None:
+    for candidate in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
+        if candidate:
+            argv = shlex.split(str(candidate))
+            if argv and shutil.which(argv[0]):
+                return argv
+    return None
+
+
+def _compile(cc: list[str], src: Path, out: Path) -> str | None:
+    """Build ``out``; ``None`` on success, else the compiler's complaint."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    errors = []
+    # -march=native first (the vector compare); a compiler that does not know it gets a portable build.
+    for arch in (["-march=native"], []):
+        cmd = [*cc, "-O3", *arch, "-std=c11", "-fPIC", "-shared", "-o", tmp, str(src)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode == 0:
+            os.replace(tmp, out)  # atomic: workers building at once each install a whole library
+            return None
+        errors.append(f"{shlex.join(cmd)}: {done.stderr.strip()[-500:]}")
+    Path(tmp).unlink(missing_ok=True)
+    return "; ".join(errors)
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("CROSSMOCO_KNN", "").lower() == "torch":
+        return None
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]  # type: ignore[return-value]
+        lib, why = None, ""
+        try:
+            cc = _compiler()
+            if cc is None:
+                why = "no C compiler found (set CC, or install gcc or clang)"
+            else:
+                ref = resources.files("crossmoco_ray.nn").joinpath(_SOURCE)
+                with resources.as_file(ref) as src:
+                    version = subprocess.run(
+                        [*cc, "--version"], capture_output=True, text=True, check=False
+                    ).stdout  # fmt: skip
+                    parts = [src.read_text(), shlex.join(cc), version, cpu_name(), *sorted(cpu_flags())]
+                    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+                    so = _cache_dir() / f"knn-{key}.so"
+                    if not so.exists():
+                        why = _compile(cc, src, so) or ""
+                    if so.exists():
+                        lib = ctypes.CDLL(str(so))
+        except OSError as err:  # an unwritable cache, a library that does not load
+            lib, why = None, str(err)
+        if lib is not None:
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            lib.topk_rows.argtypes = [ptr, i64, i64, ctypes.c_int, i64, i64, ptr]
+            lib.topk_rows.restype = ctypes.c_int
+            lib.knn_direct.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, i64, i64, ptr]
+            lib.knn_direct.restype = ctypes.c_int
+            lib.knn_max_k.restype = i64
+            logger.debug("compiled kNN kernel: %s", lib._name)
+        else:
+            warnings.warn(
+                f"crossmoco: the compiled kNN top-k is unavailable ({why}); the kNN graph uses torch.topk, "
+                "which is slower on CPU. Results are the same.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        _state["lib"] = lib
+        return lib
+
+
+def available() -> bool:
+    """Whether the compiled top-k is built and loaded (building it if need be)."""
+    return _load() is not None
+
+
+def max_k() -> int:
+    lib = _load()
+    return int(lib.knn_max_k()) if lib is not None else 0
+
+
+def _run(fn: ctypes._CFuncPtr, rows: int, args_before: tuple, out: torch.Tensor) -> None:  # type: ignore[name-defined]
+    """Call ``fn(*args_before, row_begin, row_end, out)`` over row ranges on the torch thread count."""
+    threads = max(1, min(torch.get_num_threads(), rows // 64 or 1))
+    ranges = [(rows * t // threads, rows * (t + 1) // threads) for t in range(threads)]
+    call = lambda r: fn(*args_before, r[0], r[1], out.data_ptr())  # noqa: E731
+    if threads == 1:
+        results = [call(ranges[0])]
+    else:
+        with _lock:
+            have = _state.get("pool")
+            if not isinstance(have, tuple) or have[0] != threads:
+                if isinstance(have, tuple):
+                    have[1].shutdown(wait=False)  # the thread count changed (torch.set_num_threads)
+                have = (threads, ThreadPoolExecutor(threads, thread_name_prefix="crossmoco-knn"))
+                _state["pool"] = have
+        results = list(have[1].map(call, ranges))
+    if any(r is not None and r != 0 for r in results):
+        raise MemoryError("knn: the compiled kernel could not allocate its row buffer")
+
+
+def topk_rows(scores: torch.Tensor, k: int, ordered: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the ``k`` largest in each row of a contiguous fp32 ``[..., n]`` CPU tensor."""
+    lib = _load()
+    assert lib is not None
+    assert scores.dtype == torch.float32
+    assert scores.is_contiguous()
+    n = scores.shape[-1]
+    if out is None:
+        out = torch.empty((*scores.shape[:-1], k), dtype=torch.int64)
+    assert out.is_contiguous()
+    assert out.numel() == scores.numel() // n * k
+    _run(lib.topk_rows, scores.numel() // n, (scores.data_ptr(), n, k, int(ordered)), out)
+    return out
+
+
+def knn_direct(lhs: torch.Tensor, rhs_t: torch.Tensor, k: int, ordered: bool) -> torch.Tensor:
+    """Top-k of ``lhs[b] @ rhs_t[b]`` row by row without the score matrix: ``[B, N, D]``, ``[B, D, N]``."""
+    lib = _load()
+    assert lib is not None
+    lhs, rhs_t = lhs.float().contiguous(), rhs_t.float().contiguous()
+    B, N, D = lhs.shape
+    out = torch.empty((B, N, k), dtype=torch.int64)
+    _run(lib.knn_direct, B * N, (lhs.data_ptr(), rhs_t.data_ptr(), N, D, k, int(ordered)), out)
+    return out

@@ -1,0 +1,155 @@
+"""The compiled kNN top-k selects what torch.topk does; without a compiler the kNN falls back, and says so."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from crossmoco_ray.nn import kernels
+from crossmoco_ray.nn.graph import knn
+
+needs_kernel = pytest.mark.skipif(
+    not kernels.available(), reason="no C compiler here: the kNN runs on torch.topk (tested elsewhere)"
+)
+
+
+def top_values(scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The selected scores, largest first (index choice among equal scores is free)."""
+    return scores.gather(-1, idx).sort(-1, descending=True).values
+
+
+def assert_valid(idx: torch.Tensor, n: int) -> None:
+    assert idx.dtype == torch.int64
+    assert bool(((idx >= 0) & (idx < n)).all())
+    assert all(len(set(row.tolist())) == idx.shape[-1] for row in idx.reshape(-1, idx.shape[-1]))
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("n", "k"), [(n, k) for n in (1, 15, 16, 63, 64, 65, 200, 1024) for k in (1, 5, 20) if k <= n]
+)
+def test_topk_rows_equals_torch(n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(n * 100 + k)
+    rows = [
+        torch.randn(5, n, generator=g),  # generic
+        torch.zeros(2, n),  # every score tied
+        torch.randint(0, 3, (3, n), generator=g).float(),  # many ties
+        torch.arange(n, dtype=torch.float32).repeat(2, 1),  # ascending: every score enters the heap
+        -torch.arange(n, dtype=torch.float32).repeat(2, 1),  # the best come first
+    ]
+    scores = torch.cat(rows)
+    for ordered in (False, True):
+        idx = kernels.topk_rows(scores, k, ordered)
+        assert_valid(idx, n)
+        want = scores.topk(k, dim=-1).values
+        assert torch.equal(top_values(scores, idx), want)
+        if ordered:
+            assert torch.equal(scores.gather(-1, idx), want)
+
+
+@needs_kernel
+def test_ties_keep_the_earlier_index_and_nan_is_safe() -> None:
+    scores = torch.zeros(1, 100)
+    assert sorted(kernels.topk_rows(scores, 7, False)[0].tolist()) == list(range(7))
+    nan = torch.randn(3, 130)
+    nan[0, 0] = float("nan")
+    nan[1] = float("nan")
+    nan[2, ::3] = float("nan")
+    assert_valid(kernels.topk_rows(nan, 9, True), 130)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("B", "N", "C"), [(2, 1, 3), (3, 37, 3), (2, 130, 64), (1, 300, 129), (2, 1024, 3)])
+@pytest.mark.parametrize("ordered", [False, True])
+def test_knn_kernel_matches_torch_path(B: int, N: int, C: int, ordered: bool, monkeypatch) -> None:
+    torch.manual_seed(N + C)
+    x = torch.randn(B, N, C)
+    k = min(N, 20)
+    fast = knn(x, k, ordered=ordered)
+    monkeypatch.setattr(kernels, "max_k", lambda: 0)  # the torch path: chunked scores and torch.topk
+    slow = knn(x, k, ordered=ordered, max_elements=N * N)
+    assert_valid(fast, N)
+    d = -torch.cdist(x.double(), x.double()).pow(2)  # the exact distances
+    got, want = top_values(d, fast), top_values(d, slow)
+    assert torch.allclose(got, want, atol=1e-4 * float(d.abs().max()))
+    if ordered:  # nearest first: the point itself, then increasing distance
+        assert torch.equal(fast[..., 0], torch.arange(N).expand(B, N))
+        assert bool((d.gather(-1, fast).diff(dim=-1) <= 1e-4 * float(d.abs().max())).all())
+
+
+@needs_kernel
+def test_knn_runs_on_the_kernel_under_autocast_and_threads() -> None:
+    x = torch.randn(4, 257, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = knn(x, 10, ordered=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        b = knn(x, 10, ordered=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a, b)  # fp32 distances either way, and the row split does not change the result
+
+
+def run_fresh(env: dict[str, str], code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (the kernel is loaded once per process)."""
+    return subprocess.run(
+        [sys.executable, "-W", "always", "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+PROBE = (
+    "import torch; from crossmoco_ray.nn import kernels; from crossmoco_ray.nn.graph import knn; "
+    "print('available', kernels.available()); print(tuple(knn(torch.randn(2, 50, 3), 5).shape))"
+)
+
+
+def test_without_a_compiler_knn_falls_back_with_one_warning(tmp_path: Path) -> None:
+    done = run_fresh({"CC": "false", "PATH": "/nonexistent", "CROSSMOCO_CACHE": str(tmp_path)}, PROBE)
+    assert done.returncode == 0, done.stderr
+    assert "available False" in done.stdout
+    assert "(2, 50, 5)" in done.stdout
+    assert done.stderr.count("compiled kNN top-k is unavailable") == 1
+    assert "no C compiler found" in done.stderr
+
+
+def test_a_failing_compiler_is_reported_and_falls_back(tmp_path: Path) -> None:
+    done = run_fresh({"CC": "false", "CROSSMOCO_CACHE": str(tmp_path)}, PROBE)  # /bin/false fails any build
+    assert done.returncode == 0, done.stderr
+    assert "available False" in done.stdout
+    assert "(2, 50, 5)" in done.stdout
+    assert "compiled kNN top-k is unavailable" in done.stderr
+    assert "-march=native" in done.stderr
+
+
+def test_forced_fallback(tmp_path: Path) -> None:
+    done = run_fresh({"CROSSMOCO_KNN": "torch", "CROSSMOCO_CACHE": str(tmp_path)}, PROBE)
+    assert done.returncode == 0, done.stderr
+    assert "available False" in done.stdout
+    assert "unavailable" not in done.stderr
+    assert not (tmp_path / "kernels").exists()
+
+
+@needs_kernel
+def test_build_is_cached_per_machine(tmp_path: Path) -> None:
+    env = {"CROSSMOCO_CACHE": str(tmp_path)}
+    first = run_fresh(env, PROBE)
+    assert first.returncode == 0, first.stderr
+    assert "available True" in first.stdout
+    built = sorted((tmp_path / "kernels").glob("knn-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    again = run_fresh(env, PROBE)
+    assert "available True" in again.stdout
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built[0].name]  # no temporaries left
