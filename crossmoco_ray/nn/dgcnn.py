@@ -23,6 +23,8 @@ from .pointwise import conv_bn_pool
 
 EDGE_CHANNELS = (64, 64, 128, 256)
 SLOPE = 0.2
+# Inference pools the last block a few clouds at a time in one reused buffer of at most this many floats.
+POOL_CHUNK_ELEMENTS = 1 << 21
 
 
 class DGCNN(nn.Module):
@@ -93,9 +95,42 @@ class DGCNN(nn.Module):
             h = self.bn5((x @ weight.t()).reshape(B * N, -1))  # per-point 1×1 conv, BN   [B·N, E]
         else:  # running statistics: BN folded into the conv, one product with a bias
             scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-            h = F.linear(x.reshape(B * N, C), weight * scale[:, None], bn.bias - bn.running_mean * scale)
+            weight, bias = weight * scale[:, None], bn.bias - bn.running_mean * scale
+            if self._pool_in_chunks(x, weight):
+                return self._folded_pool_chunked(x, weight, bias)
+            h = F.linear(x.reshape(B * N, C), weight, bias)
         h = F.leaky_relu(h, SLOPE).view(B, N, -1)
         return torch.cat((h.max(dim=1).values, h.mean(dim=1)), dim=1)
+
+    @staticmethod
+    def _pool_in_chunks(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (
+            not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type)
+            and x.dtype == weight.dtype
+            and not torch.compiler.is_compiling()
+        )
+
+    @staticmethod
+    def _folded_pool_chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Inference: conv5 with BN folded, LeakyReLU and max ‖ mean pooling, a few clouds at a time.
+
+        Each chunk's ``[c·N, E]`` activations go into one reused buffer and are pooled while still in
+        cache, instead of a fresh ``[B·N, E]`` tensor written out and read back twice.
+        """
+        B, N, C = x.shape
+        E = weight.shape[0]
+        per = max(1, min(B, POOL_CHUNK_ELEMENTS // (N * E)))
+        buf = torch.empty(per * N, E, dtype=x.dtype, device=x.device)
+        out = torch.empty(B, 2 * E, dtype=x.dtype, device=x.device)
+        wt = weight.t()
+        for start in range(0, B, per):
+            c = min(per, B - start)
+            h = torch.addmm(bias, x[start : start + c].reshape(c * N, C), wt, out=buf[: c * N])
+            h = F.leaky_relu(h, SLOPE, inplace=True).view(c, N, E)
+            torch.amax(h, dim=1, out=out[start : start + c, :E])
+            torch.mean(h, dim=1, out=out[start : start + c, E:])
+        return out
 
     def _features_reference(self, points: torch.Tensor) -> torch.Tensor:
         x = points.transpose(1, 2)  # [B, 3, N]

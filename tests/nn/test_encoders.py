@@ -103,6 +103,43 @@ def test_dgcnn_fast_equals_reference_end_to_end() -> None:
     torch.testing.assert_close(fast.bn4.running_var, ref.bn4.running_var)
 
 
+@pytest.mark.parametrize("chunk_clouds", [1, 2, 8])
+def test_dgcnn_inference_pools_in_chunks_as_the_whole_batch(chunk_clouds: int, monkeypatch) -> None:
+    """Feature extraction (eval, no grad): BN folded into conv5, pooled a few clouds at a time: same."""
+    import crossmoco_ray.nn.dgcnn as dgcnn
+
+    torch.manual_seed(0)
+    model = DGCNN(k=6, emb_dims=32, head_hidden=16, proj_dim=8).double()
+    with torch.no_grad():  # running statistics and affine parameters far from their initial values
+        model.bn5.running_mean.normal_()
+        model.bn5.running_var.uniform_(0.5, 2.0)
+        model.bn5.weight.uniform_(-1.0, 1.0)
+        model.bn5.bias.normal_()
+    model.eval()
+    points = torch.randn(5, 70, 3, dtype=torch.float64)  # 5 clouds: a short last chunk for 2
+    with torch.enable_grad():  # with grad (e.g. fine-tuning in eval mode): the whole batch at once
+        want = model.forward_features(points)
+    monkeypatch.setattr(dgcnn, "POOL_CHUNK_ELEMENTS", chunk_clouds * 70 * 32)
+    with torch.no_grad():
+        got = model.forward_features(points)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    h = torch.nn.functional.leaky_relu(model.bn5(model.conv5[0](_stack_edge_features(model, points))), 0.2)
+    torch.testing.assert_close(got, torch.cat((h.amax(-1), h.mean(-1)), 1), rtol=1e-10, atol=1e-12)
+
+
+def _stack_edge_features(model: DGCNN, points: torch.Tensor) -> torch.Tensor:
+    """conv5's input ``[B, 512, N]`` from the fast blocks, as the module stack would see it."""
+    from crossmoco_ray.nn.edgeconv import edge_conv_fast
+    from crossmoco_ray.nn.graph import knn
+
+    x, outs = points, []
+    with torch.no_grad():
+        for block in model.edge_blocks:
+            x = edge_conv_fast(x, knn(x, model.k, ordered=False), block[0], block[1], 0.2)
+            outs.append(x)
+    return torch.cat(outs, -1).transpose(1, 2)
+
+
 def test_dgcnn_rejects_wrong_shape() -> None:
     with pytest.raises(ValueError, match=r"\[B, N, 3\]"):
         DGCNN(k=4)(torch.randn(2, 3, 50))
