@@ -84,12 +84,13 @@ class DGCNN(nn.Module):
             idx = knn(x, self.k, ordered=False)
             x = edge_conv_fast(x, idx, cast(nn.Conv2d, block[0]), block[1], SLOPE)  # [B, N, C_out]
             outs.append(x)
+        conv, bn = cast(nn.Conv1d, self.conv5[0]), self.bn5
+        # training: one function that keeps little for backward, with the four outputs as its parts
+        fused = conv_bn_pool(outs, conv, bn, SLOPE, compute_dtype(x, conv.weight))
+        if fused is not None:
+            return fused
         x = torch.cat(outs, dim=-1)  # [B, N, 512]
         B, N, C = x.shape
-        conv, bn = cast(nn.Conv1d, self.conv5[0]), self.bn5
-        fused = conv_bn_pool(x, conv, bn, SLOPE, compute_dtype(x, conv.weight))
-        if fused is not None:  # training: one function that keeps little for backward
-            return fused
         weight = conv.weight.reshape(self.emb_dims, C)
         if bn.training or not bn.affine or bn.running_mean is None or bn.running_var is None:
             h = self.bn5((x @ weight.t()).reshape(B * N, -1))  # per-point 1×1 conv, BN   [B·N, E]

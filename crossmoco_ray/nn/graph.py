@@ -98,8 +98,9 @@ def _csr(crow: torch.Tensor, cols: torch.Tensor, rows: int, dtype: torch.dtype) 
 class NeighbourGraph:
     """A batch's kNN graph as flat rows ``[B·N]``, each with its ``k`` neighbours ``cols``.
 
-    On CPU, sums (fp32/fp64) and maxima (bf16 too, with the kernel's arg-max when a backward follows) are
-    CSR products; elsewhere chunked gathers, whose max keeps its arg-max as one byte per output.
+    On CPU, sums (fp32/fp64) are CSR products and maxima (bf16 too) the compiled kernel's, which gives the
+    arg-max as one byte per output when a backward follows (without the kernel: the CSR max product);
+    elsewhere chunked gathers, whose max keeps its arg-max as one byte per output too.
     """
 
     def __init__(self, idx: torch.Tensor) -> None:
@@ -146,14 +147,23 @@ class NeighbourGraph:
     def _csr_max(self, a: torch.Tensor) -> bool:
         return a.device.type == "cpu" and _CSR_MAX_WITH_ARG is not None and _CSR_MAX_BACKWARD is not None
 
+    def _compiled_max(self, a: torch.Tensor) -> bool:
+        return kernels.neighbour_max_supported(a, self.k)
+
     def max(self, a: torch.Tensor) -> torch.Tensor:
         """``max_j a[j]`` over each row's k neighbours."""
+        if self._compiled_max(a):
+            return kernels.neighbour_max(a, self.cols, self.k, with_arg=False)[0]
         if self._csr_max(a):
             return torch.sparse.mm(self._adjacency(a.dtype), a, reduce="amax")
         return self._reduce(a, "amax")[0]
 
     def max_for_backward(self, a: torch.Tensor) -> tuple[torch.Tensor, MaxBackward]:
         """:meth:`max`, and what sends a gradient of the maxima back to the neighbours they came from."""
+        if self._compiled_max(a):  # the arg-max comes out as one byte per output, nothing wider on the way
+            values, pos = kernels.neighbour_max(a.detach(), self.cols, self.k, with_arg=True)
+            assert pos is not None
+            return values, MaxBackward(self, pos, compiled=True)
         if self._csr_max(a):
             assert _CSR_MAX_WITH_ARG is not None
             adj = self._adjacency(a.dtype)
@@ -195,12 +205,20 @@ class MaxBackward:
     Holds the arg-max only, as the position among the row's ``k`` neighbours (uint8 up to k = 256).
     """
 
-    def __init__(self, graph: NeighbourGraph, arg: torch.Tensor, adj: torch.Tensor | None = None) -> None:
-        self.graph, self.arg, self.adj = graph, arg, adj
+    def __init__(
+        self,
+        graph: NeighbourGraph,
+        arg: torch.Tensor,
+        adj: torch.Tensor | None = None,
+        compiled: bool = False,
+    ) -> None:
+        self.graph, self.arg, self.adj, self.compiled = graph, arg, adj, compiled
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
         """``d a`` ``[B·N, O]`` from ``d max`` ``[B·N, O]``."""
         g = self.graph
+        if self.compiled and kernels.neighbour_max_supported(grad, g.k, backward=True):
+            return kernels.neighbour_max_backward(grad, g.cols, self.arg, g.k)
         if self.adj is not None:
             assert _CSR_MAX_BACKWARD is not None
             first = torch.arange(0, g.rows * g.k, g.k, device=grad.device).unsqueeze(1)

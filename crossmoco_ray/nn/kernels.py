@@ -1,15 +1,21 @@
-"""A compiled top-k for the kNN graph, built at first use from ``_knn.c`` with the system's C compiler.
+"""Compiled CPU kernels for DGCNN's kNN graph, built at first use from ``_knn.c`` by the system's compiler.
 
-torch's CPU ``topk`` sorts each row's candidates with a scalar comparator; the graph needs only the ``k``
-best of ``N`` per row, and most candidates can be rejected 16 at a time against the current k-th best.
+- **kNN** (:func:`knn_direct`): torch's CPU ``topk`` sorts each row's candidates with a scalar
+  comparator, and the ``[B, N, N]`` score matrix it needs is written to memory and read back. Here the
+  scores of four rows at a time are accumulated in registers and each row's ``k`` selected while it is
+  in cache: the maxima of 64 interleaved groups bound the k-th best from below, and only the scores above
+  that bound (typically a little over ``k``) enter a small heap.
+- **Neighbour max** (:func:`neighbour_max`) with its arg-max as one byte per output, and its backward
+  (:func:`neighbour_max_backward`), for the fused EdgeConv: torch's CSR max product records its arg-max
+  as int64 and only through autograd.
+
 The C file has no Python or torch headers, so it builds in well under a second with ``cc -O3
--march=native`` and is loaded with :mod:`ctypes`; rows are split over ``torch.get_num_threads()``
-threads (ctypes releases the GIL during the call).
-
-The library is cached under ``$CROSSMOCO_CACHE`` (default ``~/.cache/crossmoco-ray``) in ``kernels/``,
-keyed by the source, the compiler and the CPU's model and flags, so nodes of different CPU types that
-share a home directory each get their own build. Without a compiler, or if the build fails, the kNN
-falls back to ``torch.topk`` with one warning per process; ``CROSSMOCO_KNN=torch`` forces the fallback.
+-march=native`` and is loaded with :mod:`ctypes`; work is split over ``torch.get_num_threads()`` threads
+(ctypes releases the GIL during a call). The library is cached under ``$CROSSMOCO_CACHE`` (default
+``~/.cache/crossmoco-ray``) in ``kernels/``, keyed by the source, the compiler and the CPU's model and
+flags, so nodes of different CPU types that share a home directory each get their own build. Without a
+compiler, or if the build fails, the graph falls back to ``torch.topk`` and CSR products with one warning
+per process (same results, slower); ``CROSSMOCO_KNN=torch`` forces the fallback.
 """
 
 from __future__ import annotations
@@ -117,11 +123,18 @@ def _load() -> ctypes.CDLL | None:
             lib.knn_direct.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, i64, i64, ptr]
             lib.knn_direct.restype = ctypes.c_int
             lib.knn_max_k.restype = i64
+            for name in ("f32", "f64", "bf16"):
+                getattr(lib, f"neighbour_max_{name}").argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr]
+                getattr(lib, f"neighbour_max_{name}").restype = None
+            for name in ("f32", "f64"):
+                fn = getattr(lib, f"neighbour_max_backward_{name}")
+                fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr]
+                fn.restype = None
             logger.debug("compiled kNN kernel: %s", lib._name)
         else:
             warnings.warn(
-                f"crossmoco: the compiled kNN top-k is unavailable ({why}); the kNN graph uses torch.topk, "
-                "which is slower on CPU. Results are the same.",
+                f"crossmoco: the compiled kNN kernels are unavailable ({why}); the kNN graph uses torch.topk "
+                "and CSR products, which are slower on CPU. Results are the same.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -130,7 +143,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the compiled top-k is built and loaded (building it if need be)."""
+    """Whether the compiled kernels are built and loaded (building them if need be)."""
     return _load() is not None
 
 
@@ -139,11 +152,11 @@ def max_k() -> int:
     return int(lib.knn_max_k()) if lib is not None else 0
 
 
-def _run(fn: ctypes._CFuncPtr, rows: int, args_before: tuple, out: torch.Tensor) -> None:  # type: ignore[name-defined]
-    """Call ``fn(*args_before, row_begin, row_end, out)`` over row ranges on the torch thread count."""
-    threads = max(1, min(torch.get_num_threads(), rows // 64 or 1))
-    ranges = [(rows * t // threads, rows * (t + 1) // threads) for t in range(threads)]
-    call = lambda r: fn(*args_before, r[0], r[1], out.data_ptr())  # noqa: E731
+def _run(fn: ctypes._CFuncPtr, total: int, before: tuple, after: tuple, grain: int = 64) -> None:  # type: ignore[name-defined]
+    """Call ``fn(*before, begin, end, *after)`` over ranges of ``total`` on the torch thread count."""
+    threads = max(1, min(torch.get_num_threads(), total // grain or 1))
+    ranges = [(total * t // threads, total * (t + 1) // threads) for t in range(threads)]
+    call = lambda r: fn(*before, r[0], r[1], *after)  # noqa: E731
     if threads == 1:
         results = [call(ranges[0])]
     else:
@@ -170,7 +183,7 @@ def topk_rows(scores: torch.Tensor, k: int, ordered: bool, out: torch.Tensor | N
         out = torch.empty((*scores.shape[:-1], k), dtype=torch.int64)
     assert out.is_contiguous()
     assert out.numel() == scores.numel() // n * k
-    _run(lib.topk_rows, scores.numel() // n, (scores.data_ptr(), n, k, int(ordered)), out)
+    _run(lib.topk_rows, scores.numel() // n, (scores.data_ptr(), n, k, int(ordered)), (out.data_ptr(),))
     return out
 
 
@@ -181,5 +194,48 @@ def knn_direct(lhs: torch.Tensor, rhs_t: torch.Tensor, k: int, ordered: bool) ->
     lhs, rhs_t = lhs.float().contiguous(), rhs_t.float().contiguous()
     B, N, D = lhs.shape
     out = torch.empty((B, N, k), dtype=torch.int64)
-    _run(lib.knn_direct, B * N, (lhs.data_ptr(), rhs_t.data_ptr(), N, D, k, int(ordered)), out)
+    _run(lib.knn_direct, B * N, (lhs.data_ptr(), rhs_t.data_ptr(), N, D, k, int(ordered)), (out.data_ptr(),))
     return out
+
+
+_MAX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
+_MAX_BACKWARD = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def neighbour_max_supported(a: torch.Tensor, k: int, backward: bool = False) -> bool:
+    """Whether :func:`neighbour_max` (or its backward, for a gradient like ``a``) runs compiled for ``a``."""
+    table = _MAX_BACKWARD if backward else _MAX
+    return a.device.type == "cpu" and a.dtype in table and k <= 256 and _load() is not None
+
+
+def neighbour_max(
+    a: torch.Tensor, cols: torch.Tensor, k: int, with_arg: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``max_j a[cols[r·k + j]]`` per row ``r`` and channel, and (``with_arg``) that ``j`` as uint8.
+
+    ``a`` ``[rows, O]`` fp32/fp64/bf16 on CPU, ``cols`` the ``[rows·k]`` int64 neighbour rows.
+    """
+    lib = _load()
+    assert lib is not None
+    a, cols = a.contiguous(), cols.contiguous()
+    rows, o = a.shape
+    out = torch.empty_like(a)
+    arg = torch.empty((rows, o), dtype=torch.uint8) if with_arg else None
+    fn = getattr(lib, f"neighbour_max_{_MAX[a.dtype]}")
+    after = (out.data_ptr(), arg.data_ptr() if arg is not None else None)
+    _run(fn, cols.numel() // k, (a.data_ptr(), cols.data_ptr(), k, o), after)
+    return out, arg
+
+
+def neighbour_max_backward(grad: torch.Tensor, cols: torch.Tensor, arg: torch.Tensor, k: int) -> torch.Tensor:
+    """The gradient of :func:`neighbour_max` for ``a``: each ``grad[r, t]`` to the row its max came from."""
+    lib = _load()
+    assert lib is not None
+    grad = grad.contiguous()
+    rows, o = grad.shape
+    da = torch.zeros_like(grad)
+    fn = getattr(lib, f"neighbour_max_backward_{_MAX_BACKWARD[grad.dtype]}")
+    # threads split the channels: every row's scatter touches each channel once, so no two threads collide
+    before = (grad.data_ptr(), cols.data_ptr(), arg.data_ptr(), k, o, rows)
+    _run(fn, o, before, (da.data_ptr(),), grain=16)
+    return da

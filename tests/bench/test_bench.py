@@ -1,4 +1,4 @@
-"""The step benchmark measures what the presets describe, and the script runs (no timing asserted)."""
+"""The benchmarks measure what the presets describe, and the scripts run (no timing asserted)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from types import ModuleType
 import pytest
 
 from crossmoco_ray.config import load_config
+from crossmoco_ray.nn import kernels
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "step.py"
 
@@ -50,3 +51,14 @@ def test_bench_smoke_run_prints_the_table() -> None:
     assert "| CrossMoCo step | smoke | reference | system |" in done.stdout
     assert "fast vs reference (malloc system): speed" in done.stdout
     assert "fast-ckpt vs reference (malloc keep): speed" in done.stdout
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C compiler here: bench/knn.py measures the kernel")
+def test_knn_bench_smoke_run_prints_the_table() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH.parent / "knn.py"), "--smoke"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| smoke 2x100 k=5 | 4 (128) |" in done.stdout
+    assert "| smoke: all four layers |" in done.stdout
+    assert "| False |" not in done.stdout  # the three implementations selected the same distances

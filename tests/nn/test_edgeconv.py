@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from crossmoco_ray.nn import kernels
 from crossmoco_ray.nn.edgeconv import edge_conv_fast, edge_conv_reference
 from crossmoco_ray.nn.graph import NeighbourGraph, knn
 
@@ -61,19 +62,23 @@ def test_fast_equals_reference(k: int, train: bool, dtype: torch.dtype, tol: flo
     assert int(b_f[1].num_batches_tracked) == int(b_r[1].num_batches_tracked)
 
 
-def test_gather_path_equals_sparse_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Off CPU the neighbour sum/max gather instead of using sparse products; same function and gradient."""
+def test_csr_and_gather_paths_equal_the_compiled_max(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the compiled max (no compiler) the CPU uses CSR products, off CPU gathers: same function and
+    gradient on every path."""
     torch.manual_seed(0)
     x = torch.randn(2, 64, 8, dtype=torch.float64)
     idx = knn(x, 10)
     block = make_block(8, 12, torch.float64)
-    (y_sparse, x_sparse, b_sparse), _ = run_pair(x, idx, copy.deepcopy(block), True)
+    (y_first, x_first, b_first), _ = run_pair(x, idx, copy.deepcopy(block), True)
+    monkeypatch.setattr(NeighbourGraph, "_compiled_max", lambda self, a: False)
+    (y_csr, x_csr, b_csr), _ = run_pair(x, idx, copy.deepcopy(block), True)
     monkeypatch.setattr(NeighbourGraph, "_sparse", lambda self, a: False)
     monkeypatch.setattr(NeighbourGraph, "_csr_max", lambda self, a: False)
     (y_gather, x_gather, b_gather), _ = run_pair(x, idx, copy.deepcopy(block), True)
-    assert rel_err(y_gather, y_sparse) < 1e-12
-    assert rel_err(x_gather.grad, x_sparse.grad) < 1e-12
-    assert rel_err(b_gather[0].weight.grad, b_sparse[0].weight.grad) < 1e-12
+    for y, xg, b in ((y_csr, x_csr, b_csr), (y_gather, x_gather, b_gather)):
+        assert rel_err(y, y_first) < 1e-12
+        assert rel_err(xg.grad, x_first.grad) < 1e-12
+        assert rel_err(b[0].weight.grad, b_first[0].weight.grad) < 1e-12
 
 
 def test_duplicate_points_give_reference_weight_gradients() -> None:
@@ -110,10 +115,14 @@ def test_knn_rejects_k_above_points() -> None:
         knn(torch.randn(1, 8, 3), 9)
 
 
-@pytest.mark.parametrize("sparse", [True, False], ids=["csr", "gather"])
-def test_neighbour_reductions_equal_brute_force(sparse: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("path", ["compiled", "csr", "gather"])
+def test_neighbour_reductions_equal_brute_force(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sum, transposed sum and max over the neighbours, and the max's backward, against dense loops."""
-    if not sparse:
+    if path == "compiled" and not kernels.available():
+        pytest.skip("no C compiler here: the neighbour max runs on the CSR product")
+    if path != "compiled":
+        monkeypatch.setattr(NeighbourGraph, "_compiled_max", lambda self, a: False)
+    if path == "gather":
         monkeypatch.setattr(NeighbourGraph, "_sparse", lambda self, a: False)
         monkeypatch.setattr(NeighbourGraph, "_csr_max", lambda self, a: False)
     torch.manual_seed(4)

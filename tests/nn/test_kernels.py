@@ -119,7 +119,7 @@ def test_without_a_compiler_knn_falls_back_with_one_warning(tmp_path: Path) -> N
     assert done.returncode == 0, done.stderr
     assert "available False" in done.stdout
     assert "(2, 50, 5)" in done.stdout
-    assert done.stderr.count("compiled kNN top-k is unavailable") == 1
+    assert done.stderr.count("compiled kNN kernels are unavailable") == 1
     assert "no C compiler found" in done.stderr
 
 
@@ -128,7 +128,7 @@ def test_a_failing_compiler_is_reported_and_falls_back(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "available False" in done.stdout
     assert "(2, 50, 5)" in done.stdout
-    assert "compiled kNN top-k is unavailable" in done.stderr
+    assert "compiled kNN kernels are unavailable" in done.stderr
     assert "-march=native" in done.stderr
 
 
@@ -153,3 +153,30 @@ def test_build_is_cached_per_machine(tmp_path: Path) -> None:
     assert "available True" in again.stdout
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built[0].name]  # no temporaries left
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "k", "o"), [(1, 1, 1), (37, 5, 3), (200, 20, 64), (64, 256, 17)])
+def test_neighbour_max_and_its_backward_equal_dense(dtype: torch.dtype, rows: int, k: int, o: int) -> None:
+    g = torch.Generator().manual_seed(rows + k + o)
+    a = torch.randn(rows, o, generator=g).to(dtype)
+    a[rows // 2 :] = a[0].clone()  # exact ties between neighbours
+    cols = torch.randint(0, rows, (rows * k,), generator=g)
+    gathered = a[cols].view(rows, k, o)
+    values, arg = kernels.neighbour_max(a, cols, k, with_arg=True)
+    assert arg is not None
+    assert arg.dtype == torch.uint8
+    assert torch.equal(values, gathered.amax(1))
+    assert torch.equal(kernels.neighbour_max(a, cols, k, with_arg=False)[0], values)
+    # the arg-max is the first neighbour holding the max
+    first = (gathered == values.unsqueeze(1)).to(torch.uint8).argmax(1)
+    assert torch.equal(arg.long(), first)
+    if dtype == torch.bfloat16:
+        return
+    grad = torch.randn(rows, o, generator=g).to(dtype)
+    want = torch.zeros_like(a).index_put_(
+        (cols.view(rows, k).gather(1, first), torch.arange(o).expand(rows, o)), grad, accumulate=True
+    )
+    tol = 1e-12 if dtype == torch.float64 else 1e-5  # sums of the same terms, maybe in another order
+    torch.testing.assert_close(kernels.neighbour_max_backward(grad, cols, arg, k), want, rtol=tol, atol=tol)

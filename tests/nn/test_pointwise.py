@@ -45,6 +45,28 @@ def test_fused_block_equals_modules(momentum: float | None) -> None:
     assert int(bn_f.num_batches_tracked) == int(bn.num_batches_tracked) == 2
 
 
+def test_fused_block_takes_its_input_in_parts() -> None:
+    """DGCNN passes its four EdgeConv outputs as parts: same output and gradients as their concatenation."""
+    torch.manual_seed(1)
+    conv, bn = nn.Conv1d(12, 20, 1, bias=False).double(), nn.BatchNorm1d(20).double()
+    conv_p, bn_p = copy.deepcopy(conv), copy.deepcopy(bn)
+    x = torch.randn(3, 40, 12, dtype=torch.float64)
+    whole = x.clone().requires_grad_()
+    parts = [p.clone().requires_grad_() for p in x.split([2, 4, 6], dim=2)]
+    want = conv_bn_pool(whole, conv, bn, 0.2, torch.float64)
+    got = conv_bn_pool(parts, conv_p, bn_p, 0.2, torch.float64)
+    assert want is not None
+    assert got is not None
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    (want * g).sum().backward()
+    (got * g).sum().backward()
+    assert whole.grad is not None
+    torch.testing.assert_close(torch.cat([p.grad for p in parts], dim=2), whole.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(conv_p.weight.grad, conv.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bn_p.running_var, bn.running_var, rtol=1e-12, atol=1e-12)
+
+
 def test_fused_block_applies_only_in_training() -> None:
     conv, bn = nn.Conv1d(4, 6, 1, bias=False), nn.BatchNorm1d(6).eval()
     assert conv_bn_pool(torch.randn(2, 8, 4), conv, bn, 0.2, torch.float32) is None
