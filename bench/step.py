@@ -11,6 +11,8 @@ Implementations:
 - ``reference``: as the original code: every edge feature materialised (``[B, 2C, N, k]``), fp32,
   contiguous (NCHW) image tensors;
 - ``fast``: the fused EdgeConv (:mod:`crossmoco_ray.nn.edgeconv`), channels-last image tensors, fp32;
+- ``fast-keep``: ``fast`` with each EdgeConv's per-point products kept for backward instead of
+  recomputed (``DGCNN(recompute_products=False)``): nothing recomputed at all;
 - ``fast-ckpt``: ``fast`` with activation checkpointing of the online image trunk
   (``model.image_checkpoint``): less memory for one more trunk forward;
 - ``fast-bf16``: ``fast`` under bf16 autocast (measured where the device has native bf16).
@@ -76,7 +78,7 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-IMPLS = ("reference", "fast", "fast-ckpt", "fast-bf16")
+IMPLS = ("reference", "fast", "fast-keep", "fast-ckpt", "fast-bf16")
 
 
 def build(setting: str, impl: str, device: Any) -> tuple[Any, dict]:
@@ -90,7 +92,8 @@ def build(setting: str, impl: str, device: Any) -> tuple[Any, dict]:
     B, N = s["batch"], s["num_points"]
     edgeconv = "reference" if impl == "reference" else "fast"
     points = DGCNN(k=s["k"], emb_dims=s["emb_dims"], head_hidden=s["point_head_hidden"],
-                   proj_dim=s["proj_dim"], edgeconv=edgeconv)  # fmt: skip
+                   proj_dim=s["proj_dim"], edgeconv=edgeconv,
+                   recompute_products=impl != "fast-keep")  # fmt: skip
     image = ImageEncoder(s["image_encoder"], proj_dim=s["proj_dim"], head_hidden=s["image_head_hidden"])
     model = CrossMoCo(points, image, queue_length=s["queue_length"], dim=s["proj_dim"],
                       temperature=s["temperature"], cross_temperature=s["cross_temperature"])  # fmt: skip
@@ -288,13 +291,14 @@ def main() -> None:
     if args.smoke:
         args.settings, args.dgcnn_setting, args.repeats, args.warmup = "smoke", "smoke", 1, 0
     no_bf16 = bf16_support(torch.device(args.device))
-    impls = ["reference", "fast", "fast-ckpt"]
+    impls = ["reference", "fast", "fast-keep", "fast-ckpt"]
     if args.bf16 == "on" or (args.bf16 == "auto" and no_bf16 is None):
         impls.append("fast-bf16")
     elif args.bf16 == "auto":
         print(f"no bf16 rows: {no_bf16}", file=sys.stderr)
 
-    rows = [measure(args, "dgcnn", args.dgcnn_setting, impl) for impl in impls if impl != "fast-ckpt"]
+    dgcnn_impls = [impl for impl in impls if impl in ("reference", "fast", "fast-bf16")]
+    rows = [measure(args, "dgcnn", args.dgcnn_setting, impl) for impl in dgcnn_impls]
     for setting in args.settings.split(","):
         if setting in ("paper", "smoke") and not args.no_reference_step:
             rows.append(measure(args, "step", setting, "reference", malloc="system"))

@@ -96,7 +96,10 @@ class _FusedEdgeConv(torch.autograd.Function):
     """EdgeConv + BatchNorm + LeakyReLU + max over neighbours on flat rows, with a hand-written backward.
 
     Inputs: ``x`` [R, C], the conv weight, BN's γ and β, the graph, running statistics (``None``: use the
-    batch's), eps, the slope, the compute dtype and whether a backward will follow (else no arg-max).
+    batch's), eps, the slope, the compute dtype, whether a backward will follow (else no arg-max) and
+    whether backward recomputes the per-point products ``[a | b] = x·W_abᵀ`` from ``x`` (which the
+    previous layer keeps anyway) instead of keeping them: ``2·O`` values per point less, for one small
+    product per layer (the same kernel on the same operands, so the same values).
     Outputs: ``y`` [R, O] (compute dtype) and the statistics used (fp32, no gradient).
     """
 
@@ -114,6 +117,7 @@ class _FusedEdgeConv(torch.autograd.Function):
         slope: float,
         cdt: torch.dtype,
         need_grad: bool,
+        recompute: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         C, O = x.shape[1], weight.shape[0]
         sdt = torch.promote_types(cdt, torch.float32)  # statistics and normalisation
@@ -144,7 +148,7 @@ class _FusedEdgeConv(torch.autograd.Function):
             y = F.leaky_relu(z, slope).to(cdt)  # (the in-place kernel is several times slower on CPU)
         mean, var = mean.clone(), var.clone()  # never the running buffers themselves
         ctx.mark_non_differentiable(mean, var)
-        ctx.save_for_backward(x, weight, gamma, ab, y, mean, rstd, s, a_bar, b_bar)
+        ctx.save_for_backward(x, weight, gamma, None if recompute else ab, y, mean, rstd, s, a_bar, b_bar)
         ctx.graph, ctx.slope, ctx.cdt = graph, slope, cdt
         ctx.batch_stats = running_mean is None
         return y, mean, var
@@ -156,7 +160,10 @@ class _FusedEdgeConv(torch.autograd.Function):
         cdt, sdt = ctx.cdt, s.dtype
         R, C, O, k = x.shape[0], x.shape[1], weight.shape[0], graph.k
         with torch.autocast(device_type=x.device.type, enabled=False):
+            if ab is None:  # recomputed as in forward
+                ab = x.to(cdt) @ _split_weight(weight, C).to(cdt).t()
             a, b = ab[:, :O].to(sdt, copy=True), ab[:, O:].to(sdt, copy=True)  # centred in place below
+            del ab
             # LeakyReLU keeps the sign of z, so its backward can read the output
             dz = torch.ops.aten.leaky_relu_backward(dy, y, ctx.slope, True).to(sdt)
             # sign·max_j(sign·a_j) = a at the chosen neighbour; u is the chosen edge centred: z = s·u + β
@@ -189,17 +196,24 @@ class _FusedEdgeConv(torch.autograd.Function):
                 dw_a, dw_d = dw_ab[:O], dw_ab[O:]
                 dweight = torch.cat((dw_a - dw_d, dw_d), dim=1).view_as(weight)
             dgamma = (ds * rstd).to(gamma.dtype)
-        return dx, dweight, dgamma, dbeta.to(gamma.dtype), None, None, None, None, None, None, None
+        return dx, dweight, dgamma, dbeta.to(gamma.dtype), *([None] * 8)
 
 
 def edge_conv_fast(
-    x: torch.Tensor, idx: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, slope: float = 0.2
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    conv: nn.Conv2d,
+    bn: nn.Module,
+    slope: float = 0.2,
+    recompute_products: bool = True,
 ) -> torch.Tensor:
     """Fast EdgeConv on point-major features: ``x`` [B, N, C], ``idx`` [B, N, k] → [B, N, O].
 
     Uses the parameters of ``conv`` (a bias-free 1×1 ``Conv2d(2C → O)``) and ``bn``, and computes the
     same function as ``edge_conv_reference`` with ``Sequential(conv, bn, LeakyReLU(slope))``, running
-    statistics included. Under autocast the output is in the autocast dtype.
+    statistics included. Under autocast the output is in the autocast dtype. ``recompute_products``:
+    backward recomputes the per-point products from ``x`` rather than keeping them (see
+    :class:`_FusedEdgeConv`).
     """
     B, N, C = x.shape
     k, O = idx.shape[-1], conv.out_channels
@@ -218,6 +232,7 @@ def edge_conv_fast(
         None if batch_stats else bn.running_mean, None if batch_stats else bn.running_var,
         bn.eps, slope, compute_dtype(x, conv.weight),
         torch.is_grad_enabled() and any(t.requires_grad for t in (x, conv.weight, bn.weight, bn.bias)),
+        recompute_products,
     )  # fmt: skip
     if bn.training and bn.track_running_stats:
         _update_running_stats(bn, mean.detach(), var.detach(), B * N * k)

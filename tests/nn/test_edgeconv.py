@@ -181,3 +181,29 @@ def test_bf16_autocast_is_as_close_to_fp32_as_autocast_on_the_reference() -> Non
         err_fast, err_ref = rel_err(fast[name], value), rel_err(ref[name], value)
         assert err_fast < 0.1, (name, err_fast)
         assert err_fast <= max(1.5 * err_ref, 1e-2), (name, err_fast, err_ref)
+
+
+def test_recomputed_products_give_the_same_gradients_and_are_not_kept() -> None:
+    """Backward recomputes [a | b] from x, not keeping it: identical results, 2·O values less per point."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 80, 8)
+    idx = knn(x, 10)
+    block = make_block(8, 24, torch.float32)
+    results = {}
+    for recompute in (False, True):
+        b = copy.deepcopy(block).train()
+        xi = x.clone().requires_grad_()
+        kept: dict[int, int] = {}
+
+        def pack(t: torch.Tensor, kept: dict[int, int] = kept) -> torch.Tensor:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = edge_conv_fast(xi, idx, b[0], b[1], recompute_products=recompute)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads = (xi.grad, b[0].weight.grad, b[1].weight.grad, b[1].bias.grad)
+        results[recompute] = (y, *grads, sum(kept.values()))
+    for got, want in zip(results[True][:5], results[False][:5], strict=True):
+        assert torch.equal(got, want)
+    assert results[False][5] - results[True][5] == 2 * 80 * 2 * 24 * 4  # the [R, 2O] fp32 products
