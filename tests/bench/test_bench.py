@@ -62,3 +62,16 @@ def test_knn_bench_smoke_run_prints_the_table() -> None:
     assert "| smoke 2x100 k=5 | 4 (128) |" in done.stdout
     assert "| smoke: all four layers |" in done.stdout
     assert "| False |" not in done.stdout  # the three implementations selected the same distances
+
+
+def test_features_bench_smoke_run_compares_with_the_baseline_commit() -> None:
+    root = BENCH.parents[1]
+    if subprocess.run(["git", "-C", str(root), "cat-file", "-e", "76a316d"], check=False).returncode != 0:
+        pytest.skip("not a clone with the baseline commit in its history")
+    script = BENCH.parent / "features.py"
+    cmd = [sys.executable, str(script), "--smoke"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| smoke |"))
+    baseline_sum, current_sum = row.rstrip(" |").split("|")[-1].split(" / ")
+    assert float(baseline_sum) == float(current_sum)  # the same features as the code before issue 14
