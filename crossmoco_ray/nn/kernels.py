@@ -72,14 +72,18 @@ def _compiler() -> list[str] | None:
     return None
 
 
-def _compile(cc: list[str], src: Path, out: Path) -> str | None:
-    """Build ``out``; ``None`` on success, else the compiler's complaint."""
+def _compile(
+    cc: list[str], src: Path, out: Path, archs: tuple[list[str], ...] = (["-march=native"], [])
+) -> str | None:
+    """Build ``out`` with the first of ``archs`` that compiles; ``None`` on success, else the complaints.
+
+    ``-march=native`` first (the vector kernels); a compiler that does not know it gets a portable build.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     errors = []
-    # -march=native first (the vector compare); a compiler that does not know it gets a portable build.
-    for arch in (["-march=native"], []):
+    for arch in archs:
         cmd = [*cc, "-O3", *arch, "-std=c11", "-fPIC", "-shared", "-o", tmp, str(src)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode == 0:
@@ -117,19 +121,7 @@ def _load() -> ctypes.CDLL | None:
         except OSError as err:  # an unwritable cache, a library that does not load
             lib, why = None, str(err)
         if lib is not None:
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            lib.topk_rows.argtypes = [ptr, i64, i64, ctypes.c_int, i64, i64, ptr]
-            lib.topk_rows.restype = ctypes.c_int
-            lib.knn_direct.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, i64, i64, ptr]
-            lib.knn_direct.restype = ctypes.c_int
-            lib.knn_max_k.restype = i64
-            for name in ("f32", "f64", "bf16"):
-                getattr(lib, f"neighbour_max_{name}").argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr]
-                getattr(lib, f"neighbour_max_{name}").restype = None
-            for name in ("f32", "f64"):
-                fn = getattr(lib, f"neighbour_max_backward_{name}")
-                fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr]
-                fn.restype = None
+            _bind(lib)
             logger.debug("compiled kNN kernel: %s", lib._name)
         else:
             warnings.warn(
@@ -140,6 +132,24 @@ def _load() -> ctypes.CDLL | None:
             )
         _state["lib"] = lib
         return lib
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the C functions' signatures (ctypes would otherwise pass 64-bit values as C ints)."""
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.topk_rows.argtypes = [ptr, i64, i64, ctypes.c_int, i64, i64, ptr]
+    lib.topk_rows.restype = ctypes.c_int
+    lib.knn_direct.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, i64, i64, ptr]
+    lib.knn_direct.restype = ctypes.c_int
+    lib.knn_max_k.restype = i64
+    for name in ("f32", "f64", "bf16"):
+        getattr(lib, f"neighbour_max_{name}").argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr]
+        getattr(lib, f"neighbour_max_{name}").restype = None
+    for name in ("f32", "f64"):
+        fn = getattr(lib, f"neighbour_max_backward_{name}")
+        fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr]
+        fn.restype = None
+    return lib
 
 
 def available() -> bool:

@@ -180,3 +180,34 @@ def test_neighbour_max_and_its_backward_equal_dense(dtype: torch.dtype, rows: in
     )
     tol = 1e-12 if dtype == torch.float64 else 1e-5  # sums of the same terms, maybe in another order
     torch.testing.assert_close(kernels.neighbour_max_backward(grad, cols, arg, k), want, rtol=tol, atol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["avx2", "portable"])
+def test_the_avx2_and_portable_builds_select_alike(arch: str, tmp_path: Path, monkeypatch) -> None:
+    """CI machines have AVX-512: the kernel's AVX2 and plain-C branches are built and checked here too."""
+    import ctypes
+    from importlib import resources
+
+    from crossmoco_ray.nn.runtime import cpu_flags
+
+    if arch == "avx2" and not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("this CPU cannot run an AVX2 build")
+    cc = kernels._compiler()
+    assert cc is not None
+    so = tmp_path / f"knn-{arch}.so"
+    with resources.as_file(resources.files("crossmoco_ray.nn").joinpath("_knn.c")) as src:
+        assert kernels._compile(cc, src, so, archs=(["-mavx2", "-mfma"] if arch == "avx2" else [],)) is None
+    monkeypatch.setitem(kernels._state, "lib", kernels._bind(ctypes.CDLL(str(so))))
+    torch.manual_seed(7)
+    scores = torch.cat([torch.randn(6, 333), torch.zeros(1, 333), torch.arange(333.0).unsqueeze(0)])
+    assert torch.equal(scores.gather(1, kernels.topk_rows(scores, 9, True)), scores.topk(9, -1).values)
+    x = torch.randn(2, 300, 64)
+    d = -torch.cdist(x.double(), x.double()).pow(2)
+    fast = knn(x, 16, ordered=True)
+    assert torch.allclose(d.gather(-1, fast), d.topk(16, -1).values, atol=1e-4 * float(d.abs().max()))
+    a = torch.randn(120, 19, dtype=torch.float64)
+    cols = torch.randint(0, 120, (120 * 7,))
+    values, arg = kernels.neighbour_max(a, cols, 7, with_arg=True)
+    assert arg is not None
+    assert torch.equal(values, a[cols].view(120, 7, 19).amax(1))
