@@ -245,7 +245,8 @@ int knn_direct(const float *lhs, const float *rhs_t, int64_t n, int64_t d, int64
 
 /* The max over each row's k neighbours, per channel, and which neighbour it came from (the first of
  * equal maxima), for EdgeConv: out[r, t] = max_j a[cols[r·k + j], t], arg[r, t] = that j (one byte;
- * k <= 256). arg may be NULL. Rows [row_begin, row_end); a is [rows, o] contiguous. The backward sends
+ * k <= 256). arg may be NULL. Rows [row_begin, row_end); a is [rows, o] with row stride lda (a column
+ * slice of a wider matrix needs no copy); out and arg are contiguous [rows, o]. The backward sends
  * g[r, t] to da[cols[r·k + arg[r, t]], t] for channels [t_begin, t_end) of every row, so that threads
  * that split the channels never write the same element. bf16 is compared as the fp32 it widens to. */
 static inline float bf16_to_float(uint16_t h) {
@@ -257,17 +258,17 @@ static inline float bf16_to_float(uint16_t h) {
 #define AS_IS(x) (x)
 
 #define NEIGHBOUR_MAX(NAME, T, VALUE)                                                                   \
-    void NAME(const T *a, const int64_t *cols, int64_t k, int64_t o, int64_t row_begin, int64_t row_end, \
-              T *out, uint8_t *arg) {                                                                   \
+    void NAME(const T *a, int64_t lda, const int64_t *cols, int64_t k, int64_t o, int64_t row_begin,     \
+              int64_t row_end, T *out, uint8_t *arg) {                                                  \
         for (int64_t r = row_begin; r < row_end; ++r) {                                                 \
             const int64_t *c = cols + r * k;                                                            \
             T *y = out + r * o;                                                                         \
-            memcpy(y, a + c[0] * o, (size_t)o * sizeof(T));                                             \
+            memcpy(y, a + c[0] * lda, (size_t)o * sizeof(T));                                           \
             if (arg) {                                                                                  \
                 uint8_t *p = arg + r * o;                                                               \
                 memset(p, 0, (size_t)o);                                                                \
                 for (int64_t j = 1; j < k; ++j) {                                                       \
-                    const T *s = a + c[j] * o;                                                          \
+                    const T *s = a + c[j] * lda;                                                        \
                     const uint8_t jj = (uint8_t)j;                                                      \
                     for (int64_t t = 0; t < o; ++t) {                                                   \
                         const int gt = VALUE(s[t]) > VALUE(y[t]);                                       \
@@ -277,7 +278,7 @@ static inline float bf16_to_float(uint16_t h) {
                 }                                                                                       \
             } else {                                                                                    \
                 for (int64_t j = 1; j < k; ++j) {                                                       \
-                    const T *s = a + c[j] * o;                                                          \
+                    const T *s = a + c[j] * lda;                                                        \
                     for (int64_t t = 0; t < o; ++t) y[t] = VALUE(s[t]) > VALUE(y[t]) ? s[t] : y[t];     \
                 }                                                                                       \
             }                                                                                           \

@@ -143,7 +143,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.knn_direct.restype = ctypes.c_int
     lib.knn_max_k.restype = i64
     for name in ("f32", "f64", "bf16"):
-        getattr(lib, f"neighbour_max_{name}").argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr]
+        getattr(lib, f"neighbour_max_{name}").argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr]
         getattr(lib, f"neighbour_max_{name}").restype = None
     for name in ("f32", "f64"):
         fn = getattr(lib, f"neighbour_max_backward_{name}")
@@ -223,17 +223,20 @@ def neighbour_max(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``max_j a[cols[r·k + j]]`` per row ``r`` and channel, and (``with_arg``) that ``j`` as uint8.
 
-    ``a`` ``[rows, O]`` fp32/fp64/bf16 on CPU, ``cols`` the ``[rows·k]`` int64 neighbour rows.
+    ``a`` ``[rows, O]`` fp32/fp64/bf16 on CPU (rows may be strided, e.g. a column slice: no copy), ``cols``
+    the ``[rows·k]`` int64 neighbour rows.
     """
     lib = _load()
     assert lib is not None
-    a, cols = a.contiguous(), cols.contiguous()
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    cols = cols.contiguous()
     rows, o = a.shape
     out = torch.empty_like(a)
     arg = torch.empty((rows, o), dtype=torch.uint8) if with_arg else None
     fn = getattr(lib, f"neighbour_max_{_MAX[a.dtype]}")
     after = (out.data_ptr(), arg.data_ptr() if arg is not None else None)
-    _run(fn, cols.numel() // k, (a.data_ptr(), cols.data_ptr(), k, o), after)
+    _run(fn, cols.numel() // k, (a.data_ptr(), a.stride(0), cols.data_ptr(), k, o), after)
     return out, arg
 
 

@@ -169,6 +169,11 @@ def test_neighbour_max_and_its_backward_equal_dense(dtype: torch.dtype, rows: in
     assert arg.dtype == torch.uint8
     assert torch.equal(values, gathered.amax(1))
     assert torch.equal(kernels.neighbour_max(a, cols, k, with_arg=False)[0], values)
+    wide = torch.cat((a, torch.randn(rows, 5, generator=g).to(dtype)), dim=1)  # a column slice: strided rows
+    strided, strided_arg = kernels.neighbour_max(wide[:, :o], cols, k, with_arg=True)
+    assert torch.equal(strided, values)
+    assert strided_arg is not None
+    assert torch.equal(strided_arg, arg)
     # the arg-max is the first neighbour holding the max
     first = (gathered == values.unsqueeze(1)).to(torch.uint8).argmax(1)
     assert torch.equal(arg.long(), first)
