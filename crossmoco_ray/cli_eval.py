@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import Any
 
+from .data.variants import SCANOBJECTNN_VARIANTS
+
 EVAL_EPILOG = """\
 examples:
   crossmoco eval svm --data ../shared/data/modelnet40_1024 --up-axis z                   # random-init DGCNN
@@ -17,6 +19,7 @@ examples:
       --checkpoint runs/quickstart/checkpoint_000004 --out eval/svm        # + report.json, t-SNE, confusion
   crossmoco eval fewshot --data data/mn40 --checkpoint exported/ --episodes 50
   crossmoco eval svm --data ScanObjectNN/main_split --checkpoint dgcnn_crosspoint.pth   # CrossPoint file
+  crossmoco eval svm --data h5_files/main_split --variant pb_t50_rs --checkpoint exported/
 
 --checkpoint takes a crossmoco-ray checkpoint (directory or state.pt), an export (crossmoco export), or a
 CrossPoint / CrossMoCo .pth (state dict, [q, k] list, module.-prefixed). Every evaluation also runs the
@@ -30,9 +33,15 @@ def _eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="h5 file/dir/glob, a folder source, or prepared shards")
     p.add_argument("--format", default="auto", help="source format (auto-detected)")
     p.add_argument("--up-axis", default="y", choices=["x", "y", "z"], help="the source's up axis")
+    p.add_argument(
+        "--variant",
+        choices=SCANOBJECTNN_VARIANTS,
+        metavar="VARIANT",
+        help="ScanObjectNN's official h5 release: which variant to read (obj_bg, obj_only, pb_t50_rs, ...; "
+        "main_split/ holds several, so it is required there)",
+    )
     p.add_argument("--checkpoint", help="pretrained encoder; omitted: evaluate a random-init DGCNN only")
     p.add_argument("--no-baseline", action="store_true", help="skip the random-init baseline")
-    p.add_argument("--k", type=int, default=15, help="DGCNN neighbours for foreign/random encoders (15)")
     p.add_argument("--emb-dims", type=int, default=1024, help="random-init DGCNN width when no checkpoint")
     p.add_argument("--train-split", default="train")
     p.add_argument("--test-split", default="test")
@@ -63,7 +72,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    data = EvalData(args.data, args.format, args.up_axis, args.num_points, args.train_split, args.test_split)
+    data = EvalData(
+        args.data, args.format, args.up_axis, args.num_points, args.train_split, args.test_split, args.variant
+    )
     out = Path(args.out) if args.out else None
     try:
         encs = encoders(args.checkpoint, not args.no_baseline, args.k, args.emb_dims, args.seed)
@@ -134,6 +145,13 @@ def add_eval_parsers(sub: argparse._SubParsersAction[Any]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _eval_common(p_svm)
+    p_svm.add_argument(
+        "--k",
+        type=int,
+        default=15,
+        help="DGCNN neighbours of a CrossPoint/CrossMoCo .pth and of a random-init encoder (15, as "
+        "CrossPoint's SVM notebook); this project's checkpoints and exports carry their own",
+    )
     p_svm.add_argument("--num-points", type=int, default=1024, help="first N points of each cloud (1024)")
     p_svm.add_argument("--c", type=float, default=0.01, help="C of the crosspoint protocol (notebook: 0.01)")
     p_svm.add_argument("--no-plots", action="store_true", help="no t-SNE / confusion PNGs")
@@ -145,6 +163,14 @@ def add_eval_parsers(sub: argparse._SubParsersAction[Any]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _eval_common(p_fs)
+    p_fs.add_argument(
+        "--k",
+        type=int,
+        default=5,
+        help="DGCNN neighbours of a CrossPoint/CrossMoCo .pth and of a random-init encoder (5, as "
+        "CrossPoint's eval_fewshot.py, which its few-shot numbers come from); this project's checkpoints "
+        "and exports carry their own",
+    )
     p_fs.add_argument("--num-points", type=int, default=None, help="first N points (default: all)")
     p_fs.add_argument("--ways", default="5,10")
     p_fs.add_argument("--shots", default="10,20")

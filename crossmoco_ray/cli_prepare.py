@@ -9,6 +9,8 @@ import argparse
 import sys
 from typing import Any
 
+from .data.variants import SCANOBJECTNN_VARIANTS
+
 PREPARE_EPILOG = """\
 examples:
   crossmoco prepare synthetic --out data/synthetic --preview docs/synthetic.png
@@ -45,6 +47,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             synthetic_counts={"train": args.synthetic_train, "test": args.synthetic_test},
             num_points=args.num_points or 2048,
             seed=args.seed,
+            variant=args.variant,
         )
         opts = PrepareOptions(
             num_points=args.num_points,
@@ -89,6 +92,13 @@ def add_prepare_parser(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p_prep.add_argument(
         "--up-axis", default="y", choices=["x", "y", "z"], help="the source's up axis (ModelNet40 raw: z)"
+    )
+    p_prep.add_argument(
+        "--variant",
+        choices=SCANOBJECTNN_VARIANTS,
+        metavar="VARIANT",
+        help="ScanObjectNN's official h5 release: the variant to prepare (obj_bg, obj_only, pb_t50_rs, ...; "
+        "main_split/ holds several, so it is required there)",
     )
     p_prep.add_argument("--num-points", type=int, help="resample every cloud to this many points")
     p_prep.add_argument("--min-points", type=int, default=16, help="reject clouds with fewer points")

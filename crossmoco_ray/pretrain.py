@@ -106,7 +106,8 @@ def finish(run: Run, ckpt_dir: Path, tracker: Tracker, log: Callable[[str], None
         curves = _curves(history, work)
         if cfg.eval.final:
             spec = cfg.eval.data or run.data_root
-            splits = [s for s in ("val", "test") if s in available_splits(spec, cfg.eval.up_axis)]
+            variant = cfg.eval.variant if cfg.eval.data else None
+            splits = [s for s in ("val", "test") if s in available_splits(spec, cfg.eval.up_axis, variant)]
             # random init = the run's own encoder before its first step (same seed, same construction)
             encs = encoders(str(ckpt_dir), baseline=True, seed=cfg.train.seed)
             num_points = cfg.eval.num_points
@@ -119,6 +120,7 @@ def finish(run: Run, ckpt_dir: Path, tracker: Tracker, log: Callable[[str], None
                 num_points,
                 cfg.eval.svm_c,
                 up_axis=cfg.eval.up_axis,
+                variant=variant,
                 out=work / "eval",
                 log=log,
             )

@@ -205,6 +205,21 @@ class TrainConfig(_Section):
     )
 
 
+# ScanObjectNN's variants (crossmoco_ray/data/hdf5.py: SCANOBJECTNN_VARIANTS; a test keeps them equal).
+ScanObjectNNVariant = Literal[
+    "obj_bg",
+    "obj_only",
+    "pb_t25",
+    "pb_t25_r",
+    "pb_t50_r",
+    "pb_t50_rs",
+    "pb_t25_nobg",
+    "pb_t25_r_nobg",
+    "pb_t50_r_nobg",
+    "pb_t50_rs_nobg",
+]
+
+
 class EvalConfig(_Section):
     """Evaluation protocols (METHOD.md §1.11–1.12) and the in-training monitor."""
 
@@ -214,6 +229,11 @@ class EvalConfig(_Section):
         "such as ModelNet40's h5); null = the pretraining data's val/test splits",
     )
     up_axis: Literal["x", "y", "z"] = Field("y", description="up axis of eval.data when it is a raw source")
+    variant: ScanObjectNNVariant | None = Field(
+        None,
+        description="ScanObjectNN variant of eval.data when it is the official h5 release (obj_bg, obj_only, "
+        "pb_t50_rs, ...); a directory holding several fails without it, listing them",
+    )
     val_fraction: float = Field(
         0.1,
         gt=0.0,

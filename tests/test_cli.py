@@ -84,3 +84,15 @@ def test_usage_errors_print_like_argparse(capsys: pytest.CaptureFixture[str]) ->
     assert "crossmoco eval svm: error: argument --k: invalid int value: 'many'" in capsys.readouterr().err
     with pytest.raises(UsageError, match="invalid choice: 'both-ways'"):
         parse_command(["eval", "svm", "--data", "x", "--protocol", "both-ways"])
+
+
+def test_fewshot_k_defaults_to_crosspoints_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    from crossmoco_ray.cli import build_parser
+
+    parser = build_parser()
+    fewshot = parser.parse_args(["eval", "fewshot", "--data", "x"])
+    svm = parser.parse_args(["eval", "svm", "--data", "x"])
+    assert (fewshot.k, svm.k) == (5, 15)  # CrossPoint's eval_fewshot.py and its SVM notebook
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "fewshot", "--help"])
+    assert "as CrossPoint's eval_fewshot.py" in " ".join(capsys.readouterr().out.split())

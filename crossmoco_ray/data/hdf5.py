@@ -8,6 +8,7 @@ file or chunk is yielded as a :class:`DataError` naming it while the other files
 from __future__ import annotations
 
 import glob as globlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 
 from .source import Source, UpAxis, file_identity, to_y_up
 from .types import DataError, Sample
+from .variants import SCANOBJECTNN_STEMS, SCANOBJECTNN_VARIANTS
 
 H5_CHUNK = 512
 
@@ -40,6 +42,62 @@ SCANOBJECTNN_CLASSES = [
 ]
 
 
+_OFFICIAL_NAME = re.compile(r"(?:training|test)_(objectdataset\w*)\.h5")
+
+
+def scanobjectnn_variant(f: Path) -> str | None:
+    """The ScanObjectNN variant of an official file name (``None`` for other names, e.g. ``train.h5``)."""
+    m = _OFFICIAL_NAME.fullmatch(f.name)
+    if m is None:
+        return None
+    base = SCANOBJECTNN_STEMS.get(m.group(1), m.group(1))
+    if not f.parent.name.endswith("_nobg"):
+        return base
+    return "obj_only" if base == "obj_bg" else f"{base}_nobg"
+
+
+def select_variant(path: str | Path, files: list[Path], variant: str | None) -> list[Path]:
+    """The files of one ScanObjectNN variant: all of them when they hold one; an error listing the
+    variants when they mix several and none is chosen, or when the chosen one is not among them."""
+    if variant is not None and variant not in SCANOBJECTNN_VARIANTS:
+        raise ValueError(
+            f"unknown ScanObjectNN variant {variant!r}; choose one of {', '.join(SCANOBJECTNN_VARIANTS)}"
+        )
+    found: dict[str, list[Path]] = {}
+    for f in files:
+        found.setdefault(scanobjectnn_variant(f) or "other", []).append(f)
+    listing = "; ".join(f"{v}: {', '.join(p.name for p in fs)}" for v, fs in sorted(found.items()))
+    if variant is None:
+        if len(found) > 1:
+            raise DataError(
+                str(path),
+                f"holds several ScanObjectNN variants ({listing}); choose one with --variant "
+                f"({' | '.join(v for v in sorted(found) if v != 'other')})",
+            )
+        return files
+    if variant not in found:
+        where = "main_split_nobg/" if variant == "obj_only" or variant.endswith("_nobg") else "main_split/"
+        raise DataError(
+            str(path), f"no files of ScanObjectNN variant {variant} here ({listing}); it is in {where}"
+        )
+    return found[variant]
+
+
+def _scanobjectnn_root(path: Path, variant: str | None) -> Path:
+    """``h5_files/`` (holding ``main_split/`` and ``main_split_nobg/``) → the directory of ``variant``."""
+    subdirs = [d for d in (path / "main_split", path / "main_split_nobg") if d.is_dir()]
+    if variant is None:
+        if len(subdirs) > 1:
+            raise DataError(
+                str(path),
+                "holds main_split/ (objects with background) and main_split_nobg/ (objects alone); choose "
+                f"a variant with --variant ({' | '.join(SCANOBJECTNN_VARIANTS)}) or point at one of them",
+            )
+        return subdirs[0]
+    nobg = variant == "obj_only" or variant.endswith("_nobg")
+    return path / ("main_split_nobg" if nobg else "main_split")
+
+
 class H5Source(Source):
     """ModelNet40-style (``label`` [N, 1]) or ScanObjectNN-style (``label`` [N]) HDF5 files.
 
@@ -49,9 +107,18 @@ class H5Source(Source):
     label (99 among 0..39) is named as bad instead of silently creating 60 empty classes.
     """
 
-    def __init__(self, path: str | Path, format: str = "modelnet40", up_axis: UpAxis = "y") -> None:
-        self.format, self.up_axis = format, up_axis
-        self.files = _h5_files(path)
+    def __init__(
+        self, path: str | Path, format: str = "modelnet40", up_axis: UpAxis = "y", variant: str | None = None
+    ) -> None:
+        self.format, self.up_axis, self.variant = format, up_axis, variant
+        p = Path(path)
+        if (
+            p.is_dir()
+            and not any(p.glob("*.h5"))
+            and any((p / d).is_dir() for d in ("main_split", "main_split_nobg"))
+        ):
+            p = _scanobjectnn_root(p, variant)
+        self.files = select_variant(path, _h5_files(p), variant)
         self.by_split: dict[str, list[Path]] = {}
         for f in self.files:
             name = f.name.lower()
@@ -111,7 +178,10 @@ class H5Source(Source):
         return total
 
     def identity(self) -> dict[str, Any]:
-        return {"format": self.format, "up_axis": self.up_axis, "files": file_identity(self.files)}
+        out = {"format": self.format, "up_axis": self.up_axis, "files": file_identity(self.files)}
+        if self.variant is not None:
+            out["variant"] = self.variant
+        return out
 
     def samples(self, split: str) -> Iterator[Sample | DataError]:
         for f in sorted(self.by_split.get(split, [])):

@@ -82,14 +82,23 @@ def open_source(
     synthetic_counts: dict[str, int] | None = None,
     num_points: int = 2048,
     seed: int = 0,
+    variant: str | None = None,
 ) -> Source:
-    """A :class:`Source` for ``spec`` (a path, a glob or ``"synthetic"``), detecting the format if asked."""
+    """A :class:`Source` for ``spec`` (a path, a glob or ``"synthetic"``), detecting the format if asked.
+
+    ``variant``: which ScanObjectNN variant (``obj_bg``, ``obj_only``, ``pb_t50_rs``, ...) to read from a
+    directory of its official files; a directory that holds several without one is an error listing them.
+    """
     if format == "auto":
         format = detect_format(spec)
+    if variant is not None and format not in ("modelnet40", "scanobjectnn"):
+        raise ValueError(
+            f"--variant picks a ScanObjectNN variant among h5 files; {spec} is a {format} source"
+        )
     if format == "synthetic":
         return SyntheticSource(synthetic_counts or {"train": 2000, "test": 500}, num_points, seed)
     if format in ("modelnet40", "scanobjectnn"):
-        return H5Source(spec, format, up_axis)
+        return H5Source(spec, format, up_axis, variant)
     if format == "shapenetrender":
         return ShapeNetRenderSource(spec, up_axis)
     if format == "folder":
@@ -104,6 +113,12 @@ def detect_format(spec: str) -> str:
     p = Path(spec)
     if p.is_dir() and (p / "ShapeNet").is_dir() and (p / "ShapeNetRendering").is_dir():
         return "shapenetrender"
+    if (
+        p.is_dir()
+        and not any(p.glob("*.h5"))
+        and any((p / d).is_dir() for d in ("main_split", "main_split_nobg"))
+    ):
+        return "scanobjectnn"  # ScanObjectNN's h5_files/: the variant picks the directory
     is_h5 = p.suffix == ".h5" or (p.is_dir() and any(p.glob("*.h5")))
     if is_h5 or (not p.exists() and any(f.endswith(".h5") for f in globlib.glob(spec))):
         return h5_format(spec)

@@ -53,15 +53,21 @@ def is_shards(spec: str) -> bool:
     return (Path(spec) / MANIFEST).is_file()
 
 
-def available_splits(spec: str, up_axis: str = "y") -> list[str]:
-    """The splits of prepared shards (from the manifest) or of a source."""
+def available_splits(spec: str, up_axis: str = "y", variant: str | None = None) -> list[str]:
+    """The splits of prepared shards (from the manifest) or of a source (``variant``: ScanObjectNN's)."""
     if is_shards(spec):
         return sorted(read_manifest(spec)["counts"])
-    return open_source(spec, up_axis=up_axis).splits()  # type: ignore[arg-type]
+    return open_source(spec, up_axis=up_axis, variant=variant).splits()  # type: ignore[arg-type]
 
 
 def load_split(
-    spec: str, split: str, *, fmt: str = "auto", up_axis: UpAxis = "y", num_points: int | None = None
+    spec: str,
+    split: str,
+    *,
+    fmt: str = "auto",
+    up_axis: UpAxis = "y",
+    num_points: int | None = None,
+    variant: str | None = None,
 ) -> EvalSplit:
     """Split ``split`` of a source or of prepared shards, the first ``num_points`` points of each cloud.
 
@@ -70,7 +76,7 @@ def load_split(
     if is_shards(spec):
         points, labels, names = _load_shards(spec, split)
     else:
-        source = open_source(spec, fmt, up_axis=up_axis)
+        source = open_source(spec, fmt, up_axis=up_axis, variant=variant)
         if split not in source.splits():
             raise DataError(spec, f"no {split!r} split (has {source.splits()})")
         clouds, labs = [], []

@@ -90,11 +90,13 @@ class Monitor:
         knn_k: int = 20,
         crosspoint: bool = True,
         normalize: bool = True,
+        variant: str | None = None,
     ) -> Monitor:
         """Load the monitor's data: ``train`` and ``val`` of ``spec``, or ``val`` carved from ``train``."""
-        train = load_split(spec, "train", up_axis=up_axis, num_points=num_points)  # type: ignore[arg-type]
-        if "val" in available_splits(spec, up_axis):
-            val = load_split(spec, "val", up_axis=up_axis, num_points=num_points)  # type: ignore[arg-type]
+        axis: Any = up_axis
+        train = load_split(spec, "train", up_axis=axis, num_points=num_points, variant=variant)
+        if "val" in available_splits(spec, up_axis, variant):
+            val = load_split(spec, "val", up_axis=axis, num_points=num_points, variant=variant)
             source = f"{spec}: train → val"
         else:
             train, val = carve(train, val_fraction, seed)

@@ -27,9 +27,13 @@ class EvalData:
     num_points: int | None = 1024
     train_split: str = "train"
     test_split: str = "test"
+    variant: str | None = None
 
     def load(self, split: str) -> EvalSplit:
-        return load_split(self.spec, split, fmt=self.fmt, up_axis=self.up_axis, num_points=self.num_points)  # type: ignore[arg-type]
+        axis: Any = self.up_axis
+        return load_split(
+            self.spec, split, fmt=self.fmt, up_axis=axis, num_points=self.num_points, variant=self.variant
+        )
 
 
 def encoders(
@@ -146,6 +150,7 @@ def run_svm_splits(
     seed: int = 0,
     log: Callable[[str], None] = print,
     up_axis: str = "y",
+    variant: str | None = None,
 ) -> dict[str, Any]:
     """Both SVM protocols on several evaluation splits (of shards or a source); train features once.
 
@@ -154,8 +159,8 @@ def run_svm_splits(
     """
     t0 = time.perf_counter()
     axis: Any = up_axis
-    train = load_split(spec, "train", num_points=num_points, up_axis=axis)
-    tests = [load_split(spec, s, num_points=num_points, up_axis=axis) for s in test_splits]
+    train = load_split(spec, "train", num_points=num_points, up_axis=axis, variant=variant)
+    tests = [load_split(spec, s, num_points=num_points, up_axis=axis, variant=variant) for s in test_splits]
     report: dict[str, Any] = {"command": "svm", "data": spec, "when": _now(), "results": {}, "encoders": {}}
     for name, enc in encs:
         feats = _features(enc, (train, *tests), batch_size, device, name)

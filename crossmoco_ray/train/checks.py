@@ -40,14 +40,14 @@ def check_data(cfg: Config, root: str, manifest: dict[str, Any]) -> int:
     return steps
 
 
-def check_eval_data(spec: str, up_axis: str) -> None:
+def check_eval_data(spec: str, up_axis: str, variant: str | None = None) -> None:
     """``eval.data`` must open and hold a labelled train split, before any worker starts."""
     from ..data.readers import open_source
 
     if storage.exists(f"{spec}/{MANIFEST}"):
         splits = sorted(read_manifest(spec)["counts"])
     else:
-        splits = open_source(spec, up_axis=up_axis).splits()  # type: ignore[arg-type]
+        splits = open_source(spec, up_axis=up_axis, variant=variant).splits()  # type: ignore[arg-type]
     if "train" not in splits:
         raise ConfigError(
             f"eval.data={spec} has no train split (has {splits}); the monitor fits on train and scores on "

@@ -105,6 +105,7 @@ def _build_monitor(spec: dict[str, Any], device: torch.device) -> Any:
         knn_k=spec.get("knn_k", 20),
         crosspoint=spec.get("crosspoint", True),
         normalize=spec.get("normalize", True),
+        variant=spec.get("variant"),
     )
     monitor.device = str(device)
     return monitor

@@ -131,7 +131,7 @@ def resolve_run(
     manifest = read_manifest(root)
     steps = check_data(cfg, root, manifest)
     if cfg.eval.data is not None:
-        check_eval_data(cfg.eval.data, cfg.eval.up_axis)
+        check_eval_data(cfg.eval.data, cfg.eval.up_axis, cfg.eval.variant)
     run = Run(cfg, name or default_name(cfg), where, root, manifest, steps)
     if cfg.tracking.enabled:
         run.tracking_uri = default_tracking_uri(where, cfg.tracking.tracking_uri)

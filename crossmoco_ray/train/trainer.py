@@ -63,6 +63,7 @@ def monitor_spec(run: Run) -> dict[str, Any] | None:
     return {
         "root": e.data or run.data_root,
         "up_axis": e.up_axis,
+        "variant": e.variant,
         "num_points": e.num_points if e.data else min(e.num_points, run.manifest["num_points"]),
         "max_samples": e.monitor_samples,
         "val_fraction": e.val_fraction,
