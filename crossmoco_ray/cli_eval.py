@@ -18,6 +18,7 @@ examples:
   crossmoco eval svm --data ../shared/data/modelnet40_1024 --up-axis z \\
       --checkpoint runs/quickstart/checkpoint_000004 --out eval/svm        # + report.json, t-SNE, confusion
   crossmoco eval fewshot --data data/mn40 --checkpoint exported/ --episodes 50
+  crossmoco eval knn --data data/mn40 --checkpoint exported/ --knn-k 20,200
   crossmoco eval svm --data ScanObjectNN/main_split --checkpoint dgcnn_crosspoint.pth   # CrossPoint file
   crossmoco eval svm --data h5_files/main_split --variant pb_t50_rs --checkpoint exported/
 
@@ -64,7 +65,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .data.types import DataError
-    from .evaluate.run import EvalData, encoders, fewshot_table_text, run_fewshot, run_svm, svm_table
+    from .evaluate.run import (
+        EvalData,
+        encoders,
+        fewshot_table_text,
+        knn_table,
+        run_fewshot,
+        run_knn,
+        run_svm,
+        svm_table,
+    )
     from .nn.runtime import keep_freed_memory
 
     keep_freed_memory()  # large feature batches: freed memory reused, not re-faulted
@@ -92,6 +102,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 log,
             )
             print(svm_table(report))
+        elif args.eval_command == "knn":
+            report = run_knn(
+                data, encs, _ints(args.knn_k), args.temperature, args.batch_size, args.device, out, log
+            )
+            print(knn_table(report))
         else:
             settings = [(w, s) for w in _ints(args.ways) for s in _ints(args.shots)]
             report = run_fewshot(
@@ -132,7 +147,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     """Add ``eval`` (with ``svm`` and ``fewshot``) and ``export`` to the top-level subparsers ``sub``."""
     p_eval = sub.add_parser(
         "eval",
-        help="linear SVM and few-shot on frozen features (CrossPoint protocols + clean ones)",
+        help="linear SVM, kNN and few-shot on frozen features (CrossPoint protocols + clean ones)",
         description="Evaluate a point encoder's frozen features as in the papers.",
         epilog=EVAL_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -156,6 +171,24 @@ def add_eval_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     p_svm.add_argument("--c", type=float, default=0.01, help="C of the crosspoint protocol (notebook: 0.01)")
     p_svm.add_argument("--no-plots", action="store_true", help="no t-SNE / confusion PNGs")
     p_svm.set_defaults(func=cmd_eval)
+    p_knn = eval_sub.add_parser(
+        "knn",
+        help="kNN on frozen features: cosine, weighted votes (InstDisc); train is the bank, test is scored",
+        epilog=EVAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _eval_common(p_knn)
+    p_knn.add_argument(
+        "--k",
+        type=int,
+        default=15,
+        help="DGCNN neighbours of a CrossPoint/CrossMoCo .pth and of a random-init encoder (15); this "
+        "project's checkpoints and exports carry their own",
+    )
+    p_knn.add_argument("--num-points", type=int, default=1024, help="first N points of each cloud (1024)")
+    p_knn.add_argument("--knn-k", default="20,200", help="neighbours that vote, one or more (20,200)")
+    p_knn.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos / T) (0.07)")
+    p_knn.set_defaults(func=cmd_eval)
     p_fs = eval_sub.add_parser(
         "fewshot",
         help="N-way K-shot, mean ± std over episodes",

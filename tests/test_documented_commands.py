@@ -30,9 +30,10 @@ CONFIG_BEARING = {"pretrain", "tune", "config show"}
 ARGUMENTS_ONLY = {
     "": "a bare `crossmoco` prints the help",
     "prepare": "SOURCE and --out are paths, read only when it runs",
-    "eval": "a group: eval svm / eval fewshot",
+    "eval": "a group: eval svm / eval knn / eval fewshot",
     "eval svm": "--data / --checkpoint are read only when it runs",
     "eval fewshot": "--data / --checkpoint are read only when it runs",
+    "eval knn": "--data / --checkpoint are read only when it runs",
     "export": "the checkpoint is read only when it runs",
     "config": "a group: prints its help",
     "config presets": "lists the presets",

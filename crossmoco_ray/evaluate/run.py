@@ -279,6 +279,50 @@ def run_fewshot(
     return report
 
 
+def run_knn(
+    data: EvalData,
+    encs: list[tuple[str, LoadedEncoder]],
+    ks: Sequence[int] = (20,),
+    temperature: float = 0.07,
+    batch_size: int = 32,
+    device: str = "auto",
+    out: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """kNN on frozen features (cosine, InstDisc's weighted votes) for every encoder and ``k``: the train
+    split is the memory bank, the test split is scored; overall and mean class accuracy."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from .knn import knn_predict
+
+    t0 = time.perf_counter()
+    train, test = data.load(data.train_split), data.load(data.test_split)
+    log(f"kNN: {data.spec} train {len(train.labels)} / {data.test_split} {len(test.labels)}, k = {list(ks)}")
+    report: dict[str, Any] = {"command": "knn", "data": asdict(data), "when": _now(), "results": {}}
+    report["temperature"] = temperature
+    for name, enc in encs:
+        f_train, f_test = _features(enc, (train, test), batch_size, device, name)
+        report["results"][name] = {}
+        for k in ks:
+            pred = knn_predict(f_train, train.labels, f_test, k, temperature)
+            report["results"][name][f"k={k}"] = {
+                "overall_acc": float((pred == test.labels).mean()),
+                "mean_class_acc": float(balanced_accuracy_score(test.labels, pred)),
+            }
+    report["seconds"] = time.perf_counter() - t0
+    _write_report(out, report)
+    return report
+
+
+def knn_table(report: dict[str, Any]) -> str:
+    lines = ["| encoder | k | overall acc % | mean class acc % |", "|---|---:|---:|---:|"]
+    for name, by_k in report["results"].items():
+        for k, r in by_k.items():
+            acc, mean_class = 100 * r["overall_acc"], 100 * r["mean_class_acc"]
+            lines.append(f"| {name} | {k.removeprefix('k=')} | {acc:.2f} | {mean_class:.2f} |")
+    return "\n".join(lines)
+
+
 def fewshot_table_text(report: dict[str, Any]) -> str:
     first = next(iter(report["results"].values()))
     names = list(next(iter(first.values())))

@@ -149,3 +149,23 @@ def test_prepare_and_eval_take_the_variant(h5_files: Path, tmp_path: Path, capsy
     )  # fmt: skip
     assert code == 0
     assert "random-init" in capsys.readouterr().out
+
+
+def test_eval_knn_reads_a_variant_and_reports_both_encoders(h5_files: Path, tmp_path: Path, capsys) -> None:
+    import json
+
+    from crossmoco_ray.cli import main
+
+    args = ["eval", "knn", "--data", str(h5_files), "--variant", "pb_t50_rs", "--num-points", "64",
+            "--k", "4", "--emb-dims", "16", "--knn-k", "1,3", "--device", "cpu",
+            "--out", str(tmp_path / "knn")]  # fmt: skip
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "| random-init | 1 |" in table
+    assert "| random-init | 3 |" in table
+    report = json.loads((tmp_path / "knn" / "report.json").read_text())
+    assert report["command"] == "knn"
+    assert report["data"]["variant"] == "pb_t50_rs"
+    r = report["results"]["random-init"]["k=1"]
+    assert 0.0 <= r["overall_acc"] <= 1.0
+    assert 0.0 <= r["mean_class_acc"] <= 1.0
