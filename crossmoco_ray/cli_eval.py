@@ -30,6 +30,23 @@ from pretraining is visible. Protocols: 'crosspoint' (the original code, exactly
 """
 
 
+def _protocol_parser(sub: Any, name: str, help: str, k: int, k_source: str) -> argparse.ArgumentParser:
+    """``crossmoco eval NAME``: the common options, ``--k`` with the default the protocol's source used."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    _eval_common(p)
+    p.add_argument(
+        "--k",
+        type=int,
+        default=k,
+        help=f"DGCNN neighbours of a CrossPoint/CrossMoCo .pth and of a random-init encoder ({k}, as "
+        f"{k_source}); this project's checkpoints and exports carry their own",
+    )
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
 def _eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="h5 file/dir/glob, a folder source, or prepared shards")
     p.add_argument("--format", default="auto", help="source format (auto-detected)")
@@ -153,63 +170,34 @@ def add_eval_parsers(sub: argparse._SubParsersAction[Any]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     eval_sub = p_eval.add_subparsers(dest="eval_command", metavar="PROTOCOL", required=True)
-    p_svm = eval_sub.add_parser(
-        "svm",
-        help="linear SVM: overall and mean class accuracy",
-        epilog=EVAL_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _eval_common(p_svm)
-    p_svm.add_argument(
-        "--k",
-        type=int,
-        default=15,
-        help="DGCNN neighbours of a CrossPoint/CrossMoCo .pth and of a random-init encoder (15, as "
-        "CrossPoint's SVM notebook); this project's checkpoints and exports carry their own",
+    p_svm = _protocol_parser(
+        eval_sub, "svm", "linear SVM: overall and mean class accuracy", 15, "CrossPoint's SVM notebook"
     )
     p_svm.add_argument("--num-points", type=int, default=1024, help="first N points of each cloud (1024)")
     p_svm.add_argument("--c", type=float, default=0.01, help="C of the crosspoint protocol (notebook: 0.01)")
     p_svm.add_argument("--no-plots", action="store_true", help="no t-SNE / confusion PNGs")
-    p_svm.set_defaults(func=cmd_eval)
-    p_knn = eval_sub.add_parser(
+    p_knn = _protocol_parser(
+        eval_sub,
         "knn",
-        help="kNN on frozen features: cosine, weighted votes (InstDisc); train is the bank, test is scored",
-        epilog=EVAL_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _eval_common(p_knn)
-    p_knn.add_argument(
-        "--k",
-        type=int,
-        default=15,
-        help="DGCNN neighbours of a CrossPoint/CrossMoCo .pth and of a random-init encoder (15); this "
-        "project's checkpoints and exports carry their own",
+        "kNN on frozen features: cosine, weighted votes (InstDisc); train is the bank, test is scored",
+        15,
+        "the SVM",
     )
     p_knn.add_argument("--num-points", type=int, default=1024, help="first N points of each cloud (1024)")
     p_knn.add_argument("--knn-k", default="20,200", help="neighbours that vote, one or more (20,200)")
     p_knn.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos / T) (0.07)")
-    p_knn.set_defaults(func=cmd_eval)
-    p_fs = eval_sub.add_parser(
+    p_fs = _protocol_parser(
+        eval_sub,
         "fewshot",
-        help="N-way K-shot, mean ± std over episodes",
-        epilog=EVAL_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _eval_common(p_fs)
-    p_fs.add_argument(
-        "--k",
-        type=int,
-        default=5,
-        help="DGCNN neighbours of a CrossPoint/CrossMoCo .pth and of a random-init encoder (5, as "
-        "CrossPoint's eval_fewshot.py, which its few-shot numbers come from); this project's checkpoints "
-        "and exports carry their own",
+        "N-way K-shot, mean ± std over episodes",
+        5,
+        "CrossPoint's eval_fewshot.py, which its few-shot numbers come from",
     )
     p_fs.add_argument("--num-points", type=int, default=None, help="first N points (default: all)")
     p_fs.add_argument("--ways", default="5,10")
     p_fs.add_argument("--shots", default="10,20")
     p_fs.add_argument("--queries", type=int, default=20, help="queries per class")
     p_fs.add_argument("--episodes", type=int, default=10, help="episodes per setting (CrossPoint script: 50)")
-    p_fs.set_defaults(func=cmd_eval)
 
     p_export = sub.add_parser(
         "export",
