@@ -5,7 +5,7 @@ recipe) ← ``--preset`` (default: quickstart) ← ``--config FILE`` ← ``KEY=V
 :func:`parse_command` does all of that (and every check that needs no data, no Ray) for any command
 line; :func:`main` runs what it returns, and the documented-commands test validates every command in the
 docs with it, so the two cannot disagree. ``prepare`` lives in :mod:`.cli_prepare`, ``eval`` and
-``export`` in :mod:`.cli_eval`.
+``export`` in :mod:`.cli_eval`, ``finetune`` in :mod:`.cli_finetune`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .cli_eval import add_eval_parsers
+from .cli_finetune import add_finetune_parsers
 from .cli_prepare import add_prepare_parser
 from .config import DEFAULT_PRESET, Config, ConfigError, load_config, preset_names, preset_text, to_yaml
 
@@ -103,7 +104,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def _form(args: argparse.Namespace) -> str:
-    words = [getattr(args, dest, None) for dest in ("command", "eval_command", "config_command")]
+    dests = ("command", "eval_command", "finetune_command", "config_command")
+    words = [getattr(args, dest, None) for dest in dests]
     return " ".join(w for w in words if w)
 
 
@@ -117,6 +119,8 @@ def parse_command(argv: Sequence[str] | None = None) -> ParsedCommand:
     """
     args = build_parser().parse_args(argv)
     form = _form(args)
+    if hasattr(args, "check"):  # a command with its own configuration (finetune): resolved and checked
+        args.check(args)
     if not hasattr(args, "configured"):
         return ParsedCommand(form, args)
     cfg = resolve_config(args)
@@ -310,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parsers(sub)
     add_prepare_parser(sub)
     add_eval_parsers(sub)
+    add_finetune_parsers(sub)
     _add_config_parsers(sub)
 
     def top_help(_args: argparse.Namespace) -> int:

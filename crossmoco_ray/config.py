@@ -17,7 +17,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -58,6 +58,8 @@ __all__ = [
     "cross_field_problems",
 ]
 
+M = TypeVar("M", bound=BaseModel)
+
 # --------------------------------------------------------------------------------------------------
 # Keys, presets, overrides
 # --------------------------------------------------------------------------------------------------
@@ -92,11 +94,11 @@ ALIASES = {
 }
 
 
-def suggest_key(key: str) -> str | None:
-    """The valid key nearest to ``key`` (an alias, the full dotted path, then its last part)."""
-    keys = valid_keys()
+def suggest_key(key: str, model: type[BaseModel] = Config) -> str | None:
+    """The valid key of ``model`` nearest to ``key`` (an alias, the full dotted path, then its last part)."""
+    keys = valid_keys(model)
     leaf = key.rsplit(".", 1)[-1]
-    if leaf in ALIASES:
+    if model is Config and leaf in ALIASES:
         return ALIASES[leaf]
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     if close:
@@ -115,18 +117,24 @@ def _first_leaf(key: str, value: Any) -> str:
 
 
 def _check_keys(
-    data: Mapping[str, Any], origin: str, model: type[BaseModel] = Config, prefix: str = ""
+    data: Mapping[str, Any],
+    origin: str,
+    model: type[BaseModel] = Config,
+    prefix: str = "",
+    root: type[BaseModel] | None = None,
 ) -> None:
+    root = root or model
     for name, value in data.items():
         key = f"{prefix}{name}"
         field = model.model_fields.get(str(name))
         if field is None:
             key = _first_leaf(key, value)
-            hint = suggest_key(key)
+            hint = suggest_key(key, root)
+            lister = getattr(root, "KEYS_HINT", "`crossmoco config show` lists every key")
             raise ConfigError(
                 f"unknown config key {key!r} in {origin}"
                 + (f"; did you mean {hint!r}?" if hint else "")
-                + " (`crossmoco config show` lists every key)"
+                + f" ({lister})"
             )
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
@@ -134,7 +142,7 @@ def _check_keys(
                 raise ConfigError(
                     f"{key!r} in {origin} is a section: give it a mapping of keys, not {value!r}"
                 )
-            _check_keys(value, origin, ann, f"{key}.")
+            _check_keys(value, origin, ann, f"{key}.", root)
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -252,16 +260,51 @@ def _batch_layer(layer: dict[str, Any], origin: str) -> dict[str, Any]:
 
 def validate(data: Mapping[str, Any]) -> Config:
     """A checked :class:`Config` from a plain mapping, or a :class:`ConfigError` that says the fix."""
-    _check_keys(data, "the configuration")
+    return validate_as(Config, data, "configuration")
+
+
+def validate_stored(data: Mapping[str, Any]) -> tuple[Config, list[str]]:
+    """The :class:`Config` stored in a checkpoint written by an older version: keys this schema no longer
+    has (a removed option) are dropped and returned, so that its encoder still loads; everything else is
+    checked as usual."""
+    dropped: list[str] = []
+
+    def keep(node: Mapping[str, Any], model: type[BaseModel], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            field = model.model_fields.get(str(key))
+            if field is None:
+                dropped.append(f"{prefix}{key}")
+                continue
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel) and isinstance(value, Mapping):
+                value = keep(value, ann, f"{prefix}{key}.")
+            out[str(key)] = value
+        return out
+
+    kept = keep(data, Config, "")
+    train = kept.get("train")
+    if isinstance(train, dict):  # written before the per-worker batch existed: its one batch key rules
+        given = [k for k in BATCH_KEYS if k in train]
+        if len(given) == 1:
+            other = BATCH_KEYS[1 - BATCH_KEYS.index(given[0])]
+            kept["train"] = {**train, other: None}
+    return validate(kept), dropped
+
+
+def validate_as(model: type[M], data: Mapping[str, Any], what: str) -> M:
+    """``model`` checked from a plain mapping: unknown keys with the nearest valid one, then pydantic's
+    checks, every problem on its own line as ``dotted.key: message (got value)``."""
+    _check_keys(data, f"the {what}", model)
     try:
-        return Config.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         lines = []
         for e in err.errors():
             loc = ".".join(str(p) for p in e["loc"])
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{loc}: {msg} (got {e.get('input')!r})" if loc else msg)
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError(f"invalid {what}:\n  " + "\n  ".join(lines)) from None
 
 
 def to_yaml(cfg: Config) -> str:

@@ -187,3 +187,19 @@ def test_bad_inputs(tmp_path: Path) -> None:
     path.write_text("- 1\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(config_file=path)
+
+
+def test_a_config_stored_by_an_older_version_still_loads() -> None:
+    """A checkpoint's config written before an option was removed (train.fault_at_step) and before the
+    per-worker batch existed (only train.batch_size) loads: the removed key is dropped and named."""
+    from crossmoco_ray.config import validate_stored
+
+    stored = load_config("quickstart").model_dump(mode="json")
+    stored["train"]["fault_at_step"] = None
+    stored["train"]["batch_size"] = 32
+    del stored["train"]["batch_size_per_worker"]
+    with pytest.raises(ConfigError):
+        validate(stored)
+    cfg, dropped = validate_stored(stored)
+    assert dropped == ["train.fault_at_step"]
+    assert cfg.global_batch == 32

@@ -35,6 +35,8 @@ ARGUMENTS_ONLY = {
     "eval fewshot": "--data / --checkpoint are read only when it runs",
     "eval knn": "--data / --checkpoint are read only when it runs",
     "export": "the checkpoint is read only when it runs",
+    "finetune": "a group: finetune cls",
+    "finetune cls": "its own config is resolved and checked; --data / --checkpoint are read when it runs",
     "config": "a group: prints its help",
     "config presets": "lists the presets",
 }

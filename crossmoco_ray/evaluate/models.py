@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config, config_hash, validate
+from ..config import config_hash, validate_stored
 from ..nn import build_point_encoder, load_checked, strip_prefixes
 from ..train.builders import point_encoder_spec
 from ..train.checkpoint import FORMAT as CHECKPOINT_FORMAT
@@ -139,7 +139,7 @@ def load_point_encoder(path: str | Path, k: int = 15, edgeconv: str = "fast") ->
     obj = _torch_load(path)
 
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        cfg = validate(obj["config"])
+        cfg, _ = validate_stored(obj["config"])  # an older version's removed options are dropped
         spec = point_encoder_spec(cfg.model)
         state = {key[len("point_q.") :]: v for key, v in obj["model"].items() if key.startswith("point_q.")}
         encoder = _load_into(spec["name"], spec["kwargs"], state, str(path))
@@ -184,7 +184,7 @@ def load_point_encoder(path: str | Path, k: int = 15, edgeconv: str = "fast") ->
 def export_backbone(checkpoint: str | Path, out: str | Path, with_image: bool = False) -> Path:
     """Write the point encoder's backbone (no projection head) + ``meta.json`` to ``out``; returns ``out``."""
     ckpt = read_checkpoint(checkpoint)
-    cfg: Config = validate(ckpt["config"])
+    cfg, _ = validate_stored(ckpt["config"])
     spec = point_encoder_spec(cfg.model)
     model_state = ckpt["model"]
     backbone = {

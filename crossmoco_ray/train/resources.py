@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..config import Config, ConfigError
 
@@ -37,16 +38,21 @@ def worker_env() -> dict[str, str]:
 
 
 def check_resources(
-    cfg: Config, resources: dict[str, float], local: bool, log: Callable[[str], None]
+    cfg: Config | Any, resources: dict[str, float], local: bool, log: Callable[[str], None]
 ) -> None:
-    """Workers plus the CPUs kept for Ray Data must fit, or the run would wait (or hang) forever."""
+    """Workers plus the CPUs kept for Ray Data must fit, or the run would wait (or hang) forever.
+
+    ``cfg``: a pretraining :class:`Config`, or any config whose ``train`` section has ``num_workers``,
+    ``cpus_per_worker``, ``gpus_per_worker`` and ``use_gpu`` (fine-tuning's, which keeps no Ray Data CPUs).
+    """
     t = cfg.train
-    cpus_needed = t.num_workers * t.cpus_per_worker + t.data_cpus
+    data_cpus = getattr(t, "data_cpus", 0.0)
+    cpus_needed = t.num_workers * t.cpus_per_worker + data_cpus
     gpus_needed = t.num_workers * t.gpus_per_worker if t.use_gpu else 0.0
     problems = []
     if resources.get("CPU", 0.0) + 1e-9 < cpus_needed:
         problems.append(
-            f"{t.num_workers} workers × {t.cpus_per_worker} CPU + {t.data_cpus} CPU for Ray Data = "
+            f"{t.num_workers} workers × {t.cpus_per_worker} CPU + {data_cpus} CPU for Ray Data = "
             f"{cpus_needed:g} CPUs, the cluster has {resources.get('CPU', 0):g}: lower train.cpus_per_worker "
             "(fractions work, e.g. 0.5), train.num_workers or train.data_cpus"
         )
@@ -62,8 +68,11 @@ def check_resources(
             log(f"warning: {p} (waiting for the autoscaler)")
 
 
-def init_ray(cfg: Config, address: str | None, log: Callable[[str], None], extra_cpus: float = 0.0) -> bool:
-    """Join a cluster (``address``, ``RAY_ADDRESS``, ``ray job submit``) or start a local Ray (→ True)."""
+def init_ray(
+    cfg: Config | Any, address: str | None, log: Callable[[str], None], extra_cpus: float = 0.0
+) -> bool:
+    """Join a cluster (``address``, ``RAY_ADDRESS``, ``ray job submit``) or start a local Ray (→ True);
+    ``cfg`` as for :func:`check_resources`."""
     import ray
 
     for key, value in RAY_ENV.items():
@@ -76,7 +85,7 @@ def init_ray(cfg: Config, address: str | None, log: Callable[[str], None], extra
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return False
     t = cfg.train
-    needed = t.num_workers * t.cpus_per_worker + t.data_cpus + extra_cpus
+    needed = t.num_workers * t.cpus_per_worker + getattr(t, "data_cpus", 0.0) + extra_cpus
     cpus = max(os.cpu_count() or 1, int(needed + 0.999))
     log(f"starting a local Ray with {cpus} CPUs")
     # The dashboard (on loopback) gives the State API that Ray Train's placement-group cleanup needs.

@@ -1,0 +1,295 @@
+"""``crossmoco finetune cls`` on the driver: data and encoder checked and loaded before any worker starts,
+then Ray Train (DDP, checkpoints, restarts, relaunch = resume), MLflow, and a report at the end.
+
+A run is ``<storage>/<name>``; relaunching the same name continues it from its newest checkpoint (Ray
+Train's snapshot or ``progress.json``, as pretraining), mid-epoch included, in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import storage
+from ..config import ConfigError
+from ..data.types import DataError
+from ..evaluate.features import EvalSplit, load_split
+from ..evaluate.models import LoadedEncoder, load_point_encoder, random_encoder
+from ..tracking import Tracker, default_tracking_uri
+from ..train.resources import check_resources, init_ray, worker_env
+from ..train.run import absolute, resolve_storage
+from ..version import code_version
+from .loop import PRIORITY, finetune_loop
+from .schema import FinetuneConfig
+
+RUN_FILE = "finetune_run.json"
+REPORT_FILE = "report.json"
+DEFAULT_K = 20  # DGCNN's classification recipe
+
+
+def load_encoder(cfg: FinetuneConfig, checkpoint: str | None) -> LoadedEncoder:
+    """The encoder to fine-tune: ``checkpoint`` (any format :func:`load_point_encoder` reads) or random
+    init (``model.point_encoder``, ``model.k``, ``model.emb_dims``; seeded by ``train.seed``)."""
+    m = cfg.model
+    if checkpoint is None:
+        kwargs: dict[str, Any] = {"emb_dims": m.emb_dims}
+        if m.point_encoder == "dgcnn":
+            kwargs["k"] = m.k or DEFAULT_K
+        return random_encoder(m.point_encoder, cfg.train.seed, **kwargs)
+    loaded = load_point_encoder(checkpoint, k=m.k or DEFAULT_K)
+    if m.k is not None and "k" in loaded.kwargs and loaded.kwargs["k"] != m.k:
+        loaded.kwargs = {**loaded.kwargs, "k": m.k}  # the same weights on another graph size
+    return loaded
+
+
+def encoder_payload(loaded: LoadedEncoder) -> dict[str, Any]:
+    """What the workers build the encoder from (plain tensors: no pickled modules)."""
+    kwargs = dict(loaded.kwargs)
+    if "edgeconv" in kwargs:
+        kwargs["edgeconv"] = "fast"
+    state = None if loaded.source == "random-init" else loaded.encoder.state_dict()
+    return {"name": loaded.name, "kwargs": kwargs, "state": state}
+
+
+def _carve(split: EvalSplit, fraction: float, seed: int) -> tuple[EvalSplit, EvalSplit]:
+    """A seeded validation split of ``fraction`` of ``split`` (the rest stays for training)."""
+    perm = np.random.default_rng(seed).permutation(len(split.labels))
+    n_val = max(1, round(fraction * len(perm)))
+    val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    return (
+        EvalSplit(split.points[train], split.labels[train], split.class_names, "train"),
+        EvalSplit(split.points[val], split.labels[val], split.class_names, "val"),
+    )
+
+
+def load_data(
+    cfg: FinetuneConfig, data: str, up_axis: Any = "y", variant: str | None = None, test_split: str = "test"
+) -> dict[str, EvalSplit]:
+    """The train split (and a carved val split) and the test split, checked against the config."""
+    train = load_split(data, "train", up_axis=up_axis, variant=variant)
+    test = load_split(data, test_split, up_axis=up_axis, variant=variant)
+    for split in (train, test):
+        if split.points.shape[1] < cfg.data.num_points:
+            raise ConfigError(
+                f"{data}: the {split.name} clouds have {split.points.shape[1]} points, data.num_points is "
+                f"{cfg.data.num_points}: set data.num_points={split.points.shape[1]} or less"
+            )
+    classes = len(train.class_names)
+    if int(test.labels.max()) >= classes or int(train.labels.max()) >= classes:
+        raise DataError(data, f"labels go beyond the {classes} class names")
+    out = {"train": train, "test": test}
+    if cfg.data.val_fraction > 0:
+        out["train"], out["val"] = _carve(train, cfg.data.val_fraction, 0)
+    if len(out["train"].labels) < cfg.train.batch_size:
+        raise ConfigError(
+            f"{len(out['train'].labels)} training clouds, fewer than one batch: lower train.batch_size"
+        )
+    return out
+
+
+def default_run_name(cfg: FinetuneConfig, data: str, checkpoint: str | None) -> str:
+    ident = json.dumps(
+        {"cfg": cfg.model_dump(mode="json"), "data": data, "init": checkpoint or "random"}, sort_keys=True
+    )
+    return f"finetune-cls-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
+
+
+def _flat(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def summarize(history: dict[str, Any]) -> dict[str, Any]:
+    """The report's numbers from the per-epoch history: the last epoch's test OA/mAcc (the honest one),
+    the epoch chosen by validation (when there is a val split), and the best test epoch (what the papers
+    report: a choice on the test set), plus the first evaluated epoch."""
+    epochs = [e for e in history.get("epochs", []) if "test_oa" in e]
+    if not epochs:
+        return {}
+    last, first = epochs[-1], epochs[0]
+    best = max(epochs, key=lambda e: e["test_oa"])
+    out = {
+        "epochs": last["epoch"],
+        "final": {"epoch": last["epoch"], "oa": last["test_oa"], "macc": last["test_macc"]},
+        "first": {"epoch": first["epoch"], "oa": first["test_oa"], "macc": first["test_macc"]},
+        "best_test": {"epoch": best["epoch"], "oa": best["test_oa"], "macc": best["test_macc"]},
+        "curve": [[e["epoch"], e["test_oa"]] for e in epochs],
+    }
+    with_val = [e for e in epochs if "val_oa" in e]
+    if with_val:
+        chosen = max(with_val, key=lambda e: e["val_oa"])
+        out["val_chosen"] = {"epoch": chosen["epoch"], "oa": chosen["test_oa"], "macc": chosen["test_macc"]}
+    return out
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    s = report.get("summary", {})
+    if not s:
+        return ["no epoch was evaluated"]
+    lines = [
+        f"test OA {100 * s['final']['oa']:.2f}%  mAcc {100 * s['final']['macc']:.2f}%  after epoch "
+        f"{s['final']['epoch']} (the last: no choice made on the test set)",
+        f"after epoch {s['first']['epoch']}: test OA {100 * s['first']['oa']:.2f}%",
+    ]
+    if "val_chosen" in s:
+        v = s["val_chosen"]
+        lines.append(
+            f"epoch {v['epoch']} (best on val): test OA {100 * v['oa']:.2f}%  mAcc {100 * v['macc']:.2f}%"
+        )
+    b = s["best_test"]
+    lines.append(
+        f"best test OA over epochs {100 * b['oa']:.2f}% (epoch {b['epoch']}; what the papers report, a "
+        "choice made on the test set)"
+    )
+    return lines
+
+
+def finetune_cls(
+    cfg: FinetuneConfig,
+    *,
+    data: str,
+    checkpoint: str | None = None,
+    name: str | None = None,
+    storage_path: str | None = None,
+    up_axis: str = "y",
+    variant: str | None = None,
+    address: str | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[int, dict[str, Any]]:
+    """Fine-tune (or resume fine-tuning) a classifier; returns (exit code, report)."""
+    data_abs = absolute(data) or data
+    checkpoint = absolute(checkpoint)
+    loaded = load_encoder(cfg, checkpoint)
+    normalize = loaded.normalize if cfg.data.normalize is None else cfg.data.normalize
+    splits = load_data(cfg, data_abs, up_axis, variant)
+    train = splits["train"]
+    steps_per_epoch = len(train.labels) // cfg.train.batch_size
+    where = resolve_storage(storage_path)
+    name = name or default_run_name(cfg, data_abs, checkpoint)
+    run_dir = f"{where}/{name}"
+    sizes = ", ".join(f"{k} {len(v.labels)}" for k, v in splits.items())
+    init = f"{loaded.source} {checkpoint}" if checkpoint else f"random init (seed {cfg.train.seed})"
+    log(
+        f"fine-tuning {loaded.name} {loaded.kwargs} from {init}\n"
+        f"data {data_abs}: {sizes} clouds, {len(train.class_names)} classes\n"
+        f"{cfg.train.num_workers} workers × batch {cfg.per_worker_batch} (global {cfg.train.batch_size}), "
+        f"{cfg.train.epochs} epochs × {steps_per_epoch} steps; storage {run_dir}"
+    )
+
+    local = init_ray(cfg, address, log)
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+
+    check_resources(cfg, ray.cluster_resources(), local, log)
+    tracker = Tracker(
+        default_tracking_uri(where, cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
+    )
+    previous = storage.read_json(f"{run_dir}/{RUN_FILE}") or {}
+    tags = {**code_version(), "task": "finetune-cls", "init": checkpoint or "random", "data": data_abs}
+    params = _flat(cfg.model_dump(mode="json")) | {"checkpoint": checkpoint or "random-init"}
+    run_id = tracker.start(
+        cfg.tracking.experiment,
+        name,
+        params,
+        tags,
+        resume_id=previous.get("mlflow_run_id"),
+        record=f"{run_dir}/{RUN_FILE}",
+        recorded_uri=previous.get("tracking_uri"),
+    )
+    storage.write_json(f"{run_dir}/{RUN_FILE}", {"mlflow_run_id": run_id, "tracking_uri": tracker.uri})
+    if run_id:
+        log(f"MLflow run {run_id} in {tracker.uri}")
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker} | ({"GPU": t.gpus_per_worker} if t.use_gpu else {})
+    arrays = {k: (v.points, v.labels) for k, v in splits.items()}
+    loop_config = {
+        "config": cfg.model_dump(mode="json"),
+        "data": ray.put({**arrays, "num_classes": len(train.class_names)}),
+        "encoder": ray.put(encoder_payload(loaded)),
+        "encoder_meta": {
+            "name": loaded.name,
+            "kwargs": loaded.kwargs,
+            "source": loaded.source,
+            "checkpoint": checkpoint,
+        },
+        "class_names": train.class_names,
+        "normalize": normalize,
+        "steps_per_epoch": steps_per_epoch,
+        "run_dir": run_dir,
+        "tracking_uri": tracker.uri,
+        "mlflow_run_id": run_id,
+    }
+    trainer = TorchTrainer(
+        finetune_loop,  # type: ignore[arg-type]
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=where,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=t.keep_checkpoints,
+                checkpoint_score_attribute=PRIORITY,
+                checkpoint_score_order="max",
+            ),
+            worker_runtime_env={"env_vars": worker_env()},  # type: ignore[call-arg]
+        ),
+    )
+    report: dict[str, Any] = {
+        "run_dir": run_dir,
+        "mlflow_run_id": run_id,
+        "init": checkpoint or "random-init",
+    }
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:
+        tracker.end("FAILED")
+        log(
+            f"fine-tuning failed: {err}\nCheckpoints so far stay in {run_dir}; relaunch the same command "
+            "to resume."
+        )
+        return 1, report
+    if result.checkpoint is None:
+        tracker.end("FAILED")
+        log("fine-tuning produced no checkpoint")
+        return 1, report
+    with result.checkpoint.as_directory() as ckpt:
+        history = json.loads((Path(ckpt) / "history.json").read_text())
+    report |= {
+        "summary": summarize(history),
+        "history": history,
+        "checkpoint": result.checkpoint.path,
+        "data": data_abs,
+        "num_points": cfg.data.num_points,
+        "config": cfg.model_dump(mode="json"),
+    }
+    storage.write_json(f"{run_dir}/{REPORT_FILE}", report)
+    for line in report_lines(report):
+        log(line)
+    s = report["summary"]
+    if s:
+        tracker.log_metrics(
+            {
+                "final_test_oa": s["final"]["oa"],
+                "final_test_macc": s["final"]["macc"],
+                "best_test_oa": s["best_test"]["oa"],
+            },
+            int(s["epochs"]),
+        )
+    tracker.end("FINISHED")
+    log(f"report: {run_dir}/{REPORT_FILE}; checkpoint: {result.checkpoint.path}")
+    return 0, report

@@ -1,0 +1,114 @@
+"""``crossmoco finetune cls`` on real Ray (CPU, 2 workers at 0.5 CPU): it learns from class-sorted files in
+raw units, a killed worker costs only the steps since the last checkpoint and the restarted run ends
+bitwise where an uninterrupted one does, a relaunch resumes, and an error inside a worker reaches the user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from crossmoco_ray.finetune.loop import STATE_FILE
+from crossmoco_ray.finetune.run import finetune_cls
+from crossmoco_ray.finetune.schema import load_finetune_config
+from crossmoco_ray.train.process import FAULT_ENV
+from tests.finetune.data import class_sorted_shapes_h5
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+TINY = [
+    "model.k=8", "model.emb_dims=64", "data.num_points=128", "optim.optimizer=adamw", "optim.lr=0.003",
+    "optim.min_lr=0.0001", "optim.weight_decay=0.0001", "train.batch_size=16", "train.num_workers=2",
+    "train.cpus_per_worker=0.5", "train.epochs=5", "train.checkpoint_every_steps=4", "train.log_every=50",
+    "train.max_failures=1",
+]  # fmt: skip
+FAULT_STEP = 23  # in epoch 2 (15 steps per epoch); the checkpoint before it is step 20, mid-epoch
+
+
+@contextlib.contextmanager
+def fault_at(step: int) -> Iterator[None]:
+    os.environ[FAULT_ENV] = str(step)
+    try:
+        yield
+    finally:
+        del os.environ[FAULT_ENV]
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    data = class_sorted_shapes_h5(tmp_path_factory.mktemp("h5"), n_train=240, n_test=60)
+    storage = tmp_path_factory.mktemp("runs")
+    cfg = load_finetune_config(overrides=TINY)
+    out: dict[str, Any] = {"storage": storage, "data": data, "cfg": cfg}
+    out["straight"] = finetune_cls(cfg, data=str(data), name="straight", storage_path=str(storage))
+    with fault_at(FAULT_STEP):
+        out["faulty"] = finetune_cls(cfg, data=str(data), name="faulty", storage_path=str(storage))
+    return out
+
+
+def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = sorted(run_dir.glob("epoch_*"))[-1]
+    state: dict[str, torch.Tensor] = torch.load(last / STATE_FILE, weights_only=True)["model"]
+    return state
+
+
+def test_it_learns_from_class_sorted_raw_unit_files(runs: dict[str, Any]) -> None:
+    code, report = runs["straight"]
+    assert code == 0
+    s = report["summary"]
+    assert s["final"]["oa"] >= 0.6, s  # 6 classes: chance is 1/6
+    assert s["final"]["macc"] >= 0.55, s
+    epochs = report["history"]["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert json.loads((runs["storage"] / "straight" / "report.json").read_text())["summary"] == s
+
+
+def test_a_killed_worker_resumes_mid_epoch_and_ends_where_an_uninterrupted_run_does(
+    runs: dict[str, Any],
+) -> None:
+    code, report = runs["faulty"]
+    assert code == 0
+    assert (runs["storage"] / "faulty" / ".fault_injected").is_file()  # the fault did happen
+    epoch2 = report["history"]["epochs"][1]
+    assert epoch2["attempt_start_step"] == 20  # the mid-epoch checkpoint before step 23, not 0 nor 15
+    straight, faulty = _final_state(runs["storage"] / "straight"), _final_state(runs["storage"] / "faulty")
+    assert straight.keys() == faulty.keys()
+    for key in straight:
+        assert torch.equal(straight[key], faulty[key]), key
+    assert report["summary"]["final"] == runs["straight"][1]["summary"]["final"]
+
+
+def test_a_relaunch_of_a_finished_run_resumes_instead_of_starting_again(runs: dict[str, Any]) -> None:
+    lines: list[str] = []
+    code, report = finetune_cls(
+        runs["cfg"],
+        data=str(runs["data"]),
+        name="straight",
+        storage_path=str(runs["storage"]),
+        log=lines.append,
+    )
+    assert code == 0
+    assert report["summary"]["final"] == runs["straight"][1]["summary"]["final"]
+    assert len(report["history"]["epochs"]) == 5  # nothing trained twice
+
+
+def test_an_error_inside_a_worker_reaches_the_user(runs: dict[str, Any]) -> None:
+    cfg = load_finetune_config(
+        overrides=[*TINY, "optim.optimizer=sgd", "optim.lr=1e30", "train.max_failures=0"]
+    )
+    lines: list[str] = []
+    code, _ = finetune_cls(
+        cfg, data=str(runs["data"]), name="diverges", storage_path=str(runs["storage"]), log=lines.append
+    )
+    assert code == 1
+    text = "\n".join(lines)
+    assert "FloatingPointError" in text
+    assert "lower optim.lr" in text
