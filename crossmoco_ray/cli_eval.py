@@ -1,4 +1,4 @@
-"""``crossmoco eval {svm,fewshot}`` and ``crossmoco export``: frozen-feature evaluation and backbone export.
+"""``crossmoco eval {svm,knn,fewshot,report}`` and ``crossmoco export``: frozen-feature evaluation, export.
 
 Neither takes a configuration nor starts Ray; registered on the top-level parser by
 :func:`crossmoco_ray.cli.build_parser`.
@@ -19,6 +19,7 @@ examples:
       --checkpoint runs/quickstart/checkpoint_000004 --out eval/svm        # + report.json, t-SNE, confusion
   crossmoco eval fewshot --data data/mn40 --checkpoint exported/ --episodes 50
   crossmoco eval knn --data data/mn40 --checkpoint exported/ --knn-k 20,200
+  crossmoco eval report --data data/mn40 --checkpoint exported/ --out eval/report   # report.md + .json
   crossmoco eval svm --data ScanObjectNN/main_split --checkpoint dgcnn_crosspoint.pth   # CrossPoint file
   crossmoco eval svm --data h5_files/main_split --variant pb_t50_rs --checkpoint exported/
 
@@ -124,6 +125,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 data, encs, _ints(args.knn_k), args.temperature, args.batch_size, args.device, out, log
             )
             print(knn_table(report))
+        elif args.eval_command == "report":
+            from .evaluate.report import run_report
+
+            settings = [(w, s) for w in _ints(args.ways) for s in _ints(args.shots)]
+            report = run_report(
+                data,
+                encs,
+                C=args.c,
+                ks=_ints(args.knn_k),
+                temperature=args.temperature,
+                settings=settings,
+                queries=args.queries,
+                episodes=args.episodes,
+                batch_size=args.batch_size,
+                device=args.device,
+                out=out,
+                seed=args.seed,
+                log=log,
+            )
+            print(report["markdown"])
         else:
             settings = [(w, s) for w in _ints(args.ways) for s in _ints(args.shots)]
             report = run_fewshot(
@@ -198,6 +219,22 @@ def add_eval_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     p_fs.add_argument("--shots", default="10,20")
     p_fs.add_argument("--queries", type=int, default=20, help="queries per class")
     p_fs.add_argument("--episodes", type=int, default=10, help="episodes per setting (CrossPoint script: 50)")
+
+    p_rep = _protocol_parser(
+        eval_sub,
+        "report",
+        "every protocol for one encoder and random init: one Markdown table in the papers' layout + JSON",
+        15,
+        "the SVM",
+    )
+    p_rep.add_argument("--num-points", type=int, default=1024, help="first N points of each cloud (1024)")
+    p_rep.add_argument("--c", type=float, default=0.01, help="C of the papers' SVM (notebook: 0.01)")
+    p_rep.add_argument("--knn-k", default="20,200", help="kNN neighbours, one or more (20,200)")
+    p_rep.add_argument("--temperature", type=float, default=0.07, help="kNN vote weight exp(cos / T)")
+    p_rep.add_argument("--ways", default="5,10")
+    p_rep.add_argument("--shots", default="10,20")
+    p_rep.add_argument("--queries", type=int, default=20, help="few-shot queries per class")
+    p_rep.add_argument("--episodes", type=int, default=10, help="few-shot episodes per setting")
 
     p_export = sub.add_parser(
         "export",

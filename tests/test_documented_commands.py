@@ -30,10 +30,11 @@ CONFIG_BEARING = {"pretrain", "tune", "config show"}
 ARGUMENTS_ONLY = {
     "": "a bare `crossmoco` prints the help",
     "prepare": "SOURCE and --out are paths, read only when it runs",
-    "eval": "a group: eval svm / eval knn / eval fewshot",
+    "eval": "a group: eval svm / eval knn / eval fewshot / eval report",
     "eval svm": "--data / --checkpoint are read only when it runs",
     "eval fewshot": "--data / --checkpoint are read only when it runs",
     "eval knn": "--data / --checkpoint are read only when it runs",
+    "eval report": "--data / --checkpoint are read only when it runs",
     "export": "the checkpoint is read only when it runs",
     "finetune": "a group: finetune cls",
     "finetune cls": "its own config is resolved and checked; --data / --checkpoint are read when it runs",
