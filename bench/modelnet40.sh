@@ -29,4 +29,7 @@ for s in 1 2; do
   [[ -f "$OUT/random_svm_seed$s/report.json" ]] || \
     T crossmoco eval svm --data "$SRC" --up-axis z --k 10 --emb-dims 512 --seed "$s" --out "$OUT/random_svm_seed$s"
 done
+# 5. Every frozen-feature protocol in one table (crossmoco eval report): pretrained vs random init.
+[[ -f "$OUT/report/report.md" ]] || \
+  T crossmoco eval report --data "$SRC" --up-axis z --checkpoint "$CKPT" --out "$OUT/report"
 python bench/results_table.py "$OUT"

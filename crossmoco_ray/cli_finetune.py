@@ -45,11 +45,11 @@ def _resolve(args: argparse.Namespace) -> Any:
     return cfg
 
 
-def cmd_finetune_cls(args: argparse.Namespace) -> int:
+def cmd_finetune(args: argparse.Namespace) -> int:
     import yaml
 
     from .data.types import DataError
-    from .finetune.run import finetune_cls
+    from .finetune.run import finetune
 
     cfg = args.finetune_config if getattr(args, "finetune_config", None) else _resolve(args)
     if args.show_config:
@@ -66,7 +66,8 @@ def cmd_finetune_cls(args: argparse.Namespace) -> int:
         print(msg, flush=True)
 
     try:
-        code, _ = finetune_cls(
+        code, _ = finetune(
+            args.finetune_command,
             cfg,
             data=args.data,
             checkpoint=args.checkpoint,
@@ -77,41 +78,83 @@ def cmd_finetune_cls(args: argparse.Namespace) -> int:
             log=log,
         )
     except (DataError, ValueError, FileNotFoundError) as err:
-        print(f"crossmoco finetune cls: {err}", file=sys.stderr)
+        print(f"crossmoco finetune {args.finetune_command}: {err}", file=sys.stderr)
         return 2
     return code
 
 
-def add_finetune_parsers(sub: argparse._SubParsersAction[Any]) -> None:
-    from .finetune.schema import DEFAULT_FINETUNE_PRESET, finetune_preset_names
+PARTSEG_EPILOG = """\
+examples:
+  crossmoco finetune partseg --data synthetic --preset synthetic-parts    # built-in part set, CPU
+  crossmoco finetune partseg --data data/shapenet_part_seg_hdf5_data --checkpoint dgcnn_partseg_best.pth \\
+      train.num_workers=4 train.use_gpu=true                                # CrossPoint's recipe, 4 GPUs
+  crossmoco finetune partseg --show-config                                  # the partseg preset, resolved
 
-    p = sub.add_parser(
-        "finetune",
-        help="supervised fine-tuning of a pretrained (or random-init) point encoder on Ray Train",
-        description="Fine-tune a point encoder with a task head: classification (cls).",
-    )
-    fsub = p.add_subparsers(dest="finetune_command", metavar="TASK", required=True)
-    c = fsub.add_parser(
-        "cls",
-        help="shape classification: test OA and mean class accuracy",
-        description="Classification fine-tuning (DDP on Ray Train, checkpoints and resume, MLflow).",
-        epilog=FINETUNE_EPILOG,
+--data: a folder in ShapeNetPart's h5 layout (*train*.h5 + *val*.h5 = trainval, *test*.h5; datasets data,
+label, pid), or `synthetic`: procedural tables, lamps, mugs and chairs with labelled parts (written once
+under STORAGE/_builtin). --checkpoint: a DGCNN_partseg encoder (CrossPoint's dgcnn_seg .pth, or a run of
+`crossmoco pretrain model.point_encoder=dgcnn_seg`); without it, random init. Defaults (preset partseg):
+CrossPoint's train_partseg.py (SGD 0.1, cosine to 1e-3, label smoothing 0.2, dropout 0.5, k 40, 2048
+points, batch 8, 300 epochs). Scores: instance mIoU (per shape over its category's parts, averaged over
+shapes) and class mIoU (averaged per category, then over categories), every epoch on test.
+"""
+
+
+def _task_parser(
+    sub: Any, task: str, help: str, description: str, epilog: str, preset: str
+) -> argparse.ArgumentParser:
+    from .finetune.schema import finetune_preset_names
+
+    c: argparse.ArgumentParser = sub.add_parser(
+        task,
+        help=help,
+        description=description,
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    c.add_argument("--data", help="labelled source with train and test splits (h5, folders, shards)")
     c.add_argument("--checkpoint", help="the encoder to start from; omitted: random init")
     c.add_argument(
         "--preset",
-        default=DEFAULT_FINETUNE_PRESET,
-        help=f"a shipped fine-tuning preset ({', '.join(finetune_preset_names())}); default: "
-        f"{DEFAULT_FINETUNE_PRESET}",
+        default=preset,
+        help=f"a shipped fine-tuning preset ({', '.join(finetune_preset_names())}); default: {preset}",
     )
     c.add_argument("--config", metavar="FILE", help="a YAML file of overrides, applied after the preset")
     c.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=0.05")
-    c.add_argument("--up-axis", default="y", choices=["x", "y", "z"], help="the source's up axis")
-    c.add_argument("--variant", choices=SCANOBJECTNN_VARIANTS, metavar="VARIANT", help="ScanObjectNN variant")
     c.add_argument("--name", help="run name (relaunch the same name to resume)")
     c.add_argument("--storage", help="checkpoints and results (path or URI); default ./crossmoco_runs")
     c.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     c.add_argument("--show-config", action="store_true", help="print the resolved configuration and exit")
-    c.set_defaults(func=cmd_finetune_cls, check=_resolve)
+    c.set_defaults(func=cmd_finetune, check=_resolve, up_axis="y", variant=None)
+    return c
+
+
+def add_finetune_parsers(sub: argparse._SubParsersAction[Any]) -> None:
+    from .finetune.schema import DEFAULT_FINETUNE_PRESET
+
+    p = sub.add_parser(
+        "finetune",
+        help="supervised fine-tuning of a pretrained (or random-init) point encoder on Ray Train",
+        description="Fine-tune a point encoder with a task head: classification (cls), part segmentation "
+        "(partseg).",
+    )
+    fsub = p.add_subparsers(dest="finetune_command", metavar="TASK", required=True)
+    c = _task_parser(
+        fsub,
+        "cls",
+        "shape classification: test OA and mean class accuracy",
+        "Classification fine-tuning (DDP on Ray Train, checkpoints and resume, MLflow).",
+        FINETUNE_EPILOG,
+        DEFAULT_FINETUNE_PRESET,
+    )
+    c.add_argument("--data", help="labelled source with train and test splits (h5, folders, shards)")
+    c.add_argument("--up-axis", default="y", choices=["x", "y", "z"], help="the source's up axis")
+    c.add_argument("--variant", choices=SCANOBJECTNN_VARIANTS, metavar="VARIANT", help="ScanObjectNN variant")
+    s = _task_parser(
+        fsub,
+        "partseg",
+        "part segmentation (DGCNN_partseg): instance and class mIoU",
+        "Part-segmentation fine-tuning (DDP on Ray Train, checkpoints and resume, MLflow).",
+        PARTSEG_EPILOG,
+        "partseg",
+    )
+    s.add_argument("--data", help="ShapeNetPart h5 folder, or `synthetic` (the built-in part set)")

@@ -26,7 +26,9 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Encoders and heads (METHOD.md §1.1–1.5)."""
 
-    point_encoder: Literal["dgcnn", "pointnet"] = "dgcnn"
+    point_encoder: Literal["dgcnn", "dgcnn_seg", "pointnet"] = Field(
+        "dgcnn", description="dgcnn_seg: CrossPoint's part-segmentation DGCNN (1024-d max-pooled feature)"
+    )
     k: int = Field(15, gt=0, description="DGCNN neighbours per point (the point itself included)")
     emb_dims: int = Field(1024, gt=0, description="last point-encoder conv width; DGCNN feature = 2x this")
     point_head_hidden: int = Field(1024, gt=0)
@@ -392,7 +394,7 @@ def cross_field_problems(cfg: Config) -> list[str]:
             f"objective.queue_length={o.queue_length} is not a multiple of the global batch {global_batch} "
             f"({origin}), so a batch of keys would wrap around the queue; use objective.queue_length={fix}"
         )
-    if m.point_encoder == "dgcnn" and m.k >= d.num_points:
+    if m.point_encoder in ("dgcnn", "dgcnn_seg") and m.k >= d.num_points:
         problems.append(
             f"model.k={m.k} neighbours needs more points than data.num_points={d.num_points}; "
             f"lower model.k below {d.num_points} or raise data.num_points"

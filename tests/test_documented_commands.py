@@ -36,8 +36,9 @@ ARGUMENTS_ONLY = {
     "eval knn": "--data / --checkpoint are read only when it runs",
     "eval report": "--data / --checkpoint are read only when it runs",
     "export": "the checkpoint is read only when it runs",
-    "finetune": "a group: finetune cls",
+    "finetune": "a group: finetune cls / finetune partseg",
     "finetune cls": "its own config is resolved and checked; --data / --checkpoint are read when it runs",
+    "finetune partseg": "its own config is resolved and checked; --data / --checkpoint are read when it runs",
     "config": "a group: prints its help",
     "config presets": "lists the presets",
 }

@@ -176,9 +176,32 @@ def load_point_encoder(path: str | Path, k: int = 15, edgeconv: str = "fast") ->
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: not a state dict, a [q, k] list, a checkpoint or an exported backbone")
     state = strip_prefixes(obj)
+    if "conv6.0.weight" in state:  # DGCNN_partseg (CrossPoint's --model dgcnn_seg), pretrained or fine-tuned
+        return _load_partseg_encoder(state, k, path)
     kwargs = {**_infer_dgcnn_kwargs(state, k), "edgeconv": edgeconv}
     encoder = _load_into("dgcnn", kwargs, state, str(path))
     return LoadedEncoder(encoder.eval(), "dgcnn", kwargs, "crosspoint", {"file": str(path)})
+
+
+SEG_HEAD = ("conv7.", "conv8.", "conv9.", "conv10.", "conv11.", "bn7.", "bn8.", "bn9.", "bn10.")
+
+
+def _load_partseg_encoder(state: dict[str, torch.Tensor], k: int, path: Path) -> LoadedEncoder:
+    """The encoder of a ``DGCNN_partseg`` state dict (a fine-tuned file's segmentation head is left out)."""
+    kwargs: dict[str, Any] = {"k": k, "emb_dims": int(state["conv6.0.weight"].shape[0])}
+    if "inv_head.0.weight" in state:
+        kwargs["head_hidden"] = int(state["inv_head.0.weight"].shape[0])
+        kwargs["proj_dim"] = int(state["inv_head.3.weight"].shape[0])
+    encoder = build_point_encoder("dgcnn_seg", **kwargs)
+    has_head = any(key.startswith("inv_head.") for key in state)
+    load_checked(
+        encoder,
+        state,
+        allowed_missing=() if has_head else _head_keys(encoder),
+        ignored_unexpected=SEG_HEAD,
+        what=str(path),
+    )
+    return LoadedEncoder(encoder.eval(), "dgcnn_seg", kwargs, "crosspoint", {"file": str(path)})
 
 
 def export_backbone(checkpoint: str | Path, out: str | Path, with_image: bool = False) -> Path:

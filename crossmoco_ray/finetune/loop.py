@@ -41,6 +41,9 @@ FORMAT = "crossmoco-ray/finetune-cls"
 STATE_FILE = "state.pt"  # the name train.resume looks for
 HISTORY_FILE = "history.json"
 PRIORITY = "checkpoint_priority"
+SEG_HEAD_MODULES = ("conv7", "conv8", "conv9", "conv10", "conv11")
+METRICS = {"cls": ("oa", "macc"), "partseg": ("ins_miou", "cls_miou")}  # the first one is the headline
+METRIC_NAMES = {"oa": "OA", "macc": "mAcc", "ins_miou": "instance mIoU", "cls_miou": "class mIoU"}
 
 
 def lr_at(cfg: FinetuneConfig, step: int, total: int, steps_per_epoch: int) -> float:
@@ -67,9 +70,10 @@ def global_batch_indices(n: int, batch: int, seed: int, epoch: int, step: int) -
 
 def augment_batch(
     points: np.ndarray, cfg: FinetuneConfig, normalize: bool, rng: np.random.Generator
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, np.ndarray]:
     """A training batch ``[b, P, 3]`` → ``[b, num_points, 3]``: a random subset in random order (DGCNN
-    shuffles the points), unit sphere, per-axis scale and shift, optional rotation and jitter."""
+    shuffles the points), unit sphere, per-axis scale and shift, optional rotation and jitter; and the
+    points' indices ``[b, num_points]`` (per-point labels follow them)."""
     d = cfg.data
     b, P, _ = points.shape
     order = np.argsort(rng.random((b, P)), axis=1)[:, : d.num_points]
@@ -85,25 +89,51 @@ def augment_batch(
     if d.jitter_std > 0:
         noise = rng.normal(0.0, d.jitter_std, size=x.shape).astype(np.float32)
         x = x + np.clip(noise, -5 * d.jitter_std, 5 * d.jitter_std)
-    return torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    return torch.from_numpy(np.ascontiguousarray(x, np.float32)), order
+
+
+def build_encoder(spec: dict[str, Any]) -> torch.nn.Module:
+    """The encoder of ``spec``: its weights (strict, but for the unused projection head), or random init."""
+    encoder = build_point_encoder(spec["name"], **spec["kwargs"])
+    if spec.get("state") is not None:
+        heads = [k for k in encoder.state_dict() if k.startswith("inv_head.")]
+        load_checked(encoder, spec["state"], allowed_missing=heads, what="the encoder's weights")
+    return encoder
+
+
+def build_segmenter(spec: dict[str, Any], cfg: FinetuneConfig, num_parts: int, num_categories: int) -> Any:
+    """``DGCNN_partseg``: the ``dgcnn_seg`` encoder of ``spec`` and a fresh segmentation head."""
+    from ..nn.dgcnn_seg import DGCNNSeg, PartSegmenter
+
+    encoder = build_encoder(spec)
+    if not isinstance(encoder, DGCNNSeg):
+        raise ValueError(
+            "part segmentation fine-tunes a dgcnn_seg encoder (CrossPoint's DGCNN_partseg), not "
+            f"{spec['name']}: pretrain with model.point_encoder=dgcnn_seg, or start from random init"
+        )
+    return PartSegmenter(encoder, num_parts, num_categories, cfg.model.dropout)
 
 
 def build_classifier(spec: dict[str, Any], cfg: FinetuneConfig, num_classes: int) -> PointClassifier:
     """The encoder of ``spec`` (its weights, or random init) and a fresh head."""
-    encoder = build_point_encoder(spec["name"], **spec["kwargs"])
-    if spec.get("state") is not None:  # strict, but for the projection head (unused, maybe not exported)
-        heads = [k for k in encoder.state_dict() if k.startswith("inv_head.")]
-        load_checked(encoder, spec["state"], allowed_missing=heads, what="the encoder's weights")
+    encoder = build_encoder(spec)
     feat = int(encoder.feature_dim)  # type: ignore[arg-type]
     head = classifier_head(feat, num_classes, cfg.model.head, cfg.model.dropout)
     return PointClassifier(encoder, head, frozen=cfg.train.freeze_backbone)
 
 
-def build_optimizer(cfg: FinetuneConfig, model: PointClassifier) -> torch.optim.Optimizer:
+def build_optimizer(cfg: FinetuneConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Two groups: the head at ``optim.lr`` and the encoder at ``optim.lr × optim.backbone_lr_scale``."""
     o = cfg.optim
-    groups = [{"params": list(model.head.parameters()), "lr_scale": 1.0}]
+    if isinstance(model, PointClassifier):
+        head, encoder = list(model.head.parameters()), list(model.encoder.parameters())
+    else:  # PartSegmenter: the encoder's modules sit at its top level
+        own = {id(p) for name in SEG_HEAD_MODULES for p in getattr(model, name).parameters()}
+        head = [p for p in model.parameters() if id(p) in own]
+        encoder = [p for p in model.parameters() if id(p) not in own]
+    groups = [{"params": head, "lr_scale": 1.0}]
     if not cfg.train.freeze_backbone and o.backbone_lr_scale > 0:
-        groups.append({"params": list(model.encoder.parameters()), "lr_scale": o.backbone_lr_scale})
+        groups.append({"params": encoder, "lr_scale": o.backbone_lr_scale})
     if o.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
@@ -116,17 +146,17 @@ class FinetuneWorker:
     rank: int
     world: int
     device: torch.device
-    model: PointClassifier
+    model: torch.nn.Module  # PointClassifier or PartSegmenter
     net: torch.nn.Module
     optimizer: torch.optim.Optimizer
     tracker: Tracker
-    train_points: np.ndarray
-    train_labels: np.ndarray
-    eval_sets: dict[str, tuple[np.ndarray, np.ndarray]]
-    num_classes: int
+    train: tuple[np.ndarray, ...]  # (points, labels) or (points, categories, parts)
+    eval_sets: dict[str, tuple[np.ndarray, ...]]
+    num_classes: int  # classes, or parts
     normalize: bool
     steps_per_epoch: int
     run_dir: str
+    task: str = "cls"
     precision: str = "fp32"
     step: int = 0
     attempt_start_step: int = 0  # where this start of the worker group began (0, or a checkpoint's step)
@@ -150,7 +180,14 @@ def build(config: dict[str, Any]) -> FinetuneWorker:
     device = ray.train.torch.get_device()
     data = ray.get(config["data"])
     torch.manual_seed(cfg.train.seed)  # the same head on every worker
-    model = build_classifier(ray.get(config["encoder"]), cfg, data["num_classes"]).to(device)
+    task = config.get("task", "cls")
+    spec = ray.get(config["encoder"])
+    if task == "partseg":
+        model = build_segmenter(spec, cfg, data["num_classes"], len(data["part_counts"])).to(device)
+        if cfg.train.freeze_backbone:
+            raise ValueError("train.freeze_backbone is for classification (a linear probe)")
+    else:
+        model = build_classifier(spec, cfg, data["num_classes"]).to(device)
     optimizer = build_optimizer(cfg, model)
     net: torch.nn.Module = model
     if world > 1:
@@ -170,10 +207,10 @@ def build(config: dict[str, Any]) -> FinetuneWorker:
         net=net,
         optimizer=optimizer,
         tracker=tracker,
-        train_points=data["train"][0],
-        train_labels=data["train"][1],
+        train=data["train"],
         eval_sets={k: v for k, v in data.items() if k in ("val", "test")},
         num_classes=data["num_classes"],
+        task=task,
         normalize=bool(config["normalize"]),
         steps_per_epoch=int(config["steps_per_epoch"]),
         run_dir=config["run_dir"],
@@ -213,13 +250,12 @@ def _autocast(w: FinetuneWorker) -> Any:
 def train_step(w: FinetuneWorker, epoch: int, step_in_epoch: int) -> float:
     cfg = w.cfg
     pw = cfg.per_worker_batch
-    rows = global_batch_indices(
-        len(w.train_labels), cfg.train.batch_size, cfg.train.seed, epoch, step_in_epoch
-    )
-    rows = rows[w.rank * pw : (w.rank + 1) * pw]
+    rows = global_batch_indices(len(w.train[1]), cfg.train.batch_size, cfg.train.seed, epoch, step_in_epoch)
+    rows = np.sort(rows[w.rank * pw : (w.rank + 1) * pw])
     rng = _seed(cfg.train.seed, epoch, step_in_epoch, w.rank)
-    x = augment_batch(w.train_points[np.sort(rows)], cfg, w.normalize, rng).to(w.device)
-    y = torch.from_numpy(w.train_labels[np.sort(rows)]).to(w.device)
+    x, order = augment_batch(w.train[0][rows], cfg, w.normalize, rng)
+    x = x.to(w.device)
+    y = torch.from_numpy(w.train[1][rows]).to(w.device)
     torch.manual_seed(int(rng.integers(2**62)))  # dropout
     lr = lr_at(cfg, w.step, w.total_steps, w.steps_per_epoch)
     for group in w.optimizer.param_groups:
@@ -227,7 +263,13 @@ def train_step(w: FinetuneWorker, epoch: int, step_in_epoch: int) -> float:
     w.net.train()
     w.optimizer.zero_grad(set_to_none=True)
     with _autocast(w):
-        logits = w.net(x)
+        if w.task == "partseg":  # per-point logits [b, parts, n] against the sampled points' parts
+            picked = np.take_along_axis(w.train[2][rows], order, axis=1).astype(np.int64)
+            parts = torch.from_numpy(picked).to(w.device)
+            logits = w.net(x, y).transpose(1, 2).reshape(-1, w.num_classes)
+            y = parts.reshape(-1)
+        else:
+            logits = w.net(x)
     loss = smoothed_cross_entropy(logits, y, cfg.optim.label_smoothing)
     loss.backward()
     if cfg.optim.grad_clip:
@@ -238,24 +280,37 @@ def train_step(w: FinetuneWorker, epoch: int, step_in_epoch: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(w: FinetuneWorker, points: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """OA and mAcc over the whole split; each worker predicts its slice (collective)."""
+def evaluate(w: FinetuneWorker, split: tuple[np.ndarray, ...]) -> dict[str, float]:
+    """Over the whole split, each worker predicting its slice (collective): OA and mAcc, or instance and
+    class mIoU (on the first ``data.num_points`` points of each shape)."""
+    from .partseg import PartScheme, miou, shape_ious
+
+    points, labels = split[0], split[1]
+    n = w.cfg.data.num_points
     model = w.model.eval()
     mine = np.arange(w.rank, len(labels), w.world)
-    preds = []
+    scores = []  # per shape: the predicted class, or the shape's mean IoU
     for start in range(0, len(mine), w.cfg.train.test_batch_size):
         idx = mine[start : start + w.cfg.train.test_batch_size]
-        x = torch.from_numpy(points[idx, : w.cfg.data.num_points]).to(w.device)
+        x = torch.from_numpy(points[idx, :n]).to(w.device)
         if w.normalize:
             x = normalize_clouds(x.double()).float()
         with _autocast(w):
-            preds.append(model(x).argmax(dim=1).cpu().numpy())
-    pred = np.concatenate(preds) if preds else np.zeros(0, np.int64)
-    parts = gather_objects((mine, pred))
-    order = np.concatenate([p[0] for p in parts])
-    allpred = np.empty(len(labels), np.int64)
-    allpred[order] = np.concatenate([p[1] for p in parts])
-    oa, macc = accuracies(allpred, labels, w.num_classes)
+            if w.task == "partseg":
+                pred = model(x, torch.from_numpy(labels[idx]).to(w.device)).argmax(dim=1).cpu().numpy()
+                scheme = PartScheme(tuple(map(str, w.config["class_names"])), tuple(w.config["part_counts"]))
+                scores.append(shape_ious(pred, split[2][idx, :n], labels[idx], scheme))
+            else:
+                scores.append(model(x).argmax(dim=1).cpu().numpy())
+    mine_scores = np.concatenate(scores) if scores else np.zeros(0)
+    gathered = gather_objects((mine, mine_scores))
+    order = np.concatenate([g[0] for g in gathered])
+    values = np.empty(len(labels), np.float64 if w.task == "partseg" else np.int64)
+    values[order] = np.concatenate([g[1] for g in gathered])
+    if w.task == "partseg":
+        ins, cls = miou(values, labels)
+        return {"ins_miou": ins, "cls_miou": cls}
+    oa, macc = accuracies(values, labels, w.num_classes)
     return {"oa": oa, "macc": macc}
 
 
@@ -279,6 +334,7 @@ def save(w: FinetuneWorker, metrics: dict[str, Any]) -> None:
             "config": w.cfg.model_dump(mode="json"),
             "encoder": {k: v for k, v in w.config["encoder_meta"].items()},
             "class_names": w.config["class_names"],
+            "task": w.task,
             "normalize": w.normalize,
         }
         torch.save(state, tmp / STATE_FILE)
@@ -300,15 +356,14 @@ def end_epoch(w: FinetuneWorker, epoch: int, losses: list[float], seconds: float
         "attempt_start_step": w.attempt_start_step,
     }
     if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-        for split, (points, labels) in w.eval_sets.items():
-            scores = evaluate(w, points, labels)
-            summary |= {f"{split}_oa": scores["oa"], f"{split}_macc": scores["macc"]}
+        for split, arrays in w.eval_sets.items():
+            summary |= {f"{split}_{k}": v for k, v in evaluate(w, arrays).items()}
     if w.rank == 0:
         w.history["epochs"].append(summary)
         evals = "  ".join(
-            f"{s} OA {100 * summary[f'{s}_oa']:.2f}% mAcc {100 * summary[f'{s}_macc']:.2f}%"
+            f"{s} " + " ".join(f"{METRIC_NAMES[m]} {100 * summary[f'{s}_{m}']:.2f}%" for m in METRICS[w.task])
             for s in ("val", "test")
-            if f"{s}_oa" in summary
+            if f"{s}_{METRICS[w.task][0]}" in summary
         )
         print(
             f"epoch {epoch + 1}/{cfg.train.epochs}: loss {summary['train_loss']:.4f}  "

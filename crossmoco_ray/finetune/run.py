@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,24 +25,32 @@ from ..tracking import Tracker, default_tracking_uri
 from ..train.resources import check_resources, init_ray, worker_env
 from ..train.run import absolute, resolve_storage
 from ..version import code_version
-from .loop import PRIORITY, finetune_loop
+from .loop import METRIC_NAMES, METRICS, PRIORITY, finetune_loop
 from .schema import FinetuneConfig
 
 RUN_FILE = "finetune_run.json"
 REPORT_FILE = "report.json"
-DEFAULT_K = 20  # DGCNN's classification recipe
+DEFAULT_K = {"cls": 20, "partseg": 40}  # DGCNN's recipes (and CrossPoint's part segmentation)
 
 
-def load_encoder(cfg: FinetuneConfig, checkpoint: str | None) -> LoadedEncoder:
+def load_encoder(cfg: FinetuneConfig, checkpoint: str | None, task: str = "cls") -> LoadedEncoder:
     """The encoder to fine-tune: ``checkpoint`` (any format :func:`load_point_encoder` reads) or random
-    init (``model.point_encoder``, ``model.k``, ``model.emb_dims``; seeded by ``train.seed``)."""
+    init (``model.point_encoder``, ``model.k``, ``model.emb_dims``; seeded by ``train.seed``). Part
+    segmentation takes a ``dgcnn_seg`` encoder (a random one whatever ``model.point_encoder`` says)."""
     m = cfg.model
+    k = m.k or DEFAULT_K[task]
     if checkpoint is None:
+        arch = "dgcnn_seg" if task == "partseg" else m.point_encoder
         kwargs: dict[str, Any] = {"emb_dims": m.emb_dims}
-        if m.point_encoder == "dgcnn":
-            kwargs["k"] = m.k or DEFAULT_K
-        return random_encoder(m.point_encoder, cfg.train.seed, **kwargs)
-    loaded = load_point_encoder(checkpoint, k=m.k or DEFAULT_K)
+        if arch in ("dgcnn", "dgcnn_seg"):
+            kwargs["k"] = k
+        return random_encoder(arch, cfg.train.seed, **kwargs)
+    loaded = load_point_encoder(checkpoint, k=k)
+    if task == "partseg" and loaded.name != "dgcnn_seg":
+        raise ValueError(
+            f"{checkpoint} holds a {loaded.name} encoder; part segmentation fine-tunes CrossPoint's "
+            "DGCNN_partseg: pretrain with model.point_encoder=dgcnn_seg (or start from random init)"
+        )
     if m.k is not None and "k" in loaded.kwargs and loaded.kwargs["k"] != m.k:
         loaded.kwargs = {**loaded.kwargs, "k": m.k}  # the same weights on another graph size
     return loaded
@@ -92,11 +101,11 @@ def load_data(
     return out
 
 
-def default_run_name(cfg: FinetuneConfig, data: str, checkpoint: str | None) -> str:
+def default_run_name(cfg: FinetuneConfig, data: str, checkpoint: str | None, task: str = "cls") -> str:
     ident = json.dumps(
         {"cfg": cfg.model_dump(mode="json"), "data": data, "init": checkpoint or "random"}, sort_keys=True
     )
-    return f"finetune-cls-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
+    return f"finetune-{task}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
 
 
 def _flat(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -109,52 +118,119 @@ def _flat(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def summarize(history: dict[str, Any]) -> dict[str, Any]:
-    """The report's numbers from the per-epoch history: the last epoch's test OA/mAcc (the honest one),
+def summarize(history: dict[str, Any], task: str = "cls") -> dict[str, Any]:
+    """The report's numbers from the per-epoch history: the last epoch's test scores (the honest ones),
     the epoch chosen by validation (when there is a val split), and the best test epoch (what the papers
-    report: a choice on the test set), plus the first evaluated epoch."""
-    epochs = [e for e in history.get("epochs", []) if "test_oa" in e]
+    report: a choice on the test set), plus the first evaluated epoch. Scores: OA and mAcc (cls),
+    instance and class mIoU (partseg)."""
+    a, b = METRICS[task]
+    epochs = [e for e in history.get("epochs", []) if f"test_{a}" in e]
     if not epochs:
         return {}
-    last, first = epochs[-1], epochs[0]
-    best = max(epochs, key=lambda e: e["test_oa"])
+
+    def scores(e: dict[str, Any]) -> dict[str, Any]:
+        return {"epoch": e["epoch"], a: e[f"test_{a}"], b: e[f"test_{b}"]}
+
     out = {
-        "epochs": last["epoch"],
-        "final": {"epoch": last["epoch"], "oa": last["test_oa"], "macc": last["test_macc"]},
-        "first": {"epoch": first["epoch"], "oa": first["test_oa"], "macc": first["test_macc"]},
-        "best_test": {"epoch": best["epoch"], "oa": best["test_oa"], "macc": best["test_macc"]},
-        "curve": [[e["epoch"], e["test_oa"]] for e in epochs],
+        "epochs": epochs[-1]["epoch"],
+        "final": scores(epochs[-1]),
+        "first": scores(epochs[0]),
+        "best_test": scores(max(epochs, key=lambda e: e[f"test_{a}"])),
+        "curve": [[e["epoch"], e[f"test_{a}"]] for e in epochs],
     }
-    with_val = [e for e in epochs if "val_oa" in e]
+    with_val = [e for e in epochs if f"val_{a}" in e]
     if with_val:
-        chosen = max(with_val, key=lambda e: e["val_oa"])
-        out["val_chosen"] = {"epoch": chosen["epoch"], "oa": chosen["test_oa"], "macc": chosen["test_macc"]}
+        out["val_chosen"] = scores(max(with_val, key=lambda e: e[f"val_{a}"]))
     return out
 
 
-def report_lines(report: dict[str, Any]) -> list[str]:
+def report_lines(report: dict[str, Any], task: str = "cls") -> list[str]:
     s = report.get("summary", {})
     if not s:
         return ["no epoch was evaluated"]
+    a, b = METRICS[task]
+    A, B = METRIC_NAMES[a], METRIC_NAMES[b]
+    f, first = s["final"], s["first"]
     lines = [
-        f"test OA {100 * s['final']['oa']:.2f}%  mAcc {100 * s['final']['macc']:.2f}%  after epoch "
-        f"{s['final']['epoch']} (the last: no choice made on the test set)",
-        f"after epoch {s['first']['epoch']}: test OA {100 * s['first']['oa']:.2f}%",
+        f"test {A} {100 * f[a]:.2f}%  {B} {100 * f[b]:.2f}%  after epoch {f['epoch']} (the last: no choice "
+        "made on the test set)",
+        f"after epoch {first['epoch']}: test {A} {100 * first[a]:.2f}%",
     ]
     if "val_chosen" in s:
         v = s["val_chosen"]
-        lines.append(
-            f"epoch {v['epoch']} (best on val): test OA {100 * v['oa']:.2f}%  mAcc {100 * v['macc']:.2f}%"
-        )
-    b = s["best_test"]
+        lines.append(f"epoch {v['epoch']} (best on val): test {A} {100 * v[a]:.2f}%  {B} {100 * v[b]:.2f}%")
+    best = s["best_test"]
     lines.append(
-        f"best test OA over epochs {100 * b['oa']:.2f}% (epoch {b['epoch']}; what the papers report, a "
+        f"best test {A} over epochs {100 * best[a]:.2f}% (epoch {best['epoch']}; what the papers report, a "
         "choice made on the test set)"
     )
     return lines
 
 
-def finetune_cls(
+@dataclass
+class TaskData:
+    """What the workers train and score on: per split the arrays ``(points, labels[, parts])``."""
+
+    arrays: dict[str, tuple[Any, ...]]
+    class_names: list[str]  # classes (cls) or categories (partseg)
+    num_outputs: int  # classes, or parts
+    part_counts: list[int] | None = None
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{k} {len(v[1])}" for k, v in self.arrays.items())
+        what = f"{self.num_outputs} parts in " if self.part_counts else ""
+        return (
+            f"{sizes} clouds, {what}{len(self.class_names)} {'categories' if self.part_counts else 'classes'}"
+        )
+
+
+def cls_data(cfg: FinetuneConfig, data: str, up_axis: Any, variant: str | None) -> TaskData:
+    splits = load_data(cfg, data, up_axis, variant)
+    names = splits["train"].class_names
+    return TaskData({k: (v.points, v.labels) for k, v in splits.items()}, names, len(names))
+
+
+def partseg_data(
+    cfg: FinetuneConfig, data: str, where: str, log: Callable[[str], None]
+) -> tuple[str, TaskData]:
+    """ShapeNetPart-layout h5 (trainval / test), or ``synthetic``: the built-in part set, written once under
+    ``<storage>/_builtin``."""
+    from .partseg import load_part_split, part_scheme, write_synthetic_parts
+
+    if data == "synthetic":
+        data = f"{where}/_builtin/synthetic-parts-v1"
+        log(f"built-in synthetic part set: {data}")
+        write_synthetic_parts(data)
+    scheme = part_scheme(data)
+    splits = {
+        "train": load_part_split(data, "trainval", scheme),
+        "test": load_part_split(data, "test", scheme),
+    }
+    for name, split in splits.items():
+        if split.points.shape[1] < cfg.data.num_points:
+            raise ConfigError(
+                f"{data}: the {name} shapes have {split.points.shape[1]} points, data.num_points is "
+                f"{cfg.data.num_points}: set data.num_points={split.points.shape[1]} or less"
+            )
+    if len(splits["train"].category) < cfg.train.batch_size:
+        raise ConfigError(f"{len(splits['train'].category)} training shapes, fewer than one batch")
+    small = np.uint8 if scheme.num_parts <= 256 else np.int64  # ShapeNetPart's pids: 230 MB → 29 MB
+    arrays = {k: (v.points, v.category, v.parts.astype(small)) for k, v in splits.items()}
+    return data, TaskData(arrays, list(scheme.categories), scheme.num_parts, list(scheme.part_counts))
+
+
+def finetune_cls(cfg: FinetuneConfig, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    """Fine-tune (or resume fine-tuning) a classifier; returns (exit code, report)."""
+    return finetune("cls", cfg, **kwargs)
+
+
+def finetune_partseg(cfg: FinetuneConfig, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    """Fine-tune (or resume fine-tuning) a part segmenter; returns (exit code, report)."""
+    return finetune("partseg", cfg, **kwargs)
+
+
+def finetune(
+    task: str,
     cfg: FinetuneConfig,
     *,
     data: str,
@@ -166,22 +242,24 @@ def finetune_cls(
     address: str | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[int, dict[str, Any]]:
-    """Fine-tune (or resume fine-tuning) a classifier; returns (exit code, report)."""
+    """Fine-tune (or resume) ``task`` ("cls" or "partseg"): data and encoder checked on the driver, then
+    Ray Train; returns (exit code, report)."""
+    where = resolve_storage(storage_path)
     data_abs = absolute(data) or data
     checkpoint = absolute(checkpoint)
-    loaded = load_encoder(cfg, checkpoint)
+    loaded = load_encoder(cfg, checkpoint, task)
     normalize = loaded.normalize if cfg.data.normalize is None else cfg.data.normalize
-    splits = load_data(cfg, data_abs, up_axis, variant)
-    train = splits["train"]
-    steps_per_epoch = len(train.labels) // cfg.train.batch_size
-    where = resolve_storage(storage_path)
-    name = name or default_run_name(cfg, data_abs, checkpoint)
+    if task == "partseg":
+        data_abs, task_data = partseg_data(cfg, data_abs, where, log)
+    else:
+        task_data = cls_data(cfg, data_abs, up_axis, variant)
+    steps_per_epoch = len(task_data.arrays["train"][1]) // cfg.train.batch_size
+    name = name or default_run_name(cfg, data_abs, checkpoint, task)
     run_dir = f"{where}/{name}"
-    sizes = ", ".join(f"{k} {len(v.labels)}" for k, v in splits.items())
     init = f"{loaded.source} {checkpoint}" if checkpoint else f"random init (seed {cfg.train.seed})"
     log(
-        f"fine-tuning {loaded.name} {loaded.kwargs} from {init}\n"
-        f"data {data_abs}: {sizes} clouds, {len(train.class_names)} classes\n"
+        f"fine-tuning ({task}) {loaded.name} {loaded.kwargs} from {init}\n"
+        f"data {data_abs}: {task_data.describe()}\n"
         f"{cfg.train.num_workers} workers × batch {cfg.per_worker_batch} (global {cfg.train.batch_size}), "
         f"{cfg.train.epochs} epochs × {steps_per_epoch} steps; storage {run_dir}"
     )
@@ -196,7 +274,7 @@ def finetune_cls(
         default_tracking_uri(where, cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
     )
     previous = storage.read_json(f"{run_dir}/{RUN_FILE}") or {}
-    tags = {**code_version(), "task": "finetune-cls", "init": checkpoint or "random", "data": data_abs}
+    tags = {**code_version(), "task": f"finetune-{task}", "init": checkpoint or "random", "data": data_abs}
     params = _flat(cfg.model_dump(mode="json")) | {"checkpoint": checkpoint or "random-init"}
     run_id = tracker.start(
         cfg.tracking.experiment,
@@ -213,10 +291,11 @@ def finetune_cls(
 
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker} | ({"GPU": t.gpus_per_worker} if t.use_gpu else {})
-    arrays = {k: (v.points, v.labels) for k, v in splits.items()}
+    payload = {**task_data.arrays, "num_classes": task_data.num_outputs, "part_counts": task_data.part_counts}
     loop_config = {
+        "task": task,
         "config": cfg.model_dump(mode="json"),
-        "data": ray.put({**arrays, "num_classes": len(train.class_names)}),
+        "data": ray.put(payload),
         "encoder": ray.put(encoder_payload(loaded)),
         "encoder_meta": {
             "name": loaded.name,
@@ -224,7 +303,8 @@ def finetune_cls(
             "source": loaded.source,
             "checkpoint": checkpoint,
         },
-        "class_names": train.class_names,
+        "class_names": task_data.class_names,
+        "part_counts": task_data.part_counts,
         "normalize": normalize,
         "steps_per_epoch": steps_per_epoch,
         "run_dir": run_dir,
@@ -270,7 +350,8 @@ def finetune_cls(
     with result.checkpoint.as_directory() as ckpt:
         history = json.loads((Path(ckpt) / "history.json").read_text())
     report |= {
-        "summary": summarize(history),
+        "task": task,
+        "summary": summarize(history, task),
         "history": history,
         "checkpoint": result.checkpoint.path,
         "data": data_abs,
@@ -278,18 +359,13 @@ def finetune_cls(
         "config": cfg.model_dump(mode="json"),
     }
     storage.write_json(f"{run_dir}/{REPORT_FILE}", report)
-    for line in report_lines(report):
+    for line in report_lines(report, task):
         log(line)
     s = report["summary"]
     if s:
-        tracker.log_metrics(
-            {
-                "final_test_oa": s["final"]["oa"],
-                "final_test_macc": s["final"]["macc"],
-                "best_test_oa": s["best_test"]["oa"],
-            },
-            int(s["epochs"]),
-        )
+        a, b = METRICS[task]
+        finals = {f"final_test_{a}": s["final"][a], f"final_test_{b}": s["final"][b]}
+        tracker.log_metrics({**finals, f"best_test_{a}": s["best_test"][a]}, int(s["epochs"]))
     tracker.end("FINISHED")
     log(f"report: {run_dir}/{REPORT_FILE}; checkpoint: {result.checkpoint.path}")
     return 0, report

@@ -25,7 +25,7 @@ DEFAULT_FINETUNE_PRESET = "dgcnn"
 class FinetuneModelConfig(_Section):
     """The encoder (from ``--checkpoint`` or random init) and the classifier head."""
 
-    point_encoder: Literal["dgcnn", "pointnet"] = Field(
+    point_encoder: Literal["dgcnn", "dgcnn_seg", "pointnet"] = Field(
         "dgcnn", description="architecture of a random-init encoder (a checkpoint carries its own)"
     )
     k: int | None = Field(

@@ -14,6 +14,7 @@ from torch import nn
 from .compat import load_checked, strip_prefixes
 from .crossmoco import CrossMoCo
 from .dgcnn import DGCNN
+from .dgcnn_seg import DGCNNSeg, PartSegmenter
 from .distributed import (
     batch_shuffle,
     batch_unshuffle,
@@ -32,7 +33,11 @@ from .losses import info_nce, nt_xent
 from .pointnet import PointNet
 from .queue import MemoryQueue
 
-POINT_ENCODERS: dict[str, Callable[..., nn.Module]] = {"dgcnn": DGCNN, "pointnet": PointNet}
+POINT_ENCODERS: dict[str, Callable[..., nn.Module]] = {
+    "dgcnn": DGCNN,
+    "dgcnn_seg": DGCNNSeg,
+    "pointnet": PointNet,
+}
 
 
 def build_point_encoder(name: str, **kwargs: Any) -> nn.Module:
@@ -47,8 +52,10 @@ __all__ = [
     "IMAGE_TRUNKS",
     "POINT_ENCODERS",
     "CrossMoCo",
+    "DGCNNSeg",
     "ImageEncoder",
     "MemoryQueue",
+    "PartSegmenter",
     "PointNet",
     "batch_shuffle",
     "batch_unshuffle",

@@ -26,6 +26,8 @@ def point_encoder_spec(m: ModelConfig) -> dict[str, Any]:
             head_hidden=m.point_head_hidden,
             edgeconv=m.edgeconv,
         )
+    elif m.point_encoder == "dgcnn_seg":
+        kwargs = dict(k=m.k, emb_dims=m.emb_dims, proj_dim=m.proj_dim, head_hidden=m.point_head_hidden)
     else:
         kwargs = dict(emb_dims=m.emb_dims, proj_dim=m.proj_dim, head_hidden=m.point_head_hidden)
     return {"name": m.point_encoder, "kwargs": kwargs}

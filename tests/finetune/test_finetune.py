@@ -67,13 +67,15 @@ def test_augment_is_seeded_subsampled_normalised_and_bounded() -> None:
     cfg = load_finetune_config(overrides=["data.num_points=32"])
     rng = np.random.default_rng(0)
     raw = (1000.0 * rng.normal(size=(4, 64, 3)) + 5e4).astype(np.float32)  # millimetres, far from 0
-    a = augment_batch(raw, cfg, True, np.random.default_rng([1, 2]))
-    b = augment_batch(raw, cfg, True, np.random.default_rng([1, 2]))
+    a, order = augment_batch(raw, cfg, True, np.random.default_rng([1, 2]))
+    b, _ = augment_batch(raw, cfg, True, np.random.default_rng([1, 2]))
+    assert order.shape == (4, 32)
+    assert all(len(set(row.tolist())) == 32 for row in order)  # a subset, no point twice
     assert a.shape == (4, 32, 3)
     assert torch.equal(a, b)
     # unit sphere × scale ≤ 1.5 + shift ≤ 0.2 per axis
     assert float(a.abs().max()) <= 1.5 + 0.2 + 1e-5
-    assert not torch.equal(a, augment_batch(raw, cfg, True, np.random.default_rng([1, 3])))
+    assert not torch.equal(a, augment_batch(raw, cfg, True, np.random.default_rng([1, 3]))[0])
 
 
 def test_cosine_schedule_runs_from_lr_to_min_lr() -> None:
