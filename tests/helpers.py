@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 
 from crossmoco_ray.nn import DGCNN, CrossMoCo, ImageEncoder
+from crossmoco_ray.train.process import FAULT_ENV
 
 
 def tiny_crossmoco(queue_length: int = 16, dim: int = 8, **kwargs: object) -> CrossMoCo:
@@ -28,3 +33,13 @@ def tiny_batch(
         "points2": torch.randn(n, points, 3, generator=g, dtype=dtype),
         "images": torch.randn(n, views, 3, size, size, generator=g, dtype=dtype),
     }
+
+
+@contextlib.contextmanager
+def fault_at(step: int) -> Iterator[None]:
+    """The last worker's process dies at ``step`` (once per run): the loop's test-only fault injection."""
+    os.environ[FAULT_ENV] = str(step)
+    try:
+        yield
+    finally:
+        del os.environ[FAULT_ENV]

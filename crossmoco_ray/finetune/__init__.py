@@ -1,4 +1,5 @@
-"""Supervised fine-tuning of pretrained (or random-init) point encoders: ``crossmoco finetune cls``."""
+"""Supervised fine-tuning of pretrained (or random-init) point encoders: ``crossmoco finetune cls`` and
+``crossmoco finetune partseg``."""
 
 from .model import PointClassifier, accuracies, classifier_head, smoothed_cross_entropy
 from .schema import FinetuneConfig, load_finetune_config

@@ -1,4 +1,4 @@
-"""The Ray Train worker loop of ``crossmoco finetune cls``.
+"""The Ray Train worker loop of ``crossmoco finetune`` (``cls`` and ``partseg``).
 
 Every batch is a pure function of (seed, epoch, step): the epoch's permutation of the training set is
 seeded by (seed, epoch), global batch ``s`` is its ``s``-th slice and worker ``r`` takes the ``r``-th part
@@ -9,7 +9,8 @@ an uninterrupted run would have had. The data arrays come from the driver throug
 (zero-copy numpy on each node), so no worker reads the source itself.
 
 Every ``train.eval_every`` epochs the test split (and the validation split, if one was carved) is scored
-by all workers, each a slice, gathered on rank 0: overall accuracy (OA) and mean class accuracy (mAcc).
+by all workers, each a slice, gathered on rank 0: overall accuracy (OA) and mean class accuracy (mAcc),
+or for parts the instance and class mIoU (:mod:`.partseg`).
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from ..data.augment import rotation_about_y
 from ..evaluate.features import normalize_clouds
 from ..nn import build_point_encoder, load_checked
-from ..nn.runtime import keep_freed_memory, resolve_precision
+from ..nn.runtime import resolve_precision
 from ..tracking import Tracker
-from ..train.process import ddp_kwargs, gather_objects, maybe_inject_fault, quiet_worker_logs
+from ..train.process import gather_objects, maybe_inject_fault, start_worker, wrap_ddp
 from ..train.resume import checkpoint_name, resume_point, write_progress
 from .model import PointClassifier, accuracies, classifier_head, smoothed_cross_entropy
 from .schema import FinetuneConfig, validate_finetune
@@ -169,15 +169,9 @@ class FinetuneWorker:
 
 def build(config: dict[str, Any]) -> FinetuneWorker:
     import ray
-    import ray.train
-    import ray.train.torch
 
-    quiet_worker_logs()
-    keep_freed_memory()
+    rank, world, device = start_worker()
     cfg = validate_finetune(config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
     data = ray.get(config["data"])
     torch.manual_seed(cfg.train.seed)  # the same head on every worker
     task = config.get("task", "cls")
@@ -189,10 +183,7 @@ def build(config: dict[str, Any]) -> FinetuneWorker:
     else:
         model = build_classifier(spec, cfg, data["num_classes"]).to(device)
     optimizer = build_optimizer(cfg, model)
-    net: torch.nn.Module = model
-    if world > 1:
-        device_ids = [device] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs())  # type: ignore[arg-type]
+    net = wrap_ddp(model, device, world)
     precision, why = resolve_precision(cfg.train.precision, device)
     if why and rank == 0:
         print(f"warning: {why}", flush=True)

@@ -1,5 +1,6 @@
-"""``crossmoco finetune cls`` on the driver: data and encoder checked and loaded before any worker starts,
-then Ray Train (DDP, checkpoints, restarts, relaunch = resume), MLflow, and a report at the end.
+"""``crossmoco finetune cls | partseg`` on the driver: data and encoder checked and loaded before any
+worker starts, then Ray Train (DDP, checkpoints, restarts, relaunch = resume), MLflow, and a report at
+the end.
 
 A run is ``<storage>/<name>``; relaunching the same name continues it from its newest checkpoint (Ray
 Train's snapshot or ``progress.json``, as pretraining), mid-epoch included, in the same MLflow run.

@@ -1,6 +1,7 @@
-"""The fine-tuning configuration: typed sections whose defaults are DGCNN's classification recipe, as
-CrossPoint fine-tunes (SGD 0.1 → cosine to 1e-3, momentum 0.9, weight decay 1e-4, label smoothing 0.2,
-dropout 0.5, random anisotropic scale and shift, batch 32; METHOD.md §1.13 for the same recipe on parts).
+"""The fine-tuning configuration: typed sections whose defaults are DGCNN's classification recipe (SGD
+0.1 → cosine to 1e-3, momentum 0.9, weight decay 1e-4, label smoothing 0.2, dropout 0.5, random
+anisotropic scale and shift, batch 32, 250 epochs); preset ``partseg`` is CrossPoint's part-segmentation
+recipe (METHOD.md §1.13).
 
 Loaded like the pretraining config: defaults ← ``--preset`` (``finetune/presets/*.yaml``) ← ``--config``
 ← dotted overrides, unknown keys rejected with the nearest valid name. Imports only pydantic and the

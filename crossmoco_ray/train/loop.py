@@ -31,18 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from .. import storage
 from ..config import Config, validate
 from ..data.pipeline import iter_train_batches
 from ..nn import convert_sync_batchnorm
-from ..nn.runtime import cpu_description, keep_freed_memory, resolve_precision
+from ..nn.runtime import cpu_description, resolve_precision
 from ..tracking import Tracker
 from .builders import build_model, build_optimizer, lr_at, momentum_at
 from .checkpoint import build_state, read_checkpoint, rng_state, unwrap, write_checkpoint
 from .checkpoint import restore as restore_state
-from .process import ddp_kwargs, gather_objects, maybe_inject_fault, quiet_worker_logs
+from .process import gather_objects, maybe_inject_fault, start_worker, wrap_ddp
 from .progress import (
     LOSS_KEYS,
     MONITOR_KEYS,
@@ -114,15 +113,9 @@ def _build_monitor(spec: dict[str, Any], device: torch.device) -> Any:
 def build(config: dict[str, Any]) -> Worker:
     """Phase 1: everything from the resolved config, identically initialised on every worker."""
     import ray
-    import ray.train
-    import ray.train.torch
 
-    quiet_worker_logs()
-    keep_freed_memory()
+    rank, world, device = start_worker()
     cfg = validate(config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
     t = cfg.train
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -135,10 +128,7 @@ def build(config: dict[str, Any]) -> Worker:
     prepare_model(model, device, t.channels_last)
     optimizer = build_optimizer(cfg, model)
     torch.manual_seed(t.seed + rank)  # then per-worker randomness
-    net: torch.nn.Module = model
-    if world > 1:
-        device_ids = [device] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs())  # type: ignore[arg-type]
+    net = wrap_ddp(model, device, world)
     tracker = Tracker(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else Tracker(None)
     # the cross-modal negatives come from all workers (global) or this worker's batch (local)
     o = cfg.objective

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
@@ -32,6 +33,27 @@ def gather_objects(value: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def start_worker() -> tuple[int, int, torch.device]:
+    """What every Train worker does first: quiet logs, keep freed memory; returns (rank, world, device)."""
+    import ray.train
+    import ray.train.torch
+
+    from ..nn.runtime import keep_freed_memory
+
+    quiet_worker_logs()
+    keep_freed_memory()
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
+    """``model`` in DDP when there is more than one worker (buffers synced at construction only)."""
+    if world == 1:
+        return model
+    device_ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs())  # type: ignore[arg-type]
 
 
 def quiet_worker_logs() -> None:

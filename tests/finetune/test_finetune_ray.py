@@ -5,10 +5,7 @@ bitwise where an uninterrupted one does, a relaunch resumes, and an error inside
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +15,8 @@ import torch
 from crossmoco_ray.finetune.loop import STATE_FILE
 from crossmoco_ray.finetune.run import finetune_cls, finetune_partseg
 from crossmoco_ray.finetune.schema import load_finetune_config
-from crossmoco_ray.train.process import FAULT_ENV
 from tests.finetune.data import class_sorted_shapes_h5
+from tests.helpers import fault_at
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -30,15 +27,6 @@ TINY = [
     "train.max_failures=1",
 ]  # fmt: skip
 FAULT_STEP = 23  # in epoch 2 (15 steps per epoch); the checkpoint before it is step 20, mid-epoch
-
-
-@contextlib.contextmanager
-def fault_at(step: int) -> Iterator[None]:
-    os.environ[FAULT_ENV] = str(step)
-    try:
-        yield
-    finally:
-        del os.environ[FAULT_ENV]
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,9 @@ Each ``fit()`` costs ~20 s on 2 cores, so the tests share runs through module-sc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +21,8 @@ from crossmoco_ray.data.shards import PrepareOptions, prepare
 from crossmoco_ray.pretrain import EXIT_FAILED, EXIT_OK, pretrain
 from crossmoco_ray.train.checkpoint import read_checkpoint
 from crossmoco_ray.train.loop import HISTORY_FILE
-from crossmoco_ray.train.process import FAULT_ENV
 from tests.data import fixtures
+from tests.helpers import fault_at
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -50,16 +48,6 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 FAULT_STEP = 17
 CHECKPOINT_EVERY = 4
-
-
-@contextlib.contextmanager
-def fault_at(step: int) -> Iterator[None]:
-    """The last worker's process dies at ``step`` (once per run): the loop's test-only fault injection."""
-    os.environ[FAULT_ENV] = str(step)
-    try:
-        yield
-    finally:
-        del os.environ[FAULT_ENV]
 
 
 @pytest.fixture(scope="module")
