@@ -1,113 +1,47 @@
 """Multi-view images of a point cloud by z-buffered splatting: the image modality of sources without images.
 
+Three looks: ``depth`` (the default; grey, nearer is brighter), ``shaded`` (splats lit like surfaces, by
+normals estimated from the points, :func:`.raster.estimate_normals`, with the lighting of the mesh renderer
+:func:`.raster.render_mesh`) and ``coords`` (RGB = normalised coordinates).
+
 The renderer is deterministic (no randomness: the same cloud gives bitwise the same views) and vectorised:
 every (view, point, splat pixel) triple is projected at once and the z-buffer keeps the nearest one per
 pixel through a sort, with no Python loop over points. The cloud is centred and scaled to unit radius
 first, so position and scale of the input do not change the images.
 
-Camera convention (in a frame where the ``up_axis`` is "up"): azimuth 0 looks from the +z side of a
-y-up cloud (x to the right), azimuths turn the camera about the up axis, elevations raise it above the
-horizon; the projection is orthographic and the up axis points to image row 0 (the top).
+The cameras (:mod:`.camera`) are the mesh renderer's: the same object gives the same framing either way.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-FILL = 0.9  # fraction of the image side spanned by the unit sphere the cloud is scaled into
+from .camera import FILL, TO_Y_UP, RenderSpec, camera_rotations, normalise
+from .raster import SHADE_RANGE, estimate_normals, intensity
+
+__all__ = [
+    "COORD_RANGE",
+    "DEPTH_RANGE",
+    "SHADE_RANGE",
+    "RenderSpec",
+    "contact_sheet",
+    "decode_png",
+    "encode_png",
+    "normalise",
+    "render_views",
+]
+
 DEPTH_RANGE = (60, 255)  # grey of the farthest / nearest possible point; 0 stays the background
 COORD_RANGE = (40, 255)  # channel value of normalised coordinate -1 / +1 in "coords" mode
 SHEET_GAP = 2  # pixels between the tiles of a contact sheet
 
-# Proper rotations taking the named up axis of the data to +y, so one camera convention serves all.
-_TO_Y_UP: dict[str, np.ndarray] = {
-    "y": np.eye(3),
-    "z": np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]]),  # (x, y, z) -> (x, z, -y)
-    "x": np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),  # (x, y, z) -> (-y, x, z)
-}
 
-
-@dataclass(frozen=True)
-class RenderSpec:
-    """Which views to render and how.
-
-    Attributes:
-        azimuths: camera angles about the up axis, degrees.
-        elevations: camera angles above the horizon, degrees; views are ordered elevation-major.
-        size: side of the square images, pixels.
-        point_size: side of the square splat of one point, pixels.
-        mode: ``"depth"``: grey, nearer is brighter; ``"coords"``: RGB = the normalised coordinates
-            (in the up-is-y frame: R = x, G = up, B = z).
-        up_axis: the axis of the data that points up in the images.
-    """
-
-    azimuths: tuple[float, ...] = (0.0, 60.0, 120.0, 180.0, 240.0, 300.0)
-    elevations: tuple[float, ...] = (20.0,)
-    size: int = 128
-    point_size: int = 2
-    mode: Literal["depth", "coords"] = "depth"
-    up_axis: Literal["x", "y", "z"] = "y"
-
-    def __post_init__(self) -> None:
-        if len(self.azimuths) == 0:
-            raise ValueError("RenderSpec needs at least one azimuth")
-        if len(self.elevations) == 0:
-            raise ValueError("RenderSpec needs at least one elevation")
-        if self.size < 8:
-            raise ValueError(f"RenderSpec.size must be at least 8 pixels, got {self.size}")
-        if self.point_size < 1:
-            raise ValueError(f"RenderSpec.point_size must be at least 1 pixel, got {self.point_size}")
-        if self.mode not in ("depth", "coords"):
-            raise ValueError(f"RenderSpec.mode must be 'depth' or 'coords', got {self.mode!r}")
-        if self.up_axis not in _TO_Y_UP:
-            raise ValueError(f"RenderSpec.up_axis must be 'x', 'y' or 'z', got {self.up_axis!r}")
-
-    @property
-    def num_views(self) -> int:
-        return len(self.azimuths) * len(self.elevations)
-
-
-def _camera_rotations(spec: RenderSpec) -> np.ndarray:
-    """``[V, 3, 3]``: rows are the camera's right, up and towards-camera axes, in the data's frame."""
-    az = np.deg2rad(np.asarray(spec.azimuths, dtype=np.float64))[None, :]
-    el = np.deg2rad(np.asarray(spec.elevations, dtype=np.float64))[:, None]
-    az, el = np.broadcast_arrays(az, el)  # [E, A]: elevation-major once flattened
-    az, el = az.ravel(), el.ravel()
-    zero = np.zeros_like(az)
-    # In the y-up frame the camera sits at (sin az cos el, sin el, cos az cos el), looking at the origin.
-    right = np.stack([np.cos(az), zero, -np.sin(az)], axis=-1)
-    up = np.stack([-np.sin(el) * np.sin(az), np.cos(el), -np.sin(el) * np.cos(az)], axis=-1)
-    back = np.stack([np.cos(el) * np.sin(az), np.sin(el), np.cos(el) * np.cos(az)], axis=-1)
-    rot = np.stack([right, up, back], axis=1) @ _TO_Y_UP[spec.up_axis]
-    # cos(90°) is 6e-17, not 0: snap such residues so that right angles rotate exactly and points on
-    # the centre line do not fall on either side of the central pixel edge by rounding luck.
-    rot[np.abs(rot) < 1e-12] = 0.0
-    return rot
-
-
-def normalise(points: np.ndarray) -> np.ndarray:
-    """``[N, 3]`` float64: the cloud centred on its bounding-box centre and scaled to unit radius."""
-    pts = np.asarray(points, dtype=np.float64)
-    if pts.ndim != 2 or pts.shape[1] != 3:
-        raise ValueError(f"points must have shape [N, 3], got {pts.shape}")
-    if len(pts) == 0:
-        return pts
-    if not np.isfinite(pts).all():
-        raise ValueError("points contain NaN or infinite values")
-    # The bounding-box centre (not the mean) so that uneven sampling density does not shift the object.
-    pts = pts - (pts.min(axis=0) + pts.max(axis=0)) / 2
-    radius = np.sqrt((pts**2).sum(axis=1).max())
-    return pts / radius if radius > 0 else pts
-
-
-def render_views(points: np.ndarray, spec: RenderSpec = RenderSpec()) -> np.ndarray:
+def render_views(points: np.ndarray, spec: RenderSpec | None = None) -> np.ndarray:
     """Render a point cloud from every view of ``spec``.
 
     Args:
@@ -116,14 +50,16 @@ def render_views(points: np.ndarray, spec: RenderSpec = RenderSpec()) -> np.ndar
 
     Returns:
         ``[V, size, size, 3]`` uint8 with ``V = spec.num_views`` (elevation-major, then azimuth); the
-        background is 0, object pixels are in ``DEPTH_RANGE`` (depth) or ``COORD_RANGE`` (coords).
+        background is 0, object pixels are in ``SHADE_RANGE`` (shaded), ``DEPTH_RANGE`` (depth) or
+        ``COORD_RANGE`` (coords).
     """
+    spec = spec or RenderSpec()
     pts = normalise(points)
     V, S, k = spec.num_views, spec.size, spec.point_size
     images = np.zeros((V, S, S, 3), dtype=np.uint8)
     if len(pts) == 0:
         return images
-    cam = np.einsum("vij,nj->vni", _camera_rotations(spec), pts)  # [V, N, 3]: right, up, towards camera
+    cam = np.einsum("vij,nj->vni", camera_rotations(spec), pts)  # [V, N, 3]: right, up, towards camera
 
     # Continuous pixel coordinates (the unit sphere spans FILL of the side, centred); a splat of side k
     # covers the k pixels whose centres are nearest the point along each axis.
@@ -154,14 +90,19 @@ def render_views(points: np.ndarray, spec: RenderSpec = RenderSpec()) -> np.ndar
     first[1:] = pixel[1:] != pixel[:-1]
     pixel, source = pixel[first], source[first]
 
-    if spec.mode == "depth":
+    if spec.mode == "shaded":
+        normals = estimate_normals(pts, spec.normal_neighbours)  # [N, 3], data frame
+        normals_cam = np.einsum("vij,nj->vni", camera_rotations(spec), normals)  # [V, N, 3]
+        grey = intensity(normals_cam.reshape(-1, 3)[source], spec)
+        colour = np.repeat(grey[:, None], 3, axis=1)
+    elif spec.mode == "depth":
         lo, hi = DEPTH_RANGE
         d = depth.reshape(-1)[source]  # in [-1, 1] because the cloud has unit radius
         grey = np.rint(lo + (d + 1) / 2 * (hi - lo)).clip(lo, hi).astype(np.uint8)
         colour = np.repeat(grey[:, None], 3, axis=1)
     else:
         lo, hi = COORD_RANGE
-        xyz = (pts @ _TO_Y_UP[spec.up_axis].T)[source % len(pts)]
+        xyz = (pts @ TO_Y_UP[spec.up_axis].T)[source % len(pts)]
         colour = np.rint(lo + (xyz + 1) / 2 * (hi - lo)).clip(lo, hi).astype(np.uint8)
     images.reshape(-1, 3)[pixel] = colour
     return images

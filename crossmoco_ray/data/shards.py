@@ -88,7 +88,13 @@ class PrepareOptions:
             "bucket_rows",
             "max_buckets",
         )
-        return {**{k: getattr(self, k) for k in keep}, "render": asdict(self.render)}
+        render = asdict(self.render)
+        if self.render.mode != "shaded":
+            # Lighting only shapes shaded views: leaving it out keeps the fingerprints of datasets prepared
+            # before it existed, so re-running their prepare command stays a no-op.
+            for key in ("light", "ambient", "supersample", "normal_neighbours"):
+                render.pop(key)
+        return {**{k: getattr(self, k) for k in keep}, "render": render}
 
 
 def fingerprint(source: Source, opts: PrepareOptions) -> str:

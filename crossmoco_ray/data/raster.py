@@ -1,0 +1,184 @@
+"""Shaded renders of triangle meshes, and normals estimated from points: images made from geometry.
+
+:func:`render_mesh` rasterises triangles with a z-buffer and Lambertian + ambient shading, from the views of a
+:class:`~.render.RenderSpec` (the same cameras, framing and up axis as the point renderer), in numpy only: no
+OpenGL, no display, so it runs on any CPU node of a cluster. It is vectorised over triangles: every
+(triangle, pixel of its bounding box) pair of a view is tested at once, in chunks that bound memory, and
+the z-buffer keeps the nearest surface per pixel with ``np.maximum.at``. Edges are anti-aliased by
+supersampling (``spec.supersample``² samples per pixel, box-filtered).
+
+Shading is flat (one normal per triangle) and two-sided (``|n · l|``): mesh collections have inconsistent
+windings and open, non-manifold surfaces, whose back faces must not render black. The light is fixed to the
+camera (``spec.light``, a direction in the camera frame), so every view of an object is lit alike and a
+face's grey tells its slant towards the viewer: ``ambient + (1 − ambient) · |n · l|``, scaled to
+``SHADE_RANGE``.
+
+:func:`estimate_normals` gives point clouds the same cue: the normal of a point is the direction of least
+spread of its ``k`` nearest neighbours (PCA), which :func:`~.render.render_views` uses to shade splats
+(``mode="shaded"``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .camera import FILL, RenderSpec, camera_rotations, normalise
+
+SHADE_RANGE = (30, 255)  # grey of intensity 0 and 1; the background stays 0
+CHUNK = 1 << 22  # (triangle, pixel) candidates tested at once: bounds memory to a few hundred MB
+
+
+def unit_light(spec: RenderSpec) -> np.ndarray:
+    """The light direction of ``spec`` in the camera frame (right, up, towards camera), unit length."""
+    light = np.asarray(spec.light, dtype=np.float64)
+    return light / np.linalg.norm(light)
+
+
+def intensity(normals_cam: np.ndarray, spec: RenderSpec) -> np.ndarray:
+    """Grey levels (uint8, in ``SHADE_RANGE``) of surfaces with unit normals ``[..., 3]`` (camera frame)."""
+    lam = np.abs(normals_cam @ unit_light(spec))
+    shade = spec.ambient + (1.0 - spec.ambient) * lam
+    lo, hi = SHADE_RANGE
+    return np.rint(lo + shade * (hi - lo)).clip(lo, hi).astype(np.uint8)
+
+
+def render_mesh(vertices: np.ndarray, faces: np.ndarray, spec: RenderSpec) -> np.ndarray:
+    """Render a triangle mesh from every view of ``spec``, shaded.
+
+    Args:
+        vertices: ``[V, 3]`` positions, any real dtype, position and scale (normalised here like clouds:
+            bounding-box centre, unit radius).
+        faces: ``[F, 3]`` vertex indices; degenerate triangles are skipped, winding is ignored.
+        spec: the views; ``mode`` is ignored (meshes are always shaded), ``point_size`` too.
+
+    Returns:
+        ``[V, size, size, 3]`` uint8 grey images, background 0, surfaces in ``SHADE_RANGE`` (edges blend
+        into the background by anti-aliasing).
+    """
+    faces = np.asarray(faces, dtype=np.int64)
+    if faces.ndim != 2 or faces.shape[1] != 3:
+        raise ValueError(f"faces must have shape [F, 3], got {faces.shape}")
+    verts = normalise(vertices)
+    if len(faces) and (faces.min() < 0 or faces.max() >= len(verts)):
+        raise ValueError(f"face indices must lie in 0..{len(verts) - 1}")
+    S, ss = spec.size, spec.supersample
+    images = np.zeros((spec.num_views, S, S, 3), dtype=np.uint8)
+    if len(faces) == 0:
+        return images
+    for v, rot in enumerate(camera_rotations(spec)):
+        grey = _rasterise(verts @ rot.T, faces, S * ss, spec)  # [S·ss, S·ss] float
+        grey = grey.reshape(S, ss, S, ss).mean(axis=(1, 3))  # box filter: anti-aliased edges
+        images[v] = np.rint(grey).astype(np.uint8)[..., None]
+    return images
+
+
+def _rasterise(cam: np.ndarray, faces: np.ndarray, size: int, spec: RenderSpec) -> np.ndarray:
+    """One view: ``cam [V, 3]`` vertices (camera frame) → ``[size, size]`` grey levels (0 = background)."""
+    scale = FILL * size / 2
+    # Pixel coordinates: column x grows to the right, row y downwards; pixel (r, c) has its centre at
+    # (c + 0.5, r + 0.5).
+    px = size / 2 + cam[:, 0] * scale
+    py = size / 2 - cam[:, 1] * scale
+    tri_x, tri_y, tri_z = px[faces], py[faces], cam[faces, 2]  # [F, 3] each
+    # Signed doubled area; degenerate triangles (area ~ 0 in pixels) cover no pixel centre reliably.
+    area = (tri_x[:, 1] - tri_x[:, 0]) * (tri_y[:, 2] - tri_y[:, 0]) - (tri_x[:, 2] - tri_x[:, 0]) * (
+        tri_y[:, 1] - tri_y[:, 0]
+    )
+    c0 = np.clip(np.ceil(tri_x.min(axis=1) - 0.5), 0, size).astype(np.int64)
+    c1 = np.clip(np.floor(tri_x.max(axis=1) - 0.5), -1, size - 1).astype(np.int64)
+    r0 = np.clip(np.ceil(tri_y.min(axis=1) - 0.5), 0, size).astype(np.int64)
+    r1 = np.clip(np.floor(tri_y.max(axis=1) - 0.5), -1, size - 1).astype(np.int64)
+    width, height = c1 - c0 + 1, r1 - r0 + 1
+    keep = (np.abs(area) > 1e-12) & (width > 0) & (height > 0)
+    idx = np.flatnonzero(keep)
+    if len(idx) == 0:
+        return np.zeros((size, size))
+
+    # Flat two-sided shading per triangle, from its normal in the camera frame.
+    e1 = cam[faces[idx, 1]] - cam[faces[idx, 0]]
+    e2 = cam[faces[idx, 2]] - cam[faces[idx, 0]]
+    normal = np.cross(e1, e2)
+    normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-30)
+    shade = intensity(normal, spec).astype(np.float64)
+
+    zbuf = np.full(size * size, -np.inf)
+    fbuf = np.full(size * size, -1, dtype=np.int64)
+    counts = width[idx] * height[idx]
+    # Chunks of triangles whose candidates add up to about CHUNK (a huge triangle gets a chunk alone).
+    total = np.cumsum(counts)
+    start = 0
+    while start < len(idx):
+        before = total[start] - counts[start]
+        stop = max(start + 1, int(np.searchsorted(total, before + CHUNK, side="right")))
+        _fill(slice(start, stop), idx, counts, c0, r0, width, tri_x, tri_y, tri_z, area, size, zbuf, fbuf)
+        start = stop
+    out = np.zeros(size * size)
+    hit = fbuf >= 0
+    out[hit] = shade[fbuf[hit]]
+    return out.reshape(size, size)
+
+
+def _fill(
+    part: slice,
+    idx: np.ndarray,
+    counts: np.ndarray,
+    c0: np.ndarray,
+    r0: np.ndarray,
+    width: np.ndarray,
+    tri_x: np.ndarray,
+    tri_y: np.ndarray,
+    tri_z: np.ndarray,
+    area: np.ndarray,
+    size: int,
+    zbuf: np.ndarray,
+    fbuf: np.ndarray,
+) -> None:
+    """Test the pixels of the bounding boxes of triangles ``idx[part]`` and update the z-buffer."""
+    local = np.arange(part.start, part.stop)  # positions in idx (what fbuf stores)
+    tri = idx[local]
+    n = counts[local]
+    which = np.repeat(np.arange(len(local)), n)  # candidate → triangle of this chunk
+    offset = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    w = width[tri][which]
+    col = c0[tri][which] + offset % w
+    row = r0[tri][which] + offset // w
+    x, y = col + 0.5, row + 0.5
+    t = tri[which]
+    ax, ay = tri_x[t, 0], tri_y[t, 0]
+    bx, by = tri_x[t, 1], tri_y[t, 1]
+    cx, cy = tri_x[t, 2], tri_y[t, 2]
+    inv = 1.0 / area[t]
+    # Barycentric weights from edge functions; all ≥ 0 (for either winding, after dividing by the area).
+    wb = ((x - ax) * (cy - ay) - (cx - ax) * (y - ay)) * inv
+    wc = ((bx - ax) * (y - ay) - (x - ax) * (by - ay)) * inv
+    wa = 1.0 - wb - wc
+    inside = (wa >= 0) & (wb >= 0) & (wc >= 0)
+    if not inside.any():
+        return
+    z = wa * tri_z[t, 0] + wb * tri_z[t, 1] + wc * tri_z[t, 2]  # orthographic: depth is linear
+    pixel = (row * size + col)[inside]
+    z, owner = z[inside], local[which[inside]]
+    np.maximum.at(zbuf, pixel, z)
+    # Candidates at the new maximum own their pixel; a later chunk overwrites only where it is nearer.
+    win = z >= zbuf[pixel]
+    fbuf[pixel[win]] = owner[win]
+
+
+def estimate_normals(points: np.ndarray, k: int = 16) -> np.ndarray:
+    """Unit normals ``[N, 3]`` of a cloud: per point, the least-spread direction of its ``k`` nearest
+    neighbours (itself included). Signs are arbitrary (shading is two-sided)."""
+    pts = np.asarray(points, dtype=np.float64)
+    n = len(pts)
+    if n < 3:
+        return np.tile([0.0, 0.0, 1.0], (n, 1))
+    k = min(k, n)
+    neighbours = np.empty((n, k), dtype=np.int64)
+    sq = (pts**2).sum(axis=1)
+    step = max(1, (1 << 22) // n)  # rows of the distance matrix at once
+    for s in range(0, n, step):
+        d = sq[s : s + step, None] - 2.0 * pts[s : s + step] @ pts.T + sq[None, :]
+        neighbours[s : s + step] = np.argpartition(d, k - 1, axis=1)[:, :k]
+    local = pts[neighbours] - pts[neighbours].mean(axis=1, keepdims=True)  # [N, k, 3]
+    cov = np.einsum("nki,nkj->nij", local, local)
+    _, vectors = np.linalg.eigh(cov)  # ascending eigenvalues
+    return vectors[:, :, 0]
