@@ -124,7 +124,12 @@ def add_prepare_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p_prep.add_argument("--elevations", default="20", help="render: degrees above the horizon")
     p_prep.add_argument("--render-size", type=int, default=128, help="render: image side in pixels")
     p_prep.add_argument("--point-size", type=int, default=2, help="render: splat side in pixels")
-    p_prep.add_argument("--render-mode", default="depth", choices=["depth", "coords"])
+    p_prep.add_argument(
+        "--render-mode",
+        default="depth",
+        choices=["depth", "shaded", "coords"],
+        help="render: depth (nearer is brighter), shaded (lit by normals estimated from the points), coords",
+    )
     p_prep.add_argument("--synthetic-train", type=int, default=2000, help="synthetic: training objects")
     p_prep.add_argument("--synthetic-test", type=int, default=500, help="synthetic: test objects")
     p_prep.set_defaults(func=cmd_prepare)

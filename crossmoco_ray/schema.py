@@ -98,7 +98,9 @@ class RenderConfig(_Section):
     elevations: list[float] = Field(default_factory=lambda: [20.0])
     size: int = Field(128, ge=8, description="rendered image side (resized to data.image_size when read)")
     point_size: int = Field(2, ge=1)
-    mode: Literal["depth", "coords"] = "depth"
+    mode: Literal["depth", "shaded", "coords"] = Field(
+        "depth", description="depth: nearer is brighter; shaded: lit by normals estimated from the points"
+    )
 
 
 class DataConfig(_Section):
