@@ -90,64 +90,59 @@ def _rasterise(cam: np.ndarray, faces: np.ndarray, size: int, spec: RenderSpec) 
     r1 = np.clip(np.floor(tri_y.max(axis=1) - 0.5), -1, size - 1).astype(np.int64)
     width, height = c1 - c0 + 1, r1 - r0 + 1
     keep = (np.abs(area) > 1e-12) & (width > 0) & (height > 0)
-    idx = np.flatnonzero(keep)
-    if len(idx) == 0:
+    if not keep.any():
         return np.zeros((size, size))
+    # From here on, only the triangles that can cover a pixel centre.
+    faces, area, c0, r0, width = faces[keep], area[keep], c0[keep], r0[keep], width[keep]
+    tri_x, tri_y, tri_z, counts = tri_x[keep], tri_y[keep], tri_z[keep], width * height[keep]
 
     # Flat two-sided shading per triangle, from its normal in the camera frame.
-    e1 = cam[faces[idx, 1]] - cam[faces[idx, 0]]
-    e2 = cam[faces[idx, 2]] - cam[faces[idx, 0]]
-    normal = np.cross(e1, e2)
+    normal = np.cross(cam[faces[:, 1]] - cam[faces[:, 0]], cam[faces[:, 2]] - cam[faces[:, 0]])
     normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-30)
     shade = intensity(normal, spec).astype(np.float64)
 
     zbuf = np.full(size * size, -np.inf)
-    fbuf = np.full(size * size, -1, dtype=np.int64)
-    counts = width[idx] * height[idx]
+    owner = np.full(size * size, -1, dtype=np.int64)  # the visible triangle per pixel
     # Chunks of triangles whose candidates add up to about CHUNK (a huge triangle gets a chunk alone).
     total = np.cumsum(counts)
     start = 0
-    while start < len(idx):
+    while start < len(counts):
         before = total[start] - counts[start]
         stop = max(start + 1, int(np.searchsorted(total, before + CHUNK, side="right")))
-        _fill(slice(start, stop), idx, counts, c0, r0, width, tri_x, tri_y, tri_z, area, size, zbuf, fbuf)
+        part = slice(start, stop)
+        chunk = (tri_x[part], tri_y[part], tri_z[part], area[part], c0[part], r0[part], width[part])
+        _fill(chunk, counts[part], start, size, zbuf, owner)
         start = stop
     out = np.zeros(size * size)
-    hit = fbuf >= 0
-    out[hit] = shade[fbuf[hit]]
+    hit = owner >= 0
+    out[hit] = shade[owner[hit]]
     return out.reshape(size, size)
 
 
 def _fill(
-    part: slice,
-    idx: np.ndarray,
+    chunk: tuple[np.ndarray, ...],
     counts: np.ndarray,
-    c0: np.ndarray,
-    r0: np.ndarray,
-    width: np.ndarray,
-    tri_x: np.ndarray,
-    tri_y: np.ndarray,
-    tri_z: np.ndarray,
-    area: np.ndarray,
+    first: int,
     size: int,
     zbuf: np.ndarray,
-    fbuf: np.ndarray,
+    owner: np.ndarray,
 ) -> None:
-    """Test the pixels of the bounding boxes of triangles ``idx[part]`` and update the z-buffer."""
-    local = np.arange(part.start, part.stop)  # positions in idx (what fbuf stores)
-    tri = idx[local]
-    n = counts[local]
-    which = np.repeat(np.arange(len(local)), n)  # candidate → triangle of this chunk
-    offset = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-    w = width[tri][which]
-    col = c0[tri][which] + offset % w
-    row = r0[tri][which] + offset // w
+    """Test the bounding-box pixels of a chunk of triangles (numbered from ``first``); update the z-buffer.
+
+    ``chunk`` holds the triangles' pixel x, pixel y and depth (``[T, 3]`` each), signed doubled area, first
+    column, first row and bounding-box width (``[T]`` each); ``counts`` their bounding-box pixel counts.
+    """
+    tri_x, tri_y, tri_z, area, c0, r0, width = chunk
+    which = np.repeat(np.arange(len(counts)), counts)  # candidate → triangle of this chunk
+    offset = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    w = width[which]
+    col = c0[which] + offset % w
+    row = r0[which] + offset // w
     x, y = col + 0.5, row + 0.5
-    t = tri[which]
-    ax, ay = tri_x[t, 0], tri_y[t, 0]
-    bx, by = tri_x[t, 1], tri_y[t, 1]
-    cx, cy = tri_x[t, 2], tri_y[t, 2]
-    inv = 1.0 / area[t]
+    ax, ay = tri_x[which, 0], tri_y[which, 0]
+    bx, by = tri_x[which, 1], tri_y[which, 1]
+    cx, cy = tri_x[which, 2], tri_y[which, 2]
+    inv = 1.0 / area[which]
     # Barycentric weights from edge functions; all ≥ 0 (for either winding, after dividing by the area).
     wb = ((x - ax) * (cy - ay) - (cx - ax) * (y - ay)) * inv
     wc = ((bx - ax) * (y - ay) - (x - ax) * (by - ay)) * inv
@@ -155,13 +150,13 @@ def _fill(
     inside = (wa >= 0) & (wb >= 0) & (wc >= 0)
     if not inside.any():
         return
-    z = wa * tri_z[t, 0] + wb * tri_z[t, 1] + wc * tri_z[t, 2]  # orthographic: depth is linear
+    which = which[inside]
+    z = wa[inside] * tri_z[which, 0] + wb[inside] * tri_z[which, 1] + wc[inside] * tri_z[which, 2]
     pixel = (row * size + col)[inside]
-    z, owner = z[inside], local[which[inside]]
-    np.maximum.at(zbuf, pixel, z)
+    np.maximum.at(zbuf, pixel, z)  # orthographic: depth is linear in the barycentric weights
     # Candidates at the new maximum own their pixel; a later chunk overwrites only where it is nearer.
     win = z >= zbuf[pixel]
-    fbuf[pixel[win]] = owner[win]
+    owner[pixel[win]] = first + which[win]
 
 
 def estimate_normals(points: np.ndarray, k: int = 16) -> np.ndarray:
@@ -178,7 +173,8 @@ def estimate_normals(points: np.ndarray, k: int = 16) -> np.ndarray:
     for s in range(0, n, step):
         d = sq[s : s + step, None] - 2.0 * pts[s : s + step] @ pts.T + sq[None, :]
         neighbours[s : s + step] = np.argpartition(d, k - 1, axis=1)[:, :k]
-    local = pts[neighbours] - pts[neighbours].mean(axis=1, keepdims=True)  # [N, k, 3]
+    local = pts[neighbours]  # [N, k, 3]
+    local -= local.mean(axis=1, keepdims=True)
     cov = np.einsum("nki,nkj->nij", local, local)
     _, vectors = np.linalg.eigh(cov)  # ascending eigenvalues
     return vectors[:, :, 0]

@@ -81,3 +81,12 @@ def test_normals_of_a_plane_and_shaded_splats() -> None:
     spec = RenderSpec(azimuths=(0.0,), elevations=(0.0,), size=32, mode="shaded", light=(0.0, 0.0, 1.0))
     view = render_views(plane, spec)[0]
     assert view[view > 0].min() == SHADE_RANGE[1]  # the plane faces the headlight squarely
+
+
+def test_chunking_does_not_change_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Memory is bounded by testing triangles in chunks; the z-buffer must carry over between chunks.
+    v, f = cube()
+    spec = RenderSpec(size=40)
+    whole = render_mesh(v, f, spec)
+    monkeypatch.setattr("crossmoco_ray.data.raster.CHUNK", 50)
+    assert (render_mesh(v, f, spec) == whole).all()
