@@ -5,14 +5,27 @@
 #   bash bench/ab_modelnet40.sh VARIANT [VARIANT ...]     (default shards: bench/out/mn40/shards)
 #   python bench/ab_table.py bench/out/ab                 (the table of every run so far)
 # Variants are named override sets (below) on the preset as it was during the A/B, with CrossPoint's spin about
-# the up axis (ROT); `norot` is the preset as it is now. A run that already finished is skipped.
+# the up axis (ROT); `norot` is the preset as it is now, `shaded` the same on splats shaded by normals estimated
+# from the points (`prepare --render-mode shaded`) instead of depth splats. A run that already finished is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARDS="${SHARDS:-bench/out/mn40/shards}"
 SRC="${SRC:-../shared/data/modelnet40_1024}"
 OUT="${OUT:-bench/out/ab}"
 mkdir -p "$OUT"
-[[ -f "$SHARDS/manifest.json" ]] || crossmoco prepare "$SRC" --out "$SHARDS" --up-axis z --val-fraction 0.1
+SHADED="${SHADED:-bench/out/mn40-shaded/shards}"
+
+# The shards a variant trains on: depth splats (the default render) unless the variant says otherwise.
+shards() {
+  case "$1" in
+    shaded*) echo "$SHADED" ;;
+    *)       echo "$SHARDS" ;;
+  esac
+}
+prepare() {
+  local out="$1"; shift
+  [[ -f "$out/manifest.json" ]] || crossmoco prepare "$SRC" --out "$out" --up-axis z --val-fraction 0.1 "$@"
+}
 
 overrides() {
   case "$1" in
@@ -27,6 +40,7 @@ overrides() {
     pts1024-strong) echo "data.num_points=1024 data.point_augment.dropout_max=0.875 data.point_augment.jitter_std=0.02" ;;
     pts1024-k20) echo "data.num_points=1024 model.k=20" ;;
     norot)       echo "" ;;                                         # ModelNet40 is aligned: no spin about up
+    shaded)      echo "" ;;                          # norot on splats shaded by PCA normals (issue 16)
     lr2)         echo "optim.lr=0.002" ;;
     lr05)        echo "optim.lr=0.0005" ;;
     t02)         echo "objective.temperature=0.2 objective.cross_temperature=0.2" ;;
@@ -38,13 +52,15 @@ overrides() {
 
 for variant in "$@"; do
   extra="$(overrides "$variant")"
-  [[ "$variant" == norot ]] || extra="data.point_augment.rotate=true $extra"
+  [[ "$variant" == norot || "$variant" == shaded* ]] || extra="data.point_augment.rotate=true $extra"
+  data="$(shards "$variant")"
+  if [[ "$data" == "$SHADED" ]]; then prepare "$data" --render-mode shaded; else prepare "$data"; fi
   if compgen -G "$OUT/$variant/epoch_*/history.json" > /dev/null && [[ -f "$OUT/$variant.done" ]]; then
     echo "== $variant: done already"; continue
   fi
   echo "== $variant: $extra"
   # shellcheck disable=SC2086
-  /usr/bin/time -v crossmoco pretrain --preset modelnet40-cpu --data "$SHARDS" --storage "$OUT" --name "$variant" \
+  /usr/bin/time -v crossmoco pretrain --preset modelnet40-cpu --data "$data" --storage "$OUT" --name "$variant" \
     train.epochs=2 eval.final=false $extra 2>&1 | tee "$OUT/$variant.log"
   touch "$OUT/$variant.done"
 done

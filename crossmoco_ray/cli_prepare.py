@@ -48,6 +48,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             num_points=args.num_points or 2048,
             seed=args.seed,
             variant=args.variant,
+            fps=args.fps,
         )
         opts = PrepareOptions(
             num_points=args.num_points,
@@ -100,7 +101,16 @@ def add_prepare_parser(sub: argparse._SubParsersAction[Any]) -> None:
         help="ScanObjectNN's official h5 release: the variant to prepare (obj_bg, obj_only, pb_t50_rs, ...; "
         "main_split/ holds several, so it is required there)",
     )
-    p_prep.add_argument("--num-points", type=int, help="resample every cloud to this many points")
+    p_prep.add_argument(
+        "--num-points",
+        type=int,
+        help="resample every cloud to this many points (meshes: points sampled on the surface; default 2048)",
+    )
+    p_prep.add_argument(
+        "--fps",
+        action="store_true",
+        help="meshes: farthest-point sample the points (from a 4x denser area-uniform draw) for even spacing",
+    )
     p_prep.add_argument("--min-points", type=int, default=16, help="reject clouds with fewer points")
     p_prep.add_argument("--val-fraction", type=float, default=0.0, help="carve a validation split from train")
     p_prep.add_argument("--seed", type=int, default=0, help="seed of the validation carve and resampling")

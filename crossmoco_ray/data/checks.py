@@ -11,6 +11,7 @@ import zlib
 
 import numpy as np
 
+from .raster import render_mesh
 from .render import RenderSpec, decode_png, encode_png, render_views
 from .types import DataError, Sample
 
@@ -82,11 +83,17 @@ def resample(points: np.ndarray, n: int, sample_id: str, seed: int) -> np.ndarra
 def check_views(sample: Sample, pts: np.ndarray, render: RenderSpec) -> tuple[list[bytes], list[np.ndarray]]:
     """PNG bytes of the sample's views (rendered when it has none), checked to decode; ≥ 2 needed.
 
+    A sample without views is rendered from its mesh when it has one (shaded triangles), else from ``pts``
+    (splats in ``render.mode``).
+
     Also returns the views as images (``[H, W, 3]`` uint8 each), so the preview contact sheet need not
     decode them again.
     """
     if sample.views is None:
-        images = list(render_views(pts, render))
+        if sample.mesh is not None:
+            images = list(render_mesh(*sample.mesh, render))
+        else:
+            images = list(render_views(pts, render))
         return [encode_png(img) for img in images], images
     decoded = []
     for v, data in enumerate(sample.views):

@@ -2,7 +2,12 @@
 
 - ``shapenetrender``: ``ShapeNet/<synset>/<id>.ply`` with ``ShapeNetRendering/<synset>/<id>/rendering/*.png``
   (the views come with the data; nothing is rendered at prepare time).
-- ``folder``: ``<root>/[<split>/]<class>/<name>.{ply,npy,xyz,txt}``; the class is the parent folder.
+- ``folder``: one object per file, the class is a folder: ``<root>/[<split>/]<class>/<name>.<ext>`` or
+  ModelNet's own layout ``<root>/<class>/<split>/<name>.<ext>`` (as ModelNet40/10 ship). Files are point
+  clouds (``.npy``, ``.xyz``, ``.txt``, ``.ply`` without faces) or triangle meshes (``.off``, ``.obj``,
+  ``.ply`` with faces; :mod:`.mesh`), which may be mixed. A mesh gives the sample its points (sampled on
+  the surface, area-weighted, seeded per object) and is kept on the sample, so its views are shaded renders
+  of the mesh rather than of the points.
 
 Files are read one at a time; an unreadable one is yielded as a :class:`DataError` naming it.
 """
@@ -15,11 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from .mesh import MESH_SUFFIXES, is_mesh_file, read_mesh, surface_points
 from .ply import read_ply
 from .source import Source, UpAxis, file_identity, to_y_up
 from .types import DataError, Sample
 
 POINT_SUFFIXES = (".ply", ".npy", ".xyz", ".txt")
+SUFFIXES = POINT_SUFFIXES + MESH_SUFFIXES
+SPLITS = ("train", "test", "val")
 
 
 class ShapeNetRenderSource(Source):
@@ -78,28 +86,65 @@ class ShapeNetRenderSource(Source):
 
 
 class FolderSource(Source):
-    """``<root>/[<split>/]<class>/<name>.{ply,npy,xyz,txt}``: one cloud per file, class = parent folder."""
+    """One object per file, class = a folder: ``<root>/[<split>/]<class>/<name>.<ext>`` or ModelNet's
+    ``<root>/<class>/<split>/<name>.<ext>``; points or meshes (:mod:`.mesh`).
+
+    Args:
+        root: the folder.
+        up_axis: the data's up axis (points and meshes are turned to y-up).
+        mesh_points: points sampled on each mesh's surface.
+        seed: the sampling seed (each object draws from ``(seed, its id)``).
+        fps: farthest-point sampling of the mesh points (from a 4× denser draw) instead of a plain draw.
+    """
 
     format = "folder"
 
-    def __init__(self, root: str | Path, up_axis: UpAxis = "y") -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        up_axis: UpAxis = "y",
+        mesh_points: int = 2048,
+        seed: int = 0,
+        fps: bool = False,
+    ) -> None:
         self.root, self.up_axis = Path(root), up_axis
-        split_dirs = [d for d in ("train", "test", "val") if (self.root / d).is_dir()]
-        self.split_roots = {s: self.root / s for s in split_dirs} or {"train": self.root}
-        self.classes = sorted(
-            {c.name for base in self.split_roots.values() for c in base.iterdir() if c.is_dir()}
-        )
+        self.mesh_points, self.seed, self.fps = mesh_points, seed, fps
+        if not self.root.is_dir():
+            raise DataError(str(self.root), "not a directory")
+        tops = sorted(d for d in self.root.iterdir() if d.is_dir())
+        split_dirs = [d.name for d in tops if d.name in SPLITS]
+        # ModelNet's layout: class folders at the top, each holding split folders.
+        self.class_major = not split_dirs and any((d / s).is_dir() for d in tops for s in SPLITS)
+        self.split_dirs = False
+        if self.class_major:
+            self.classes = [d.name for d in tops]
+            names = {d.name for c in tops for d in c.iterdir() if d.is_dir() and d.name in SPLITS}
+            self._splits = [s for s in SPLITS if s in names]
+        else:
+            self._splits = split_dirs or ["train"]
+            self.split_dirs = bool(split_dirs)
+            bases = [self.root / s for s in split_dirs] or [self.root]
+            self.classes = sorted({c.name for base in bases for c in base.iterdir() if c.is_dir()})
         if not self.classes:
-            raise DataError(str(self.root), "no class folders with point files found")
+            raise DataError(
+                str(self.root), f"no class folders with point or mesh files ({', '.join(SUFFIXES)})"
+            )
+
+    def _class_dir(self, split: str, name: str) -> Path:
+        if self.class_major:
+            return self.root / name / split
+        return self.root / split / name if self.split_dirs else self.root / name
 
     def _files(self, split: str) -> list[Path]:
-        base = self.split_roots[split]
         return sorted(
-            f for c in self.classes for f in (base / c).glob("*") if f.suffix.lower() in POINT_SUFFIXES
+            f
+            for c in self.classes
+            for f in self._class_dir(split, c).glob("*")
+            if f.suffix.lower() in SUFFIXES and f.is_file()
         )
 
     def splits(self) -> list[str]:
-        return list(self.split_roots)
+        return list(self._splits)
 
     def class_names(self) -> list[str] | None:
         return self.classes
@@ -108,18 +153,44 @@ class FolderSource(Source):
         return len(self._files(split))
 
     def identity(self) -> dict[str, Any]:
-        files = [f for s in self.split_roots for f in self._files(s)]
-        return {"format": self.format, "up_axis": self.up_axis, "files": file_identity(files)}
+        files = [f for s in self._splits for f in self._files(s)]
+        out: dict[str, Any] = {"format": self.format, "up_axis": self.up_axis, "files": file_identity(files)}
+        if self.has_meshes():
+            out["mesh_sampling"] = {"points": self.mesh_points, "seed": self.seed, "fps": self.fps}
+        return out
+
+    def has_meshes(self) -> bool:
+        return any(
+            f.suffix.lower() in MESH_SUFFIXES or (f.suffix.lower() == ".ply" and _declares_faces(f))
+            for s in self._splits
+            for f in self._files(s)
+        )
 
     def samples(self, split: str) -> Iterator[Sample | DataError]:
-        label_of = {c: i for i, c in enumerate(self.classes)}
         for f in self._files(split):
-            try:
-                points = to_y_up(read_point_file(f), self.up_axis)
-            except DataError as err:
-                yield err
-                continue
-            yield Sample(f"{f.parent.name}/{f.stem}", points, None, label_of[f.parent.name], str(f), 0, split)
+            yield self.read(split, f)
+
+    def read(self, split: str, f: Path) -> Sample | DataError:
+        """The sample of one file (or the :class:`DataError` that names what is wrong with it)."""
+        label = self.classes.index(f.parent.parent.name if self.class_major else f.parent.name)
+        sample_id = f"{self.classes[label]}/{f.stem}"
+        try:
+            if is_mesh_file(f):
+                vertices, faces = read_mesh(f)
+                vertices = to_y_up(vertices, self.up_axis)
+                points = surface_points((vertices, faces), self.mesh_points, sample_id, self.seed, self.fps)
+                return Sample(sample_id, points, None, label, str(f), 0, split, mesh=(vertices, faces))
+            points = to_y_up(read_point_file(f), self.up_axis)
+        except DataError as err:
+            return err
+        return Sample(sample_id, points, None, label, str(f), 0, split)
+
+
+def _declares_faces(f: Path) -> bool:
+    try:
+        return is_mesh_file(f)
+    except DataError:
+        return False
 
 
 def read_point_file(path: Path) -> np.ndarray:

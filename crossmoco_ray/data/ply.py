@@ -358,3 +358,15 @@ def write_ply(path: str | Path, points: np.ndarray, binary: bool = True) -> None
     else:
         body = "".join(f"{x:.9g} {y:.9g} {z:.9g}\n" for x, y, z in pts.tolist()).encode("ascii")
     Path(path).write_bytes(header + body)
+
+
+def ply_face_count(path: str | Path, header_bytes: int = 1 << 16) -> int:
+    """How many faces a PLY file's header declares (0 for point clouds), reading only the header."""
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(header_bytes)
+    except OSError as e:
+        raise DataError(source, f"cannot read file ({e.strerror or e})") from None
+    _, elements, _ = _parse_header(head, source)
+    return sum(e.count for e in elements if e.name == "face")

@@ -4,8 +4,8 @@
   comes from the file name (``train`` / ``test``).
 - ``shapenetrender``: CrossPoint's layout, ``ShapeNet/<synset>/<id>.ply`` with
   ``ShapeNetRendering/<synset>/<id>/rendering/*.png`` (:mod:`.folders`).
-- ``folder``: ``<root>/[<split>/]<class>/<name>.{ply,npy,xyz,txt}``; the class is the parent folder
-  (:mod:`.folders`).
+- ``folder``: ``<root>/[<split>/]<class>/<name>.<ext>`` or ModelNet's ``<root>/<class>/<split>/``; points
+  (``.ply .npy .xyz .txt``) or meshes (``.off .obj``, ``.ply`` with faces) (:mod:`.folders`, :mod:`.mesh`).
 - ``synthetic``: the built-in procedural set.
 
 This module is the front door: :func:`open_source` picks the reader (detecting the format if asked) and the
@@ -83,11 +83,14 @@ def open_source(
     num_points: int = 2048,
     seed: int = 0,
     variant: str | None = None,
+    fps: bool = False,
 ) -> Source:
     """A :class:`Source` for ``spec`` (a path, a glob or ``"synthetic"``), detecting the format if asked.
 
     ``variant``: which ScanObjectNN variant (``obj_bg``, ``obj_only``, ``pb_t50_rs``, ...) to read from a
     directory of its official files; a directory that holds several without one is an error listing them.
+    ``num_points``: how many points the synthetic generator and mesh files give each object (``fps``:
+    farthest-point sampled on meshes).
     """
     if format == "auto":
         format = detect_format(spec)
@@ -102,7 +105,7 @@ def open_source(
     if format == "shapenetrender":
         return ShapeNetRenderSource(spec, up_axis)
     if format == "folder":
-        return FolderSource(spec, up_axis)
+        return FolderSource(spec, up_axis, mesh_points=num_points, seed=seed, fps=fps)
     raise ValueError(f"unknown source format {format!r}; choose one of {FORMATS} or 'auto'")
 
 

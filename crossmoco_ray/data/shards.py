@@ -76,7 +76,8 @@ class PrepareOptions:
     bucket_rows: int = 1024  # objects per temporary bucket of the shuffle (what pass 2 holds in memory)
     max_buckets: int = 256  # open bucket files in pass 1, at most
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self, meshes: bool = False) -> dict[str, Any]:
+        """What identifies these options' output (``meshes``: the source's views are mesh renders)."""
         keep = (
             "num_points",
             "min_points",
@@ -89,9 +90,9 @@ class PrepareOptions:
             "max_buckets",
         )
         render = asdict(self.render)
-        if self.render.mode != "shaded":
-            # Lighting only shapes shaded views: leaving it out keeps the fingerprints of datasets prepared
-            # before it existed, so re-running their prepare command stays a no-op.
+        if self.render.mode != "shaded" and not meshes:
+            # Lighting only shapes shaded views (and every mesh render): leaving it out keeps the fingerprints
+            # of datasets prepared before it existed, so re-running their prepare command stays a no-op.
             for key in ("light", "ambient", "supersample", "normal_neighbours"):
                 render.pop(key)
         return {**{k: getattr(self, k) for k in keep}, "render": render}
@@ -99,7 +100,12 @@ class PrepareOptions:
 
 def fingerprint(source: Source, opts: PrepareOptions) -> str:
     blob = json.dumps(
-        {"schema": SCHEMA_VERSION, "source": source.identity(), "options": opts.identity()}, sort_keys=True
+        {
+            "schema": SCHEMA_VERSION,
+            "source": source.identity(),
+            "options": opts.identity(meshes=source.has_meshes()),
+        },
+        sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -264,6 +270,7 @@ def _write(
         "num_points": int(next(iter(writers.values())).schema.field("points").type.shape[0]),
         "views_per_object": num_views,
         "rendered": not source.has_views(),
+        "rendered_from": None if source.has_views() else ("meshes" if source.has_meshes() else "points"),
         "render": asdict(opts.render) if not source.has_views() else None,
         "class_names": class_names,
         "counts": {s: {"total": sum(c.values()), "per_class": per_class(c)} for s, c in counts.items()},

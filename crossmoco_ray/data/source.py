@@ -58,6 +58,10 @@ class Source(ABC):
         """Whether samples carry their own images (otherwise they are rendered at prepare time)."""
         return False
 
+    def has_meshes(self) -> bool:
+        """Whether some samples carry a triangle mesh (their views are shaded renders of it)."""
+        return False
+
     def identity(self) -> dict[str, Any]:
         """What identifies this source's content (files, sizes, times) for re-run detection."""
         return {"format": self.format}

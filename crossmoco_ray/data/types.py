@@ -35,6 +35,9 @@ class Sample:
         label: class index, or ``None`` for unlabelled sources.
         source: the file the sample came from (for error messages).
         index: position of the sample inside ``source`` (row of an h5 file; 0 for one-object files).
+        split: the split it belongs to, when the source knows.
+        mesh: ``(vertices [V, 3], faces [F, 3])`` in the same frame as ``points`` when the object is a
+            triangle mesh (its points were sampled on it); its views are then rendered from the mesh.
     """
 
     id: str
@@ -44,3 +47,4 @@ class Sample:
     source: str = ""
     index: int = 0
     split: str | None = field(default=None)
+    mesh: tuple[np.ndarray, np.ndarray] | None = None

@@ -68,3 +68,81 @@ def point_folder(root: Path, points: int = 64) -> Path:
     np.savetxt(root / "table" / "d.xyz", data[3])
     np.savetxt(root / "table" / "e.txt", data[4], delimiter=",")
     return root
+
+
+def cube_mesh(
+    half: float = 1.0, centre: tuple[float, float, float] = (0.0, 0.0, 0.0)
+) -> tuple[np.ndarray, np.ndarray]:
+    """An axis-aligned cube as 8 vertices and 6 quads ``[6, 4]`` (mesh files store polygons)."""
+    v = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=np.float64) * half
+    quads = np.array([(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)])
+    return v + np.asarray(centre), quads
+
+
+def write_off(path: Path, vertices: np.ndarray, faces: np.ndarray, malformed: bool = False) -> Path:
+    """An OFF file; ``malformed``: ModelNet's broken header, the counts glued to ``OFF`` on one line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    counts = f"{len(vertices)} {len(faces)} 0"
+    head = f"OFF{counts}\n" if malformed else f"OFF\n{counts}\n"
+    rows = [" ".join(f"{c:.6f}" for c in v) for v in vertices]
+    rows += [" ".join(str(i) for i in (len(f), *f)) for f in faces]
+    path.write_text(head + "\n".join(rows) + "\n")
+    return path
+
+
+def write_obj(path: Path, vertices: np.ndarray, faces: np.ndarray) -> Path:
+    """A Wavefront OBJ (1-based indices)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = ["# test mesh"] + [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in vertices]
+    rows += ["f " + " ".join(str(i + 1) for i in f) for f in faces]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def write_ply_mesh(path: Path, vertices: np.ndarray, faces: np.ndarray) -> Path:
+    """An ascii PLY with a vertex and a face element."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = [
+        "ply",
+        "format ascii 1.0",
+        f"element vertex {len(vertices)}",
+        "property float x",
+        "property float y",
+        "property float z",
+        f"element face {len(faces)}",
+        "property list uchar int vertex_indices",
+        "end_header",
+    ]
+    rows = [" ".join(f"{c:.6f}" for c in v) for v in vertices]
+    rows += [" ".join(str(i) for i in (len(f), *f)) for f in faces]
+    path.write_text("\n".join(head + rows) + "\n")
+    return path
+
+
+def non_manifold_mesh() -> tuple[np.ndarray, np.ndarray]:
+    """Three fins sharing one edge (non-manifold) plus a triangle touching them at a single vertex."""
+    v = np.array(
+        [[0, 0, 0], [0, 1, 0], [1, 0.5, 0], [-1, 0.5, 0.2], [0, 0.5, 1], [0.3, 1.8, 0.3], [-0.4, 1.6, -0.5]],
+        dtype=np.float64,
+    )
+    f = np.array([(0, 1, 2), (0, 1, 3), (0, 1, 4), (1, 5, 6)])
+    return v, f
+
+
+def mesh_folder(root: Path) -> Path:
+    """ModelNet's layout ``<root>/<class>/<split>/`` with OFF (some with the malformed header), OBJ and PLY
+    meshes, a non-manifold one, in raw units (tens of centimetres, off-centre)."""
+    for i in range(3):
+        v, q = cube_mesh(half=20.0 + i, centre=(100.0, 5.0 * i, -30.0))
+        write_off(root / "cube" / "train" / f"cube_{i:04d}.off", v, q, malformed=i % 2 == 0)
+    write_off(root / "cube" / "test" / "cube_0100.off", *cube_mesh(half=3.0), malformed=True)
+    v, q = cube_mesh()
+    slab = v * np.array([2.0, 0.2, 1.0])
+    write_obj(root / "slab" / "train" / "slab_0001.obj", slab, q)
+    write_ply_mesh(
+        root / "slab" / "train" / "slab_0002.ply", slab * 3, np.concatenate([q[:, :3], q[:, [0, 2, 3]]])
+    )
+    write_obj(root / "slab" / "test" / "slab_0100.obj", slab * 0.5, q)
+    write_ply_mesh(root / "fins" / "train" / "fins_0001.ply", *non_manifold_mesh())
+    write_off(root / "fins" / "test" / "fins_0100.off", *non_manifold_mesh())
+    return root
