@@ -18,10 +18,13 @@ examples:
       --preview docs/modelnet40_renders.png
   crossmoco prepare /data/ShapeNetRender --out s3://bucket/shapenet-shards       # PLY + PNG renders
   crossmoco prepare /data/my_scans --out data/scans --num-points 2048 --skip-bad  # <class>/<file>.ply|npy|xyz
+  crossmoco prepare /data/ModelNet40 --out data/mn40_mesh --up-axis z --fps       # <class>/<split>/*.off
 
 SOURCE is a directory, an .h5 file or glob, or 'synthetic'; --format auto detects ModelNet40/ScanObjectNN
-h5, CrossPoint's ShapeNetRender layout (ShapeNet/ + ShapeNetRendering/) and folders of point files.
-Sources without images get multi-view renders of their points. Rows are written in a seeded random order
+h5, CrossPoint's ShapeNetRender layout (ShapeNet/ + ShapeNetRendering/) and folders of point or mesh files
+(.off .obj, .ply with faces; points are sampled on the surface). Sources without images get multi-view
+renders: shaded triangles of their meshes where they have them (the built-in set, mesh folders), else
+splats of their points. Rows are written in a seeded random order
 per split (real datasets are stored class by class); the shuffle streams through temporary buckets beside
 the output (in the local temp directory for s3:// or gs://), so memory stays bounded and the disk briefly
 holds a second copy. Bad inputs are named (file and index); --skip-bad skips them and writes skipped.json.
@@ -61,6 +64,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                 size=args.render_size,
                 point_size=args.point_size,
                 mode=args.render_mode,
+                points_only=args.render_points_only,
             ),
             rows_per_shard=args.rows_per_shard,
             skip_bad=args.skip_bad,
@@ -138,7 +142,13 @@ def add_prepare_parser(sub: argparse._SubParsersAction[Any]) -> None:
         "--render-mode",
         default="depth",
         choices=["depth", "shaded", "coords"],
-        help="render: depth (nearer is brighter), shaded (lit by normals estimated from the points), coords",
+        help="render: how splats of points look: depth (nearer is brighter), shaded (lit by normals from the "
+        "points), coords; meshes are always rendered as shaded triangles",
+    )
+    p_prep.add_argument(
+        "--render-points-only",
+        action="store_true",
+        help="render: splats of the points even where the source has meshes (to compare renders)",
     )
     p_prep.add_argument("--synthetic-train", type=int, default=2000, help="synthetic: training objects")
     p_prep.add_argument("--synthetic-test", type=int, default=500, help="synthetic: test objects")

@@ -92,14 +92,19 @@ class ImageAugmentConfig(_Section):
 
 
 class RenderConfig(_Section):
-    """Views rendered from the points for sources without images (prepare time)."""
+    """Views rendered for sources without images (prepare time): shaded meshes where the source has them
+    (the built-in set, mesh folders), else splats of the points."""
 
     azimuths: list[float] = Field(default_factory=lambda: [0.0, 60.0, 120.0, 180.0, 240.0, 300.0])
     elevations: list[float] = Field(default_factory=lambda: [20.0])
     size: int = Field(128, ge=8, description="rendered image side (resized to data.image_size when read)")
     point_size: int = Field(2, ge=1)
     mode: Literal["depth", "shaded", "coords"] = Field(
-        "depth", description="depth: nearer is brighter; shaded: lit by normals estimated from the points"
+        "depth",
+        description="splats: depth: nearer is brighter; shaded: lit by normals estimated from the points",
+    )
+    points_only: bool = Field(
+        False, description="render splats of the points even where the source has meshes (renders A/B)"
     )
 
 

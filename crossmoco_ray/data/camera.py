@@ -41,6 +41,8 @@ class RenderSpec:
         ambient: share of light every surface gets whatever its slant (0..1).
         supersample: mesh renders: samples per pixel along each axis (anti-aliasing; 1 = none).
         normal_neighbours: shaded points: neighbours per point for the normal estimate.
+        points_only: render splats of the points (in ``mode``) even for objects that come with a mesh
+            (what every source got before meshes were read; for A/B comparisons of the renders).
     """
 
     azimuths: tuple[float, ...] = (0.0, 60.0, 120.0, 180.0, 240.0, 300.0)
@@ -53,6 +55,7 @@ class RenderSpec:
     ambient: float = 0.25
     supersample: int = 2
     normal_neighbours: int = 16
+    points_only: bool = False
 
     def __post_init__(self) -> None:
         if len(self.azimuths) == 0:

@@ -83,14 +83,14 @@ def resample(points: np.ndarray, n: int, sample_id: str, seed: int) -> np.ndarra
 def check_views(sample: Sample, pts: np.ndarray, render: RenderSpec) -> tuple[list[bytes], list[np.ndarray]]:
     """PNG bytes of the sample's views (rendered when it has none), checked to decode; ≥ 2 needed.
 
-    A sample without views is rendered from its mesh when it has one (shaded triangles), else from ``pts``
-    (splats in ``render.mode``).
+    A sample without views is rendered from its mesh when it has one (shaded triangles) unless
+    ``render.points_only``, else from ``pts`` (splats in ``render.mode``).
 
     Also returns the views as images (``[H, W, 3]`` uint8 each), so the preview contact sheet need not
     decode them again.
     """
     if sample.views is None:
-        if sample.mesh is not None:
+        if sample.mesh is not None and not render.points_only:
             images = list(render_mesh(*sample.mesh, render))
         else:
             images = list(render_views(pts, render))

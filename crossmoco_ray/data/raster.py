@@ -101,6 +101,24 @@ def _rasterise(cam: np.ndarray, faces: np.ndarray, size: int, spec: RenderSpec) 
     normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-30)
     shade = intensity(normal, spec).astype(np.float64)
 
+    # Per triangle, the barycentric weights of vertices b and c and the depth as planes in pixel space
+    # (value = u·x + v·y + w), so testing a candidate pixel is three dot products with one row each.
+    ax, ay = tri_x[:, 0], tri_y[:, 0]
+    bx, by, cx, cy = tri_x[:, 1] - ax, tri_y[:, 1] - ay, tri_x[:, 2] - ax, tri_y[:, 2] - ay
+    inv = 1.0 / area
+    wb_u, wb_v = cy * inv, -cx * inv  # wb = ((x - ax)·cy − cx·(y − ay)) / area
+    wc_u, wc_v = -by * inv, bx * inv  # wc = (bx·(y − ay) − (x − ax)·by) / area
+    dz_b, dz_c = tri_z[:, 1] - tri_z[:, 0], tri_z[:, 2] - tri_z[:, 0]
+    z_u, z_v = dz_b * wb_u + dz_c * wc_u, dz_b * wb_v + dz_c * wc_v
+    planes = np.stack(
+        [
+            np.stack([wb_u, wb_v, -(wb_u * ax + wb_v * ay)], axis=1),
+            np.stack([wc_u, wc_v, -(wc_u * ax + wc_v * ay)], axis=1),
+            np.stack([z_u, z_v, tri_z[:, 0] - z_u * ax - z_v * ay], axis=1),
+        ],
+        axis=1,
+    )  # [T, 3 planes, 3 coefficients]
+
     zbuf = np.full(size * size, -np.inf)
     owner = np.full(size * size, -1, dtype=np.int64)  # the visible triangle per pixel
     # Chunks of triangles whose candidates add up to about CHUNK (a huge triangle gets a chunk alone).
@@ -110,8 +128,7 @@ def _rasterise(cam: np.ndarray, faces: np.ndarray, size: int, spec: RenderSpec) 
         before = total[start] - counts[start]
         stop = max(start + 1, int(np.searchsorted(total, before + CHUNK, side="right")))
         part = slice(start, stop)
-        chunk = (tri_x[part], tri_y[part], tri_z[part], area[part], c0[part], r0[part], width[part])
-        _fill(chunk, counts[part], start, size, zbuf, owner)
+        _fill(planes[part], c0[part], r0[part], width[part], counts[part], start, size, zbuf, owner)
         start = stop
     out = np.zeros(size * size)
     hit = owner >= 0
@@ -120,7 +137,10 @@ def _rasterise(cam: np.ndarray, faces: np.ndarray, size: int, spec: RenderSpec) 
 
 
 def _fill(
-    chunk: tuple[np.ndarray, ...],
+    planes: np.ndarray,
+    c0: np.ndarray,
+    r0: np.ndarray,
+    width: np.ndarray,
     counts: np.ndarray,
     first: int,
     size: int,
@@ -129,31 +149,29 @@ def _fill(
 ) -> None:
     """Test the bounding-box pixels of a chunk of triangles (numbered from ``first``); update the z-buffer.
 
-    ``chunk`` holds the triangles' pixel x, pixel y and depth (``[T, 3]`` each), signed doubled area, first
-    column, first row and bounding-box width (``[T]`` each); ``counts`` their bounding-box pixel counts.
+    ``planes [T, 3, 3]``: per triangle the barycentric weights of its 2nd and 3rd vertices and its depth
+    as ``(u, v, w)`` planes over pixel coordinates; ``c0``, ``r0``, ``width``: first column, first row and
+    width of its bounding box; ``counts``: its bounding-box pixel count.
     """
-    tri_x, tri_y, tri_z, area, c0, r0, width = chunk
     which = np.repeat(np.arange(len(counts)), counts)  # candidate → triangle of this chunk
     offset = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
     w = width[which]
-    col = c0[which] + offset % w
-    row = r0[which] + offset // w
+    row_in, col_in = np.divmod(offset, w)
+    col = c0[which] + col_in
+    row = r0[which] + row_in
     x, y = col + 0.5, row + 0.5
-    ax, ay = tri_x[which, 0], tri_y[which, 0]
-    bx, by = tri_x[which, 1], tri_y[which, 1]
-    cx, cy = tri_x[which, 2], tri_y[which, 2]
-    inv = 1.0 / area[which]
-    # Barycentric weights from edge functions; all ≥ 0 (for either winding, after dividing by the area).
-    wb = ((x - ax) * (cy - ay) - (cx - ax) * (y - ay)) * inv
-    wc = ((bx - ax) * (y - ay) - (x - ax) * (by - ay)) * inv
-    wa = 1.0 - wb - wc
-    inside = (wa >= 0) & (wb >= 0) & (wc >= 0)
+    p = planes[which]  # [n, 3, 3]: one gather of contiguous rows
+    # Barycentric weights; all ≥ 0 inside (for either winding: the area's sign is in the planes).
+    wb = p[:, 0, 0] * x + p[:, 0, 1] * y + p[:, 0, 2]
+    wc = p[:, 1, 0] * x + p[:, 1, 1] * y + p[:, 1, 2]
+    inside = (wb >= 0) & (wc >= 0) & (wb + wc <= 1.0)
     if not inside.any():
         return
-    which = which[inside]
-    z = wa[inside] * tri_z[which, 0] + wb[inside] * tri_z[which, 1] + wc[inside] * tri_z[which, 2]
+    which, p = which[inside], p[inside]
+    x, y = x[inside], y[inside]
+    z = p[:, 2, 0] * x + p[:, 2, 1] * y + p[:, 2, 2]  # orthographic: depth is linear in pixel space
     pixel = (row * size + col)[inside]
-    np.maximum.at(zbuf, pixel, z)  # orthographic: depth is linear in the barycentric weights
+    np.maximum.at(zbuf, pixel, z)
     # Candidates at the new maximum own their pixel; a later chunk overwrites only where it is nearer.
     win = z >= zbuf[pixel]
     owner[pixel[win]] = first + which[win]

@@ -43,7 +43,7 @@ __all__ = [
 
 
 class SyntheticSource(Source):
-    """The built-in procedural shapes (labelled; views rendered at prepare time)."""
+    """The built-in procedural objects (labelled; meshes, whose shaded views are rendered at prepare time)."""
 
     format = "synthetic"
 
@@ -58,6 +58,9 @@ class SyntheticSource(Source):
 
     def count(self, split: str) -> int | None:
         return self.counts[split]
+
+    def has_meshes(self) -> bool:
+        return True
 
     def identity(self) -> dict[str, Any]:
         return {

@@ -90,6 +90,9 @@ class PrepareOptions:
             "max_buckets",
         )
         render = asdict(self.render)
+        meshes = meshes and not self.render.points_only
+        if not self.render.points_only:
+            render.pop("points_only")  # the fingerprints of datasets prepared before the option hold
         if self.render.mode != "shaded" and not meshes:
             # Lighting only shapes shaded views (and every mesh render): leaving it out keeps the fingerprints
             # of datasets prepared before it existed, so re-running their prepare command stays a no-op.
@@ -270,7 +273,9 @@ def _write(
         "num_points": int(next(iter(writers.values())).schema.field("points").type.shape[0]),
         "views_per_object": num_views,
         "rendered": not source.has_views(),
-        "rendered_from": None if source.has_views() else ("meshes" if source.has_meshes() else "points"),
+        "rendered_from": None
+        if source.has_views()
+        else ("meshes" if source.has_meshes() and not opts.render.points_only else "points"),
         "render": asdict(opts.render) if not source.has_views() else None,
         "class_names": class_names,
         "counts": {s: {"total": sum(c.values()), "per_class": per_class(c)} for s, c in counts.items()},

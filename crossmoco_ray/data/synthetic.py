@@ -22,12 +22,13 @@ from typing import Literal
 
 import numpy as np
 
-from crossmoco_ray.data.objects import OBJECT_SAMPLERS
+from crossmoco_ray.data.objects import OBJECT_MESHES
+from crossmoco_ray.data.shapes import Mesh, sample_mesh
 from crossmoco_ray.data.types import Sample
 
 UpAxis = Literal["x", "y", "z"]
 
-SHAPE_CLASSES: tuple[str, ...] = tuple(OBJECT_SAMPLERS)
+SHAPE_CLASSES: tuple[str, ...] = tuple(OBJECT_MESHES)
 """The class names; a sample's label is its class's position here."""
 
 # Canonical (y-up) coordinates → coordinates with the given up axis, as proper rotations (det = +1) so
@@ -40,7 +41,7 @@ _UP_ROTATIONS: dict[str, np.ndarray] = {
 }
 
 # Within-class deformation ranges (all mild, so a deformed box is still a box).
-GENERATOR_VERSION = 2  # bump when the samples change (shards prepared by an older generator are not reused)
+GENERATOR_VERSION = 3  # bump when the samples change (shards prepared by an older generator are not reused)
 _ANISO = (0.85, 1.15)  # per-axis scale
 _TAPER = 0.25  # relative change of the horizontal scale per unit height
 _TWIST = 0.6  # radians of twist about the up axis per unit height
@@ -90,15 +91,16 @@ def _deform(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.stack([x + offset * np.cos(phi), y, z + offset * np.sin(phi)], axis=1)
 
 
-def _normalise(points: np.ndarray) -> np.ndarray:
-    """Centre ``points [N, 3]`` on their bounding-box centre and scale them to a maximum radius of 1.
+def _normalise(points: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Centre ``points [N, 3]`` on their bounding-box centre and scale them to a maximum radius of 1;
+    ``others`` (e.g. the mesh's vertices) move and scale with them.
 
     The bounding-box centre (not the mean) puts e.g. a cone's base and apex at the same distance from
     the origin, so the position of the centroid stays a shape cue rather than being removed.
     """
-    p = points - (points.min(axis=0) + points.max(axis=0)) / 2.0
-    radius = float(np.linalg.norm(p, axis=1).max())
-    return p / max(radius, 1e-12)
+    centre = (points.min(axis=0) + points.max(axis=0)) / 2.0
+    radius = max(float(np.linalg.norm(points - centre, axis=1).max()), 1e-12)
+    return tuple((p - centre) / radius for p in (points, *others))
 
 
 def _partial(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -116,22 +118,30 @@ def _unit_ball(k: int, rng: np.random.Generator) -> np.ndarray:
     return v * rng.random((k, 1)) ** (1 / 3)
 
 
-def _tilt(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Rotate by up to ``_TILT`` about a random horizontal axis (objects are rarely perfectly upright)."""
+def _tilt(rng: np.random.Generator) -> np.ndarray:
+    """``[3, 3]``: a rotation by up to ``_TILT`` about a random horizontal axis (objects are rarely
+    perfectly upright)."""
     a = rng.uniform(0.0, 2.0 * np.pi)
     axis = np.array([np.cos(a), 0.0, np.sin(a)])
     angle = rng.uniform(-_TILT, _TILT)
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    rot = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)  # Rodrigues
-    return points @ rot.T
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)  # Rodrigues
 
 
 def sample_shape(name: str, num_points: int, rng: np.random.Generator) -> np.ndarray:
-    """Points as a scanner sees a random member of class ``name``, canonical frame (y up).
+    """Points as a scanner sees a random member of class ``name``: :func:`sample_object` without the mesh."""
+    return sample_object(name, num_points, rng)[0]
 
-    Random proportions within the class, uniform by area, centred and scaled to a maximum radius of 1,
-    a mild random deformation, then (with probability ``_PARTIAL``) a partial scan that keeps one side,
-    re-normalised, a small random tilt, Gaussian noise (σ 0.005–0.02) and up to 2% outliers.
+
+def sample_object(name: str, num_points: int, rng: np.random.Generator) -> tuple[np.ndarray, Mesh]:
+    """A random member of class ``name``: its mesh, and points as a scanner sees it; canonical frame (y up).
+
+    The class's mesh (random proportions) is centred and scaled to a maximum radius of 1 and mildly
+    deformed (its vertices; parts are tessellated finely enough to bend), points are drawn on it uniformly
+    by area, then (with probability ``_PARTIAL``) a partial scan keeps one side and is re-normalised; a
+    small random tilt turns points and mesh alike; Gaussian noise (σ 0.005–0.02) and up to 2% outliers
+    touch the points only. The mesh stays whole: renders show the object, the points what one scan saw
+    (as a CAD model's renders beside a real scan of it).
 
     Args:
         name: one of :data:`SHAPE_CLASSES`.
@@ -139,24 +149,28 @@ def sample_shape(name: str, num_points: int, rng: np.random.Generator) -> np.nda
         rng: the source of all randomness.
 
     Returns:
-        ``[N, 3]`` float32.
+        ``([N, 3] float32 points, (vertices [V, 3] float64, faces [F, 3] int64))``, in one frame.
     """
-    sampler = OBJECT_SAMPLERS.get(name)
-    if sampler is None:
+    builder = OBJECT_MESHES.get(name)
+    if builder is None:
         raise ValueError(f"unknown shape class {name!r}; the classes are: {', '.join(SHAPE_CLASSES)}")
     if num_points < 1:
         raise ValueError(f"num_points must be at least 1, got {num_points}")
+    vertices, faces = builder(rng)
+    (vertices,) = _normalise(vertices)
+    vertices = _deform(vertices, rng)
     partial = rng.random() < _PARTIAL
     drawn = int(np.ceil(num_points / _KEEP[0])) + 1 if partial else num_points
-    points = _deform(_normalise(sampler(drawn, rng)), rng)
+    points = sample_mesh(vertices, faces, drawn, rng)
     if partial:
         points = _partial(points, rng)
-        points = _normalise(points[rng.permutation(len(points))[:num_points]])
-    points = _tilt(points, rng)
+        points, vertices = _normalise(points[rng.permutation(len(points))[:num_points]], vertices)
+    tilt = _tilt(rng)
+    points, vertices = points @ tilt.T, vertices @ tilt.T
     points += rng.normal(scale=rng.uniform(*_NOISE), size=points.shape)
     outliers = rng.random(num_points) < rng.uniform(0.0, _OUTLIERS)
     points[outliers] = _unit_ball(int(outliers.sum()), rng)
-    return points.astype(np.float32)
+    return points.astype(np.float32), (vertices, faces)
 
 
 def _split_code(split: str) -> int:
@@ -182,7 +196,8 @@ def synthetic_samples(
         up_axis: the axis that is up in the yielded points (the shapes are built y-up).
 
     Yields:
-        :class:`Sample` with ``points [N, 3]`` float32, ``label`` the class index, ``views=None``,
+        :class:`Sample` with ``points [N, 3]`` float32, its ``mesh`` in the same frame (views are rendered
+        from it), ``label`` the class index, ``views=None``,
         ``id=f"synthetic-{split}-{i:07d}"``, ``source="synthetic"``, ``index=i`` and ``split``.
     """
     if count < 0:
@@ -209,8 +224,10 @@ def _stream(count: int, num_points: int, seed: int, split: str, up_axis: UpAxis)
             order = np.random.default_rng([seed, code, block, 0x1ABE1]).permutation(n_classes)
         label = int(order[slot])
         rng = np.random.default_rng([seed, code, i])
-        points = sample_shape(SHAPE_CLASSES[label], num_points, rng)
-        points = to_up_axis(rotate_about_up(points, rng.uniform(0.0, 2.0 * np.pi)), up_axis)
+        points, (vertices, faces) = sample_object(SHAPE_CLASSES[label], num_points, rng)
+        angle = rng.uniform(0.0, 2.0 * np.pi)
+        points = to_up_axis(rotate_about_up(points, angle), up_axis)
+        vertices = to_up_axis(rotate_about_up(vertices, angle), up_axis)
         yield Sample(
             id=f"synthetic-{split}-{i:07d}",
             points=np.ascontiguousarray(points, dtype=np.float32),
@@ -219,4 +236,5 @@ def _stream(count: int, num_points: int, seed: int, split: str, up_axis: UpAxis)
             source="synthetic",
             index=i,
             split=split,
+            mesh=(vertices, faces),
         )

@@ -97,6 +97,7 @@ def builtin_dataset(cfg: Config, root_storage: str, log: Callable[[str], None]) 
         size=d.render.size,
         point_size=d.render.point_size,
         mode=d.render.mode,
+        points_only=d.render.points_only,
     )
     opts = PrepareOptions(val_fraction=d.val_fraction, seed=0, render=spec)
     source = SyntheticSource({"train": d.synthetic_train, "test": d.synthetic_test}, points, seed=0)

@@ -175,3 +175,20 @@ def test_prepare_meshes_names_the_empty_one_and_renders_shaded(tmp_path: Path) -
             ),
             log=lambda m: None,
         )
+
+
+def test_the_built_in_set_renders_meshes_unless_points_only(tmp_path: Path) -> None:
+    src = open_source("synthetic", synthetic_counts={"train": 4, "test": 2}, num_points=128)
+    spec = RenderSpec(azimuths=(0.0, 90.0), size=64, point_size=1)
+    quiet = {"log": lambda m: None}
+    mesh = prepare(src, str(tmp_path / "m"), PrepareOptions(render=spec, shuffle=False), **quiet)
+    points_spec = RenderSpec(azimuths=(0.0, 90.0), size=64, point_size=1, points_only=True)
+    splat = prepare(src, str(tmp_path / "p"), PrepareOptions(render=points_spec, shuffle=False), **quiet)
+    assert mesh["rendered_from"] == "meshes"
+    assert splat["rendered_from"] == "points"
+    assert mesh["fingerprint"] != splat["fingerprint"]
+    a, b = read_rows(tmp_path / "m", "train"), read_rows(tmp_path / "p", "train")
+    assert np.array_equal(a["points"], b["points"])  # the same objects, rendered two ways
+    m, p = decode_png(a["views"][0][0]), decode_png(b["views"][0][0])
+    # A mesh render covers the silhouette; 128 one-pixel splats cover at most 128 of its 4096 pixels.
+    assert (m > 0).mean() > 2 * (p > 0).mean()

@@ -98,18 +98,51 @@ def test_sampling_is_uniform_by_area() -> None:
     """A cylinder's caps get their share of the area, not a fixed share of the points."""
     rng = np.random.default_rng(1)
     h = 2.5
-    p = shapes.mix_parts(objects.cylinder(rng, (0.0, 0.0, 0.0), 1.0, h), 20000, rng)
+    p = shapes.sample_mesh(*objects.cylinder((0.0, 0.0, 0.0), 1.0, h), 20000, rng)
     on_caps = np.isclose(np.abs(p[:, 1]), h / 2).mean()
-    assert on_caps == pytest.approx(2 * np.pi / (2 * np.pi + 2 * np.pi * h), abs=0.015)
+    # The tessellated cylinder (24 sides) has 24 sin(pi/12) / pi of the round one's perimeter.
+    side = 2 * h * 24 * np.sin(np.pi / 24)
+    caps = 2 * 12 * np.sin(2 * np.pi / 24)
+    assert on_caps == pytest.approx(caps / (caps + side), abs=0.015)
     # a truncated cone's side: the wide end holds more points (density uniform by area)
-    area, sample = objects.frustum(rng, (0.0, 0.0, 0.0), 1.0, 0.25, 1.0)
-    q = sample(20000)
-    assert area == pytest.approx(np.pi * 1.25 * np.hypot(1.0, 0.75))
+    q = shapes.sample_mesh(*objects.frustum((0.0, 0.0, 0.0), 1.0, 0.25, 1.0), 20000, rng)
     assert (q[:, 1] < 0).mean() == pytest.approx((1.0 + 0.625) / (1.0 + 0.625 + 0.625 + 0.25), abs=0.015)
     # A 2 x 1 x 1 box: faces are sampled in proportion to their areas (±x faces: 2 of 10 units of area).
     v, f = shapes.prism_mesh(np.array([[-1.0, -0.5], [1.0, -0.5], [1.0, 0.5], [-1.0, 0.5]]), 1.0, (0.0, 0.0))
     q = shapes.sample_mesh(v, f, 20000, rng)
     assert np.isclose(np.abs(q[:, 0]), 1.0).mean() == pytest.approx(0.2, abs=0.01)
+    v, f = objects.box((0.0, 0.0, 0.0), (1.0, 0.5, 0.5))  # the same box as subdivided grids
+    q = shapes.sample_mesh(v, f, 20000, rng)
+    assert np.isclose(np.abs(q[:, 0]), 1.0).mean() == pytest.approx(0.2, abs=0.01)
+
+
+def test_part_meshes_are_closed_where_they_should_be() -> None:
+    """A closed box and a capped cylinder: every edge is shared by exactly two triangles (watertight)."""
+    for vertices, faces in (
+        objects.box((0.1, 0.2, 0.3), (1.0, 0.3, 0.6)),
+        objects.cylinder((0, 0, 0), 0.5, 1.0),
+    ):
+        # Merge coincident vertices (grids of neighbouring box faces repeat their shared edges).
+        _, ids = np.unique(np.round(vertices, 9), axis=0, return_inverse=True)
+        f = ids.ravel()[faces]
+        f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 0] != f[:, 2])]  # caps' degenerate centres
+        edges = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
+        _, uses = np.unique(edges, axis=0, return_counts=True)
+        assert (uses == 2).all()
+
+
+def test_samples_carry_their_mesh_in_the_points_frame() -> None:
+    s = next(synthetic_samples(1, 2000, seed=4, up_axis="z"))
+    assert s.mesh is not None
+    vertices, faces = s.mesh
+    # The points (a scan: noisy, maybe partial, a few outliers) lie on the mesh: their median distance to
+    # a dense sample of its surface is about the noise; a mesh left in another frame would be far off.
+    dense = shapes.sample_mesh(vertices, faces, 20000, np.random.default_rng(0))
+    d = np.sqrt(((s.points[:, None, :] - dense[None, ::4, :]) ** 2).sum(-1)).min(axis=1)
+    assert np.median(d) < 0.05
+    wrong = dense[:, [0, 2, 1]]  # the mesh left y-up
+    assert np.median(np.sqrt(((s.points[:, None, :] - wrong[None, ::4, :]) ** 2).sum(-1)).min(axis=1)) > 0.05
+    assert faces.max() < len(vertices)
 
 
 def test_sample_fields() -> None:
