@@ -1,4 +1,5 @@
-"""``crossmoco prepare``: a dataset source to validated Parquet shards (+ renders). No configuration, no Ray.
+"""``crossmoco prepare``: a dataset source to validated Parquet shards (+ renders). No configuration; Ray only
+with ``--ray`` (or ``RAY_ADDRESS``).
 
 Registered on the top-level parser by :func:`crossmoco_ray.cli.build_parser`.
 """
@@ -19,6 +20,7 @@ examples:
   crossmoco prepare /data/ShapeNetRender --out s3://bucket/shapenet-shards       # PLY + PNG renders
   crossmoco prepare /data/my_scans --out data/scans --num-points 2048 --skip-bad  # <class>/<file>.ply|npy|xyz
   crossmoco prepare /data/ModelNet40 --out data/mn40_mesh --up-axis z --fps       # <class>/<split>/*.off
+  RAY_ADDRESS=auto crossmoco prepare /data/ModelNet40 --out s3://bucket/mn40 --up-axis z  # on a cluster
 
 SOURCE is a directory, an .h5 file or glob, or 'synthetic'; --format auto detects ModelNet40/ScanObjectNN
 h5, CrossPoint's ShapeNetRender layout (ShapeNet/ + ShapeNetRendering/) and folders of point or mesh files
@@ -28,7 +30,9 @@ splats of their points. Rows are written in a seeded random order
 per split (real datasets are stored class by class); the shuffle streams through temporary buckets beside
 the output (in the local temp directory for s3:// or gs://), so memory stays bounded and the disk briefly
 holds a second copy. Bad inputs are named (file and index); --skip-bad skips them and writes skipped.json.
-Re-running the same command is a no-op.
+Re-running the same command is a no-op. With --ray (or RAY_ADDRESS set) reading, checking and rendering run
+as a Ray Data pipeline over the cluster's CPUs; the driver keeps the order, shuffle and writer, so the shards
+are the same bytes as without it.
 """
 
 
@@ -37,6 +41,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    import os
+
     from .data.readers import open_source
     from .data.render import RenderSpec
     from .data.shards import PrepareOptions, prepare
@@ -71,6 +77,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             preview=args.preview,
             shuffle=not args.no_shuffle,
+            ray=args.ray or bool(os.environ.get("RAY_ADDRESS")),
+            ray_cpus=args.ray_cpus,
         )
         prepare(source, args.out, opts, log=lambda msg: print(msg, file=sys.stderr))
     except (DataError, ValueError) as err:
@@ -149,6 +157,15 @@ def add_prepare_parser(sub: argparse._SubParsersAction[Any]) -> None:
         "--render-points-only",
         action="store_true",
         help="render: splats of the points even where the source has meshes (to compare renders)",
+    )
+    p_prep.add_argument(
+        "--ray",
+        action="store_true",
+        help="read, check and render on Ray Data across the cluster's CPUs (the default when RAY_ADDRESS is "
+        "set; a local Ray otherwise); same shards as without it",
+    )
+    p_prep.add_argument(
+        "--ray-cpus", type=int, help="CPUs of the local Ray that --ray starts (default: all of this machine)"
     )
     p_prep.add_argument("--synthetic-train", type=int, default=2000, help="synthetic: training objects")
     p_prep.add_argument("--synthetic-test", type=int, default=500, help="synthetic: test objects")

@@ -62,12 +62,18 @@ class ShapeNetRenderSource(Source):
         return {"format": self.format, "up_axis": self.up_axis, "files": file_identity(self.clouds)}
 
     def samples(self, split: str) -> Iterator[Sample | DataError]:
-        label_of = {s: i for i, s in enumerate(self.synsets)}
         for ply in self.clouds:
-            try:
-                yield self._sample(ply, label_of[ply.parent.name], split)
-            except DataError as err:
-                yield err
+            yield from self.read_task(split, str(ply))
+
+    def tasks(self, split: str) -> list[Any]:
+        return [str(p) for p in self.clouds]
+
+    def read_task(self, split: str, task: Any) -> Iterator[Sample | DataError]:
+        ply = Path(task)
+        try:
+            yield self._sample(ply, self.synsets.index(ply.parent.name), split)
+        except DataError as err:
+            yield err
 
     def _sample(self, ply: Path, label: int, split: str) -> Sample:
         synset, model = ply.parent.name, ply.stem
@@ -169,6 +175,12 @@ class FolderSource(Source):
     def samples(self, split: str) -> Iterator[Sample | DataError]:
         for f in self._files(split):
             yield self.read(split, f)
+
+    def tasks(self, split: str) -> list[Any]:
+        return [str(f) for f in self._files(split)]
+
+    def read_task(self, split: str, task: Any) -> Iterator[Sample | DataError]:
+        yield self.read(split, Path(task))
 
     def read(self, split: str, f: Path) -> Sample | DataError:
         """The sample of one file (or the :class:`DataError` that names what is wrong with it)."""

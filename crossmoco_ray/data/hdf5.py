@@ -185,12 +185,38 @@ class H5Source(Source):
 
     def samples(self, split: str) -> Iterator[Sample | DataError]:
         for f in sorted(self.by_split.get(split, [])):
-            try:
-                yield from self._file_samples(f, split)
-            except DataError as err:
-                yield err
+            yield from self.read_task(split, (str(f), 0, None))
 
-    def _file_samples(self, f: Path, split: str) -> Iterator[Sample | DataError]:
+    def tasks(self, split: str) -> list[Any]:
+        """``(file, first row, end row)`` per chunk of :data:`H5_CHUNK` rows; a file with a problem of its
+        own (unreadable, no labels, shapes that disagree) is one task, which names it once when read."""
+        out: list[Any] = []
+        for f in sorted(self.by_split.get(split, [])):
+            try:
+                with _open_h5(f) as h5:
+                    data = _dataset(h5, "data", f)
+                    rows = int(data.shape[0]) if data.ndim == 3 and data.shape[-1] >= 3 else -1
+                    if "label" not in h5 or h5["label"].shape[0] != rows:
+                        rows = -1
+            except (DataError, OSError):
+                rows = -1
+            if rows <= 0:
+                out.append((str(f), 0, None))
+            else:
+                out += [(str(f), a, min(a + H5_CHUNK, rows)) for a in range(0, rows, H5_CHUNK)]
+        return out
+
+    def read_task(self, split: str, task: Any) -> Iterator[Sample | DataError]:
+        f, start, stop = task
+        try:
+            yield from self._file_samples(Path(f), split, start, stop)
+        except DataError as err:
+            yield err
+
+    def _file_samples(
+        self, f: Path, split: str, first: int = 0, end: int | None = None
+    ) -> Iterator[Sample | DataError]:
+        """Rows ``first..end`` of ``f`` (all by default); a problem of the whole file is raised."""
         with _open_h5(f) as h5:
             data = _dataset(h5, "data", f)
             rows = int(data.shape[0]) if data.ndim else 0
@@ -213,8 +239,9 @@ class H5Source(Source):
                     f"all {rows} rows skipped",
                     rows=rows,
                 )
-            for start in range(0, data.shape[0], H5_CHUNK):
-                stop = min(start + H5_CHUNK, data.shape[0])
+            end = data.shape[0] if end is None else end
+            for start in range(first, end, H5_CHUNK):
+                stop = min(start + H5_CHUNK, end)
                 try:
                     block = np.asarray(data[start:stop, :, :3], dtype=np.float32)
                     lab = np.asarray(labels[start:stop]).reshape(len(block), -1)[:, 0]

@@ -23,7 +23,7 @@ from typing import Any
 from .folders import FolderSource, ShapeNetRenderSource, read_point_file
 from .hdf5 import H5Source, h5_format
 from .source import Source, UpAxis, to_y_up
-from .synthetic import GENERATOR_VERSION, synthetic_samples
+from .synthetic import GENERATOR_VERSION, synthetic_range, synthetic_samples
 from .synthetic import class_names as synthetic_class_names
 from .types import DataError, Sample
 
@@ -40,6 +40,9 @@ __all__ = [
     "read_point_file",
     "to_y_up",
 ]
+
+
+SYNTHETIC_TASK = 16  # built-in objects per task of prepare --ray
 
 
 class SyntheticSource(Source):
@@ -73,6 +76,14 @@ class SyntheticSource(Source):
 
     def samples(self, split: str) -> Iterator[Sample | DataError]:
         return synthetic_samples(self.counts[split], self.num_points, seed=self.seed, split=split)
+
+    def tasks(self, split: str) -> list[Any]:
+        n = self.counts[split]
+        return [(a, min(a + SYNTHETIC_TASK, n)) for a in range(0, n, SYNTHETIC_TASK)]
+
+    def read_task(self, split: str, task: Any) -> Iterator[Sample | DataError]:
+        first, end = task
+        return synthetic_range(first, end, self.num_points, seed=self.seed, split=split)
 
 
 FORMATS = ("modelnet40", "scanobjectnn", "shapenetrender", "folder", "synthetic")

@@ -37,7 +37,7 @@ import shutil
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -50,10 +50,10 @@ from ..storage import resolve, write_bytes, write_json
 from .checks import check_label, check_points, check_views, resample, val_assignment
 from .manifest import MANIFEST, SCHEMA_VERSION, SKIPPED, file_exists, join_uri, read_manifest
 from .progress import Progress
-from .render import RenderSpec, contact_sheet
+from .render import RenderSpec, contact_sheet, decode_png
 from .shuffle import Buckets, bucket_count
 from .source import Source
-from .types import DataError
+from .types import DataError, Sample
 from .writer import ShardWriter
 
 
@@ -75,6 +75,8 @@ class PrepareOptions:
     shuffle: bool = True  # rows in a seeded random order per split (False: the source's order)
     bucket_rows: int = 1024  # objects per temporary bucket of the shuffle (what pass 2 holds in memory)
     max_buckets: int = 256  # open bucket files in pass 1, at most
+    ray: bool = False  # read, check and render on Ray Data across the cluster (:mod:`.prepare_ray`)
+    ray_cpus: int | None = None  # CPUs of the local Ray started for it (None: all); ignored on a cluster
 
     def identity(self, meshes: bool = False) -> dict[str, Any]:
         """What identifies these options' output (``meshes``: the source's views are mesh renders)."""
@@ -99,6 +101,58 @@ class PrepareOptions:
             for key in ("light", "ambient", "supersample", "normal_neighbours"):
                 render.pop(key)
         return {**{k: getattr(self, k) for k in keep}, "render": render}
+
+
+@dataclass
+class Processed:
+    """One sample after prepare's per-sample work (read, check, resample, render), ready to be placed.
+
+    The work is a pure function of the sample and the options, so it can run anywhere (a Ray Data task);
+    what depends on other samples (duplicate ids, one point count, the shuffle) is decided in order by
+    the driver. Two error slots keep the local path's precedence: ``points_error`` (reading, the points)
+    comes before the point-count agreement, ``error`` (label, views) after it.
+    """
+
+    id: str | None  # None: the item was a reading error
+    source: str = ""
+    index: int = 0
+    label: int = -1
+    points: np.ndarray | None = None
+    views: list[bytes] | None = None
+    points_error: DataError | None = None
+    error: DataError | None = None
+
+
+def process(
+    item: Sample | DataError, opts: PrepareOptions, class_names: list[str] | None, hint: str
+) -> Processed:
+    """The per-sample work of prepare on one item of a source (never raises :class:`DataError`)."""
+    if isinstance(item, DataError):
+        return Processed(None, item.source, item.index or 0, points_error=item)
+    out = Processed(item.id, item.source, item.index)
+    try:
+        pts = check_points(item, opts.min_points)
+        if opts.num_points is not None:
+            pts = resample(pts, opts.num_points, item.id, opts.seed)
+    except DataError as err:
+        out.points_error = err
+        return out
+    out.points = pts
+    try:
+        out.label = check_label(item, class_names, hint)
+        out.views, _ = check_views(item, pts, opts.render)
+    except DataError as err:
+        out.error = err
+    return out
+
+
+def processed_locally(
+    source: Source, split: str, opts: PrepareOptions, class_names: list[str] | None, hint: str
+) -> Iterator[Processed]:
+    """:func:`process` over every task of ``split`` in order, in this process."""
+    for task in source.tasks(split):
+        for item in source.read_task(split, task):
+            yield process(item, opts, class_names, hint)
 
 
 def fingerprint(source: Source, opts: PrepareOptions) -> str:
@@ -190,38 +244,53 @@ def _write(
             )
         return writers[out_split]
 
+    if opts.ray:
+        from .prepare_ray import processed_on_ray, start_ray
+
+        start_ray(opts.ray_cpus, log)
     try:
         for split in source.splits():
             total = source.count(split)
             progress = Progress(f"prepare {source.format} {split}", total)
-            for item in source.samples(split):
+            if opts.ray:
+                items = processed_on_ray(source, split, opts, class_names, hint)
+            else:
+                items = processed_locally(source, split, opts, class_names, hint)
+            for item in items:
                 progress.update()
-                try:
-                    if isinstance(item, DataError):
-                        raise item
-                    sample = item
-                    if sample.id in seen:
-                        raise DataError(sample.source, f"duplicate id {sample.id!r}", sample.index)
-                    pts = check_points(sample, opts.min_points)
-                    if opts.num_points is not None:
-                        pts = resample(pts, opts.num_points, sample.id, opts.seed)
-                    elif num_points is None:
+                if item.id is None:
+                    assert item.points_error is not None
+                    fail(item.points_error)
+                    continue
+                if item.id in seen:
+                    fail(DataError(item.source, f"duplicate id {item.id!r}", item.index))
+                    continue
+                if item.points_error is not None:
+                    fail(item.points_error)
+                    continue
+                assert item.points is not None
+                pts = item.points
+                if opts.num_points is None:
+                    if num_points is None:
                         num_points = pts.shape[0]
                     elif pts.shape[0] != num_points:
-                        raise DataError(
-                            sample.source,
-                            f"{pts.shape[0]} points where earlier clouds have {num_points}; "
-                            "pass --num-points to resample every cloud to one size",
-                            sample.index,
+                        fail(
+                            DataError(
+                                item.source,
+                                f"{pts.shape[0]} points where earlier clouds have {num_points}; "
+                                "pass --num-points to resample every cloud to one size",
+                                item.index,
+                            )
                         )
-                    label = check_label(sample, class_names, hint)
-                    views, decoded = check_views(sample, pts, opts.render)
-                except DataError as err:
-                    fail(err)
+                        continue
+                if item.error is not None:
+                    fail(item.error)
                     continue
-                seen.add(sample.id)
+                assert item.views is not None
+                label, views = item.label, item.views
+                seen.add(item.id)
                 num_views = len(views) if num_views is None else min(num_views, len(views))
-                carve = split == "train" and val_assignment(sample.id, opts.seed, opts.val_fraction)
+                carve = split == "train" and val_assignment(item.id, opts.seed, opts.val_fraction)
                 out_split = "val" if carve else split
                 if total is None:
                     expected = None
@@ -229,11 +298,11 @@ def _write(
                     expected = math.ceil(total * opts.val_fraction)
                 else:
                     expected = total if split != "train" else math.ceil(total * (1 - opts.val_fraction))
-                sink(out_split, expected).add(sample.id, label, pts, views)
+                sink(out_split, expected).add(item.id, label, pts, views)
                 counts.setdefault(out_split, Counter())[label] += 1
                 new_class = label not in {lab for lab, _ in preview}
                 if opts.preview and len(preview) < opts.preview_objects and new_class:
-                    preview.append((label, decoded))
+                    preview.append((label, [decode_png(v) for v in views]))
             progress.close()
         if not counts or num_points is None:
             raise DataError(f"{source.format} source", "no valid samples to write")

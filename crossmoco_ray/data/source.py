@@ -46,6 +46,18 @@ class Source(ABC):
         caller that skips bad samples can go on with the next file; callers that cannot skip raise it.
         """
 
+    def tasks(self, split: str) -> list[Any]:
+        """Independent, picklable pieces of ``split`` (files, row ranges) that :meth:`read_task` reads.
+
+        Reading every task in order yields exactly :meth:`samples`; ``prepare --ray`` spreads them over a
+        cluster. The default is one task, the whole split (correct, but not parallel).
+        """
+        return [None]
+
+    def read_task(self, split: str, task: Any) -> Iterator[Sample | DataError]:
+        """The samples of one task of :meth:`tasks`, in order (bad input yielded as errors)."""
+        return self.samples(split)
+
     def class_names(self) -> list[str] | None:
         """Class names in label order, or ``None`` for unlabelled sources."""
         return None

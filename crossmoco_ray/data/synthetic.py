@@ -212,16 +212,20 @@ def synthetic_samples(
     return _stream(count, num_points, seed, split, up_axis)
 
 
-def _stream(count: int, num_points: int, seed: int, split: str, up_axis: UpAxis) -> Iterator[Sample]:
-    """The generator behind :func:`synthetic_samples` (arguments already checked)."""
+def _stream(
+    count: int, num_points: int, seed: int, split: str, up_axis: UpAxis, first: int = 0
+) -> Iterator[Sample]:
+    """The generator behind :func:`synthetic_samples` (arguments already checked): samples
+    ``first..count-1``, each rebuilt from ``(seed, split, i)`` alone."""
     code = _split_code(split)
     n_classes = len(SHAPE_CLASSES)
-    order = np.arange(n_classes)
-    for i in range(count):
+    order, order_block = np.arange(n_classes), -1
+    for i in range(first, count):
         block, slot = divmod(i, n_classes)
-        if slot == 0:
+        if block != order_block:
             # The trailing tag keeps the label generators' seeds apart from the samples' ([seed, code, i]).
             order = np.random.default_rng([seed, code, block, 0x1ABE1]).permutation(n_classes)
+            order_block = block
         label = int(order[slot])
         rng = np.random.default_rng([seed, code, i])
         points, (vertices, faces) = sample_object(SHAPE_CLASSES[label], num_points, rng)
@@ -238,3 +242,12 @@ def _stream(count: int, num_points: int, seed: int, split: str, up_axis: UpAxis)
             split=split,
             mesh=(vertices, faces),
         )
+
+
+def synthetic_range(
+    first: int, end: int, num_points: int, seed: int = 0, split: str = "train", up_axis: UpAxis = "y"
+) -> Iterator[Sample]:
+    """Samples ``first..end-1`` of :func:`synthetic_samples` (identical to those it yields)."""
+    if not 0 <= first <= end:
+        raise ValueError(f"need 0 <= first <= end, got {first}, {end}")
+    return _stream(end, num_points, seed, split, up_axis, first)

@@ -75,3 +75,16 @@ def test_features_bench_smoke_run_compares_with_the_baseline_commit() -> None:
     row = next(line for line in done.stdout.splitlines() if line.startswith("| smoke |"))
     baseline_sum, current_sum = row.rstrip(" |").split("|")[-1].split(" / ")
     assert float(baseline_sum) == float(current_sum)  # the same features as the code before issue 14
+
+
+def test_the_render_benchmark_runs() -> None:
+    spec = importlib.util.spec_from_file_location("bench_render", BENCH.parent / "render.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rates = module.main(["--size", "16", "--objects", "2", "--repeats", "1", "--points", "64"])
+    assert set(rates) == {
+        f"{kind}{png}" for kind in ("mesh", "depth splats", "shaded splats") for png in ("", " + PNG")
+    }
+    assert all(r > 0 for r in rates.values())
