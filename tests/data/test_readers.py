@@ -116,3 +116,31 @@ def test_real_modelnet40_counts_and_first_objects() -> None:
     assert isinstance(first, Sample)
     assert first.points.shape == (1024, 3)
     assert first.id.startswith(names[first.label or 0])  # ids like b'airplane_0627'
+
+
+def test_tasks_read_in_order_are_the_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What prepare --ray splits (h5 row ranges, files, built-in ranges) reads back as samples()."""
+    import crossmoco_ray.data.hdf5 as hdf5
+
+    monkeypatch.setattr(hdf5, "H5_CHUNK", 5)  # 12 rows: three ranges
+    h5 = fixtures.modelnet_h5(tmp_path / "mn", n_train=12)
+    (tmp_path / "mn" / "broken_train.h5").write_bytes(b"not hdf5")  # one task that names the file
+    mesh_dir = fixtures.mesh_folder(tmp_path / "meshes")
+    sources = [
+        open_source(str(h5), "modelnet40"),
+        open_source(str(mesh_dir), num_points=64),
+        open_source("synthetic", synthetic_counts={"train": 37, "test": 3}, num_points=64),
+    ]
+    assert len(sources[0].tasks("train")) == 4  # the broken file, then rows 0-4, 5-9, 10-11
+    for src in sources:
+        for split in src.splits():
+            whole = list(src.samples(split))
+            parts = [s for t in src.tasks(split) for s in src.read_task(split, t)]
+            assert [str(s) if isinstance(s, DataError) else s.id for s in whole] == [
+                str(s) if isinstance(s, DataError) else s.id for s in parts
+            ]
+            for a, b in zip(whole, parts, strict=True):
+                if not isinstance(a, DataError):
+                    assert not isinstance(b, DataError)
+                    assert np.array_equal(a.points, b.points)
+                    assert a.label == b.label
