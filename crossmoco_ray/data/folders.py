@@ -115,6 +115,7 @@ class FolderSource(Source):
     ) -> None:
         self.root, self.up_axis = Path(root), up_axis
         self.mesh_points, self.seed, self.fps = mesh_points, seed, fps
+        self._has_meshes: bool | None = None
         if not self.root.is_dir():
             raise DataError(str(self.root), "not a directory")
         tops = sorted(d for d in self.root.iterdir() if d.is_dir())
@@ -166,11 +167,13 @@ class FolderSource(Source):
         return out
 
     def has_meshes(self) -> bool:
-        return any(
-            f.suffix.lower() in MESH_SUFFIXES or (f.suffix.lower() == ".ply" and _declares_faces(f))
-            for s in self._splits
-            for f in self._files(s)
-        )
+        if self._has_meshes is None:  # reads PLY headers: once
+            self._has_meshes = any(
+                f.suffix.lower() in MESH_SUFFIXES or (f.suffix.lower() == ".ply" and _declares_faces(f))
+                for s in self._splits
+                for f in self._files(s)
+            )
+        return self._has_meshes
 
     def samples(self, split: str) -> Iterator[Sample | DataError]:
         for f in self._files(split):
