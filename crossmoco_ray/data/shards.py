@@ -258,36 +258,14 @@ def _write(
                 items = processed_locally(source, split, opts, class_names, hint)
             for item in items:
                 progress.update()
-                if item.id is None:
-                    assert item.points_error is not None
-                    fail(item.points_error)
+                problem, num_points = _admit(item, seen, num_points, opts)
+                if problem is not None:
+                    fail(problem)
                     continue
-                if item.id in seen:
-                    fail(DataError(item.source, f"duplicate id {item.id!r}", item.index))
-                    continue
-                if item.points_error is not None:
-                    fail(item.points_error)
-                    continue
+                assert item.id is not None
                 assert item.points is not None
-                pts = item.points
-                if opts.num_points is None:
-                    if num_points is None:
-                        num_points = pts.shape[0]
-                    elif pts.shape[0] != num_points:
-                        fail(
-                            DataError(
-                                item.source,
-                                f"{pts.shape[0]} points where earlier clouds have {num_points}; "
-                                "pass --num-points to resample every cloud to one size",
-                                item.index,
-                            )
-                        )
-                        continue
-                if item.error is not None:
-                    fail(item.error)
-                    continue
                 assert item.views is not None
-                label, views = item.label, item.views
+                pts, label, views = item.points, item.label, item.views
                 seen.add(item.id)
                 num_views = len(views) if num_views is None else min(num_views, len(views))
                 carve = split == "train" and val_assignment(item.id, opts.seed, opts.val_fraction)
@@ -354,6 +332,30 @@ def _write(
         "files": files,
     }
     return manifest, skipped
+
+
+def _admit(
+    item: Processed, seen: set[str], num_points: int | None, opts: PrepareOptions
+) -> tuple[DataError | None, int | None]:
+    """What keeps ``item`` out of the dataset, checked in the local path's order (None: it goes in), and
+    the dataset's point count after it (set by the first cloud with sound points when not resampled)."""
+    if item.id is None:
+        return item.points_error, num_points
+    if item.id in seen:
+        return DataError(item.source, f"duplicate id {item.id!r}", item.index), num_points
+    if item.points_error is not None or item.points is None:
+        return item.points_error, num_points
+    n = item.points.shape[0]
+    if opts.num_points is None:
+        if num_points is None:
+            num_points = n
+        elif n != num_points:
+            problem = (
+                f"{n} points where earlier clouds have {num_points}; "
+                "pass --num-points to resample every cloud to one size"
+            )
+            return DataError(item.source, problem, item.index), num_points
+    return item.error, num_points
 
 
 def _commit(
