@@ -6,9 +6,12 @@
 In one run, on the same objects (the built-in set's first --objects, 2048 points each), median of
 --repeats passes over them, single process:
 - mesh: shaded triangles (`render_mesh`, 2x2 supersampling), the built-in set's and mesh folders' views;
+- mesh, 4M-candidate chunks: the same with the rasteriser's first chunk size (raster.CHUNK = 1 << 22),
+  whose ~32 MB temporaries fall out of cache and are mmapped afresh each time;
 - depth splats (`render_views`, mode depth): what every point-only source gets by default;
 - shaded splats (mode shaded: PCA normals over 16 neighbours, then splats);
-each with and without PNG encoding (what prepare stores). Ratios are against depth splats of the same run.
+each with and without PNG encoding (what prepare stores). Repetitions are interleaved (every renderer once,
+then again), and ratios are against depth splats of the same run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import crossmoco_ray.data.raster as raster  # noqa: E402
 from crossmoco_ray.data.raster import render_mesh  # noqa: E402
 from crossmoco_ray.data.render import RenderSpec, encode_png, render_views  # noqa: E402
 from crossmoco_ray.data.synthetic import synthetic_samples  # noqa: E402
@@ -41,29 +45,33 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     triangles = statistics.median(len(s.mesh[1]) for s in samples if s.mesh is not None)
     specs = {
         "mesh": RenderSpec(size=args.size),
+        "mesh, 4M-candidate chunks": RenderSpec(size=args.size),
         "depth splats": RenderSpec(size=args.size, mode="depth"),
         "shaded splats": RenderSpec(size=args.size, mode="shaded"),
     }
 
     def render(kind: str, encode: bool) -> None:
+        chunk = raster.CHUNK
+        if kind.startswith("mesh,"):
+            raster.CHUNK = 1 << 22
         for s in samples:
-            if kind == "mesh":
+            if kind.startswith("mesh"):
                 assert s.mesh is not None
                 views = render_mesh(*s.mesh, specs[kind])
             else:
                 views = render_views(s.points, specs[kind])
             if encode:
                 [encode_png(v) for v in views]
+        raster.CHUNK = chunk
 
-    rates: dict[str, float] = {}
-    for encode in (False, True):
-        for kind in specs:
-            times = []
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                render(kind, encode)
-                times.append(time.perf_counter() - t)
-            rates[f"{kind}{' + PNG' if encode else ''}"] = args.objects / statistics.median(times)
+    combos = [(k, e) for e in (False, True) for k in specs if not (e and k.startswith("mesh,"))]
+    times: dict[str, list[float]] = {f"{k}{' + PNG' if e else ''}": [] for k, e in combos}
+    for _ in range(args.repeats):  # interleaved, so that drift of the machine touches every renderer alike
+        for (kind, encode), name in zip(combos, times, strict=True):
+            t = time.perf_counter()
+            render(kind, encode)
+            times[name].append(time.perf_counter() - t)
+    rates = {name: args.objects / statistics.median(t) for name, t in times.items()}
     print(f"# {platform.processor() or platform.machine()}, {args.objects} built-in objects "
           f"(median {triangles:.0f} triangles, {args.points} points), {args.size} px, 6 views, "
           f"median of {args.repeats}")  # fmt: skip

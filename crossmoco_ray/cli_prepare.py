@@ -28,10 +28,11 @@ h5, CrossPoint's ShapeNetRender layout (ShapeNet/ + ShapeNetRendering/) and fold
 renders: shaded triangles of their meshes where they have them (the built-in set, mesh folders), else
 splats of their points. Rows are written in a seeded random order per split (real datasets are stored
 class by class); the shuffle streams through temporary buckets beside the output (in the local temp
-directory for s3:// or gs://), so memory stays bounded and the disk briefly holds a second copy. Bad inputs are named (file and index); --skip-bad skips them and writes skipped.json.
-Re-running the same command is a no-op. With --ray (or RAY_ADDRESS set) reading, checking and rendering run
-as a Ray Data pipeline over the cluster's CPUs; the driver keeps the order, shuffle and writer, so the shards
-are the same bytes as without it.
+directory for s3:// or gs://), so memory stays bounded and the disk briefly holds a second copy. Bad
+inputs are named (file and index); --skip-bad skips them and writes skipped.json. Re-running the same
+command is a no-op. With --ray (or RAY_ADDRESS set) reading, checking and rendering run as a Ray Data
+pipeline over the cluster's CPUs; the driver keeps the order, shuffle and writer, so the shards are the
+same bytes as without it.
 """
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from .camera import FILL, RenderSpec, camera_rotations, normalise
 
 SHADE_RANGE = (30, 255)  # grey of intensity 0 and 1; the background stays 0
-CHUNK = 1 << 22  # (triangle, pixel) candidates tested at once: bounds memory to a few hundred MB
+CHUNK = 1 << 13  # (triangle, pixel) candidates at once: 64 KB temporaries, in cache and not mmapped
 
 
 def unit_light(spec: RenderSpec) -> np.ndarray:

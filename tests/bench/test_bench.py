@@ -86,5 +86,5 @@ def test_the_render_benchmark_runs() -> None:
     rates = module.main(["--size", "16", "--objects", "2", "--repeats", "1", "--points", "64"])
     assert set(rates) == {
         f"{kind}{png}" for kind in ("mesh", "depth splats", "shaded splats") for png in ("", " + PNG")
-    }
+    } | {"mesh, 4M-candidate chunks"}
     assert all(r > 0 for r in rates.values())
