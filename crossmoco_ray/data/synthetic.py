@@ -1,14 +1,16 @@
 """The built-in synthetic dataset: procedural objects, so pretraining runs with nothing downloaded.
 
-Each sample is one random member of one of :data:`SHAPE_CLASSES`, everyday objects made of parts (sampled by
-:mod:`.objects`: tables, chairs, stools, benches, beds, lamps, bottles, mugs, airplanes, cars, ...), centred
-and scaled to a maximum radius of 1, mildly deformed (anisotropic scale, taper, twist and bend about the up
-axis), then seen as a scanner would see it: often partial (a random side cut away, as a single scan
-misses the far side), slightly tilted, noisy, with a few outliers; finally rotated by a random angle about
-the up axis and expressed with the requested up axis. Classes differ by the arrangement of their parts,
-members vary a lot within a class, and the nuisances are large, so features that merely describe the
-raw geometry do not separate the classes well: the set tests what a representation has learned (an
-untrained encoder's standardised features do much worse here than on primitives).
+Each sample is one random member of one of :data:`SHAPE_CLASSES`, everyday objects made of parts (triangle
+meshes built by :mod:`.objects`: tables, chairs, stools, benches, beds, lamps, bottles, mugs, airplanes,
+cars, ...), centred and scaled to a maximum radius of 1, mildly deformed (anisotropic scale, taper, twist
+and bend about the up axis), its points sampled on the mesh and seen as a scanner would see them: often
+partial (a random side cut away, as a single scan misses the far side), slightly tilted, noisy, with a few
+outliers; finally rotated by a random angle about the up axis and expressed with the requested up axis. The
+sample carries its whole mesh in the same frame, so its views are shaded renders of the object while its
+points are the scan. Classes differ by the arrangement of their parts, members vary a lot within a class,
+and the nuisances are large, so features that merely describe the raw geometry do not separate the classes
+well: the set tests what a representation has learned (an untrained encoder's standardised features do much
+worse here than on primitives).
 
 Sample ``i`` of ``(seed, split)`` is drawn from its own generator, so any sample can be rebuilt alone and a
 set of ``count`` samples is a prefix of any larger one.
