@@ -47,37 +47,6 @@ def sample_mesh(vertices: np.ndarray, faces: np.ndarray, n: int, rng: np.random.
     return tri[f, 0] + u[:, None] * e1[f] + v[:, None] * e2[f]
 
 
-def prism_mesh(
-    polygon: np.ndarray, height: float, kernel: tuple[float, float]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mesh of a polygon ``[P, 2]`` (x, z, counter-clockwise or not) extruded along y over ``±height / 2``.
-
-    The caps are fanned from ``kernel``, a point from which the whole polygon is visible (the centre of a
-    star or a cross, the inner corner of an L), which triangulates non-convex outlines without ear clipping.
-
-    Returns:
-        ``vertices [2P + 2, 3]`` and ``faces [4P, 3]``.
-    """
-    p = len(polygon)
-    h = height / 2.0
-    ring = np.vstack([polygon, np.asarray(kernel, dtype=np.float64)[None]])  # [P + 1, 2]
-    bottom = np.stack([ring[:, 0], np.full(p + 1, -h), ring[:, 1]], axis=1)
-    top = bottom + np.array([0.0, 2.0 * h, 0.0])
-    vertices = np.vstack([bottom, top])
-    i = np.arange(p)
-    j = (i + 1) % p
-    c_bot, c_top = p, 2 * p + 1
-    faces = np.concatenate(
-        [
-            np.stack([i, j, i + p + 1], axis=1),  # side quads as two triangles each
-            np.stack([j, j + p + 1, i + p + 1], axis=1),
-            np.stack([np.full(p, c_bot), i, j], axis=1),  # cap fans
-            np.stack([np.full(p, c_top), i + p + 1, j + p + 1], axis=1),
-        ]
-    )
-    return vertices, faces
-
-
 # ---- triangle meshes of the synthetic objects' parts ------------------------------------------------------
 
 SIDES = 24  # segments around a surface of revolution

@@ -130,11 +130,6 @@ def _tilt(rng: np.random.Generator) -> np.ndarray:
     return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)  # Rodrigues
 
 
-def sample_shape(name: str, num_points: int, rng: np.random.Generator) -> np.ndarray:
-    """Points as a scanner sees a random member of class ``name``: :func:`sample_object` without the mesh."""
-    return sample_object(name, num_points, rng)[0]
-
-
 def sample_object(name: str, num_points: int, rng: np.random.Generator) -> tuple[np.ndarray, Mesh]:
     """A random member of class ``name``: its mesh, and points as a scanner sees it; canonical frame (y up).
 
