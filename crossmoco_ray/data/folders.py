@@ -116,6 +116,7 @@ class FolderSource(Source):
         self.root, self.up_axis = Path(root), up_axis
         self.mesh_points, self.seed, self.fps = mesh_points, seed, fps
         self._has_meshes: bool | None = None
+        self._listing: dict[str, list[Path]] = {}
         if not self.root.is_dir():
             raise DataError(str(self.root), "not a directory")
         tops = sorted(d for d in self.root.iterdir() if d.is_dir())
@@ -143,12 +144,15 @@ class FolderSource(Source):
         return self.root / split / name if self.split_dirs else self.root / name
 
     def _files(self, split: str) -> list[Path]:
-        return sorted(
-            f
-            for c in self.classes
-            for f in self._class_dir(split, c).glob("*")
-            if f.suffix.lower() in SUFFIXES and f.is_file()
-        )
+        """The split's object files, listed once (count, identity, has_meshes and tasks all ask)."""
+        if split not in self._listing:
+            self._listing[split] = sorted(
+                f
+                for c in self.classes
+                for f in self._class_dir(split, c).glob("*")
+                if f.suffix.lower() in SUFFIXES and f.is_file()
+            )
+        return self._listing[split]
 
     def splits(self) -> list[str]:
         return list(self._splits)
