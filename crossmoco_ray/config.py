@@ -37,8 +37,8 @@ from .schema import (
     TrackingConfig,
     TrainConfig,
     TuneConfig,
-    cross_field_problems,
 )
+from .schema_checks import cross_field_problems
 
 __all__ = [
     "DEFAULT_PRESET",
