@@ -194,13 +194,10 @@ class H5Source(Source):
         for f in sorted(self.by_split.get(split, [])):
             try:
                 with _open_h5(f) as h5:
-                    data = _dataset(h5, "data", f)
-                    rows = int(data.shape[0]) if data.ndim == 3 and data.shape[-1] >= 3 else -1
-                    if "label" not in h5 or h5["label"].shape[0] != rows:
-                        rows = -1
+                    rows = int(_checked_datasets(h5, f)[0].shape[0])
             except (DataError, OSError):
-                rows = -1
-            if rows <= 0:
+                rows = 0
+            if rows == 0:
                 out.append((str(f), 0, None))
             else:
                 out += [(str(f), a, min(a + H5_CHUNK, rows)) for a in range(0, rows, H5_CHUNK)]
@@ -218,27 +215,8 @@ class H5Source(Source):
     ) -> Iterator[Sample | DataError]:
         """Rows ``first..end`` of ``f`` (all by default); a problem of the whole file is raised."""
         with _open_h5(f) as h5:
-            data = _dataset(h5, "data", f)
-            rows = int(data.shape[0]) if data.ndim else 0
-            if "label" not in h5:
-                raise DataError(
-                    str(f),
-                    f"no 'label' dataset (found: {sorted(h5.keys())}); all {rows} rows skipped",
-                    rows=rows,
-                )
-            labels = h5["label"]
+            data, labels = _checked_datasets(h5, f)
             names = h5.get("name")
-            if data.ndim != 3 or data.shape[-1] < 3:
-                raise DataError(
-                    str(f), f"'data' must be [N, P, 3], got {tuple(data.shape)}", rows=max(rows, 1)
-                )
-            if labels.shape[0] != data.shape[0]:
-                raise DataError(
-                    str(f),
-                    f"'label' has {labels.shape[0]} rows but 'data' has {data.shape[0]}; "
-                    f"all {rows} rows skipped",
-                    rows=rows,
-                )
             end = data.shape[0] if end is None else end
             for start in range(first, end, H5_CHUNK):
                 stop = min(start + H5_CHUNK, end)
@@ -263,6 +241,26 @@ class H5Source(Source):
                         continue
                     sid = _decode_name(ids[j]) if ids is not None else f"{f.stem}-{i:06d}"
                     yield Sample(sid, block[j], None, int(value), str(f), i, split)
+
+
+def _checked_datasets(h5: h5py.File, f: Path) -> tuple[h5py.Dataset, h5py.Dataset]:
+    """``data`` and ``label`` of an open file, or the :class:`DataError` that costs the whole file."""
+    data = _dataset(h5, "data", f)
+    rows = int(data.shape[0]) if data.ndim else 0
+    if "label" not in h5:
+        raise DataError(
+            str(f), f"no 'label' dataset (found: {sorted(h5.keys())}); all {rows} rows skipped", rows=rows
+        )
+    labels = h5["label"]
+    if data.ndim != 3 or data.shape[-1] < 3:
+        raise DataError(str(f), f"'data' must be [N, P, 3], got {tuple(data.shape)}", rows=max(rows, 1))
+    if labels.shape[0] != data.shape[0]:
+        raise DataError(
+            str(f),
+            f"'label' has {labels.shape[0]} rows but 'data' has {data.shape[0]}; all {rows} rows skipped",
+            rows=rows,
+        )
+    return data, labels
 
 
 def _h5_files(path: str | Path) -> list[Path]:
