@@ -9,8 +9,9 @@ Layout of a checkpoint directory::
 ``state.pt``: ``format``, ``version``, ``model`` (the CrossMoCo state dict, DDP prefix stripped),
 ``optimizer``, ``scheduler`` (``{"lr": …}``: the schedule is a function of the epoch), ``epoch`` (epochs
 completed), ``step`` (optimizer steps done: mid-epoch when ``step`` is not a multiple of the steps per
-epoch), ``rng`` (torch CPU and CUDA of rank 0), ``rng_per_rank`` (the same for every rank, in rank order),
-``config`` (a plain dict), ``mlflow_run_id``, ``run_name``, ``metrics``, ``queue_checksum``.
+epoch), ``rng`` (rank 0's RNG states), ``rng_per_rank`` (every rank's, in rank order: torch's CPU
+generator and the generator of the one GPU the rank trains on, :func:`rng_state`), ``config`` (a plain
+dict), ``mlflow_run_id``, ``run_name``, ``metrics``, ``queue_checksum``.
 """
 
 from __future__ import annotations
@@ -31,22 +32,29 @@ VERSION = 1
 STATE_FILE = "state.pt"
 
 
-def rng_state() -> dict[str, Any]:
-    """The torch RNGs (CPU and CUDA) this process draws from during training.
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The torch RNGs this worker draws from during training: the CPU generator and, on a GPU, the
+    generator of its own device (``device``) only.
 
-    The model's own randomness is torch's (shuffle-BN permutations); the data pipeline seeds its own
-    generators per epoch, so numpy's and Python's global RNGs carry nothing a resume needs.
+    Not every GPU the process sees: Ray gives a node's workers the same ``CUDA_VISIBLE_DEVICES``, so a
+    worker sees all of its node's GPUs, and a resume may land on a node with fewer of them or on another
+    local index. The model's own randomness is torch's (shuffle-BN permutations); the data pipeline seeds
+    its own generators per epoch, so numpy's and Python's global RNGs carry nothing a resume needs.
     """
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+    cuda = torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore :func:`rng_state`'s states, the GPU one onto ``device`` (the worker's own GPU).
+
+    A CPU worker ignores a GPU state; a GPU worker resuming a CPU run's state, or a state from before
+    this format (a list with one state per GPU the writer saw), keeps its GPU generator's seeding.
+    """
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, torch.Tensor) and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def unwrap(model: torch.nn.Module) -> CrossMoCo:
@@ -72,7 +80,7 @@ def build_state(
 ) -> dict[str, Any]:
     """Everything a resume needs; ``rng_per_rank``: every worker's :func:`rng_state` (default: this one)."""
     module = unwrap(model)
-    rngs = rng_per_rank or [rng_state()]
+    rngs = rng_per_rank or [rng_state(_device_of(module))]
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -89,6 +97,10 @@ def build_state(
         "metrics": dict(metrics or {}),
         "queue_checksum": module.queue.checksum(),
     }
+
+
+def _device_of(module: torch.nn.Module) -> torch.device | None:
+    return next((p.device for p in module.parameters()), None)
 
 
 def write_checkpoint(directory: str | Path, state: dict[str, Any], cfg: Config) -> Path:
@@ -127,17 +139,19 @@ def restore(
     state: dict[str, Any],
     rank: int = 0,
     world_size: int = 1,
+    device: torch.device | None = None,
 ) -> bool:
-    """Load model (queues and pointer included), optimizer and this rank's RNG state from a checkpoint
-    state. Returns whether the RNG state was this rank's own: a run resumed on another number of workers
-    gets fresh per-rank seeds instead (``seed + rank`` mixed with the step), so it is not bit-exact."""
+    """Load model (queues and pointer included), optimizer and this rank's RNG states (its GPU's onto
+    ``device``) from a checkpoint state. Returns whether the RNG state was this rank's own: a run resumed
+    on another number of workers gets fresh per-rank seeds instead (``seed + rank`` mixed with the step),
+    so it is not bit-exact."""
     unwrap(model).load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     rngs = state.get("rng_per_rank") or [state["rng"]]
     if len(rngs) == world_size:
-        set_rng_state(rngs[rank])
+        set_rng_state(rngs[rank], device)
         return True
     seed = int(state["config"]["train"]["seed"])
-    torch.manual_seed(seed * 1_000_003 + rank * 7919 + int(state["step"]))
+    torch.manual_seed(seed * 1_000_003 + rank * 7919 + int(state["step"]))  # CPU and every GPU's generator
     return False

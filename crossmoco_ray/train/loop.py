@@ -175,7 +175,7 @@ def restore(w: Worker) -> ResumePoint:
             if "://" in point.checkpoint or not local.is_dir():
                 local = storage.copy_to_local(point.checkpoint, tmp)
             state = read_checkpoint(local)
-            own_rng = restore_state(w.model, w.optimizer, state, w.rank, w.world)
+            own_rng = restore_state(w.model, w.optimizer, state, w.rank, w.world, w.device)
             if (local / HISTORY_FILE).is_file():
                 w.history = json.loads((local / HISTORY_FILE).read_text())
         w.step = int(state["step"])
@@ -325,7 +325,7 @@ def save(w: Worker, epochs_done: int, metrics: dict[str, Any], summary: dict[str
     import ray.train
     from ray.train import Checkpoint
 
-    rngs = gather_objects(rng_state())
+    rngs = gather_objects(rng_state(w.device))
     name = checkpoint_name(w.step, w.steps_per_epoch)
     if w.rank != 0:
         ray.train.report(metrics)

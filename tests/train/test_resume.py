@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from crossmoco_ray.train.checkpoint import STATE_FILE, restore
@@ -84,3 +85,70 @@ def test_every_rank_gets_its_own_rng_state_back() -> None:
         assert restore(model, optimizer, state, rank=rank, world_size=2) is True
         assert torch.equal(torch.rand(3), next_draws[rank]), rank
     assert restore(model, optimizer, state, rank=1, world_size=3) is False  # resumed on another world size
+
+
+class FakeGpuRng:
+    """torch.cuda's RNG calls for a worker that sees ``visible`` GPUs, each with its own state."""
+
+    def __init__(self, visible: int) -> None:
+        self.states = {i: torch.full((16,), 100 + i, dtype=torch.uint8) for i in range(visible)}
+        self.set_calls: list[tuple[int, int]] = []  # (device index, first byte of the state set)
+
+    def index(self, device: object) -> int:
+        i = torch.device(device).index if device is not None else 0  # type: ignore[arg-type]
+        if i is None or i not in self.states:
+            raise IndexError(f"no GPU {device} here ({len(self.states)} visible)")
+        return i
+
+    def get_rng_state(self, device: object = "cuda") -> torch.Tensor:
+        return self.states[self.index(device)].clone()
+
+    def set_rng_state(self, state: torch.Tensor, device: object = "cuda") -> None:
+        self.set_calls.append((self.index(device), int(state[0])))
+
+    def all_states(self) -> list[torch.Tensor]:
+        return [s.clone() for s in self.states.values()]
+
+    def set_all(self, states: list[torch.Tensor]) -> None:
+        for i, state in enumerate(states):
+            self.set_rng_state(state, torch.device("cuda", i))
+
+
+def test_a_checkpoint_written_on_an_8_gpu_node_resumes_on_a_1_gpu_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray gives a node's workers the same CUDA_VISIBLE_DEVICES: on an 8-GPU node each worker sees 8 GPUs
+    and trains on one. Each saves its own GPU's generator only, and restores it onto the GPU it trains on
+    after a restart, whatever that node shows (a spot loss onto a smaller node: 1 GPU, index 0)."""
+    from crossmoco_ray.config import load_config
+    from crossmoco_ray.train.builders import build_model, build_optimizer
+    from crossmoco_ray.train.checkpoint import build_state, rng_state
+
+    cfg = load_config(
+        "quickstart",
+        overrides=["model.emb_dims=32", "model.image_encoder=resnet18", "objective.queue_length=64"],
+    )
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    big = FakeGpuRng(visible=8)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", big.get_rng_state)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", big.all_states)
+    states = [rng_state(torch.device("cuda", rank)) for rank in range(8)]  # rank r trains on GPU r
+    assert [int(s["cuda"][0]) for s in states] == [100 + r for r in range(8)]
+    state = build_state(model, optimizer, cfg, epoch=1, step=5, lr=1e-3, rng_per_rank=states)
+
+    small = FakeGpuRng(visible=1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", small.set_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", small.set_all)
+    for rank in range(8):  # each restarted worker alone on a 1-GPU node
+        assert restore(model, optimizer, state, rank=rank, world_size=8, device=torch.device("cuda", 0))
+    assert small.set_calls == [(0, 100 + rank) for rank in range(8)]  # its own state, onto its own GPU
+
+    # a checkpoint from before this format (every visible GPU's state) restores there without IndexError
+    old = {**state, "rng_per_rank": [{**s, "cuda": big.all_states()} for s in states]}
+    small.set_calls.clear()
+    assert restore(model, optimizer, old, rank=3, world_size=8, device=torch.device("cuda", 0))
+    assert small.set_calls == []  # its GPU generator keeps its seeding
+    # a CPU worker resuming a GPU run restores the CPU generator only
+    assert restore(model, optimizer, state, rank=2, world_size=8, device=torch.device("cpu"))
+    assert small.set_calls == []
