@@ -33,6 +33,7 @@ from torch import nn
 from .distributed import batch_shuffle, batch_unshuffle
 from .losses import info_nce, nt_xent
 from .queue import MemoryQueue
+from .runtime import at_least_fp32, fp32_maths
 
 
 class CrossMoCo(nn.Module):
@@ -92,7 +93,7 @@ class CrossMoCo(nn.Module):
         """Normalised key embedding ``[B, dim]`` of ``x``, with shuffle-BN across workers."""
         if self.shuffle_bn:
             x, idx_unshuffle = batch_shuffle(x)
-        k = F.normalize(_at_least_fp32(encoder(x)[0]), dim=1)
+        k = F.normalize(at_least_fp32(encoder(x)[0]), dim=1)
         return batch_unshuffle(k, idx_unshuffle) if self.shuffle_bn else k
 
     def forward(
@@ -125,8 +126,8 @@ class CrossMoCo(nn.Module):
         k_image = torch.stack([self._key(self.image_k, v) for v in views[1:]]).mean(dim=0)
 
         proj_point, feat_point = self.point_q(points1)
-        z_point = _at_least_fp32(proj_point)  # B×C (un-normalised, for NT-Xent)
-        z_image = _at_least_fp32(self.image_q(views[0])[0])
+        z_point = at_least_fp32(proj_point)  # B×C (un-normalised, for NT-Xent)
+        z_image = at_least_fp32(self.image_q(views[0])[0])
         q_point, q_image = F.normalize(z_point, dim=1), F.normalize(z_image, dim=1)
 
         # clone: the queue changes in place at enqueue, after these logits are saved for backward
@@ -143,18 +144,13 @@ class CrossMoCo(nn.Module):
 
         out = {"loss": loss, "loss_point": loss_point, "loss_image": loss_image, "loss_cross": loss_cross}
         for name, logits in (("point", logits_point), ("image", logits_image)):
-            out.update(_diagnostics(name, logits.detach(), self.temperature))
+            out.update(_logit_diagnostics(name, logits.detach(), self.temperature))
         out.update(
             diagnostics(
-                q_point.detach(), k_point, q_image.detach(), k_image, _at_least_fp32(feat_point.detach())
+                q_point.detach(), k_point, q_image.detach(), k_image, at_least_fp32(feat_point.detach())
             )
         )
         return out
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Losses in fp32 (or fp64) even when the encoders ran under bf16 autocast."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
@@ -187,7 +183,22 @@ def diagnostics(
       the batch's images (the cross-modal term's in-batch retrieval accuracy);
     - ``point_proj_spread`` / ``point_feat_spread``: :func:`unit_spread` of the point projections and of
       the backbone feature (collapse shows as values near 0).
+
+    All in fp32, whatever the autocast around.
     """
+    with fp32_maths(q_point.device.type):
+        return _diagnostics_fp32(
+            *(at_least_fp32(t) for t in (q_point, k_point, q_image, k_image, feat_point))
+        )
+
+
+def _diagnostics_fp32(
+    q_point: torch.Tensor,
+    k_point: torch.Tensor,
+    q_image: torch.Tensor,
+    k_image: torch.Tensor,
+    feat_point: torch.Tensor,
+) -> dict[str, torch.Tensor]:
     k_image_unit = F.normalize(k_image, dim=1)
     cross = q_point @ q_image.t()
     target = torch.arange(cross.shape[0], device=cross.device)
@@ -203,7 +214,7 @@ def diagnostics(
     }
 
 
-def _diagnostics(name: str, logits: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
+def _logit_diagnostics(name: str, logits: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
     """Mean positive / negative cosine similarity and the InfoNCE top-1 accuracy of ``[N, 1+K]`` logits."""
     sims = logits * temperature
     return {

@@ -22,6 +22,7 @@ from torch import nn
 
 from .edgeconv import graph_feature_reference
 from .graph import knn
+from .runtime import at_least_fp32, fp32_maths
 
 SLOPE = 0.2
 NUM_CATEGORIES = 16  # ShapeNetPart
@@ -93,7 +94,11 @@ class DGCNNSeg(nn.Module):
             raise ValueError(f"DGCNNSeg expects points [B, N, 3], got {tuple(points.shape)}")
         x = points.transpose(1, 2)  # [B, 3, N]
         t = self.transform_net(_edges(x, self.k))
-        x = torch.bmm(t.transpose(1, 2), x)  # (xᵀ t)ᵀ: each point row times t, as the original
+        # (xᵀ t)ᵀ: each point row times t, as the original; in fp32 under autocast too, since these
+        # coordinates choose conv1's neighbours and are its edge features
+        with fp32_maths(x.device.type):
+            x = at_least_fp32(x)
+            x = torch.bmm(t.to(x.dtype).transpose(1, 2), x)
         x1 = self.conv2(self.conv1(_edges(x, self.k))).max(dim=-1).values
         x2 = self.conv4(self.conv3(_edges(x1, self.k))).max(dim=-1).values
         x3 = self.conv5(_edges(x2, self.k)).max(dim=-1).values

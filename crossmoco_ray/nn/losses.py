@@ -5,6 +5,9 @@
 - :func:`nt_xent`: CrossPoint's symmetric NT-Xent (lightly 1.1.21 semantics): each of the ``2N``
   embeddings is an anchor with one positive and ``2N−2`` negatives; optionally the negatives come from
   every worker through a gradient-carrying gather.
+
+Both compute their logits and losses in fp32 (IEEE products) whatever the autocast around them: at
+``K = 4000`` and ``T = 0.1`` bf16 logits are off by about 0.01, as much as many of the margins they rank.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import gather_with_grad, rank
+from .runtime import at_least_fp32, fp32_maths
 
 
 def info_nce(
@@ -26,15 +30,17 @@ def info_nce(
         queue: negatives ``[K, C]``, normalised, no gradient.
         temperature: ``T``.
     Returns:
-        (mean cross-entropy, logits ``[N, 1+K]`` already divided by ``T``).
+        (mean cross-entropy, logits ``[N, 1+K]`` already divided by ``T``), in fp32 (fp64 for fp64 inputs).
     """
-    # positive logits: N×1
-    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
-    # negative logits: N×K
-    l_neg = torch.einsum("nc,kc->nk", q, queue)
-    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
-    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    return F.cross_entropy(logits, labels), logits
+    with fp32_maths(q.device.type):
+        q, k, queue = at_least_fp32(q), at_least_fp32(k).to(q.dtype), at_least_fp32(queue).to(q.dtype)
+        # positive logits: N×1
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+        # negative logits: N×K
+        l_neg = torch.einsum("nc,kc->nk", q, queue)
+        logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        return F.cross_entropy(logits, labels), logits
 
 
 def nt_xent(
@@ -46,8 +52,15 @@ def nt_xent(
     negatives per anchor, gradients flowing back to their owners); this worker's anchors are its own
     ``2n`` rows, and the mean over workers equals the single-process loss on the global batch.
     """
+    with fp32_maths(z0.device.type):
+        return _nt_xent(at_least_fp32(z0), at_least_fp32(z1), temperature, gather_distributed)
+
+
+def _nt_xent(
+    z0: torch.Tensor, z1: torch.Tensor, temperature: float, gather_distributed: bool
+) -> torch.Tensor:
     z0 = F.normalize(z0, dim=1)
-    z1 = F.normalize(z1, dim=1)
+    z1 = F.normalize(z1.to(z0.dtype), dim=1)
     n = z0.shape[0]
     if gather_distributed:
         z0_all, z1_all = gather_with_grad(z0), gather_with_grad(z1)

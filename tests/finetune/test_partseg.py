@@ -231,3 +231,18 @@ def test_dgcnn_seg_pretrains_in_crossmoco_and_its_checkpoint_loads_for_segmentat
     write_checkpoint(tmp_path / "plain", plain_state, plain)
     with pytest.raises(ValueError, match=r"model.point_encoder=dgcnn_seg"):
         load_encoder(ft, str(tmp_path / "plain"), "partseg")
+
+
+def test_under_bf16_autocast_the_transformed_coordinates_stay_fp32() -> None:
+    """The spatial transform's output chooses conv1's neighbours and is its edge features: not rounded to
+    bf16 under autocast."""
+    from crossmoco_ray.nn.dgcnn_seg import DGCNNSeg
+
+    torch.manual_seed(0)
+    encoder = DGCNNSeg(k=8, emb_dims=32, proj_dim=8, head_hidden=16).train()
+    seen: list[torch.dtype] = []
+    encoder.conv1.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    points = torch.randn(3, 40, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        encoder(points)
+    assert seen == [torch.float32]  # conv1's edge features (autocast casts them inside the conv)

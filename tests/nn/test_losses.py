@@ -54,3 +54,26 @@ def test_nt_xent_global_negatives_is_local_in_one_process() -> None:
     g = torch.Generator().manual_seed(2)
     z0, z1 = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
     assert torch.equal(nt_xent(z0, z1, 0.2, gather_distributed=True), nt_xent(z0, z1, 0.2))
+
+
+def test_under_bf16_autocast_logits_and_losses_are_the_fp32_ones() -> None:
+    """Autocast around the whole forward (CPU's standing in for CUDA's) must not reach the losses: at
+    K = 4000 and T = 0.1, bf16 logits are off by about 0.01 (the docs promise fp32 losses)."""
+    g = torch.Generator().manual_seed(5)
+    n, c, K, T = 20, 256, 4000, 0.1
+    q = F.normalize(torch.randn(n, c, generator=g), dim=1)
+    k = F.normalize(torch.randn(n, c, generator=g), dim=1)
+    queue = F.normalize(torch.randn(K, c, generator=g), dim=1)
+    z0, z1 = torch.randn(n, c, generator=g), torch.randn(n, c, generator=g)
+    loss_fp32, logits_fp32 = info_nce(q, k, queue, T)
+    cross_fp32 = nt_xent(z0, z1, T)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logits = info_nce(q, k, queue, T)
+        cross = nt_xent(z0, z1, T)
+        bf16_logits = (q @ queue.t()) / T  # what the einsum gave under autocast before
+    assert bf16_logits.dtype == torch.bfloat16  # (autocast is really on here)
+    assert logits.dtype == loss.dtype == cross.dtype == torch.float32
+    assert torch.equal(logits, logits_fp32)
+    assert torch.equal(loss, loss_fp32)
+    assert torch.equal(cross, cross_fp32)
+    assert float((bf16_logits.float() - logits_fp32[:, 1:]).abs().max()) > 1e-3  # what it avoids

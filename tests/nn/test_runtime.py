@@ -46,3 +46,71 @@ def test_keep_freed_memory_applies_on_glibc_and_can_be_switched_off() -> None:
     assert _keeps({**base, "CROSSMOCO_MALLOC": "system"}) == "False"
     if platform.libc_ver()[0] == "glibc":
         assert _keeps(base) == "True"
+
+
+@pytest.mark.parametrize(
+    ("name", "capability", "used"),
+    [("Tesla T4", (7, 5), "fp32"), ("Tesla V100-SXM2-16GB", (7, 0), "fp32"),
+     ("NVIDIA A100-SXM4-80GB", (8, 0), "bf16"), ("NVIDIA H100 80GB HBM3", (9, 0), "bf16")],
+)  # fmt: skip
+def test_cuda_bf16_needs_native_support_not_emulation(
+    monkeypatch: pytest.MonkeyPatch, name: str, capability: tuple[int, int], used: str
+) -> None:
+    """torch.cuda.is_bf16_supported() is True on a T4, which only emulates bf16: the capability decides."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: name)
+    precision, why = runtime.resolve_precision("bf16", torch.device("cuda", 0))
+    assert precision == used
+    if used == "fp32":
+        assert why is not None
+        assert f"{name} (compute capability {capability[0]}.{capability[1]})" in why
+        assert "emulated" in why
+        assert "training in fp32" in why
+
+
+def test_fp32_maths_turns_tf32_off_inside_and_restores_it() -> None:
+    """Whatever TF32 setting the process has (either of torch's two APIs), a block is IEEE fp32 inside."""
+    code = """
+import torch
+from crossmoco_ray.nn.runtime import configure_kernels, fp32_maths
+configure_kernels(tf32=True, deterministic=False)
+assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+with fp32_maths("cuda"):
+    assert torch.get_float32_matmul_precision() == "highest"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pass
+assert torch.get_float32_matmul_precision() == "high"
+with torch.autocast("cpu", dtype=torch.bfloat16), fp32_maths("cpu"):
+    assert not torch.is_autocast_enabled("cpu")
+configure_kernels(tf32=False, deterministic=False)
+assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+assert torch.backends.cudnn.benchmark
+torch.backends.cuda.matmul.fp32_precision = "tf32"  # the newer API: the legacy one cannot be read now
+with fp32_maths("cuda"):
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+configure_kernels(tf32=False, deterministic=True)
+assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
+
+
+def test_deterministic_kernels_set_the_cublas_workspace_and_refuse_nondeterministic_ops() -> None:
+    code = """
+import os, torch
+from crossmoco_ray.nn.runtime import configure_kernels
+os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+configure_kernels(tf32=False, deterministic=True)
+assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+assert torch.are_deterministic_algorithms_enabled()
+assert not torch.is_deterministic_algorithms_warn_only_enabled()
+assert not torch.backends.cudnn.benchmark
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
