@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import NeighbourGraph, flat_neighbour_index
+from .graph import NeighbourGraph, flat_neighbour_index, uses_cpu_paths
+from .runtime import fp32_maths
 
 # --------------------------------------------------------------------------------------------------
 # Reference: CrossPoint's formulation, every edge materialised.
@@ -126,14 +127,16 @@ class _FusedEdgeConv(torch.autograd.Function):
             a, b = ab[:, :O], ab[:, O:]
             b32 = b.to(sdt)
             if running_mean is None:
-                mean, var, a_bar, b_bar = _edge_statistics(a.to(sdt), b32, graph)
+                with fp32_maths(x.device.type):  # IEEE sums even where TF32 is on
+                    mean, var, a_bar, b_bar = _edge_statistics(a.to(sdt), b32, graph)
             else:
                 assert running_var is not None
                 mean, var = running_mean.to(sdt), running_var.to(sdt)
                 a_bar = b_bar = mean.new_zeros(())
             rstd = torch.rsqrt(var + eps)
             s = gamma.to(sdt) * rstd  # BN(e) = s·(e − μ) + β
-            positive = bool((s >= 0).all())
+            # all-positive scales skip a pass over a; the check reads a value back, so only on CPU
+            positive = uses_cpu_paths(a) and bool((s >= 0).all())
             sign = torch.where(s >= 0, 1.0, -1.0).to(sdt)
             signed = a if positive else a * sign.to(cdt)
             if need_grad:

@@ -7,33 +7,52 @@ time), elsewhere in batch chunks that bound the ``[chunk, N, N]`` score matrix, 
 over each row's neighbours (sum, max with its arg-max) or over the rows each point is a neighbour of
 (the transposed sum), without ever building the ``[B·N·k, O]`` edge tensor at once: CSR products on
 CPU, chunked gathers elsewhere.
+
+Which path runs is decided in one place, :func:`uses_cpu_paths`. The GPU's paths never read a value back
+to the host (no ``bincount``, no data-dependent shapes), and their chunk bounds are larger than the CPU
+fallback's (a GPU has the memory, and every chunk is a launch): the paper's step (20 clouds of 2,048
+points, k = 15) runs each kNN and each gather in one.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Literal
 
 import torch
 
 from crossmoco_ray.nn import kernels
+from crossmoco_ray.nn.runtime import fp32_maths
 
-# knn builds a [chunk, N, N] score matrix; chunking the batch bounds that transient to this many floats.
-KNN_MAX_ELEMENTS = 1 << 24
+# knn builds a [chunk, N, N] score matrix; chunking the batch bounds that transient to this many floats
+# (per device type; "cpu" is the fallback without the compiled kernel).
+KNN_MAX_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
 # A chunked neighbour gather builds [rows, k, O]; bound it to this many elements.
-GATHER_MAX_ELEMENTS = 1 << 23
+GATHER_MAX_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 28}
+
+
+def max_elements_for(bounds: dict[str, int], device: torch.device) -> int:
+    """The bound of ``bounds`` for ``device`` (a device type not listed gets the CPU's)."""
+    return bounds.get(device.type, bounds["cpu"])
+
+
+def uses_cpu_paths(t: torch.Tensor) -> bool:
+    """Whether ``t``'s graph work takes the CPU paths (compiled kernels, CSR products, host-side checks);
+    elsewhere (CUDA) the gather paths, which never synchronise with the host."""
+    return t.device.type == "cpu"
 
 
 @torch.no_grad()
 def knn(
-    x: torch.Tensor, k: int, max_elements: int | None = KNN_MAX_ELEMENTS, ordered: bool = True
+    x: torch.Tensor, k: int, max_elements: int | Literal["auto"] | None = "auto", ordered: bool = True
 ) -> torch.Tensor:
     """Indices of the ``k`` nearest neighbours of every point (itself included).
 
     Args:
         x: point features ``[B, N, C]``.
         k: neighbours per point, ``k <= N``.
-        max_elements: bound on the ``[chunk, N, N]`` score matrix built at once; ``None`` builds the
-            whole batch at once (the reference behaviour).
+        max_elements: bound on the ``[chunk, N, N]`` score matrix built at once; ``"auto"``: the device's
+            :data:`KNN_MAX_ELEMENTS`; ``None`` builds the whole batch at once (the reference behaviour).
         ordered: nearest first; ``False`` leaves each row's ``k`` in any order (faster; EdgeConv reduces
             over them with order-free sums and maxima).
     Returns:
@@ -42,10 +61,12 @@ def knn(
     B, N, _ = x.shape
     if k > N:
         raise ValueError(f"knn: k={k} neighbours requested but the cloud has only N={N} points")
-    # Distances in fp32 even under autocast: bf16 distances would pick different neighbours.
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    if max_elements == "auto":
+        max_elements = max_elements_for(KNN_MAX_ELEMENTS, x.device)
+    # Distances in IEEE fp32 even under autocast or TF32: bf16 or TF32 distances pick other neighbours.
+    with fp32_maths(x.device.type):
         x = x.float()
-        if x.device.type == "cpu" and not torch.compiler.is_compiling() and k <= kernels.max_k():
+        if uses_cpu_paths(x) and not torch.compiler.is_compiling() and k <= kernels.max_k():
             # The compiled kernel scores a few rows at a time in cache and selects as it goes: no
             # [chunk, N, N] matrix, whose writing and re-reading costs more than the selection on CPU.
             sq = x.pow(2).sum(-1, keepdim=True)
@@ -107,12 +128,17 @@ class NeighbourGraph:
         B, N, k = idx.shape
         self.k, self.rows = k, B * N
         self.cols = flat_neighbour_index(idx)
-        self.in_degree = torch.bincount(self.cols, minlength=self.rows).unsqueeze(1)  # [B·N, 1]
+        # (not bincount: on CUDA it reads the largest index back to the host)
+        ones = torch.ones_like(self.cols)
+        self.in_degree = torch.zeros(self.rows, dtype=torch.int64, device=idx.device).index_add_(
+            0, self.cols, ones
+        )
+        self.in_degree = self.in_degree.unsqueeze(1)  # [B·N, 1]
         self._adj: dict[torch.dtype, torch.Tensor] = {}  # per dtype: the forward runs bf16, sums fp32
         self._adj_t: torch.Tensor | None = None
 
     def _sparse(self, a: torch.Tensor) -> bool:
-        return a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
+        return uses_cpu_paths(a) and a.dtype in (torch.float32, torch.float64)
 
     def _adjacency(self, dtype: torch.dtype) -> torch.Tensor:
         if dtype not in self._adj:
@@ -138,17 +164,17 @@ class NeighbourGraph:
             return torch.sparse.mm(self._adj_t, v)
         rows = torch.arange(self.rows, device=v.device).repeat_interleave(self.k)
         out = torch.zeros_like(v)
-        step = max(1, GATHER_MAX_ELEMENTS // max(1, v.shape[1]))
+        step = max(1, max_elements_for(GATHER_MAX_ELEMENTS, v.device) // max(1, v.shape[1]))
         for start in range(0, rows.numel(), step):
             sl = slice(start, start + step)
             out.index_add_(0, self.cols[sl], v.index_select(0, rows[sl]))
         return out
 
     def _csr_max(self, a: torch.Tensor) -> bool:
-        return a.device.type == "cpu" and _CSR_MAX_WITH_ARG is not None and _CSR_MAX_BACKWARD is not None
+        return uses_cpu_paths(a) and _CSR_MAX_WITH_ARG is not None and _CSR_MAX_BACKWARD is not None
 
     def _compiled_max(self, a: torch.Tensor) -> bool:
-        return kernels.neighbour_max_supported(a, self.k)
+        return uses_cpu_paths(a) and kernels.neighbour_max_supported(a, self.k)
 
     def max(self, a: torch.Tensor) -> torch.Tensor:
         """``max_j a[j]`` over each row's k neighbours."""
@@ -184,7 +210,7 @@ class NeighbourGraph:
         rows, k, O = self.rows, self.k, a.shape[1]
         out = torch.empty((rows, O), dtype=a.dtype, device=a.device)
         arg = torch.empty((rows, O), dtype=self._pos_dtype(), device=a.device) if how == "amax_arg" else None
-        step = max(1, GATHER_MAX_ELEMENTS // max(1, k * O))  # rows per chunk
+        step = max(1, max_elements_for(GATHER_MAX_ELEMENTS, a.device) // max(1, k * O))  # rows per chunk
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             g = a.index_select(0, self.cols[start * k : stop * k]).view(stop - start, k, O)
@@ -217,7 +243,11 @@ class MaxBackward:
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
         """``d a`` ``[B·N, O]`` from ``d max`` ``[B·N, O]``."""
         g = self.graph
-        if self.compiled and kernels.neighbour_max_supported(grad, g.k, backward=True):
+        if (
+            self.compiled
+            and uses_cpu_paths(grad)
+            and kernels.neighbour_max_supported(grad, g.k, backward=True)
+        ):
             return kernels.neighbour_max_backward(grad, g.cols, self.arg, g.k)
         if self.adj is not None:
             assert _CSR_MAX_BACKWARD is not None

@@ -5,7 +5,9 @@
   continues with the same negatives.
 - Gathered: :meth:`enqueue` all-gathers the keys of every worker (no gradient) before writing them, so
   every worker writes the same rows and the queues stay identical without being broadcast.
-- One pointer for all queues (CrossMoCo's point and image queues advance together).
+- One pointer for all queues (CrossMoCo's point and image queues advance together). It lives on the
+  queue's device and is never read back to the host: the rows are written with an index computed there,
+  so an enqueue does not wait for the GPU.
 - The length must be a multiple of the **global** batch, so a batch never wraps around the end.
 """
 
@@ -58,9 +60,9 @@ class MemoryQueue(nn.Module):
                 f"queue length {self.length} is not a multiple of the global batch {batch} "
                 f"(per-worker batch × workers); use {lo or hi} or {hi}"
             )
-        ptr = int(self.ptr)
-        self.keys[:, ptr : ptr + batch] = stacked.view(batch, len(self.names), self.dim).transpose(0, 1)
-        self.ptr.fill_((ptr + batch) % self.length)
+        rows = self.ptr + torch.arange(batch, device=self.ptr.device)  # ptr … ptr + batch − 1, on the device
+        self.keys.index_copy_(1, rows, stacked.view(batch, len(self.names), self.dim).transpose(0, 1))
+        self.ptr.add_(batch).remainder_(self.length)
 
     def checksum(self) -> float:
         """A cheap fingerprint of the queue contents and pointer (for cross-worker checks in logs)."""
