@@ -77,7 +77,8 @@ def pretrain(
         last = result.checkpoint.path if result.checkpoint else "none (no epoch completed)"
         losses = ", ".join(f"{k} {ret[k]:.4g}" for k in ("loss", "loss_point", "loss_image", "loss_cross"))
         log(
-            f"stopped: the loss became NaN/Inf at epoch {ret['epoch'] + 1}, step {ret['step']} ({losses}). "
+            f"stopped: the loss became NaN/Inf in epoch {ret['epoch'] + 1}, by step {ret['step']} "
+            f"(means since the last check: {losses}). "
             f"The last good checkpoint is kept: {last}. Lower optim.lr, set optim.grad_clip (e.g. 1.0) or "
             "check the data; relaunching the same command resumes from that checkpoint."
         )

@@ -8,7 +8,7 @@ Every random draw is per cloud, as if each cloud went through CrossPoint's per-s
 Images: ``ColorJitter(brightness, contrast, saturation)`` with torchvision's semantics (factors
 U(max(0, 1−x), 1+x), applied in a random order per image) → 8-bit → horizontal flip. The resize happens
 at decode time; ``ToTensor`` and the ImageNet normalisation in the training step
-(``crossmoco_ray.train.step.images_to_tensor``).
+(``crossmoco_ray.nn.image.images_to_tensor``, in the image encoders).
 """
 
 from __future__ import annotations

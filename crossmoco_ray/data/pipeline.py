@@ -298,14 +298,18 @@ def bound_streaming_memory(ctx: Any, object_store_mb: int) -> Any:
     return options
 
 
-def iter_train_batches(shard: Any, batch_size: int, prefetch_batches: int = 2) -> Iterator[dict[str, Any]]:
+def iter_train_batches(
+    shard: Any, batch_size: int, prefetch_batches: int = 2, pin_memory: bool = False
+) -> Iterator[dict[str, Any]]:
     """A worker's torch batches: ``get_dataset_shard("train")`` (or a Dataset) → dicts of tensors.
 
     ``drop_last`` keeps every worker's batch the same size (a queue length that is a multiple of the global
-    batch stays one); tensors land on the worker's device (``device="auto"``).
+    batch stays one); tensors land on the worker's device (``device="auto"``). ``pin_memory`` (GPU workers):
+    each batch is collated into page-locked memory, so its copy to the GPU runs asynchronously on Ray's
+    prefetch thread instead of blocking it.
     """
     it: Iterator[dict[str, Any]] = shard.iter_torch_batches(
-        batch_size=batch_size, drop_last=True, prefetch_batches=prefetch_batches
+        batch_size=batch_size, drop_last=True, prefetch_batches=prefetch_batches, pin_memory=pin_memory
     )
     return it
 

@@ -30,9 +30,9 @@ import torch
 from ..data.augment import rotation_about_y
 from ..evaluate.features import normalize_clouds
 from ..nn import build_point_encoder, load_checked
-from ..nn.runtime import resolve_precision
+from ..nn.runtime import configure_kernels, resolve_precision
 from ..tracking import Tracker
-from ..train.process import gather_objects, maybe_inject_fault, start_worker, wrap_ddp
+from ..train.process import all_ranks, gather_objects, maybe_inject_fault, start_worker, wrap_ddp
 from ..train.resume import checkpoint_name, resume_point, write_progress
 from .model import PointClassifier, accuracies, classifier_head, smoothed_cross_entropy
 from .schema import FinetuneConfig, validate_finetune
@@ -172,6 +172,7 @@ def build(config: dict[str, Any]) -> FinetuneWorker:
 
     rank, world, device = start_worker()
     cfg = validate_finetune(config["config"])
+    configure_kernels(tf32=cfg.train.tf32, deterministic=False)  # batches are seeded; kernels may vary
     data = ray.get(config["data"])
     torch.manual_seed(cfg.train.seed)  # the same head on every worker
     task = config.get("task", "cls")
@@ -238,7 +239,9 @@ def _autocast(w: FinetuneWorker) -> Any:
     return torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.precision == "bf16")
 
 
-def train_step(w: FinetuneWorker, epoch: int, step_in_epoch: int) -> float:
+def train_step(w: FinetuneWorker, epoch: int, step_in_epoch: int) -> torch.Tensor:
+    """One step; returns its loss, detached, on the device (not read back: the loop reads losses once per
+    log window)."""
     cfg = w.cfg
     pw = cfg.per_worker_batch
     rows = global_batch_indices(len(w.train[1]), cfg.train.batch_size, cfg.train.seed, epoch, step_in_epoch)
@@ -267,7 +270,7 @@ def train_step(w: FinetuneWorker, epoch: int, step_in_epoch: int) -> float:
         torch.nn.utils.clip_grad_norm_(w.model.parameters(), cfg.optim.grad_clip)
     w.optimizer.step()
     w.step += 1
-    return float(loss.detach())
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -336,6 +339,17 @@ def save(w: FinetuneWorker, metrics: dict[str, Any]) -> None:
     write_progress(w.run_dir, name, w.step, w.step // w.steps_per_epoch)
 
 
+def _read_losses(w: FinetuneWorker, losses: list[torch.Tensor], epoch: int) -> list[float]:
+    """The losses as numbers (one read from the device), checked finite on every rank (collective)."""
+    values = torch.stack(losses).tolist() if losses else []
+    if not all_ranks(all(math.isfinite(v) for v in values), w.device):
+        raise FloatingPointError(
+            f"the loss became NaN/Inf in epoch {epoch + 1}, by step {w.step}: lower optim.lr or set "
+            "optim.grad_clip (e.g. 1.0)"
+        )
+    return values
+
+
 def end_epoch(w: FinetuneWorker, epoch: int, losses: list[float], seconds: float) -> None:
     cfg = w.cfg
     summary: dict[str, Any] = {
@@ -371,17 +385,17 @@ def finetune_loop(config: dict[str, Any]) -> dict[str, Any]:
     restore(w)
     t, spe = w.cfg.train, w.steps_per_epoch
     for epoch in range(w.step // spe, t.epochs):
-        losses: list[float] = []
+        losses: list[float] = []  # read back once per log window, before a checkpoint and at the end
+        pending: list[torch.Tensor] = []
         t0 = time.perf_counter()
         for step_in_epoch in range(w.step % spe, spe):
             maybe_inject_fault(w.rank, w.world, w.step, w.run_dir)
-            loss = train_step(w, epoch, step_in_epoch)
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"the loss became {loss} at epoch {epoch + 1}, step {step_in_epoch}: lower optim.lr or "
-                    "set optim.grad_clip (e.g. 1.0)"
-                )
-            losses.append(loss)
+            pending.append(train_step(w, epoch, step_in_epoch))
+            every = t.checkpoint_every_steps
+            checkpoint_now = every is not None and w.step % every == 0 and w.step % spe != 0
+            if w.step % t.log_every == 0 or checkpoint_now:
+                losses += _read_losses(w, pending, epoch)
+                pending = []
             if w.rank == 0 and w.step % t.log_every == 0:
                 rate = len(losses) * w.cfg.train.batch_size / (time.perf_counter() - t0)
                 print(
@@ -390,8 +404,8 @@ def finetune_loop(config: dict[str, Any]) -> dict[str, Any]:
                     flush=True,
                 )
                 w.tracker.log_metrics({"loss": float(np.mean(losses[-t.log_every :]))}, w.step)
-            every = t.checkpoint_every_steps
-            if every and w.step % every == 0 and w.step % spe:
+            if checkpoint_now:
                 save(w, {"epoch": epoch, "step": w.step, PRIORITY: -1})
+        losses += _read_losses(w, pending, epoch)
         end_epoch(w, epoch, losses, time.perf_counter() - t0)
     return {"status": "finished", "step": w.step}

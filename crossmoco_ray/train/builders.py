@@ -38,13 +38,16 @@ def make_point_encoder(m: ModelConfig) -> nn.Module:
     return build_point_encoder(spec["name"], **spec["kwargs"])
 
 
-def make_image_encoder(m: ModelConfig) -> ImageEncoder:
+def make_image_encoder(m: ModelConfig, normalize_input: bool = True) -> ImageEncoder:
+    """The image encoder of a model section; ``normalize_input``: ImageNet normalisation of uint8 views
+    (``data.image_augment.normalize``)."""
     return ImageEncoder(
         m.image_encoder,
         proj_dim=m.proj_dim,
         head_hidden=m.image_head_hidden,
         weights=m.image_weights,
         checkpoint_trunk=m.image_checkpoint,
+        normalize_input=normalize_input,
     )
 
 
@@ -53,7 +56,7 @@ def build_model(cfg: Config) -> CrossMoCo:
     o = cfg.objective
     return CrossMoCo(
         make_point_encoder(cfg.model),
-        make_image_encoder(cfg.model),
+        make_image_encoder(cfg.model, cfg.data.image_augment.normalize),
         queue_length=o.queue_length,
         dim=cfg.model.proj_dim,
         temperature=o.temperature,
@@ -65,14 +68,19 @@ def build_model(cfg: Config) -> CrossMoCo:
 
 
 def build_optimizer(cfg: Config, model: CrossMoCo) -> torch.optim.Optimizer:
-    """Only the online encoders (and their heads) are optimised, as in CrossMoCo."""
+    """Only the online encoders (and their heads) are optimised, as in CrossMoCo.
+
+    On CUDA the fused implementations (one kernel for all parameters, the step count kept on the device:
+    no host reads), elsewhere torch's default; the same update either way.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     o, lr = cfg.optim, cfg.base_lr
+    fused = True if params and all(p.is_cuda for p in params) else None
     if o.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=o.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=o.weight_decay, fused=fused)
     if o.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=o.sgd_momentum, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=lr, momentum=o.sgd_momentum, weight_decay=o.weight_decay, fused=fused)
 
 
 def lr_at(cfg: Config, epoch: int, frac: float = 0.0) -> float:

@@ -8,7 +8,9 @@ Named phases, in order:
 3. :func:`measure_baseline`: the monitor on the run's own encoder before any step (rank 0, once per run);
 4. :func:`run_epoch`: stream this worker's shard (skipping the batches a mid-epoch checkpoint already
    trained on), :func:`train_step`, progress every ``train.log_every`` steps, a checkpoint every
-   ``train.checkpoint_every_steps``;
+   ``train.checkpoint_every_steps``. On a GPU the loop waits for the device only at those points: the
+   step's scalars are summed on the device and read once per log window, which is also where (with
+   every rank agreeing) a NaN/Inf loss stops the run, before any checkpoint could keep it;
 5. :func:`end_epoch`: the monitor (rank 0: clean SVM, kNN, CrossPoint SVM with gains over random init) and
    the epoch's checkpoint.
 
@@ -36,12 +38,12 @@ from .. import storage
 from ..config import Config, validate
 from ..data.pipeline import iter_train_batches
 from ..nn import convert_sync_batchnorm
-from ..nn.runtime import cpu_description, resolve_precision
+from ..nn.runtime import configure_kernels, cpu_description, resolve_precision
 from ..tracking import Tracker
 from .builders import build_model, build_optimizer, lr_at, momentum_at
 from .checkpoint import build_state, read_checkpoint, rng_state, unwrap, write_checkpoint
 from .checkpoint import restore as restore_state
-from .process import gather_objects, maybe_inject_fault, start_worker, wrap_ddp
+from .process import all_ranks, gather_objects, maybe_inject_fault, start_worker, wrap_ddp
 from .progress import (
     LOSS_KEYS,
     MONITOR_KEYS,
@@ -117,8 +119,7 @@ def build(config: dict[str, Any]) -> Worker:
     rank, world, device = start_worker()
     cfg = validate(config["config"])
     t = cfg.train
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    configure_kernels(tf32=t.tf32, deterministic=t.deterministic)
     torch.manual_seed(t.seed)  # identical initialisation on every worker
     model = build_model(cfg)
     initial_point = copy.deepcopy(model.point_q) if rank == 0 and config.get("monitor") else None
@@ -216,12 +217,10 @@ def _set_lr(w: Worker, lr: float) -> None:
 
 def run_epoch(w: Worker, shard: Any, epoch: int, skip: int) -> tuple[EpochMeter, dict[str, Any] | None]:
     """Phase 4: one epoch of steps; returns the meter and, if the loss became NaN/Inf, the outcome."""
-    import ray.train
-
     cfg, t, spe = w.cfg, w.cfg.train, w.steps_per_epoch
     lr = lr_at(cfg, epoch)
     _set_lr(w, lr)
-    batches = iter(iter_train_batches(shard, cfg.per_worker_batch))
+    batches = iter(iter_train_batches(shard, cfg.per_worker_batch, pin_memory=w.device.type == "cuda"))
     if skip:
         if w.rank == 0:
             print(f"epoch {epoch + 1}: skipping the {skip} batches trained on before the restart", flush=True)
@@ -247,27 +246,38 @@ def run_epoch(w: Worker, shard: Any, epoch: int, skip: int) -> tuple[EpochMeter,
             precision=w.precision,
             grad_clip=cfg.optim.grad_clip,
             channels_last=t.channels_last,
-            normalize_images=cfg.data.image_augment.normalize,
-            check_finite=True,
         )
-        if "nonfinite" in out:
-            bad = {k: float(out[k]) for k in LOSS_KEYS}
-            ray.train.report({"epoch": epoch, "step": w.step, "nonfinite": 1.0, **bad})
-            return meter, {"status": "nonfinite", "epoch": epoch, "step": w.step, **bad}
         w.step += 1
-        meter.add(out, wait, float(len(torch.unique(batch["label"]))) if "label" in batch else math.nan)
+        meter.add(out, wait, batch.get("label"))
+        every = t.checkpoint_every_steps
+        checkpoint_now = every is not None and w.step % every == 0 and w.step % spe != 0  # epoch ends: own
         if w.step % t.log_every == 0:
-            window = meter.take_window()
+            window = meter.take_window()  # the window's one read from the device
+            if not all_ranks(math.isfinite(window["loss"]), w.device):
+                return meter, _stop_nonfinite(w, epoch, window)
             if w.rank == 0:
                 print(progress_line(epoch, t.epochs, w.step, spe, window, lr, momentum, w.chance), flush=True)
                 w.tracker.log_metrics({**window, "lr": lr, "momentum": momentum}, w.step)
                 w.history["steps"].append({"step": w.step, "lr": lr, **{k: window[k] for k in LOSS_KEYS}})
-        every = t.checkpoint_every_steps
-        if every and w.step % every == 0 and w.step % spe != 0:  # an epoch's end has its own checkpoint
+        if checkpoint_now:
+            if not all_ranks(meter.loss_finite(), w.device):  # never a checkpoint of NaN weights
+                return meter, _stop_nonfinite(w, epoch, meter.take_window())
             metrics = {"epoch": epoch, "step": w.step, "lr": lr, "momentum": momentum, **w.last_monitor}
             metrics |= {"attempt_start_step": w.attempt_start_step, CHECKPOINT_PRIORITY: -1}
             save(w, epoch, metrics, {})
+    if not all_ranks(meter.loss_finite(), w.device):  # before the epoch's monitor and checkpoint
+        return meter, _stop_nonfinite(w, epoch, meter.take_window())
     return meter, None
+
+
+def _stop_nonfinite(w: Worker, epoch: int, window: dict[str, float]) -> dict[str, Any]:
+    """The outcome of a run whose loss became NaN/Inf (on some rank) within ``window``: reported, and no
+    checkpoint written since, so the last one is the last good state."""
+    import ray.train
+
+    bad = {k: window[k] for k in LOSS_KEYS}
+    ray.train.report({"epoch": epoch, "step": w.step, "nonfinite": 1.0, **bad})
+    return {"status": "nonfinite", "epoch": epoch, "step": w.step, **bad}
 
 
 def end_epoch(w: Worker, epoch: int, meter: EpochMeter) -> None:

@@ -35,6 +35,16 @@ def gather_objects(value: Any) -> list[Any]:
     return out
 
 
+def all_ranks(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every worker (collective: every worker calls it, and all get the same
+    answer, so they stop or go on together)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item() > 0)
+
+
 def start_worker() -> tuple[int, int, torch.device]:
     """What every Train worker does first: quiet logs, keep freed memory; returns (rank, world, device)."""
     import ray.train
@@ -49,11 +59,13 @@ def start_worker() -> tuple[int, int, torch.device]:
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
-    """``model`` in DDP when there is more than one worker (buffers synced at construction only)."""
+    """``model`` in DDP when there is more than one worker (buffers synced at construction only; the
+    gradients are views into DDP's all-reduce buckets, so they are not copied in and out of them)."""
     if world == 1:
         return model
     device_ids = [device] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs())  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {"device_ids": device_ids, "gradient_as_bucket_view": True, **ddp_kwargs()}
+    return DistributedDataParallel(model, **kwargs)
 
 
 def quiet_worker_logs() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
 
 import torch
 
@@ -34,49 +33,80 @@ def chance_levels(
     }
 
 
+def distinct_count(labels: torch.Tensor) -> torch.Tensor:
+    """How many distinct values ``labels`` holds, as a tensor on its device (no host read, any range)."""
+    ordered = labels.reshape(-1).sort().values
+    return (ordered[1:] != ordered[:-1]).sum() + 1
+
+
 class EpochMeter:
     """Means of every scalar the step returns (losses, top-1s, diagnostics) plus ``batch_classes``,
-    throughput and time spent waiting for data, for a window and for the epoch."""
+    throughput and time spent waiting for data, for a window and for the epoch.
+
+    The step's scalars stay on its device: :meth:`add` sums them there, and they are read back once per
+    window (:meth:`take_window`), per epoch (:meth:`epoch_summary`) or when asked whether the loss stayed
+    finite (:meth:`loss_finite`): the only places where a GPU step waits for its device.
+    """
 
     def __init__(self, global_batch: int) -> None:
         self.global_batch = global_batch
-        self.epoch: dict[str, float] = defaultdict(float)
-        self.window: dict[str, float] = defaultdict(float)
+        self.keys: tuple[str, ...] = ()
+        self._window: torch.Tensor | None = None  # sums of the steps since the last window, on the device
+        self._epoch: torch.Tensor | None = None  # sums of the windows taken
         self.epoch_steps = self.window_steps = 0
         self.epoch_wait = self.window_wait = 0.0
         self.epoch_start = self.window_start = time.perf_counter()
 
-    def add(self, out: dict[str, torch.Tensor], wait: float, batch_classes: float) -> None:
-        values = {k: float(v) for k, v in out.items() if v.numel() == 1 and k != "nonfinite"}
-        values["batch_classes"] = batch_classes
-        for key, value in values.items():
-            self.epoch[key] += value
-            self.window[key] += value
+    def add(self, out: dict[str, torch.Tensor], wait: float, labels: torch.Tensor | None = None) -> None:
+        """One step's outputs (its scalars), the seconds it waited for data and its batch's labels."""
+        values = {k: v for k, v in out.items() if v.numel() == 1}
+        if labels is not None:
+            values["batch_classes"] = distinct_count(labels)
+        keys = tuple(values)
+        if self.keys and keys != self.keys:
+            raise ValueError(f"the step's outputs changed within an epoch: {self.keys} then {keys}")
+        self.keys = keys
+        row = torch.stack([v.detach().reshape(()).to(torch.float64) for v in values.values()])
+        self._window = row if self._window is None else self._window.add_(row)
         self.epoch_steps += 1
         self.window_steps += 1
         self.epoch_wait += wait
         self.window_wait += wait
 
-    @staticmethod
-    def _summary(
-        sums: dict[str, float], steps: int, wait: float, seconds: float, batch: int
-    ) -> dict[str, float]:
-        out = {k: v / max(steps, 1) for k, v in sums.items()}
-        out["samples_per_s"] = steps * batch / max(seconds, 1e-9)
-        out["data_wait"] = wait / max(seconds, 1e-9)
+    def loss_finite(self) -> bool:
+        """Whether every loss since the last window was finite (reads one value back)."""
+        if self._window is None:
+            return True
+        return math.isfinite(float(self._window[self.keys.index("loss")]))
+
+    def _means(self, sums: torch.Tensor | None, steps: int) -> dict[str, float]:
+        out = {k: math.nan for k in self.keys}
+        if sums is not None:
+            out.update(zip(self.keys, (v / max(steps, 1) for v in sums.tolist()), strict=True))
+        out.setdefault("batch_classes", math.nan)
         return out
+
+    def _rates(self, steps: int, wait: float, seconds: float) -> dict[str, float]:
+        return {
+            "samples_per_s": steps * self.global_batch / max(seconds, 1e-9),
+            "data_wait": wait / max(seconds, 1e-9),
+        }
 
     def take_window(self) -> dict[str, float]:
         now = time.perf_counter()
-        out = self._summary(
-            self.window, self.window_steps, self.window_wait, now - self.window_start, self.global_batch
-        )
-        self.window, self.window_steps, self.window_wait, self.window_start = defaultdict(float), 0, 0.0, now
+        out = self._means(self._window, self.window_steps)
+        out |= self._rates(self.window_steps, self.window_wait, now - self.window_start)
+        if self._window is not None:
+            self._epoch = self._window if self._epoch is None else self._epoch.add_(self._window)
+        self._window, self.window_steps, self.window_wait, self.window_start = None, 0, 0.0, now
         return out
 
     def epoch_summary(self) -> dict[str, float]:
         seconds = time.perf_counter() - self.epoch_start
-        out = self._summary(self.epoch, self.epoch_steps, self.epoch_wait, seconds, self.global_batch)
+        parts = [t for t in (self._epoch, self._window) if t is not None]
+        total = parts[0] + parts[1] if len(parts) == 2 else (parts[0] if parts else None)
+        out = self._means(total, self.epoch_steps)
+        out |= self._rates(self.epoch_steps, self.epoch_wait, seconds)
         out["epoch_seconds"] = seconds
         return out
 

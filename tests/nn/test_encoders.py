@@ -168,6 +168,42 @@ def test_image_encoder_shapes_and_key_layout(arch: str, width: int) -> None:
     assert model.inv_head[3].bias is None
 
 
+def test_images_to_tensor_is_totensor_plus_imagenet_normalize() -> None:
+    import torchvision.transforms.functional as TF
+
+    from crossmoco_ray.nn.image import IMAGENET_MEAN, IMAGENET_STD, images_to_tensor
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 5, 7, 3), dtype=torch.uint8, generator=g)  # [B, V, H, W, 3]
+    out = images_to_tensor(images)
+    assert out.shape == (2, 3, 3, 5, 7)
+    assert out.is_contiguous()
+    ref = TF.normalize(TF.to_tensor(images[1, 2].numpy()), list(IMAGENET_MEAN), list(IMAGENET_STD))
+    torch.testing.assert_close(out[1, 2], ref)
+    plain = images_to_tensor(images, normalize=False)
+    torch.testing.assert_close(plain[0, 0], TF.to_tensor(images[0, 0].numpy()))
+    assert images_to_tensor(out) is out  # float input is taken as converted
+    view = images[:, 1]  # a strided view, as the step's views are
+    cl = images_to_tensor(view, channels_last=True)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl, images_to_tensor(view))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_image_encoder_converts_uint8_views_in_its_weights_layout(normalize: bool) -> None:
+    from crossmoco_ray.nn.image import images_to_tensor
+
+    torch.manual_seed(0)
+    model = ImageEncoder("resnet18", proj_dim=8, head_hidden=16, normalize_input=normalize).eval()
+    raw = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    converted = images_to_tensor(raw, normalize)
+    torch.testing.assert_close(model(raw)[0], model(converted)[0])
+    assert not model.prepare_input(raw).is_contiguous(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)
+    assert model.prepare_input(raw).is_contiguous(memory_format=torch.channels_last)
+    assert not any("input_" in k for k in model.state_dict())  # derived, not saved: old files still load
+
+
 def test_image_weights_from_local_file(tmp_path: Path) -> None:
     source = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18.pth"

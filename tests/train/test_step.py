@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from crossmoco_ray.nn import DGCNN, CrossMoCo, ImageEncoder
@@ -37,30 +38,28 @@ def test_repeated_steps_lower_the_loss_on_a_fixed_batch() -> None:
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_images_to_tensor_is_totensor_plus_imagenet_normalize() -> None:
-    import torchvision.transforms.functional as TF
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_pipelines_uint8_images_train_as_the_same_images_converted_first(channels_last: bool) -> None:
+    """The views stay bytes until the image encoders (so shuffle-BN gathers bytes): the step is the same
+    as on the float images converted beforehand, losses, updated weights and queues."""
+    from crossmoco_ray.nn.image import images_to_tensor
 
-    from crossmoco_ray.train.step import IMAGENET_MEAN, IMAGENET_STD, images_to_tensor
-
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (2, 3, 5, 7, 3), dtype=torch.uint8, generator=g)  # [B, V, H, W, 3]
-    out = images_to_tensor(images)
-    assert out.shape == (2, 3, 3, 5, 7)
-    ref = TF.normalize(TF.to_tensor(images[1, 2].numpy()), list(IMAGENET_MEAN), list(IMAGENET_STD))
-    torch.testing.assert_close(out[1, 2], ref)
-    plain = images_to_tensor(images, normalize=False)
-    torch.testing.assert_close(plain[0, 0], TF.to_tensor(images[0, 0].numpy()))
-    assert images_to_tensor(out) is out  # float input is taken as converted
-
-
-def test_step_accepts_the_pipelines_uint8_images() -> None:
-    torch.manual_seed(0)
-    model = tiny_crossmoco(queue_length=16)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     batch = tiny_batch(4)
-    batch["images"] = torch.randint(0, 256, (4, 2, 16, 16, 3), dtype=torch.uint8)
-    out = train_step(model, batch, opt, momentum=0.9)
-    assert torch.isfinite(out["loss"])
+    raw = torch.randint(
+        0, 256, (4, 2, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)
+    )
+    results = []
+    for images in (raw, images_to_tensor(raw)):
+        torch.manual_seed(0)
+        model = prepare_model(tiny_crossmoco(queue_length=16), torch.device("cpu"), channels_last)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        out = train_step(model, {**batch, "images": images}, opt, momentum=0.9, channels_last=channels_last)
+        results.append((out, model.state_dict()))
+    (out_u8, state_u8), (out_f, state_f) = results
+    for key in ("loss", "loss_point", "loss_image", "loss_cross"):
+        torch.testing.assert_close(out_u8[key], out_f[key], rtol=1e-5, atol=1e-6)
+    for key, value in state_f.items():
+        torch.testing.assert_close(state_u8[key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_lr_schedules() -> None:
@@ -135,3 +134,21 @@ def test_prepare_model_makes_only_the_image_encoders_channels_last() -> None:
     assert not conv.is_contiguous()
     assert model.image_k.resnet.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert model.point_q.conv1[0].weight.is_contiguous()
+
+
+def test_a_step_runs_under_deterministic_kernels_only() -> None:
+    """train.deterministic=true refuses any op without a deterministic kernel: the CPU step has none (the
+    CUDA step's ops are checked in test_gpu_path.py)."""
+    from crossmoco_ray.nn.runtime import configure_kernels
+
+    torch.manual_seed(0)
+    model = tiny_crossmoco(queue_length=16)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    batch = tiny_batch(4)
+    batch["images"] = torch.randint(0, 256, (4, 2, 16, 16, 3), dtype=torch.uint8)
+    try:
+        configure_kernels(tf32=False, deterministic=True)
+        out = train_step(model, batch, opt, momentum=0.9, grad_clip=1.0)
+    finally:
+        configure_kernels(tf32=False, deterministic=False)
+    assert torch.isfinite(out["loss"])
