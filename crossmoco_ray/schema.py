@@ -177,7 +177,9 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (DDP processes)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
-    gpus_per_worker: float = Field(1.0, ge=0.0)
+    gpus_per_worker: float = Field(
+        1.0, ge=0.0, description="with use_gpu: 1 (each worker trains on one GPU; more GPUs = more workers)"
+    )
     data_cpus: float = Field(1.0, ge=0.0, description="CPUs kept free for Ray Data tasks")
     worker_resources: dict[str, float] = Field(
         default_factory=dict,
@@ -190,9 +192,17 @@ class TrainConfig(_Section):
         "fp32, with a warning); kNN distances, BatchNorm statistics and losses stay fp32",
     )
     channels_last: bool = Field(True, description="channels-last image tensors (faster on CPU and CUDA)")
+    tf32: bool = Field(
+        False,
+        description="TF32 tensor cores for the encoders' fp32 products and convolutions (Ampere+ GPUs, fp32 "
+        "runs); false: IEEE fp32 throughout. kNN distances, BatchNorm statistics and losses are IEEE fp32 "
+        "either way",
+    )
     seed: int = 1
     deterministic: bool = Field(
-        False, description="seed the augmentations and use deterministic kernels (exact reruns and resumes)"
+        False,
+        description="seed the augmentations and use deterministic kernels only (exact reruns and resumes; "
+        "on GPU cuBLAS's fixed workspace and no cuDNN autotuning, somewhat slower)",
     )
     log_every: int = Field(20, gt=0, description="steps between progress reports")
     keep_checkpoints: int = Field(

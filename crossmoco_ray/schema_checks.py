@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .schema import Config
@@ -22,6 +22,37 @@ def _multiples_near(value: int, step: int) -> tuple[list[int], list[int]]:
     rlo = (value // round_step) * round_step
     round_ = [m for m in (rlo, rlo + round_step) if m > 0 and m not in nearest]
     return nearest, round_
+
+
+def gpu_problems(t: Any) -> list[str]:
+    """GPUs per worker that a GPU run cannot use: ``t`` is a ``train`` section (pretraining's or
+    fine-tuning's) with ``use_gpu``, ``gpus_per_worker`` and ``num_workers``.
+
+    A worker is one DDP process on one GPU. A fraction lets Ray put two workers of the run on one GPU,
+    where NCCL stops with "Duplicate GPU detected"; more than one reserves GPUs nothing uses.
+    """
+    if not t.use_gpu or t.gpus_per_worker == 1:
+        return []
+    g = t.gpus_per_worker
+    if g > 1:
+        more = math.ceil(g) * t.num_workers
+        return [
+            f"train.gpus_per_worker={g:g} reserves {g:g} GPUs per worker, but a worker trains on one GPU "
+            "(one DDP process each): set train.gpus_per_worker=1 and use more workers for more GPUs "
+            f"(e.g. train.num_workers={more})"
+        ]
+    if g == 0:
+        return [
+            "train.use_gpu=true with train.gpus_per_worker=0 gives the workers no GPU: set "
+            "train.gpus_per_worker=1 (or train.use_gpu=false to train on CPUs)"
+        ]
+    if t.num_workers > 1:
+        return [
+            f"train.gpus_per_worker={g:g} lets Ray place two of this run's {t.num_workers} workers on one "
+            'GPU, and NCCL stops with "Duplicate GPU detected": set train.gpus_per_worker=1. (A fraction '
+            "only works for runs of one worker sharing a GPU, e.g. Tune trials with train.num_workers=1.)"
+        ]
+    return []
 
 
 def cross_field_problems(cfg: Config) -> list[str]:
@@ -84,6 +115,7 @@ def cross_field_problems(cfg: Config) -> list[str]:
             f"tracking.register_model={cfg.tracking.register_model} needs the model logged: set "
             "tracking.log_model=true (or drop tracking.register_model)"
         )
+    problems += gpu_problems(t)
     if m.sync_bn and not t.use_gpu:
         problems.append("model.sync_bn=true needs CUDA (torch's SyncBatchNorm); set train.use_gpu=true")
     if cfg.optim.warmup_epochs >= t.epochs:

@@ -156,6 +156,37 @@ def test_invalid_values_say_the_fix(overrides: list[str], fix: str) -> None:
     assert fix in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "fix"),
+    [
+        (["train.num_workers=2", "train.gpus_per_worker=0.5"], "Duplicate GPU detected"),
+        (["train.num_workers=2", "train.gpus_per_worker=0.5"], "set train.gpus_per_worker=1"),
+        (["train.num_workers=2", "train.gpus_per_worker=2"], "e.g. train.num_workers=4"),
+        (["train.gpus_per_worker=0"], "gives the workers no GPU"),
+    ],
+)
+def test_gpus_that_a_worker_cannot_use_are_refused(overrides: list[str], fix: str) -> None:
+    """One worker is one DDP process on one GPU: a fraction lets two ranks share a GPU (NCCL refuses),
+    more than one reserves GPUs nothing uses."""
+    with pytest.raises(ConfigError) as err:
+        load_config("paper", overrides=["train.use_gpu=true", "objective.queue_length=4000", *overrides])
+    assert fix in str(err.value)
+    # a fraction is fine for a one-worker run (Tune trials sharing a GPU), and CPU runs ignore the key
+    load_config("paper", overrides=["train.use_gpu=true", "train.gpus_per_worker=0.5"])
+    load_config("paper", overrides=["train.num_workers=2", "train.gpus_per_worker=0.5"])
+
+
+def test_finetuning_refuses_the_same_gpu_settings() -> None:
+    from crossmoco_ray.finetune.schema import load_finetune_config
+
+    with pytest.raises(ConfigError, match="Duplicate GPU detected"):
+        load_finetune_config(
+            overrides=["train.use_gpu=true", "train.num_workers=2", "train.gpus_per_worker=0.5"]
+        )
+    with pytest.raises(ConfigError, match="reserves 3 GPUs per worker"):
+        load_finetune_config(overrides=["train.use_gpu=true", "train.gpus_per_worker=3"])
+
+
 def test_resolution_order_preset_then_file_then_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: 7\n  log_every: 3\n")

@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 
 from ..config import _check_keys, _merge, _read_yaml, parse_override, validate_as
 from ..schema import ConfigError, _Section
+from ..schema_checks import gpu_problems
 
 DEFAULT_FINETUNE_PRESET = "dgcnn"
 
@@ -101,8 +102,13 @@ class FinetuneTrainConfig(_Section):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (DDP processes)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
-    gpus_per_worker: float = Field(1.0, ge=0.0)
+    gpus_per_worker: float = Field(
+        1.0, ge=0.0, description="with use_gpu: 1 (each worker trains on one GPU; more GPUs = more workers)"
+    )
     precision: Literal["fp32", "bf16"] = "fp32"
+    tf32: bool = Field(
+        False, description="TF32 tensor cores for fp32 products and convolutions (Ampere+ GPUs)"
+    )
     freeze_backbone: bool = Field(
         False,
         description="keep the encoder frozen (eval mode, running BN statistics) and train the head only: "
@@ -151,6 +157,9 @@ class FinetuneConfig(_Section):
                 "each worker needs at least 2 clouds per batch for BatchNorm: raise train.batch_size to "
                 f"{2 * t.num_workers} or more"
             )
+        problems = gpu_problems(t)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError
+from ..nn.runtime import cuda_bf16_support
 
 # Quiet, offline, and fast on small machines; set before Ray starts so every process inherits them.
 RAY_ENV = {
@@ -29,18 +30,52 @@ RAY_ENV = {
 # Passed on to the Train workers when the driver has them (code version, a test's fault injection).
 FORWARDED_ENV = ("CROSSMOCO_GIT_COMMIT", "CROSSMOCO_FAULT_AT_STEP")
 
+# Ray's accelerator_type names (the `accelerator_type:<name>` resource of a GPU node) of NVIDIA GPUs that
+# emulate bf16 (compute capability below 8.0), with their capability. Names not listed are not judged
+# here: the worker checks its own GPU (crossmoco_ray.nn.runtime.bf16_support) and says so.
+EMULATED_BF16_GPUS = {
+    "K80": (3, 7), "M60": (5, 2), "P4": (6, 1), "P40": (6, 1), "P100": (6, 0), "V100": (7, 0), "T4": (7, 5),
+    "TITAN-V": (7, 0), "TITAN-RTX": (7, 5), "Quadro-RTX-6000": (7, 5), "Quadro-RTX-8000": (7, 5),
+    "GeForce-RTX-2080-Ti": (7, 5), "GeForce-RTX-2080": (7, 5), "GeForce-RTX-2070": (7, 5),
+}  # fmt: skip
 
-def worker_env() -> dict[str, str]:
-    """Environment variables of every Train worker."""
+
+def worker_env(deterministic: bool = False) -> dict[str, str]:
+    """Environment variables of every Train worker (with ``deterministic``, cuBLAS's fixed workspace,
+    which must be set before the worker's first CUDA product)."""
+    from ..nn.runtime import CUBLAS_WORKSPACE
+
     env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
+    if deterministic:
+        env["CUBLAS_WORKSPACE_CONFIG"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     return env
+
+
+def gpu_types(resources: dict[str, float]) -> list[str]:
+    """The GPU types a Ray cluster advertises (``accelerator_type:<name>`` resources), sorted."""
+    prefix = "accelerator_type:"
+    return sorted(k[len(prefix) :] for k in resources if k.startswith(prefix))
+
+
+def emulated_bf16_problem(cfg: Config | Any, resources: dict[str, float]) -> str | None:
+    """Why ``train.precision=bf16`` on this cluster's GPUs would be emulated (all its GPU types lack native
+    bf16), or ``None``: no GPU run, no bf16, no GPU type known, or one that has it."""
+    t = cfg.train
+    types = gpu_types(resources)
+    if not (t.use_gpu and t.precision == "bf16" and types):
+        return None
+    if not all(name in EMULATED_BF16_GPUS for name in types):
+        return None
+    reasons = "; ".join(filter(None, (cuda_bf16_support(n, EMULATED_BF16_GPUS[n]) for n in types)))
+    return f"train.precision=bf16 on this cluster's GPUs: {reasons}. Set train.precision=fp32"
 
 
 def check_resources(
     cfg: Config | Any, resources: dict[str, float], local: bool, log: Callable[[str], None]
 ) -> None:
-    """Workers plus the CPUs kept for Ray Data must fit, or the run would wait (or hang) forever.
+    """Workers plus the CPUs kept for Ray Data must fit, or the run would wait (or hang) forever; and
+    bf16 is refused on a cluster whose GPUs all emulate it (slower than fp32).
 
     ``cfg``: a pretraining :class:`Config`, or any config whose ``train`` section has ``num_workers``,
     ``cpus_per_worker``, ``gpus_per_worker`` and ``use_gpu`` (fine-tuning's, which keeps no Ray Data CPUs).
@@ -61,6 +96,9 @@ def check_resources(
             f"{t.num_workers} workers × {t.gpus_per_worker} GPU = {gpus_needed:g} GPUs, the cluster has "
             f"{resources.get('GPU', 0):g}: lower train.num_workers or set train.use_gpu=false"
         )
+    bf16 = emulated_bf16_problem(cfg, resources)
+    if bf16:  # every GPU the cluster has would emulate it: refused, on a cluster too
+        raise ConfigError(bf16)
     if problems:
         if local:
             raise ConfigError("\n".join(problems))

@@ -122,7 +122,7 @@ def build_trainer(run: Run, callbacks: list[Any] | None = None) -> Any:
             ),
             callbacks=callbacks or [],
             logging_config=LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={"env_vars": worker_env()},  # type: ignore[call-arg]
+            worker_runtime_env={"env_vars": worker_env(t.deterministic)},  # type: ignore[call-arg]
         ),
         datasets={"train": factory},
         dataset_config=DataConfig(
