@@ -5,7 +5,6 @@ One spawn runs every check (process start-up dominates the cost); each test asse
 
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.nn.parallel import DistributedDataParallel
 
 from crossmoco_ray.nn import MemoryQueue, batch_shuffle, batch_unshuffle, nt_xent
+from crossmoco_ray.train.process import wrap_ddp
 from crossmoco_ray.train.step import train_step
 from tests.helpers import tiny_batch, tiny_crossmoco
 
@@ -57,14 +56,6 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
 
 
-def no_buffer_sync() -> dict[str, bool]:
-    """Sync buffers once at construction, never per forward (the queues must not be re-sent each step)."""
-    params = inspect.signature(DistributedDataParallel).parameters
-    return (
-        {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-    )
-
-
 def _worker(r: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=r, world_size=WORLD)
@@ -92,7 +83,7 @@ def _worker(r: int, init_file: str, out_dir: str) -> None:
 
     # 4. the whole model under DDP (queues not broadcast), a few optimisation steps
     model = make_model()
-    ddp = DistributedDataParallel(model, **no_buffer_sync())
+    ddp = wrap_ddp(model, torch.device("cpu"), WORLD)  # as the workers wrap it: bucket views, no re-sync
     opt = make_optimizer(model)
     losses = []
     for batch in model_batches():
