@@ -302,6 +302,35 @@ def _add_config_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     p_config.set_defaults(func=config_help)
 
 
+DOCTOR_EPILOG = """\
+examples:
+  crossmoco doctor                                  # this machine: paste the output into a bug report
+  crossmoco doctor --json > doctor.json
+  RAY_ADDRESS=127.0.0.1:6379 crossmoco doctor       # and the Ray cluster it would join
+
+Never starts a Ray of its own; secrets among the environment variables are named, not shown.
+"""
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import main as doctor
+
+    return doctor(args.address, args.json)
+
+
+def _add_doctor_parser(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="versions, GPUs, native bf16, compiled kernels, the Ray cluster: what a bug report needs",
+        description="Print what this machine and install are (and the Ray cluster, when connected).",
+        epilog=DOCTOR_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--address", help="a Ray cluster to describe (default: RAY_ADDRESS, else none)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_doctor)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="crossmoco",
@@ -316,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parsers(sub)
     add_finetune_parsers(sub)
     _add_config_parsers(sub)
+    _add_doctor_parser(sub)
 
     def top_help(_args: argparse.Namespace) -> int:
         parser.print_help()

@@ -41,6 +41,7 @@ ARGUMENTS_ONLY = {
     "finetune partseg": "its own config is resolved and checked; --data / --checkpoint are read when it runs",
     "config": "a group: prints its help",
     "config presets": "lists the presets",
+    "doctor": "--address is joined only when it runs",
 }
 # Matches of the command finder that are not commands: (file, text in the line) -> why.
 NOT_COMMANDS = {

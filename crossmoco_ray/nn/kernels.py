@@ -130,7 +130,7 @@ def _load() -> ctypes.CDLL | None:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        _state["lib"] = lib
+        _state["lib"], _state["why"] = lib, why
         return lib
 
 
@@ -155,6 +155,20 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 def available() -> bool:
     """Whether the compiled kernels are built and loaded (building them if need be)."""
     return _load() is not None
+
+
+def status() -> dict[str, str | bool]:
+    """What a bug report needs: the compiler, the cache, whether the kernels load (building them if need
+    be) and, if not, why."""
+    lib = _load()
+    cc = _compiler()
+    return {
+        "compiler": shlex.join(cc) if cc else "none",
+        "cache": str(_cache_dir()),
+        "loaded": lib is not None,
+        "library": str(lib._name) if lib is not None else "",
+        "why_not": "" if lib is not None else str(_state.get("why") or "CROSSMOCO_KNN=torch"),
+    }
 
 
 def max_k() -> int:
