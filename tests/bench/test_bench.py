@@ -88,3 +88,36 @@ def test_the_render_benchmark_runs() -> None:
         f"{kind}{png}" for kind in ("mesh", "depth splats", "shaded splats") for png in ("", " + PNG")
     } | {"mesh, 4M-candidate chunks"}
     assert all(r > 0 for r in rates.values())
+
+
+def test_the_device_check_runs_dry_on_cpu(tmp_path: Path) -> None:
+    """bench/gpu_check.py --dry-run: every section's code on CPU at toy sizes, so the script cannot rot
+    before a GPU runs it; the GPU-only sections say they were skipped and why."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH.parent / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    import json
+
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    sections = report["sections"]
+    assert list(sections) == [
+        "environment",
+        "agreement",
+        "no_sync",
+        "step",
+        "largest_batch",
+        "sync_bn",
+        "pretrain",
+    ]
+    assert {name for name, r in sections.items() if r["status"] == "ok"} >= {
+        "environment", "agreement", "step", "largest_batch"
+    }  # fmt: skip
+    assert all(r["why"] for r in sections.values() if r["status"] == "skipped")
+    assert sections["agreement"]["fp32"]["passed"]
+    assert sections["largest_batch"]["largest_fitting"] == 12  # the search, against its pretend limit
+    assert set(sections["step"]["rows"]) == {
+        "reference fp32", "fast fp32", "fast fp32 + TF32", "fast bf16", "fast bf16 + channels-last"
+    }  # fmt: skip
+    assert "| step | ok |" in (tmp_path / "gpu_check.md").read_text()
