@@ -128,12 +128,9 @@ class NeighbourGraph:
         B, N, k = idx.shape
         self.k, self.rows = k, B * N
         self.cols = flat_neighbour_index(idx)
-        # (not bincount: on CUDA it reads the largest index back to the host)
-        ones = torch.ones_like(self.cols)
-        self.in_degree = torch.zeros(self.rows, dtype=torch.int64, device=idx.device).index_add_(
-            0, self.cols, ones
-        )
-        self.in_degree = self.in_degree.unsqueeze(1)  # [B·N, 1]
+        degree = torch.zeros(self.rows, dtype=torch.int64, device=idx.device)
+        # index_add_, not bincount: on CUDA bincount reads the largest index back to the host
+        self.in_degree = degree.index_add_(0, self.cols, torch.ones_like(self.cols)).unsqueeze(1)  # [B·N, 1]
         self._adj: dict[torch.dtype, torch.Tensor] = {}  # per dtype: the forward runs bf16, sums fp32
         self._adj_t: torch.Tensor | None = None
 
