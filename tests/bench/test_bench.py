@@ -77,6 +77,18 @@ def test_features_bench_smoke_run_compares_with_the_baseline_commit() -> None:
     assert float(baseline_sum) == float(current_sum)  # the same features as the code before issue 14
 
 
+def test_step_ab_smoke_run_compares_with_the_code_before_issue_26() -> None:
+    root = BENCH.parents[1]
+    if subprocess.run(["git", "-C", str(root), "cat-file", "-e", "21c23ad"], check=False).returncode != 0:
+        pytest.skip("not a clone with the baseline commit in its history")
+    cmd = [sys.executable, str(BENCH.parent / "step_ab.py"), "--smoke", "--precisions", "fp32"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| fp32 |"))
+    baseline_loss, current_loss = row.rstrip(" |").split("|")[-1].split(" / ")
+    assert float(baseline_loss) == float(current_loss)  # the same step, fp32, as before issue 26
+
+
 def test_the_render_benchmark_runs() -> None:
     spec = importlib.util.spec_from_file_location("bench_render", BENCH.parent / "render.py")
     assert spec is not None
