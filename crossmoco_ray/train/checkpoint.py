@@ -28,7 +28,10 @@ from ..config import Config, to_yaml
 from ..nn import CrossMoCo
 
 FORMAT = "crossmoco-ray/checkpoint"
-VERSION = 1
+# 2: each rank's RNG holds one GPU generator (its own) or None, not a list of every visible GPU's. Version 1
+# reads the same but for that (its GPU states are not restored); earlier code refuses version 2 by name.
+VERSION = 2
+READABLE = (1, 2)
 STATE_FILE = "state.pt"
 
 
@@ -45,16 +48,22 @@ def rng_state(device: torch.device | None = None) -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "cuda": cuda}
 
 
-def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
-    """Restore :func:`rng_state`'s states, the GPU one onto ``device`` (the worker's own GPU).
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> bool:
+    """Restore :func:`rng_state`'s states, the GPU one onto ``device`` (the worker's own GPU); returns
+    whether every generator the worker draws from was restored.
 
-    A CPU worker ignores a GPU state; a GPU worker resuming a CPU run's state, or a state from before
-    this format (a list with one state per GPU the writer saw), keeps its GPU generator's seeding.
+    A CPU worker ignores a GPU state; a GPU worker resuming a CPU run's state, or a state of checkpoint
+    version 1 (a list with one state per GPU the writer saw, not knowing which was the rank's), keeps
+    its GPU generator's seeding (and ``False`` says so).
     """
     torch.set_rng_state(state["torch"])
+    if device is None or device.type != "cuda":
+        return True
     cuda = state.get("cuda")
-    if isinstance(cuda, torch.Tensor) and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda, device)
+    if not isinstance(cuda, torch.Tensor):
+        return False
+    torch.cuda.set_rng_state(cuda, device)
+    return True
 
 
 def unwrap(model: torch.nn.Module) -> CrossMoCo:
@@ -127,9 +136,9 @@ def read_checkpoint(directory: str | Path) -> dict[str, Any]:
     state = torch.load(file, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{file} is not a crossmoco-ray checkpoint")
-    if state.get("version") != VERSION:
+    if state.get("version") not in READABLE:
         version = state.get("version")
-        raise ValueError(f"{file}: checkpoint version {version}, this crossmoco-ray reads {VERSION}")
+        raise ValueError(f"{file}: checkpoint version {version}, this crossmoco-ray reads {READABLE}")
     return state
 
 
@@ -142,16 +151,15 @@ def restore(
     device: torch.device | None = None,
 ) -> bool:
     """Load model (queues and pointer included), optimizer and this rank's RNG states (its GPU's onto
-    ``device``) from a checkpoint state. Returns whether the RNG state was this rank's own: a run resumed
+    ``device``) from a checkpoint state. Returns whether the RNG states were restored whole: a run resumed
     on another number of workers gets fresh per-rank seeds instead (``seed + rank`` mixed with the step),
-    so it is not bit-exact."""
+    and a GPU run from a version-1 checkpoint keeps its GPU generator's seeding; neither is bit-exact."""
     unwrap(model).load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     rngs = state.get("rng_per_rank") or [state["rng"]]
     if len(rngs) == world_size:
-        set_rng_state(rngs[rank], device)
-        return True
+        return set_rng_state(rngs[rank], device)
     seed = int(state["config"]["train"]["seed"])
     torch.manual_seed(seed * 1_000_003 + rank * 7919 + int(state["step"]))  # CPU and every GPU's generator
     return False

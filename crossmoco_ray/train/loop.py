@@ -184,7 +184,12 @@ def restore(w: Worker) -> ResumePoint:
             where = f"epoch {point.epoch(w.steps_per_epoch) + 1} after {point.skip(w.steps_per_epoch)} steps"
             print(f"resumed from {point.checkpoint}: {where} (step {w.step} overall)", flush=True)
             if not own_rng:
-                print("warning: the checkpoint was written by another number of workers: fresh per-rank RNG")
+                print(
+                    "warning: the checkpoint's RNG states do not fit this run (another number of workers, or "
+                    "an older checkpoint without each GPU's own state): fresh RNG, so the resume is not "
+                    "bit-exact",
+                    flush=True,
+                )
     w.attempt_start_step = w.step
     for past in w.history["epochs"]:
         w.last_monitor.update({k: past[k] for k in w.last_monitor if k in past})

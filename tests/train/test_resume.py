@@ -144,11 +144,24 @@ def test_a_checkpoint_written_on_an_8_gpu_node_resumes_on_a_1_gpu_node(
         assert restore(model, optimizer, state, rank=rank, world_size=8, device=torch.device("cuda", 0))
     assert small.set_calls == [(0, 100 + rank) for rank in range(8)]  # its own state, onto its own GPU
 
-    # a checkpoint from before this format (every visible GPU's state) restores there without IndexError
-    old = {**state, "rng_per_rank": [{**s, "cuda": big.all_states()} for s in states]}
+    # a version-1 checkpoint (every visible GPU's state) restores there without IndexError; its GPU
+    # generator keeps its seeding, and restore says the RNG was not restored whole
+    old = {**state, "version": 1, "rng_per_rank": [{**s, "cuda": big.all_states()} for s in states]}
     small.set_calls.clear()
-    assert restore(model, optimizer, old, rank=3, world_size=8, device=torch.device("cuda", 0))
-    assert small.set_calls == []  # its GPU generator keeps its seeding
+    assert not restore(model, optimizer, old, rank=3, world_size=8, device=torch.device("cuda", 0))
+    assert small.set_calls == []
     # a CPU worker resuming a GPU run restores the CPU generator only
     assert restore(model, optimizer, state, rank=2, world_size=8, device=torch.device("cpu"))
     assert small.set_calls == []
+
+
+def test_checkpoints_of_version_1_still_read_and_unknown_versions_are_named(tmp_path: Path) -> None:
+    from crossmoco_ray.train.checkpoint import FORMAT, VERSION, read_checkpoint
+
+    assert VERSION == 2
+    for version in (1, 2):
+        torch.save({"format": FORMAT, "version": version}, tmp_path / STATE_FILE)
+        assert read_checkpoint(tmp_path)["version"] == version
+    torch.save({"format": FORMAT, "version": 3}, tmp_path / STATE_FILE)
+    with pytest.raises(ValueError, match="checkpoint version 3, this crossmoco-ray reads"):
+        read_checkpoint(tmp_path)
