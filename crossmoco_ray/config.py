@@ -265,8 +265,9 @@ def validate(data: Mapping[str, Any]) -> Config:
 
 def validate_stored(data: Mapping[str, Any]) -> tuple[Config, list[str]]:
     """The :class:`Config` stored in a checkpoint written by an older version: keys this schema no longer
-    has (a removed option) are dropped and returned, so that its encoder still loads; everything else is
-    checked as usual."""
+    has (a removed option) are dropped and returned, so that its encoder still loads, as are values it
+    now refuses where they cannot matter to the encoder (``train.gpus_per_worker`` other than 1, read as
+    1); everything else is checked as usual."""
     dropped: list[str] = []
 
     def keep(node: Mapping[str, Any], model: type[BaseModel], prefix: str) -> dict[str, Any]:
@@ -288,7 +289,11 @@ def validate_stored(data: Mapping[str, Any]) -> tuple[Config, list[str]]:
         given = [k for k in BATCH_KEYS if k in train]
         if len(given) == 1:
             other = BATCH_KEYS[1 - BATCH_KEYS.index(given[0])]
-            kept["train"] = {**train, other: None}
+            train = kept["train"] = {**train, other: None}
+        # GPUs per worker other than 1 are refused for new runs now; a stored run that used them loads
+        if train.get("use_gpu") and train.get("gpus_per_worker", 1) != 1:
+            dropped.append(f"train.gpus_per_worker={train['gpus_per_worker']} (read as 1)")
+            kept["train"] = {**train, "gpus_per_worker": 1.0}
     return validate(kept), dropped
 
 

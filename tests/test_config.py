@@ -234,3 +234,8 @@ def test_a_config_stored_by_an_older_version_still_loads() -> None:
     cfg, dropped = validate_stored(stored)
     assert dropped == ["train.fault_at_step"]
     assert cfg.global_batch == 32
+    # a GPU run stored with 2 GPUs per worker (refused for new runs since) still loads, read as 1
+    stored["train"] |= {"use_gpu": True, "gpus_per_worker": 2.0}
+    cfg, dropped = validate_stored(stored)
+    assert dropped == ["train.fault_at_step", "train.gpus_per_worker=2.0 (read as 1)"]
+    assert cfg.train.gpus_per_worker == 1
