@@ -34,6 +34,7 @@ from ..nn.runtime import configure_kernels, resolve_precision
 from ..tracking import Tracker
 from ..train.process import all_ranks, gather_objects, maybe_inject_fault, start_worker, wrap_ddp
 from ..train.resume import checkpoint_name, resume_point, write_progress
+from ..train.step import keeps_bucket_views
 from .model import PointClassifier, accuracies, classifier_head, smoothed_cross_entropy
 from .schema import FinetuneConfig, validate_finetune
 
@@ -255,7 +256,7 @@ def train_step(w: FinetuneWorker, epoch: int, step_in_epoch: int) -> torch.Tenso
     for group in w.optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     w.net.train()
-    w.optimizer.zero_grad(set_to_none=True)
+    w.optimizer.zero_grad(set_to_none=not keeps_bucket_views(w.net))
     with _autocast(w):
         if w.task == "partseg":  # per-point logits [b, parts, n] against the sampled points' parts
             picked = np.take_along_axis(w.train[2][rows], order, axis=1).astype(np.int64)

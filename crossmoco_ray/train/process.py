@@ -60,7 +60,9 @@ def start_worker() -> tuple[int, int, torch.device]:
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
     """``model`` in DDP when there is more than one worker (buffers synced at construction only; the
-    gradients are views into DDP's all-reduce buckets, so they are not copied in and out of them)."""
+    gradients are views into DDP's all-reduce buckets, kept and zeroed in place by the step,
+    :func:`~crossmoco_ray.train.step.keeps_bucket_views`: no second copy of them, no copy into the
+    buckets)."""
     if world == 1:
         return model
     device_ids = [device] if device.type == "cuda" else None

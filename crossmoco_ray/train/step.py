@@ -56,6 +56,13 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool = 
     return model
 
 
+def keeps_bucket_views(model: nn.Module) -> bool:
+    """Whether ``model`` is DDP with its gradients as views into its all-reduce buckets: they are then
+    zeroed in place, since gradients set to None would be allocated afresh and copied into the buckets
+    at every step."""
+    return bool(getattr(model, "gradient_as_bucket_view", False))
+
+
 def train_step(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
@@ -85,7 +92,7 @@ def train_step(
     use_bf16 = precision == "bf16"
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
         out = model(points1, points2, views, momentum=momentum)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keeps_bucket_views(model))
     out["loss"].backward()
     if grad_clip is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
