@@ -188,8 +188,9 @@ class TrainConfig(_Section):
     )
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
-        description="bf16: autocast on CUDA, or on a CPU with native bf16 (AVX-512 BF16 or AMX; elsewhere "
-        "fp32, with a warning); kNN distances, BatchNorm statistics and losses stay fp32",
+        description="bf16: autocast on GPUs with native bf16 (compute capability 8.0+; refused on clusters "
+        "whose GPUs all emulate it) or CPUs with AVX-512 BF16 or AMX; elsewhere fp32, with a warning. kNN "
+        "distances, BatchNorm statistics and losses stay fp32",
     )
     channels_last: bool = Field(True, description="channels-last image tensors (faster on CPU and CUDA)")
     tf32: bool = Field(

@@ -94,7 +94,7 @@ def knn_reference(x: torch.Tensor, k: int) -> torch.Tensor:
 
     The whole ``[B, N, N]`` matrix of negative squared distances at once, then a sorted top-k.
     """
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with fp32_maths(x.device.type):
         x = x.float()
         inner = torch.matmul(x.transpose(2, 1), x)  # [B, N, N]
         sq = x.pow(2).sum(dim=1, keepdim=True)  # [B, 1, N]

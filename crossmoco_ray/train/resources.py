@@ -33,9 +33,11 @@ FORWARDED_ENV = ("CROSSMOCO_GIT_COMMIT", "CROSSMOCO_FAULT_AT_STEP")
 # Ray's accelerator_type names (the `accelerator_type:<name>` resource of a GPU node) of NVIDIA GPUs that
 # emulate bf16 (compute capability below 8.0), with their capability. Names not listed are not judged
 # here: the worker checks its own GPU (crossmoco_ray.nn.runtime.bf16_support) and says so.
+# (Ray's names: "Tesla V100S-PCIE-32GB" → V100S, "NVIDIA T4G" → T4G, consumer cards by their hyphenated
+# name. Left out: "RTX-6000", which Ray gives both the Turing Quadro RTX 6000 and the Ada RTX 6000.)
 EMULATED_BF16_GPUS = {
-    "K80": (3, 7), "M60": (5, 2), "P4": (6, 1), "P40": (6, 1), "P100": (6, 0), "V100": (7, 0), "T4": (7, 5),
-    "TITAN-V": (7, 0), "TITAN-RTX": (7, 5), "Quadro-RTX-6000": (7, 5), "Quadro-RTX-8000": (7, 5),
+    "K80": (3, 7), "M60": (5, 2), "P4": (6, 1), "P40": (6, 1), "P100": (6, 0), "V100": (7, 0),
+    "V100S": (7, 0), "T4": (7, 5), "T4G": (7, 5), "TITAN-V": (7, 0), "TITAN-RTX": (7, 5),
     "GeForce-RTX-2080-Ti": (7, 5), "GeForce-RTX-2080": (7, 5), "GeForce-RTX-2070": (7, 5),
 }  # fmt: skip
 
