@@ -6,7 +6,8 @@ data libraries), the CPU and its bf16 instructions, every GPU with its compute c
 whether it computes bf16 natively, the NVIDIA driver, the compiled CPU kernels (compiler, cache, whether
 they load), the environment variables that change how a run behaves, and, when connected to a Ray
 cluster (``--address`` or ``RAY_ADDRESS``), its nodes, resources and GPU types. It never starts a Ray
-of its own, and prints no secret (tokens and passwords are named, their values left out).
+of its own, and prints no secret (tokens and passwords are named, their values left out; credentials and
+query strings in URIs are hidden).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import sys
 from importlib import metadata
 from typing import Any
@@ -124,13 +126,19 @@ def kernels() -> dict[str, Any]:
 
 
 def environment() -> dict[str, str]:
-    """The variables that change how a run behaves; secrets by name only."""
+    """The variables that change how a run behaves; secrets by name only, credentials in URIs hidden."""
     out = {}
     for name in sorted(os.environ):
         if name.startswith(ENV_PREFIXES):
             secret = any(word in name.upper() for word in SECRET_WORDS)
-            out[name] = "(set, not shown)" if secret else os.environ[name]
+            out[name] = "(set, not shown)" if secret else _without_credentials(os.environ[name])
     return out
+
+
+def _without_credentials(value: str) -> str:
+    """``scheme://user:password@host/...`` → ``scheme://***@host/...`` (and query strings dropped)."""
+    value = re.sub(r"(\w[\w+.-]*://)[^/@\s]*@", r"\1***@", value)
+    return re.sub(r"(\w[\w+.-]*://[^\s?]*)\?\S*", r"\1?***", value)
 
 
 def cluster(address: str | None) -> dict[str, Any]:

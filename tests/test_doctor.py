@@ -14,7 +14,12 @@ from crossmoco_ray import doctor
 
 def test_doctor_describes_this_machine_as_json_without_a_gpu_or_a_cluster() -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"MLFLOW_TRACKING_PASSWORD": "hunter2", "NCCL_SOCKET_IFNAME": "eth0", "RAY_AUTH_TOKEN": "s3cret"}
+    env |= {
+        "MLFLOW_TRACKING_PASSWORD": "hunter2",
+        "NCCL_SOCKET_IFNAME": "eth0",
+        "RAY_AUTH_TOKEN": "s3cret",
+        "MLFLOW_TRACKING_URI": "https://alice:pa55@mlflow.example:5000/?token=t0k",
+    }
     done = subprocess.run(
         [sys.executable, "-m", "crossmoco_ray", "doctor", "--json"],
         capture_output=True, text=True, env=env, timeout=120, check=False,
@@ -31,6 +36,9 @@ def test_doctor_describes_this_machine_as_json_without_a_gpu_or_a_cluster() -> N
     assert "hunter2" not in done.stdout
     assert "s3cret" not in done.stdout
     assert r["environment"]["RAY_AUTH_TOKEN"] == "(set, not shown)"
+    assert r["environment"]["MLFLOW_TRACKING_URI"] == "https://***@mlflow.example:5000/?***"
+    assert "pa55" not in done.stdout
+    assert "t0k" not in done.stdout
 
 
 def test_doctor_text_names_each_section() -> None:
