@@ -114,17 +114,10 @@ def test_the_device_check_runs_dry_on_cpu(tmp_path: Path) -> None:
 
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     sections = report["sections"]
-    assert list(sections) == [
-        "environment",
-        "agreement",
-        "no_sync",
-        "step",
-        "largest_batch",
-        "sync_bn",
-        "pretrain",
-    ]
+    names = ["environment", "agreement", "no_sync", "deterministic", "step", "largest_batch", "sync_bn"]
+    assert list(sections) == [*names, "pretrain"]
     assert {name for name, r in sections.items() if r["status"] == "ok"} >= {
-        "environment", "agreement", "step", "largest_batch"
+        "environment", "agreement", "deterministic", "step", "largest_batch"
     }  # fmt: skip
     assert all(r["why"] for r in sections.values() if r["status"] == "skipped")
     assert sections["agreement"]["fp32"]["passed"]
