@@ -187,31 +187,22 @@ def diagnostics(
     All in fp32, whatever the autocast around.
     """
     with fp32_maths(q_point.device.type):
-        return _diagnostics_fp32(
-            *(at_least_fp32(t) for t in (q_point, k_point, q_image, k_image, feat_point))
+        q_point, k_point, q_image, k_image, feat_point = (
+            at_least_fp32(t) for t in (q_point, k_point, q_image, k_image, feat_point)
         )
-
-
-def _diagnostics_fp32(
-    q_point: torch.Tensor,
-    k_point: torch.Tensor,
-    q_image: torch.Tensor,
-    k_image: torch.Tensor,
-    feat_point: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    k_image_unit = F.normalize(k_image, dim=1)
-    cross = q_point @ q_image.t()
-    target = torch.arange(cross.shape[0], device=cross.device)
-    return {
-        "point_align": (q_point - k_point).pow(2).sum(1).mean(),
-        "image_align": (q_image - k_image_unit).pow(2).sum(1).mean(),
-        "cross_align": (q_point - q_image).pow(2).sum(1).mean(),
-        "point_uniform": uniformity(q_point),
-        "image_uniform": uniformity(q_image),
-        "cross_top1": (cross.argmax(dim=1) == target).float().mean(),
-        "point_proj_spread": unit_spread(q_point),
-        "point_feat_spread": unit_spread(feat_point),
-    }
+        k_image_unit = F.normalize(k_image, dim=1)
+        cross = q_point @ q_image.t()
+        target = torch.arange(cross.shape[0], device=cross.device)
+        return {
+            "point_align": (q_point - k_point).pow(2).sum(1).mean(),
+            "image_align": (q_image - k_image_unit).pow(2).sum(1).mean(),
+            "cross_align": (q_point - q_image).pow(2).sum(1).mean(),
+            "point_uniform": uniformity(q_point),
+            "image_uniform": uniformity(q_image),
+            "cross_top1": (cross.argmax(dim=1) == target).float().mean(),
+            "point_proj_spread": unit_spread(q_point),
+            "point_feat_spread": unit_spread(feat_point),
+        }
 
 
 def _logit_diagnostics(name: str, logits: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
