@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
+import torch.multiprocessing as mp
 
 from crossmoco_ray.nn import DGCNN, CrossMoCo, ImageEncoder
 from crossmoco_ray.train.process import FAULT_ENV
@@ -43,3 +48,21 @@ def fault_at(step: int) -> Iterator[None]:
         yield
     finally:
         del os.environ[FAULT_ENV]
+
+
+def run_gloo_ranks(
+    worker: Callable[[int, str, str], None], world: int, out: Path, timeout: float = 240
+) -> list[Any]:
+    """Spawn ``world`` processes running ``worker(rank, init_file, out_dir)`` (which joins a gloo group
+    through the init file and saves its results as ``out_dir/rank{r}.pt``); their results, in rank order.
+    Processes still running after ``timeout`` seconds are killed and the test fails."""
+    ctx = mp.start_processes(
+        worker, args=(str(out / "init"), str(out)), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {world}-process gloo group did not finish in {timeout:.0f} s")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]

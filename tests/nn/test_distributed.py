@@ -5,19 +5,17 @@ One spawn runs every check (process start-up dominates the cost); each test asse
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from crossmoco_ray.nn import MemoryQueue, batch_shuffle, batch_unshuffle, nt_xent
 from crossmoco_ray.train.process import wrap_ddp
 from crossmoco_ray.train.step import train_step
-from tests.helpers import tiny_batch, tiny_crossmoco
+from tests.helpers import run_gloo_ranks, tiny_batch, tiny_crossmoco
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 
@@ -100,16 +98,7 @@ def _worker(r: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("dist")
-    ctx = mp.start_processes(
-        _worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the 2-process gloo group did not finish in 240 s")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_gloo_ranks(_worker, WORLD, out)
 
 
 def test_queues_are_bitwise_equal_across_ranks(ranks: list[dict[str, Any]]) -> None:

@@ -12,18 +12,17 @@ bench/gpu_check.py.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from crossmoco_ray.nn import DGCNN, ImageEncoder, convert_sync_batchnorm
 from crossmoco_ray.train.process import all_ranks, wrap_ddp
+from tests.helpers import run_gloo_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 
@@ -175,16 +174,7 @@ def _worker(r: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("syncbn")
-    ctx = mp.start_processes(
-        _worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the 2-process gloo group did not finish in 240 s")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_gloo_ranks(_worker, WORLD, out)
 
 
 def test_sync_bn_across_two_processes_equals_batchnorm_on_the_global_batch(
