@@ -10,7 +10,8 @@ the rest:
   (``crossmoco doctor``'s software and hardware reports).
 - ``agreement``: one training step on the GPU and the same step on the CPU, from the same weights and
   batch: the losses and each encoder's whole gradient (cosine, norm ratio), fp32 (IEEE, no TF32) and bf16
-  autocast, against the stated tolerances (``TOLERANCES`` in bench/gpu_sections.py, which holds the single-process sections).
+  autocast, against the stated tolerances (``TOLERANCES`` in bench/gpu_sections.py, which holds the
+  single-process sections).
 - ``no_sync``: the paper step under ``torch.cuda.set_sync_debug_mode("error")``: any host
   synchronisation in it raises (what tests/train/test_gpu_path.py proves on fake tensors, on the real
   kernels).
