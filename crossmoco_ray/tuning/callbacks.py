@@ -5,6 +5,7 @@ Imported only once Ray runs (it imports Ray Tune at module level).
 
 from __future__ import annotations
 
+import builtins
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -43,6 +44,14 @@ class CarriedReport(TuneReportCallback):
         super().after_report(run_context, metrics, checkpoint)
 
 
+_PRINT = builtins.print  # the interpreter's own, whatever a library later puts in its place
+
+
+def console(line: str) -> None:
+    """One line on the driver's console (the callback's log function as it is stored with the search)."""
+    print(line, flush=True)
+
+
 class Progress(tune.Callback):
     """One console line per trial epoch and per trial end, instead of Tune's status tables.
 
@@ -52,6 +61,15 @@ class Progress(tune.Callback):
     def __init__(self, epochs: int, metric: str, log: Callable[[str], None]) -> None:
         self.epochs, self.metric, self.log = epochs, metric, log
         self.shown: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles its callbacks with the search. ``print`` pickles by its name, which fails once
+        ``builtins.print`` is another object (Ray's tqdm_ray swaps it in the driver when a progress bar
+        reaches it): stored as :func:`console` instead."""
+        state = dict(self.__dict__)
+        if state["log"] is _PRINT or state["log"] is builtins.print:
+            state["log"] = console
+        return state
 
     def on_trial_result(
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any

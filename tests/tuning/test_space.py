@@ -163,3 +163,24 @@ def test_with_values_sets_dotted_keys_without_touching_the_base() -> None:
     out = with_values(base, {"objective.temperature": 0.2})
     assert out["objective"]["temperature"] == 0.2
     assert base["objective"]["temperature"] == 0.1
+
+
+def test_the_console_callback_pickles_with_the_search_after_print_was_swapped(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tune pickles its callbacks with the Tuner. print pickles by name, which fails once builtins.print is
+    another object (Ray's tqdm_ray swaps it in the driver when a progress bar reaches it): a search failed
+    that way, at random, in CI."""
+    import builtins
+    import pickle
+
+    from crossmoco_ray.tuning.callbacks import Progress
+
+    original = builtins.print
+    progress = Progress(3, "val_svm_clean", print)
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: original(*a, **k))
+    with pytest.raises(pickle.PicklingError):
+        pickle.dumps(original)
+    restored = pickle.loads(pickle.dumps(progress))
+    restored.log("a trial's line")
+    assert "a trial's line" in capsys.readouterr().out
