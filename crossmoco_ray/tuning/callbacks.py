@@ -5,7 +5,6 @@ Imported only once Ray runs (it imports Ray Tune at module level).
 
 from __future__ import annotations
 
-import builtins
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -44,9 +43,6 @@ class CarriedReport(TuneReportCallback):
         super().after_report(run_context, metrics, checkpoint)
 
 
-_PRINT = builtins.print  # the interpreter's own, whatever a library later puts in its place
-
-
 def console(line: str) -> None:
     """One line on the driver's console (the callback's log function as it is stored with the search)."""
     print(line, flush=True)
@@ -65,9 +61,13 @@ class Progress(tune.Callback):
     def __getstate__(self) -> dict[str, Any]:
         """Tune pickles its callbacks with the search. ``print`` pickles by its name, which fails once
         ``builtins.print`` is another object (Ray's tqdm_ray swaps it in the driver when a progress bar
-        reaches it): stored as :func:`console` instead."""
+        reaches it, at any time): a log function that does not pickle is stored as :func:`console`."""
+        from ray import cloudpickle
+
         state = dict(self.__dict__)
-        if state["log"] is _PRINT or state["log"] is builtins.print:
+        try:
+            cloudpickle.dumps(state["log"])
+        except Exception:  # PicklingError, or whatever a foreign callable raises
             state["log"] = console
         return state
 

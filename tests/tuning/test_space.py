@@ -165,22 +165,27 @@ def test_with_values_sets_dotted_keys_without_touching_the_base() -> None:
     assert base["objective"]["temperature"] == 0.1
 
 
-def test_the_console_callback_pickles_with_the_search_after_print_was_swapped(
+def test_the_console_callback_pickles_with_the_search_after_its_log_was_swapped(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Tune pickles its callbacks with the Tuner. print pickles by name, which fails once builtins.print is
-    another object (Ray's tqdm_ray swaps it in the driver when a progress bar reaches it): a search failed
-    that way, at random, in CI."""
+    """Tune pickles its callbacks with the Tuner. print pickles by its name, which fails once builtins.print
+    is another object (Ray's tqdm_ray swaps it in the driver when a progress bar reaches it): searches
+    failed that way, at random, in CI. Here a builtin that nothing else swaps (ascii) stands in for print,
+    which this test session's Ray may already have swapped."""
     import builtins
     import pickle
 
-    from crossmoco_ray.tuning.callbacks import Progress
+    from ray import cloudpickle
 
-    original = builtins.print
-    progress = Progress(3, "val_svm_clean", print)
-    monkeypatch.setattr(builtins, "print", lambda *a, **k: original(*a, **k))
+    from crossmoco_ray.tuning.callbacks import Progress, console
+
+    original = builtins.ascii
+    progress = Progress(3, "val_svm_clean", original)
+    monkeypatch.setattr(builtins, "ascii", lambda obj: repr(obj))
     with pytest.raises(pickle.PicklingError):
-        pickle.dumps(original)
-    restored = pickle.loads(pickle.dumps(progress))
+        cloudpickle.dumps(original)
+    restored = cloudpickle.loads(cloudpickle.dumps(progress))
+    assert restored.log is console
     restored.log("a trial's line")
     assert "a trial's line" in capsys.readouterr().out
+    assert cloudpickle.loads(cloudpickle.dumps(Progress(3, "loss", console))).log is console
