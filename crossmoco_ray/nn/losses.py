@@ -33,7 +33,8 @@ def info_nce(
         (mean cross-entropy, logits ``[N, 1+K]`` already divided by ``T``), in fp32 (fp64 for fp64 inputs).
     """
     with fp32_maths(q.device.type):
-        q, k, queue = at_least_fp32(q), at_least_fp32(k).to(q.dtype), at_least_fp32(queue).to(q.dtype)
+        dtype = at_least_fp32(q).dtype
+        q, k, queue = q.to(dtype), k.to(dtype), queue.to(dtype)
         # positive logits: N×1
         l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
         # negative logits: N×K
