@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py                      # on a machine with one NVIDIA GPU
     python bench/gpu_check.py --dry-run            # on CPU at toy sizes, under a minute (CI runs this)
+    python bench/gpu_check.py --cpu --only agreement   # the CPU's reference figures at the real sizes
 
 Sections, each timed and recorded as ok / failed / skipped (with why) so that one failure does not hide
 the rest:
@@ -254,6 +255,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dry-run", action="store_true", help="on CPU at toy sizes (what CI runs)")
+    parser.add_argument("--cpu", action="store_true", help="on CPU at the real sizes (with --only agreement)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "gpu_check")
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for everything (default 480)")
     parser.add_argument("--only", help="comma-separated sections to run (default: all)")
@@ -261,9 +263,9 @@ def main() -> None:
 
     import torch
 
-    if not args.dry_run and not torch.cuda.is_available():
+    if not (args.dry_run or args.cpu) and not torch.cuda.is_available():
         raise SystemExit("no GPU here: run with --dry-run to check the script on CPU")
-    check = Check(args.dry_run, args.budget)
+    check = Check(args.dry_run, args.budget, cpu=args.cpu)
     sections: list[tuple[str, Callable[[Check], dict[str, Any]], float]] = [
         ("environment", environment, 0), ("agreement", agreement, 30), ("no_sync", no_sync, 20),
         ("deterministic", deterministic, 30), ("step", step, 60), ("largest_batch", largest_batch, 90),
@@ -276,7 +278,7 @@ def main() -> None:
             check.run(name, fn, needs)
     report = {
         "meta": {"date": time.strftime("%Y-%m-%d"), "dry_run": args.dry_run, "budget_s": args.budget,
-                 "command": "python bench/gpu_check.py" + (" --dry-run" if args.dry_run else "")},
+                 "command": " ".join(["python bench/gpu_check.py", *sys.argv[1:]])},
         "sections": check.sections,
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
