@@ -13,9 +13,15 @@ The C file has no Python or torch headers, so it builds in well under a second w
 -march=native`` and is loaded with :mod:`ctypes`; work is split over ``torch.get_num_threads()`` threads
 (ctypes releases the GIL during a call). The library is cached under ``$CROSSMOCO_CACHE`` (default
 ``~/.cache/crossmoco-ray``) in ``kernels/``, keyed by the source, the compiler and the CPU's model and
-flags, so nodes of different CPU types that share a home directory each get their own build. Without a
-compiler, or if the build fails, the graph falls back to ``torch.topk`` and CSR products with one warning
-per process (same results, slower); ``CROSSMOCO_KNN=torch`` forces the fallback.
+flags, so nodes of different CPU types that share a home directory each get their own build. That key can
+be computed by anyone, so a cached library is loaded only if no other user could have written it: a regular
+file (not a link) of the current user that nobody else may write, in a directory chain that nobody else may
+change (:func:`dir_problem`), matching the SHA-256 recorded beside it when it was built (``.so.sha256``).
+A bad file in a safe cache is rebuilt in place; a cache others can write to is left alone and the library
+is built in a private temporary directory (one warning naming the path and the reason, either way).
+Without a compiler, if the build fails or if the library lacks a kernel, the graph falls back to
+``torch.topk`` and CSR products with one warning per process (same results, slower);
+``CROSSMOCO_KNN=torch`` forces the fallback.
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ import logging
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import sysconfig
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -72,26 +81,195 @@ def _compiler() -> list[str] | None:
     return None
 
 
+def _library_name(cc: list[str], src: Path) -> str:
+    """``knn-<key>.so``, keyed by the source, the compiler and the CPU's model and flags."""
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=False).stdout
+    parts = [src.read_text(), shlex.join(cc), version, cpu_name(), *sorted(cpu_flags())]
+    return f"knn-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.so"
+
+
+def _digest_path(so: Path) -> Path:
+    """Where the SHA-256 of ``so`` is recorded when it is built (``sha256sum`` format)."""
+    return so.with_name(so.name + ".sha256")
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _compile(
     cc: list[str], src: Path, out: Path, archs: tuple[list[str], ...] = (["-march=native"], [])
 ) -> str | None:
-    """Build ``out`` with the first of ``archs`` that compiles; ``None`` on success, else the complaints.
+    """Build ``out`` with the first of ``archs`` that compiles, and record its SHA-256 beside it; ``None``
+    on success, else the complaints.
 
     ``-march=native`` first (the vector kernels); a compiler that does not know it gets a portable build.
+    Both files are written under temporary names, synced and renamed into place, so a reader never sees
+    half a file.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     errors = []
-    for arch in archs:
-        cmd = [*cc, "-O3", *arch, "-std=c11", "-fPIC", "-shared", "-o", tmp, str(src)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode == 0:
-            os.replace(tmp, out)  # atomic: workers building at once each install a whole library
-            return None
-        errors.append(f"{shlex.join(cmd)}: {done.stderr.strip()[-500:]}")
-    Path(tmp).unlink(missing_ok=True)
+    try:
+        for arch in archs:
+            cmd = [*cc, "-O3", *arch, "-std=c11", "-fPIC", "-shared", "-o", tmp, str(src)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode == 0:
+                os.chmod(tmp, 0o755)  # the linker's mode follows the umask, which may let the group write
+                with open(tmp, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                    os.fsync(f.fileno())
+                os.replace(tmp, out)
+                record = _digest_path(out)
+                dfd, dtmp = tempfile.mkstemp(suffix=".sha256", dir=out.parent)
+                try:
+                    with os.fdopen(dfd, "wb") as f:
+                        f.write(f"{digest}  {out.name}\n".encode())
+                        f.flush()
+                        os.fchmod(f.fileno(), 0o644)
+                        os.fsync(f.fileno())
+                    os.replace(dtmp, record)
+                except BaseException:
+                    Path(dtmp).unlink(missing_ok=True)
+                    raise
+                _sync_dir(out.parent)
+                return None
+            errors.append(f"{shlex.join(cmd)}: {done.stderr.strip()[-500:]}")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return "; ".join(errors)
+
+
+class Untrusted(Exception):
+    """A cached library (or its directory) that another user could have written: never loaded."""
+
+
+_MAX_LIBRARY_BYTES = 64 << 20
+
+
+def dir_problem(directory: Path) -> str | None:
+    """Why another user could replace a file in ``directory`` (a resolved path), or ``None``.
+
+    It and every directory above it must belong to you or root; it must not be writable by group or others,
+    and neither may those above, unless they have the sticky bit (like ``/tmp``: nobody may rename or
+    remove an entry there that is not theirs).
+    """
+    uid = os.geteuid()
+    for path in (directory, *directory.parents):
+        st = os.lstat(path)
+        if st.st_uid not in (uid, 0):
+            return f"{path} belongs to uid {st.st_uid}, not to you (uid {uid}) or root"
+        if st.st_mode & 0o022 and (path == directory or not st.st_mode & stat.S_ISVTX):
+            return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _read_owned(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``, a regular file (not a link) that belongs to you and that nobody else may
+    write; raises :class:`Untrusted` otherwise. The checks are of the opened file itself."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise Untrusted(f"{path.name} is missing") from None
+    except OSError as err:
+        if os.path.islink(path):
+            raise Untrusted(f"{path.name} is a symbolic link") from None
+        raise Untrusted(f"{path.name} cannot be opened ({err.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        uid = os.geteuid()
+        if not stat.S_ISREG(st.st_mode):
+            raise Untrusted(f"{path.name} is not a regular file")
+        if st.st_uid != uid:
+            raise Untrusted(f"{path.name} belongs to uid {st.st_uid}, not to you (uid {uid})")
+        if st.st_mode & 0o022:
+            raise Untrusted(f"{path.name} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+        if st.st_size > limit:
+            raise Untrusted(f"{path.name} is larger than {limit} bytes")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def open_library(so: Path) -> ctypes.CDLL:
+    """Load ``so`` if it and the SHA-256 recorded beside it at build time pass :func:`_read_owned` and
+    agree; raises :class:`Untrusted` otherwise.
+
+    ``so`` lies in a directory that passed :func:`dir_problem`, so once checked only its owner can change
+    it, and it is loaded by its path. (Not through the checked descriptor, ``/proc/self/fd/N``: the dynamic
+    loader knows libraries by name and would hand back an earlier one opened under the same number.)
+    """
+    data = _read_owned(so, _MAX_LIBRARY_BYTES)
+    record = _digest_path(so)
+    recorded = _read_owned(record, 4096).decode(errors="replace").split()
+    if not recorded or hashlib.sha256(data).hexdigest() != recorded[0]:
+        raise Untrusted(f"its SHA-256 differs from the one recorded in {record.name}")
+    return ctypes.CDLL(str(so))
+
+
+@contextmanager
+def _dir_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory``: processes building the same library take turns."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock (a concurrent build still installs whole files)
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _untrusted_warning(path: Path, reason: str, action: str) -> None:
+    warnings.warn(
+        f"crossmoco: not loading the kNN kernels from {path}: {reason}; {action}", RuntimeWarning, 4
+    )
+
+
+def _build_and_load(cc: list[str], src: Path) -> tuple[ctypes.CDLL | None, str, str]:
+    """``(library, where it came from, why not)``: the cached build if it can be trusted, else a fresh one.
+
+    The cache is shared by processes (and maybe users), and the key of a library is computable from public
+    inputs, so a file there is loaded only if its directory and itself are safe from other users and it
+    matches the SHA-256 recorded when it was built. A bad file in a safe cache is rebuilt in place; a cache
+    that another user could write to is not used: the library is built in a private temporary directory.
+    """
+    name = _library_name(cc, src)
+    cache = _cache_dir()
+    try:
+        for missing in reversed([d for d in (cache, *cache.parents) if not d.exists()]):
+            missing.mkdir(mode=0o700, exist_ok=True)  # each its user's alone, whatever the umask
+        cache = Path(os.path.realpath(cache))  # from here on, no link on the way can be swapped
+        problem = dir_problem(cache)
+        if problem is None:
+            with _dir_lock(cache):
+                so = cache / name
+                if os.path.lexists(so):
+                    try:
+                        return open_library(so), str(so), ""
+                    except Untrusted as err:
+                        _untrusted_warning(so, str(err), "rebuilding it")
+                why = _compile(cc, src, so)
+                return (open_library(so), str(so), "") if why is None else (None, "", why)
+    except OSError as err:  # an unwritable or missing cache
+        problem = f"it cannot be used ({err.strerror or err})"
+    _untrusted_warning(cache, problem, "building a private copy")
+    with tempfile.TemporaryDirectory(prefix="crossmoco-knn-") as private:  # mode 0700, this process's
+        so = Path(private) / name
+        why = _compile(cc, src, so)
+        # loaded, then removed with its directory: the process keeps its mapping
+        return (open_library(so), f"{so} (private, removed)", "") if why is None else (None, "", why)
 
 
 def _load() -> ctypes.CDLL | None:
@@ -100,29 +278,22 @@ def _load() -> ctypes.CDLL | None:
     with _lock:
         if "lib" in _state:
             return _state["lib"]  # type: ignore[return-value]
-        lib, why = None, ""
+        lib, where, why = None, "", ""
         try:
             cc = _compiler()
             if cc is None:
                 why = "no C compiler found (set CC, or install gcc or clang)"
             else:
-                ref = resources.files("crossmoco_ray.nn").joinpath(_SOURCE)
-                with resources.as_file(ref) as src:
-                    version = subprocess.run(
-                        [*cc, "--version"], capture_output=True, text=True, check=False
-                    ).stdout  # fmt: skip
-                    parts = [src.read_text(), shlex.join(cc), version, cpu_name(), *sorted(cpu_flags())]
-                    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-                    so = _cache_dir() / f"knn-{key}.so"
-                    if not so.exists():
-                        why = _compile(cc, src, so) or ""
-                    if so.exists():
-                        lib = ctypes.CDLL(str(so))
-        except OSError as err:  # an unwritable cache, a library that does not load
-            lib, why = None, str(err)
+                with resources.as_file(resources.files("crossmoco_ray.nn").joinpath(_SOURCE)) as src:
+                    lib, where, why = _build_and_load(cc, src)
+            if lib is not None:
+                _bind(lib)
+        except (OSError, Untrusted) as err:  # a library that does not load, or fails its checks
+            lib, why = None, str(err)[-500:]
+        except AttributeError as err:  # a library without one of the kernels
+            lib, why = None, f"{where} lacks a kernel function ({str(err)[-300:]})"
         if lib is not None:
-            _bind(lib)
-            logger.debug("compiled kNN kernel: %s", lib._name)
+            logger.debug("compiled kNN kernel: %s", where)
         else:
             warnings.warn(
                 f"crossmoco: the compiled kNN kernels are unavailable ({why}); the kNN graph uses torch.topk "
@@ -130,7 +301,7 @@ def _load() -> ctypes.CDLL | None:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        _state["lib"], _state["why"] = lib, why
+        _state["lib"], _state["why"], _state["where"] = lib, why, where
         return lib
 
 
@@ -166,7 +337,7 @@ def status() -> dict[str, str | bool]:
         "compiler": shlex.join(cc) if cc else "none",
         "cache": str(_cache_dir()),
         "loaded": lib is not None,
-        "library": str(lib._name) if lib is not None else "",
+        "library": str(_state.get("where") or "") if lib is not None else "",
         "why_not": "" if lib is not None else str(_state.get("why") or "CROSSMOCO_KNN=torch"),
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -152,7 +153,9 @@ def test_build_is_cached_per_machine(tmp_path: Path) -> None:
     again = run_fresh(env, PROBE)
     assert "available True" in again.stdout
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
-    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built[0].name]  # no temporaries left
+    assert "not loading" not in first.stderr + again.stderr  # its own build, trusted
+    names = sorted(p.name for p in (tmp_path / "kernels").iterdir())
+    assert names == [built[0].name, built[0].name + ".sha256"]  # the digest beside it, no temporaries left
 
 
 @needs_kernel
@@ -216,3 +219,158 @@ def test_the_avx2_and_portable_builds_select_alike(arch: str, tmp_path: Path, mo
     values, arg = kernels.neighbour_max(a, cols, 7, with_arg=True)
     assert arg is not None
     assert torch.equal(values, a[cols].view(120, 7, 19).amax(1))
+
+
+# --------------------------------------------------------------------------------------------------
+# The cache is shared and the library's name is computable: only a library nobody else could have
+# written is loaded.
+# --------------------------------------------------------------------------------------------------
+
+PLANTED = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fputs("planted code ran", f); fclose(f); }
+}
+int not_a_kernel(void) { return 0; }
+"""
+
+
+@pytest.fixture
+def fresh(tmp_path: Path, monkeypatch) -> Path:
+    """The next kernel use in this process loads from scratch, with its cache under ``tmp_path``; returns
+    the path the library of this machine has there (learnt from a build in another directory)."""
+    monkeypatch.delenv("CROSSMOCO_KNN", raising=False)
+    for key in ("lib", "why", "where"):
+        monkeypatch.delitem(kernels._state, key, raising=False)
+    monkeypatch.setenv("CROSSMOCO_CACHE", str(tmp_path / "probe"))
+    assert kernels.available()
+    (name,) = (p.name for p in (tmp_path / "probe" / "kernels").glob("knn-*.so"))
+    monkeypatch.setenv("CROSSMOCO_CACHE", str(tmp_path / "cache"))
+    del kernels._state["lib"]
+    return tmp_path / "cache" / "kernels" / name
+
+
+def plant(at: Path, marker: Path) -> Path:
+    """A library at ``at`` whose load writes ``marker``, with a correct digest beside it."""
+    cc = kernels._compiler()
+    assert cc is not None
+    src = at.parent / "planted.c"
+    at.parent.mkdir(parents=True, exist_ok=True)
+    src.write_text(PLANTED)
+    subprocess.run([*cc, "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(at), str(src)], check=True)
+    src.unlink()
+    os.chmod(at, 0o755)
+    record(at)
+    return at
+
+
+def record(so: Path, digest: str | None = None) -> None:
+    import hashlib
+
+    digest = digest or hashlib.sha256(so.read_bytes()).hexdigest()
+    (so.parent / (so.name + ".sha256")).write_text(f"{digest}  {so.name}\n")
+
+
+def load_warnings() -> tuple[bool, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = kernels.available()
+    return ok, [str(w.message) for w in caught]
+
+
+def assert_own_build(so: Path) -> None:
+    """``so`` is this package's build now, with its digest: the cache was healed."""
+    assert so.is_file()
+    assert not so.is_symlink()
+    assert so.stat().st_uid == os.geteuid()
+    assert kernels.open_library(so).knn_max_k() > 0
+
+
+FOREIGN_UID = 65534  # nobody
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "kind", ["foreign owner", "group-writable", "symlink", "digest mismatch", "no digest"]
+)
+def test_a_planted_library_is_never_loaded(kind: str, fresh: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    if kind == "foreign owner":
+        if os.geteuid() != 0:
+            pytest.skip("chown needs root (the mode and link plants run everywhere)")
+        os.chown(plant(fresh, marker), FOREIGN_UID, FOREIGN_UID)
+    elif kind == "group-writable":
+        os.chmod(plant(fresh, marker), 0o775)
+    elif kind == "symlink":  # a link to a library elsewhere, its digest beside the link
+        target = plant(tmp_path / "elsewhere" / "lib.so", marker)
+        fresh.parent.mkdir(parents=True)
+        fresh.symlink_to(target)
+        record(fresh, (target.parent / "lib.so.sha256").read_text().split()[0])
+    elif kind == "digest mismatch":
+        record(plant(fresh, marker), "0" * 64)
+    else:
+        plant(fresh, marker)
+        (fresh.parent / (fresh.name + ".sha256")).unlink()
+    ok, said = load_warnings()
+    assert not marker.exists(), "the planted library was loaded"
+    assert ok  # rebuilt in place: the cache directory itself is safe
+    reason = {
+        "foreign owner": f"belongs to uid {FOREIGN_UID}",
+        "group-writable": "writable by group or others (mode 775)",
+        "symlink": "is a symbolic link",
+        "digest mismatch": "SHA-256 differs",
+        "no digest": ".sha256 is missing",
+    }[kind]
+    assert [m for m in said if str(fresh) in m and reason in m and "rebuilding it" in m], said
+    assert_own_build(fresh)
+    assert not marker.exists()
+
+
+@needs_kernel
+@pytest.mark.parametrize("where", ["cache", "parent"])
+def test_a_cache_others_can_write_to_is_not_used(where: str, fresh: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    plant(fresh, marker)  # a library that would pass every check of the file itself
+    unsafe = fresh.parent if where == "cache" else fresh.parent.parent
+    os.chmod(unsafe, 0o775 if where == "cache" else 0o777)
+    ok, said = load_warnings()
+    assert not marker.exists(), "the planted library was loaded"
+    assert ok  # built and loaded privately
+    assert [m for m in said if f"{unsafe} is writable by group or others" in m and "private copy" in m], said
+    assert "private" in str(kernels.status()["library"])
+    assert (fresh.parent / (fresh.name + ".sha256")).exists()  # the cache was left alone
+
+
+@needs_kernel
+def test_a_sticky_parent_like_tmp_is_fine(fresh: Path) -> None:
+    fresh.parent.mkdir(parents=True)
+    os.chmod(fresh.parent.parent, 0o1777)  # others may add entries but not move ours
+    ok, said = load_warnings()
+    assert ok
+    assert not [m for m in said if "not loading" in m], said
+    assert kernels.status()["library"] == str(fresh)
+
+
+@needs_kernel
+def test_a_library_without_the_kernels_falls_back(fresh: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    plant(fresh, marker)  # trusted (ours, private, its digest) but not our kernels
+    ok, said = load_warnings()
+    assert marker.exists()  # it was trusted and loaded ...
+    assert not ok  # ... and its missing functions send the kNN to torch, not to an AttributeError
+    assert [m for m in said if "lacks a kernel function" in m and "unavailable" in m], said
+    assert tuple(knn(torch.randn(2, 30, 3), 4).shape) == (2, 30, 4)
+
+
+@needs_kernel
+def test_a_build_under_a_group_umask_is_private(fresh: Path) -> None:
+    old = os.umask(0o002)  # the default of distributions with a group per user
+    try:
+        ok, said = load_warnings()
+    finally:
+        os.umask(old)
+    assert ok, said
+    assert not fresh.stat().st_mode & 0o022
+    assert not (fresh.parent / (fresh.name + ".sha256")).stat().st_mode & 0o022
+    assert not fresh.parent.stat().st_mode & 0o077  # the cache directory it made is the user's alone
