@@ -34,10 +34,11 @@ TASKS_PER_BATCH = 8  # source tasks per Ray task, at most (fewer when a split ha
 
 
 def start_ray(cpus: int | None, log: Callable[[str], None] = print) -> None:
-    """Join the cluster of ``RAY_ADDRESS`` (or the running Ray), or start a local Ray with ``cpus`` CPUs."""
+    """Join the cluster of ``RAY_ADDRESS`` (or the running Ray), or start a private local Ray with ``cpus``
+    CPUs (:func:`~crossmoco_ray.train.resources.start_local_ray`: loopback only, token authentication)."""
     import ray
 
-    from ..train.resources import RAY_ENV
+    from ..train.resources import RAY_ENV, start_local_ray
 
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
@@ -50,7 +51,7 @@ def start_ray(cpus: int | None, log: Callable[[str], None] = print) -> None:
         return
     cpus = cpus or os.cpu_count() or 1
     log(f"prepare on a local Ray with {cpus} CPUs")
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    start_local_ray(cpus, log, dashboard=False)
 
 
 def _process_tasks(

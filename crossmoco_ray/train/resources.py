@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,8 @@ def check_resources(
 def init_ray(
     cfg: Config | Any, address: str | None, log: Callable[[str], None], extra_cpus: float = 0.0
 ) -> bool:
-    """Join a cluster (``address``, ``RAY_ADDRESS``, ``ray job submit``) or start a local Ray (→ True);
-    ``cfg`` as for :func:`check_resources`."""
+    """Join a cluster (``address``, ``RAY_ADDRESS``, ``ray job submit``) or start a private local Ray
+    (:func:`start_local_ray`, → True); ``cfg`` as for :func:`check_resources`."""
     import ray
 
     for key, value in RAY_ENV.items():
@@ -128,12 +129,102 @@ def init_ray(
     needed = t.num_workers * t.cpus_per_worker + getattr(t, "data_cpus", 0.0) + extra_cpus
     cpus = max(os.cpu_count() or 1, int(needed + 0.999))
     log(f"starting a local Ray with {cpus} CPUs")
-    # The dashboard (on loopback) gives the State API that Ray Train's placement-group cleanup needs.
-    ray.init(
-        address="local",
-        num_cpus=cpus,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        logging_level=logging.WARNING,
-    )
+    # The dashboard gives the State API that Ray Train's placement-group cleanup needs.
+    start_local_ray(cpus, log, dashboard=True)
     return True
+
+
+LOOPBACK = "127.0.0.1"
+# Ray 2.60 takes the loopback address as a new node's IP only where this is off (its default on macOS and
+# Windows); ``ray.init(_node_ip_address="127.0.0.1")`` is rewritten to the machine's outward address.
+_LOOPBACK_NODE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_TOKEN_FILE_ENV, _TOKEN_ENV, _AUTH_MODE_ENV = "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"
+
+
+def start_local_ray(cpus: int, log: Callable[[str], None], *, dashboard: bool) -> None:
+    """Start a Ray of this process that nothing off this machine can reach, with token authentication.
+
+    Every server binds to loopback: with the node IP 127.0.0.1, Ray puts its GCS, raylet, object manager,
+    workers, dashboard agent, runtime-env agent and metrics export there, and the dashboard (``dashboard``:
+    Ray Train's placement-group cleanup needs its State API) is told to. Token authentication keeps other
+    users of this machine out of those loopback ports; its token file is readable by you alone
+    (:func:`private_token`). A Ray that came up on another address is shut down again, with the reason.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    private_token(log)
+    switch, flag = os.environ.get(_LOOPBACK_NODE_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_LOOPBACK_NODE_SWITCH] = "0"  # for the processes Ray starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, whose Ray was imported before
+    try:
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            include_dashboard=dashboard,
+            dashboard_host=LOOPBACK,
+            logging_level=logging.WARNING,
+        )
+    finally:  # the node's processes have their environment; a later join of a cluster needs the default
+        ray_constants.ENABLE_RAY_CLUSTER = flag
+        if switch is None:
+            os.environ.pop(_LOOPBACK_NODE_SWITCH, None)
+        else:
+            os.environ[_LOOPBACK_NODE_SWITCH] = switch
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(
+            f"the local Ray came up on {node_ip}, not on {LOOPBACK} (this Ray version chooses its address "
+            f"otherwise), so it would listen beyond this machine: stopped. Start a Ray head yourself "
+            "(cluster/local_head.sh) and join it with --address"
+        )
+
+
+def private_token(log: Callable[[str], None]) -> Path | None:
+    """Make the token of a local Ray's authentication readable by you alone (its file, returned), before
+    Ray starts.
+
+    Ray 2.60 reads the token from ``RAY_AUTH_TOKEN``, else the file ``RAY_AUTH_TOKEN_PATH``, else
+    ``~/.ray/auth_token``, and creates the last, when none exists, with the default mode (readable by
+    everyone). Here it is created first, mode 0600 in a directory of yours (0700 when made here), holding a
+    random 256-bit token as Ray's own; an existing file of yours that others may read is made 0600.
+    With ``RAY_AUTH_MODE`` set to anything but ``token``, authentication is off by your choice: said, and
+    nothing is done.
+    """
+    mode = os.environ.get(_AUTH_MODE_ENV)
+    if mode is not None and mode.lower() != "token":
+        log(
+            f"warning: {_AUTH_MODE_ENV}={mode[:40]}: the local Ray runs without token authentication, so any "
+            "user of this machine can run code through it; unset it to keep authentication on"
+        )
+        return None
+    if os.environ.get(_TOKEN_ENV):
+        return None
+    path = Path(os.environ.get(_TOKEN_FILE_ENV) or Path.home() / ".ray" / "auth_token")
+    if not os.environ.get(_TOKEN_FILE_ENV) and not os.path.lexists(path):
+        import secrets
+
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o700, parents=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(path, flags, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        return path
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as err:  # missing (Ray says so), a link: not changed here
+        log(f"warning: the Ray token file {path} was left as it is ({err.strerror})")
+        return path
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+            was = stat.S_IMODE(st.st_mode)
+            log(f"made the Ray token file {path} readable by you alone (it was mode {was:o})")
+        elif st.st_mode & 0o077:
+            log(f"warning: the Ray token file {path} is not yours and others may read it: keep it private")
+    finally:
+        os.close(fd)
+    return path
