@@ -7,6 +7,7 @@ evaluation all agree on the up axis.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,46 @@ import numpy as np
 from .types import DataError, Sample
 
 UpAxis = Literal["x", "y", "z"]
+
+NAME_LIMIT = 200  # characters of a file name or of a library's message shown in an error
+
+
+def printable(text: object, limit: int = NAME_LIMIT) -> str:
+    """``text`` as an error message may show it: safe to print on any terminal and at most ``limit`` long.
+
+    File names are bytes on Linux, and those that are not UTF-8 reach Python as lone surrogates
+    (``os.fsdecode``), which ``print`` cannot encode; they are shown as ``\\udcff``-style escapes, as are
+    control characters (a newline in a name must not forge a log line). A long text keeps its start and its
+    end (a path's file name) around an ellipsis.
+    """
+    s = str(text)
+    if len(s) > limit:
+        head = (limit - 1) // 3
+        s = s[:head] + "\u2026" + s[len(s) - (limit - 1 - head) :]
+    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    if not s.isprintable():
+        s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+    return s
+
+
+def decodable(path: Path, root: Path | None = None) -> bool:
+    """Whether ``path`` (below ``root``, when given) is named in valid UTF-8, as dataset ids and class names
+    must be (they are stored as Arrow strings and printed)."""
+    part = str(path.relative_to(root)) if root is not None else str(path)
+    try:
+        part.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def regular_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file (after symlinks): not a directory, a FIFO that would block the
+    reader forever, a device such as ``/dev/zero`` that never ends, or a broken or looping link."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def to_y_up(points: np.ndarray, up_axis: UpAxis) -> np.ndarray:
@@ -84,9 +125,16 @@ class Source(ABC):
 
 
 def file_identity(paths: list[Path]) -> list[tuple[str, int, int]]:
-    """``(absolute path, size, mtime in whole seconds)`` per file: a change to any of them is a new source."""
+    """``(absolute path, size, mtime in whole seconds)`` per file: a change to any of them is a new source.
+
+    A file that cannot be looked at (it vanished, or its link loops) is recorded as size and time -1; reading
+    it names the problem.
+    """
     out = []
     for p in paths:
-        st = p.stat()
-        out.append((str(p.resolve()), st.st_size, int(st.st_mtime)))
+        try:
+            st = p.stat()
+            out.append((os.path.realpath(p), st.st_size, int(st.st_mtime)))
+        except OSError:
+            out.append((os.path.abspath(p), -1, -1))
     return out

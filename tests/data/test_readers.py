@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import struct
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -144,3 +147,187 @@ def test_tasks_read_in_order_are_the_samples(tmp_path: Path, monkeypatch: pytest
                     assert not isinstance(b, DataError)
                     assert np.array_equal(a.points, b.points)
                     assert a.label == b.label
+
+
+# ---- HDF5 files that lie, reach outside themselves or hold the wrong things (issue 27) ----
+
+
+def read_all(src: H5Source, split: str = "train") -> list[Sample | DataError]:
+    """What prepare reads of a split: every item of every task."""
+    return [item for task in src.tasks(split) for item in src.read_task(split, task)]
+
+
+def only_errors(items: list[Sample | DataError]) -> list[DataError]:
+    errors = [e for e in items if isinstance(e, DataError)]
+    assert len(errors) == len(items), "a bad file must give errors, not samples"
+    return errors
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "contiguous"])
+def test_h5_claiming_rows_it_does_not_store_is_one_error_counting_the_claim(
+    tmp_path: Path, chunked: bool
+) -> None:
+    """A 2 KB file declaring 10^8 rows (never written: HDF5 reads them as zeros) costs one error, not 10^8,
+    and reading it allocates almost nothing."""
+    import tracemalloc
+
+    claimed = 10**8
+    with h5py.File(tmp_path / "train.h5", "w") as f:
+        f.create_dataset("data", (claimed, 2048, 3), "f4", chunks=(1, 2048, 3) if chunked else None)
+        f.create_dataset("label", (claimed, 1), "i8", chunks=(1024, 1) if chunked else None)
+    assert (tmp_path / "train.h5").stat().st_size < 16_000
+    src = H5Source(tmp_path)
+    tracemalloc.start()
+    try:
+        errors = only_errors(read_all(src))
+        assert src.count("train") == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(errors) == 1
+    assert errors[0].rows == claimed
+    assert errors[0].source.endswith("train.h5")
+    assert f"'data' declares {claimed} rows" in errors[0].problem
+    assert peak < 4 * 1024**2
+
+
+def test_h5_cut_short_is_named_whether_or_not_hdf5_opens_it(tmp_path: Path) -> None:
+    """A file cut inside 'data': HDF5 refuses it (its end is before the one it declares); with that mark
+    patched to the new end, HDF5 opens the file but not the dataset. Either way: errors naming the file,
+    and at most the rows it really holds."""
+    with h5py.File(tmp_path / "train.h5", "w") as f:
+        f["label"] = np.zeros((40, 1), np.int64)
+        f["data"] = fixtures.clouds(40, 64, 0)
+        cut = f["data"].id.get_offset() + 15 * 64 * 3 * 4 + 100  # 15 whole rows of 'data', then the end
+    raw = bytearray((tmp_path / "train.h5").read_bytes()[:cut])
+    (tmp_path / "train.h5").write_bytes(raw)
+    [err] = only_errors(read_all(H5Source(tmp_path)))
+    assert "cannot open HDF5 file (truncated or corrupt?)" in err.problem
+    assert err.rows == 1
+    assert raw[8] == 0  # superblock version 0: the end-of-file address is the 8 bytes at offset 40
+    struct.pack_into("<Q", raw, 40, len(raw))
+    (tmp_path / "train.h5").write_bytes(raw)
+    items = read_all(H5Source(tmp_path))
+    assert all(isinstance(s, DataError) or s.index < 15 for s in items)
+    errors = [e for e in items if isinstance(e, DataError)]
+    assert errors
+    assert all(e.source.endswith("train.h5") for e in errors)
+    assert sum(e.rows for e in errors) in (1, 25)  # the rows it held are unknown, or the 25 after row 15
+
+
+def test_h5_unopenable_counts_one_row_and_says_so(tmp_path: Path) -> None:
+    (tmp_path / "train.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(200))
+    [err] = only_errors(read_all(H5Source(tmp_path)))
+    assert err.rows == 1
+    assert "cannot open HDF5 file" in err.problem
+    assert "how many rows it held is unknown, so it counts as 1 skipped row" in err.problem
+
+
+def write_other(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f["data"] = fixtures.clouds(4, 16, 0)
+        f["label"] = np.zeros((4, 1), np.int64)
+    return path
+
+
+@pytest.mark.parametrize("how", ["external-link", "soft-to-external", "external-storage", "virtual"])
+def test_h5_never_reads_other_files(tmp_path: Path, how: str) -> None:
+    other = write_other(tmp_path / "elsewhere" / "other.h5") if how != "external-storage" else None
+    if other is None:
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "raw.bin").write_bytes(fixtures.clouds(4, 16, 0).tobytes())
+    root = tmp_path / "h5"
+    root.mkdir()
+    with h5py.File(root / "train.h5", "w") as f:
+        f["label"] = np.zeros((4, 1), np.int64)
+        if how == "external-link":
+            f["data"] = h5py.ExternalLink(str(other), "/data")
+        elif how == "soft-to-external":
+            f["grp/ext"] = h5py.ExternalLink(str(other), "/data")
+            f["data"] = h5py.SoftLink("/grp/ext")
+        elif how == "external-storage":
+            raw = str(tmp_path / "elsewhere" / "raw.bin")
+            f.create_dataset("data", (4, 16, 3), "f4", external=[(raw, 0, 4 * 16 * 3 * 4)])
+        else:
+            layout = h5py.VirtualLayout((4, 16, 3), "f4")
+            layout[:] = h5py.VirtualSource(str(other), "data", shape=(4, 16, 3))
+            f.create_virtual_dataset("data", layout)
+    [err] = only_errors(read_all(H5Source(root)))
+    assert err.source.endswith("train.h5")
+    expected = {
+        "external-link": "'data' is a link to .*other\\.h5 outside the file",
+        "soft-to-external": "'/grp/ext' is a link to .*other\\.h5 outside the file",
+        "external-storage": "'data' keeps its rows in external files",
+        "virtual": "'data' is a virtual dataset",
+    }[how]
+    assert re.search(expected, err.problem), err.problem
+
+
+def test_h5_soft_links_inside_the_file_are_followed(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "train.h5", "w") as f:
+        f["grp/points"] = fixtures.clouds(3, 16, 0)
+        f["data"] = h5py.SoftLink("/grp/points")
+        f["label"] = np.arange(3)
+        f["loop"] = h5py.SoftLink("/loop")
+    assert [s.index for s in samples(H5Source(tmp_path), "train")] == [0, 1, 2]
+
+
+def h5_labelled(folder: Path, label: object, rows: int = 4) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with h5py.File(folder / "train.h5", "w") as f:
+        f["data"] = fixtures.clouds(rows, 16, 0)
+        if isinstance(label, str) and label == "group":
+            f.create_group("label")
+        else:
+            f["label"] = label
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        ("group", "'label' is a group, not a dataset"),
+        (np.int64(3), r"'label' must be \[N\] or \[N, 1\].*got \(\)"),
+        (np.array([[0, 1]] * 4), r"'label' must be \[N\] or \[N, 1\].*got \(4, 2\)"),
+        (np.array([b"chair"] * 4), "'label' must hold numbers, got dtype \\|S5"),
+        (np.array(["chair"] * 4, dtype=h5py.string_dtype()), "'label' must hold numbers"),
+        (np.arange(3), "'label' has 3 rows but 'data' has 4"),
+    ],
+    ids=["group", "scalar", "two-columns", "bytes", "strings", "too-few"],
+)
+def test_h5_labels_that_are_not_one_index_per_row_are_named(
+    tmp_path: Path, label: object, message: str
+) -> None:
+    [err] = only_errors(read_all(H5Source(h5_labelled(tmp_path, label))))
+    assert re.search(message, err.problem), err.problem
+    assert err.rows == 4
+    assert "all 4 rows skipped" in err.problem
+
+
+@pytest.mark.parametrize("shape", [(4,), (4, 1)])
+def test_h5_labels_as_n_or_n_by_1_are_read(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    src = H5Source(h5_labelled(tmp_path, np.array([2, 0, 1, 2]).reshape(shape)))
+    assert [s.label for s in samples(src, "train")] == [2, 0, 1, 2]
+
+
+def test_h5_ids_that_are_not_utf8_are_named_per_row(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "train.h5", "w") as f:
+        f["data"] = fixtures.clouds(3, 16, 0)
+        f["label"] = np.zeros(3, np.int64)
+        f["name"] = np.array([b"ok_0", b"\xff\xfe", b"ok_2"])
+    items = read_all(H5Source(tmp_path))
+    assert [s.id for s in items if isinstance(s, Sample)] == ["ok_0", "ok_2"]
+    [err] = [e for e in items if isinstance(e, DataError)]
+    assert err.index == 1
+    assert "is not UTF-8 text" in err.problem
+    str(err).encode("utf-8")  # prints on any terminal
+
+
+def test_h5_data_that_is_not_numbers_is_named(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "train.h5", "w") as f:
+        f["data"] = np.array([[[b"x", b"y", b"z"]]] * 2)
+        f["label"] = np.zeros(2, np.int64)
+    [err] = only_errors(read_all(H5Source(tmp_path)))
+    assert "'data' must hold numbers" in err.problem
+    assert err.rows == 2
