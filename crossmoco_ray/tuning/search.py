@@ -33,6 +33,7 @@ from ..train.resources import check_resources, init_ray
 from ..train.run import resolve_run, resolve_storage, start_tracking
 from ..train.trainer import build_trainer
 from .report import close_child_runs, fmt, trial_rows, write_outputs
+from .restore_check import check_resumable
 from .space import Space, check_space, parse_space, with_values
 
 SEARCH_FILE = "crossmoco_search.json"
@@ -166,6 +167,7 @@ def tune_search(
     if resume:
         if name is None:
             raise ConfigError("--resume needs the --name of the search to continue")
+        check_resumable(f"{storage}/{name}", log)  # Tune's restore unpickles what is stored there
         state = read_json(f"{storage}/{name}/{SEARCH_FILE}")
         if state is None:
             raise ConfigError(
