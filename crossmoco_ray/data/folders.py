@@ -9,11 +9,16 @@
   the surface, area-weighted, seeded per object) and is kept on the sample, so its views are shaded renders
   of the mesh rather than of the points.
 
-Files are read one at a time; an unreadable one is yielded as a :class:`DataError` naming it.
+Files are read one at a time; an unreadable one is yielded as a :class:`DataError` naming it. Only regular
+files are read (a FIFO named ``x.ply`` would block the reader forever, ``/dev/zero`` behind a link would never
+end); what a file claims is checked before memory is spent on it (a ``.npy`` header's shape against the
+file's size); a file or class folder whose name is not UTF-8 (Linux names are bytes) is named as bad, since
+ids and class names are stored as text.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +27,30 @@ import numpy as np
 
 from .mesh import MESH_SUFFIXES, is_mesh_file, read_mesh, surface_points
 from .ply import read_ply
-from .source import Source, UpAxis, file_identity, to_y_up
+from .source import Source, UpAxis, decodable, file_identity, printable, regular_file, to_y_up
 from .types import DataError, Sample
 
 POINT_SUFFIXES = (".ply", ".npy", ".xyz", ".txt")
 SUFFIXES = POINT_SUFFIXES + MESH_SUFFIXES
 SPLITS = ("train", "test", "val")
+TEXT_BYTES = 256 * 1024**2  # .xyz/.txt files larger than this (≈10M points) are refused: parsing takes ~10×
+VIEW_BYTES = 32 * 1024**2  # a rendered view larger than this is not a view (ShapeNetRendering's are ~10 KB)
+NOT_UTF8 = "its name is not valid UTF-8 (ids and class names are stored as text): rename it"
+
+
+def _listing(folder: Path) -> list[Path]:
+    """The entries of ``folder`` (none when it cannot be listed: it is named where it is needed)."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError:
+        return []
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 class ShapeNetRenderSource(Source):
@@ -43,8 +66,10 @@ class ShapeNetRenderSource(Source):
                 raise DataError(
                     str(d), "missing: a ShapeNetRender root holds ShapeNet/ and ShapeNetRendering/"
                 )
-        self.synsets = sorted(p.name for p in self.cloud_dir.iterdir() if p.is_dir())
-        self.clouds = sorted(self.cloud_dir.glob("*/*.ply"))
+        # A synset folder named in bytes that are not UTF-8 is no class: its clouds are named as bad.
+        folders = [p for p in _listing(self.cloud_dir) if _is_dir(p)]
+        self.synsets = [p.name for p in folders if decodable(Path(p.name))]
+        self.clouds = [f for d in folders for f in _listing(d) if f.suffix == ".ply" and regular_file(f)]
 
     def splits(self) -> list[str]:
         return ["train"]
@@ -70,6 +95,9 @@ class ShapeNetRenderSource(Source):
 
     def read_task(self, split: str, task: Any) -> Iterator[Sample | DataError]:
         ply = Path(task)
+        if not decodable(ply, self.cloud_dir):
+            yield DataError(printable(ply), NOT_UTF8)
+            return
         try:
             yield self._sample(ply, self.synsets.index(ply.parent.name), split)
         except DataError as err:
@@ -78,17 +106,21 @@ class ShapeNetRenderSource(Source):
     def _sample(self, ply: Path, label: int, split: str) -> Sample:
         synset, model = ply.parent.name, ply.stem
         views_dir = self.render_dir / synset / model / "rendering"
-        pngs = sorted(views_dir.glob("*.png")) if views_dir.is_dir() else []
+        pngs = [f for f in _listing(views_dir) if f.suffix == ".png" and regular_file(f)]
         if not pngs:
-            raise DataError(str(ply), f"no rendered views: expected PNG files in {views_dir}")
+            raise DataError(
+                printable(ply), f"no rendered views: expected PNG files in {printable(views_dir)}"
+            )
         views = []
         for png in pngs:
             try:
+                if png.stat().st_size > VIEW_BYTES:
+                    raise DataError(printable(png), f"over {VIEW_BYTES // 1024**2} MiB: not a rendered view")
                 views.append(png.read_bytes())
             except OSError as err:
-                raise DataError(str(png), f"unreadable image: {err}") from err
+                raise DataError(printable(png), f"unreadable image: {printable(err)}") from err
         points = to_y_up(read_ply(ply), self.up_axis)
-        return Sample(f"{synset}/{model}", points, views, label, str(ply), 0, split)
+        return Sample(f"{synset}/{model}", points, views, label, printable(ply), 0, split)
 
 
 class FolderSource(Source):
@@ -117,25 +149,29 @@ class FolderSource(Source):
         self.mesh_points, self.seed, self.fps = mesh_points, seed, fps
         self._has_meshes: bool | None = None
         self._listing: dict[str, list[Path]] = {}
-        if not self.root.is_dir():
-            raise DataError(str(self.root), "not a directory")
-        tops = sorted(d for d in self.root.iterdir() if d.is_dir())
+        if not _is_dir(self.root):
+            raise DataError(printable(self.root), "not a directory")
+        tops = [d for d in _listing(self.root) if _is_dir(d)]
         split_dirs = [d.name for d in tops if d.name in SPLITS]
         # ModelNet's layout: class folders at the top, each holding split folders.
-        self.class_major = not split_dirs and any((d / s).is_dir() for d in tops for s in SPLITS)
+        self.class_major = not split_dirs and any(_is_dir(d / s) for d in tops for s in SPLITS)
         self.split_dirs = False
         if self.class_major:
-            self.classes = [d.name for d in tops]
-            names = {d.name for c in tops for d in c.iterdir() if d.is_dir() and d.name in SPLITS}
+            folders = sorted({d.name for d in tops})
+            names = {d.name for c in tops for d in _listing(c) if _is_dir(d) and d.name in SPLITS}
             self._splits = [s for s in SPLITS if s in names]
         else:
             self._splits = split_dirs or ["train"]
             self.split_dirs = bool(split_dirs)
             bases = [self.root / s for s in split_dirs] or [self.root]
-            self.classes = sorted({c.name for base in bases for c in base.iterdir() if c.is_dir()})
-        if not self.classes:
+            folders = sorted({c.name for base in bases for c in _listing(base) if _is_dir(c)})
+        # A class folder named in bytes that are not UTF-8 is no class (its name could not be stored or
+        # printed); its files are listed all the same, so that each is named as bad and counted.
+        self.classes = [c for c in folders if decodable(Path(c))]
+        self._undecodable = [c for c in folders if not decodable(Path(c))]
+        if not folders:
             raise DataError(
-                str(self.root), f"no class folders with point or mesh files ({', '.join(SUFFIXES)})"
+                printable(self.root), f"no class folders with point or mesh files ({', '.join(SUFFIXES)})"
             )
 
     def _class_dir(self, split: str, name: str) -> Path:
@@ -148,9 +184,9 @@ class FolderSource(Source):
         if split not in self._listing:
             self._listing[split] = sorted(
                 f
-                for c in self.classes
-                for f in self._class_dir(split, c).glob("*")
-                if f.suffix.lower() in SUFFIXES and f.is_file()
+                for c in self.classes + self._undecodable
+                for f in _listing(self._class_dir(split, c))
+                if f.suffix.lower() in SUFFIXES and regular_file(f)
             )
         return self._listing[split]
 
@@ -191,6 +227,9 @@ class FolderSource(Source):
 
     def read(self, split: str, f: Path) -> Sample | DataError:
         """The sample of one file (or the :class:`DataError` that names what is wrong with it)."""
+        where = printable(f)
+        if not decodable(f, self.root):
+            return DataError(where, NOT_UTF8)
         label = self.classes.index(f.parent.parent.name if self.class_major else f.parent.name)
         sample_id = f"{self.classes[label]}/{f.stem}"
         try:
@@ -198,11 +237,11 @@ class FolderSource(Source):
                 vertices, faces = read_mesh(f)
                 vertices = to_y_up(vertices, self.up_axis)
                 points = surface_points((vertices, faces), self.mesh_points, sample_id, self.seed, self.fps)
-                return Sample(sample_id, points, None, label, str(f), 0, split, mesh=(vertices, faces))
+                return Sample(sample_id, points, None, label, where, 0, split, mesh=(vertices, faces))
             points = to_y_up(read_point_file(f), self.up_axis)
         except DataError as err:
             return err
-        return Sample(sample_id, points, None, label, str(f), 0, split)
+        return Sample(sample_id, points, None, label, where, 0, split)
 
 
 def _declares_faces(f: Path) -> bool:
@@ -217,14 +256,46 @@ def read_point_file(path: Path) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix == ".ply":
         return read_ply(path)
+    where = printable(path)
     try:
         if suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
+            arr = _read_npy(path, where)
         else:
-            text = path.read_text().replace(",", " ")
+            if path.stat().st_size > TEXT_BYTES:
+                raise DataError(
+                    where, f"text point file over {TEXT_BYTES // 1024**2} MiB: save it as .npy or .ply"
+                )
+            text = path.read_bytes().decode("latin-1").replace(",", " ")
             arr = np.loadtxt(text.splitlines(), dtype=np.float32, ndmin=2)
     except (OSError, ValueError) as err:
-        raise DataError(str(path), f"unreadable point file: {err}") from err
+        if isinstance(err, DataError):
+            raise
+        raise DataError(where, f"unreadable point file: {printable(err, 300)}") from None
     if arr.ndim != 2 or arr.shape[1] < 3:
-        raise DataError(str(path), f"points must be [N, 3] (or more columns), got {tuple(arr.shape)}")
+        raise DataError(where, f"points must be [N, 3] (or more columns), got {tuple(arr.shape)}")
     return np.ascontiguousarray(arr[:, :3], dtype=np.float32)
+
+
+def _read_npy(path: Path, where: str) -> np.ndarray:
+    """A ``.npy`` array whose header was checked first: numbers, 2-D, and no more bytes than the file holds
+    (a 100-byte file whose header claims 10¹⁰ rows must not make ``np.load`` allocate them)."""
+    with open(path, "rb") as fp:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+        else:  # 2.0 and 3.0 share the layout (3.0 only allows UTF-8 in field names)
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+        body = path.stat().st_size - fp.tell()
+    if dtype.fields is not None or dtype.kind not in "iuf":
+        raise DataError(where, f".npy holds {printable(dtype, 60)}, not numbers")
+    if len(shape) != 2 or shape[1] < 3 or shape[0] < 0:
+        raise DataError(where, f"points must be [N, 3] (or more columns), got {printable(shape, 60)}")
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed == 0:
+        return np.zeros((shape[0], 3), np.float32)
+    if claimed > body:
+        raise DataError(
+            where, f".npy header declares shape {shape} ({claimed} bytes) but the file holds {body} after it"
+        )
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    return np.array(arr[:, :3], dtype=np.float32)

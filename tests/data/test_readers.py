@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from pathlib import Path
@@ -15,6 +16,7 @@ from crossmoco_ray.data.readers import (
     SyntheticSource,
     detect_format,
     open_source,
+    read_point_file,
     to_y_up,
 )
 from crossmoco_ray.data.types import DataError, Sample
@@ -331,3 +333,77 @@ def test_h5_data_that_is_not_numbers_is_named(tmp_path: Path) -> None:
     [err] = only_errors(read_all(H5Source(tmp_path)))
     assert "'data' must hold numbers" in err.problem
     assert err.rows == 2
+
+
+# ---- file-per-object sources: headers that lie, names that are not text, files that are not files ----
+
+
+def test_npy_header_claiming_more_than_the_file_holds_is_named(tmp_path: Path) -> None:
+    import io
+    import tracemalloc
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (10**10, 3)}
+    )
+    path = tmp_path / "huge.npy"
+    path.write_bytes(header.getvalue() + np.zeros(12, "<f4").tobytes())
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"huge\.npy: \.npy header declares shape \(10000000000, 3\)"):
+            read_point_file(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024**2
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.zeros((4, 3), dtype=[("x", "f4")]), "not numbers"),
+        (np.zeros((4, 3), dtype="U3"), "not numbers"),
+        (np.zeros((4, 3, 1), "f4"), r"points must be \[N, 3\]"),
+        (np.zeros(5, "f4"), r"points must be \[N, 3\]"),
+    ],
+    ids=["structured", "strings", "3-d", "1-d"],
+)
+def test_npy_that_is_not_a_table_of_numbers_is_named(tmp_path: Path, array: np.ndarray, message: str) -> None:
+    np.save(tmp_path / "bad.npy", array)
+    with pytest.raises(DataError, match=rf"bad\.npy: .*{message}"):
+        read_point_file(tmp_path / "bad.npy")
+
+
+def test_names_that_are_not_utf8_are_named_per_file_and_print_safely(tmp_path: Path) -> None:
+    root = tmp_path / "pf"
+    cloud = fixtures.clouds(1, 32, 0)[0]
+    for folder, name in ((b"chair", b"ok.npy"), (b"\xff\xfe", b"x.npy"), (b"chair", b"\xfe.npy")):
+        os.makedirs(os.path.join(os.fsencode(root), folder), exist_ok=True)
+        np.save(os.fsdecode(os.path.join(os.fsencode(root), folder, name)), cloud)
+    src = open_source(str(root))
+    assert src.class_names() == ["chair"]  # the undecodable folder is no class
+    items = [src.read_task("train", t) for t in src.tasks("train")]
+    flat = [i for part in items for i in part]
+    assert [s.id for s in flat if isinstance(s, Sample)] == ["chair/ok"]
+    errors = [e for e in flat if isinstance(e, DataError)]
+    assert len(errors) == 2
+    for err in errors:
+        assert "not valid UTF-8" in err.problem
+        assert err.rows == 1
+        str(err).encode("utf-8")  # no lone surrogates: prints on any terminal
+    assert any("\\udcff\\udcfe" in e.source for e in errors)
+
+
+def test_fifos_and_directories_named_like_data_files_are_not_read(tmp_path: Path) -> None:
+    """A FIFO named ``x.ply`` would block the reader forever; a directory named ``x.h5`` is no file."""
+    root = fixtures.shapenet_render(tmp_path / "snr", objects=2)
+    os.mkfifo(root / "ShapeNet" / "02691156" / "fifo.ply")
+    (root / "ShapeNet" / "02691156" / "dir.ply").mkdir()
+    os.mkfifo(root / "ShapeNetRendering" / "02691156" / "model000" / "rendering" / "99.png")
+    src = open_source(str(root))
+    assert [s.id for s in samples(src, "train")] == ["02691156/model000", "03001627/model001"]
+    assert len(samples(src, "train")[0].views or []) == 3
+    h5 = fixtures.modelnet_h5(tmp_path / "h5")
+    os.mkfifo(h5 / "fifo_train.h5")
+    (h5 / "dir_train.h5").mkdir()
+    assert [f.name for f in H5Source(h5).files] == ["test.h5", "train.h5"]
