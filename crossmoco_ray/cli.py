@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from . import __version__
 from .cli_eval import add_eval_parsers
 from .cli_finetune import add_finetune_parsers
-from .cli_prepare import add_prepare_parser
+from .cli_prepare import add_prepare_parser, add_verify_parser
 from .config import DEFAULT_PRESET, Config, ConfigError, load_config, preset_names, preset_text, to_yaml
 
 if TYPE_CHECKING:
@@ -342,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run_parsers(sub)
     add_prepare_parser(sub)
+    add_verify_parser(sub)
     add_eval_parsers(sub)
     add_finetune_parsers(sub)
     _add_config_parsers(sub)

@@ -1,7 +1,8 @@
 """``crossmoco prepare``: a dataset source to validated Parquet shards (+ renders). No configuration; Ray only
-with ``--ray`` (or ``RAY_ADDRESS``).
+with ``--ray`` (or ``RAY_ADDRESS``). ``crossmoco verify``: the full check of prepared shards.
 
-Registered on the top-level parser by :func:`crossmoco_ray.cli.build_parser`.
+Registered on the top-level parser by :func:`crossmoco_ray.cli.build_parser`. Every option value is checked
+before any work starts; a bad one is named with its value ("--val-fraction 1.5: must be in [0, 1)"), exit 2.
 """
 
 from __future__ import annotations
@@ -30,14 +31,98 @@ splats of their points. Rows are written in a seeded random order per split (rea
 class by class); the shuffle streams through temporary buckets beside the output (in the local temp
 directory for s3:// or gs://), so memory stays bounded and the disk briefly holds a second copy. Bad
 inputs are named (file and index); --skip-bad skips them and writes skipped.json. Re-running the same
-command is a no-op. With --ray (or RAY_ADDRESS set) reading, checking and rendering run as a Ray Data
+command is a no-op once a quick check of the existing shards passes; damaged shards are prepared again
+(`crossmoco verify DIR` is the full check). --overwrite deletes only the old dataset's shard files inside
+--out, never anything else. With --ray (or RAY_ADDRESS set) reading, checking and rendering run as a Ray Data
 pipeline over the cluster's CPUs; the driver keeps the order, shuffle and writer, so the shards are the
-same bytes as without it.
+same bytes as without it. SIGTERM stops it like Ctrl-C (its work directory removed; exit 143), and a later
+run removes the work directories that runs killed harder left behind.
 """
+
+VERIFY_EPILOG = """examples:
+  crossmoco verify data/mn40                   # before a long run, after a copy, when a run failed on data
+  crossmoco verify s3://bucket/shapenet-shards
+
+What is checked, in order:
+  1. manifest.json: it is a manifest this version reads; its seal (a sha256 of its content) matches, so
+     an edited count, point count or fingerprint shows; every listed path is a plain
+     <split>-<nnnnn>.parquet name inside the directory (no '..', no absolute path, no symbolic link);
+     the per-split and per-class counts add up.
+  2. every listed file: it exists with the listed size; its footer (Parquet metadata) matches its digest
+     and the manifest (rows, columns, points per cloud); every row group's bytes match their sha256;
+     every page matches Parquet's own page checksum (all pages are decoded); the whole file matches its
+     sha256; its rows hold at least the manifest's views per object.
+  3. the labels of all files against the per-class counts, the rows against the split totals.
+
+Training and evaluation make the cheap part of this check on every read (size, footer, the digest of
+each row group before its rows are used); prepare checks sizes and footers before it says "up to date".
+Shards prepared before row-group digests existed are checked by size and sha256 of each file.
+
+Each problem is printed as one line naming the file and the reason, then a summary; the exit status is
+0 for no damage, 1 damage found (re-run the same `crossmoco prepare` command to prepare it again),
+2 not a prepared dataset (no manifest, or one this version cannot read).
+"""
+
+RENDER_SIZES = (16, 2048)  # --render-size: smaller views are useless to an image encoder, larger a typo
+POINT_SIZES = (1, 64)
 
 
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _shown(value: object) -> str:
+    from .data.source import printable
+
+    return printable(value, 80)
+
+
+def option_problem(args: argparse.Namespace) -> str | None:
+    """The first bad option value of a ``prepare`` command line, as "--option value: why" (None: all good).
+
+    Checked before any work: the value ranges, the list options, and the paths (an --out that is a file, a
+    --preview whose folder is missing or that is a directory), so nothing fails after hours of rendering.
+    """
+    from .data.shards import out_problem, preview_problem
+
+    lo, hi = RENDER_SIZES
+    checks = [
+        ("--val-fraction", args.val_fraction, 0.0 <= args.val_fraction < 1.0, "must be in [0, 1)"),
+        ("--render-size", args.render_size, lo <= args.render_size <= hi, f"must be in {lo}..{hi}"),
+        (
+            "--point-size",
+            args.point_size,
+            POINT_SIZES[0] <= args.point_size <= POINT_SIZES[1],
+            f"must be in {POINT_SIZES[0]}..{POINT_SIZES[1]}",
+        ),
+        ("--rows-per-shard", args.rows_per_shard, args.rows_per_shard >= 1, "must be at least 1"),
+        ("--min-points", args.min_points, args.min_points >= 1, "must be at least 1"),
+        (
+            "--num-points",
+            args.num_points,
+            args.num_points is None or args.num_points >= 1,
+            "must be at least 1",
+        ),
+        ("--synthetic-train", args.synthetic_train, args.synthetic_train >= 0, "must be at least 0"),
+        ("--synthetic-test", args.synthetic_test, args.synthetic_test >= 0, "must be at least 0"),
+        ("--ray-cpus", args.ray_cpus, args.ray_cpus is None or args.ray_cpus >= 1, "must be at least 1"),
+    ]
+    for option, value, good, why in checks:
+        if not good:
+            return f"{option} {_shown(value)}: {why}"
+    for option, text in (("--azimuths", args.azimuths), ("--elevations", args.elevations)):
+        try:
+            if not _floats(text):
+                return f"{option} {_shown(repr(text))}: no angle given"
+        except ValueError:
+            return f"{option} {_shown(repr(text))}: not a comma-separated list of degrees"
+    problem = out_problem(args.out)
+    if problem:
+        return f"--out {_shown(args.out)}: {problem}"
+    problem = preview_problem(args.preview) if args.preview else None
+    if problem:
+        return f"--preview {_shown(args.preview)}: {problem}"
+    return None
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -48,6 +133,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.shards import PrepareOptions, prepare
     from .data.types import DataError
 
+    problem = option_problem(args)
+    if problem:
+        print(f"crossmoco prepare: {problem}", file=sys.stderr)
+        return 2
     try:
         source = open_source(
             args.source,
@@ -124,12 +213,18 @@ def add_prepare_parser(sub: argparse._SubParsersAction[Any]) -> None:
         help="meshes: farthest-point sample the points (from a 4x denser area-uniform draw) for even spacing",
     )
     p_prep.add_argument("--min-points", type=int, default=16, help="reject clouds with fewer points")
-    p_prep.add_argument("--val-fraction", type=float, default=0.0, help="carve a validation split from train")
+    p_prep.add_argument(
+        "--val-fraction", type=float, default=0.0, help="carve a validation split from train, in [0, 1)"
+    )
     p_prep.add_argument("--seed", type=int, default=0, help="seed of the validation carve and resampling")
     p_prep.add_argument(
         "--skip-bad", action="store_true", help="skip bad objects, report them in skipped.json"
     )
-    p_prep.add_argument("--overwrite", action="store_true", help="replace a different dataset at --out")
+    p_prep.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a different dataset at --out (only its shard files are deleted, nothing else)",
+    )
     p_prep.add_argument(
         "--no-shuffle",
         action="store_true",
@@ -144,7 +239,12 @@ def add_prepare_parser(sub: argparse._SubParsersAction[Any]) -> None:
         "--azimuths", default="0,60,120,180,240,300", help="render: degrees about the up axis"
     )
     p_prep.add_argument("--elevations", default="20", help="render: degrees above the horizon")
-    p_prep.add_argument("--render-size", type=int, default=128, help="render: image side in pixels")
+    p_prep.add_argument(
+        "--render-size",
+        type=int,
+        default=128,
+        help=f"render: image side in pixels ({RENDER_SIZES[0]}..{RENDER_SIZES[1]})",
+    )
     p_prep.add_argument("--point-size", type=int, default=2, help="render: splat side in pixels")
     p_prep.add_argument(
         "--render-mode",
@@ -170,3 +270,42 @@ def add_prepare_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p_prep.add_argument("--synthetic-train", type=int, default=2000, help="synthetic: training objects")
     p_prep.add_argument("--synthetic-test", type=int, default=500, help="synthetic: test objects")
     p_prep.set_defaults(func=cmd_prepare)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``crossmoco verify``: every problem on its own line, a summary; exit 0 clean, 1 damaged, 2 not a
+    dataset."""
+    from .data.integrity import verify_dataset
+    from .data.types import DataError
+
+    try:
+        report = verify_dataset(args.shards)
+    except DataError as err:
+        print(f"crossmoco verify: {err}", file=sys.stderr)
+        return 2
+    for problem in report.problems:
+        print(f"damaged: {problem}")
+    size = f"{report.bytes / 1024**2:.1f} MiB"
+    if not report.problems:
+        print(f"{args.shards}: {report.files} files, {report.rows} rows, {size}: no damage")
+        return 0
+    found = f"{len(report.problems)} problems in {len(report.damaged_files)} of {report.files} files"
+    print(
+        f"{args.shards}: {found} (sound: {report.rows} rows, {size}); "
+        "re-run the same `crossmoco prepare` command to prepare it again"
+    )
+    return 1
+
+
+def add_verify_parser(sub: argparse._SubParsersAction[Any]) -> None:
+    """Add ``verify`` to the top-level subparsers ``sub``."""
+    p = sub.add_parser(
+        "verify",
+        help="check prepared shards completely: manifest, paths, sizes, checksums, counts",
+        description="The full integrity check of a prepared dataset: every byte of every shard against the "
+        "manifest's digests, the manifest against its seal and against the files' own metadata.",
+        epilog=VERIFY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("shards", help="a prepared dataset: the directory or URI given to `prepare --out`")
+    p.set_defaults(func=cmd_verify)

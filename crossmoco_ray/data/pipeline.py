@@ -26,6 +26,11 @@ that all read tasks of an epoch agree on one permutation.
 
 :func:`iter_local_batches` runs the same ``make_batch`` without Ray (debugging, notebooks, the
 DataLoader baseline of the benchmark).
+
+Nothing unchecked is trained on (:mod:`.integrity`): the driver opens every shard of the split once (size,
+footer digest, rows and point count against the manifest) and hands the checked footers to the read
+tasks, which check every row group's bytes against its digest before decoding them; a damaged shard
+stops the epoch with a :class:`~.types.DataError` naming the file (bench/verify_cost.py measures the cost).
 """
 
 from __future__ import annotations
@@ -40,10 +45,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..storage import resolve
 from .augment import ImageAugment, PointAugment, augment_images, augment_points
+from .integrity import ShardFile, open_split, read_row_groups
 from .manifest import read_manifest
 from .render import decode_png
 from .types import DataError
@@ -76,19 +81,18 @@ COLUMNS = ["id", "label", "points", "views"]
 class RowGroup:
     """One row group of one shard file: the unit of random access in a Parquet file."""
 
-    file: int  # index into the split's paths
+    file: int  # index into the split's shard files
     index: int
     rows: int
 
 
-def row_groups(fs: Any, paths: list[str]) -> list[RowGroup]:
-    """Every row group of ``paths`` (read from the files' footers)."""
-    out = []
-    for f, path in enumerate(paths):
-        with fs.open_input_file(path) as handle:
-            meta = pq.ParquetFile(handle).metadata
-        out += [RowGroup(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
-    return out
+def row_groups(shards: list[ShardFile]) -> list[RowGroup]:
+    """Every row group of the opened ``shards`` (from their checked footers)."""
+    return [
+        RowGroup(f, g, shard.metadata.row_group(g).num_rows)
+        for f, shard in enumerate(shards)
+        for g in range(shard.metadata.num_row_groups)
+    ]
 
 
 def _order_seed(opts: PipelineOptions) -> int:
@@ -121,17 +125,17 @@ def window_rows(window_mb: float, manifest: dict[str, Any], split: str) -> int:
 
 
 def read_window(
-    fs: Any, paths: list[str], window: list[RowGroup], opts: PipelineOptions, epoch: int, slot: int
+    fs: Any, shards: list[ShardFile], window: list[RowGroup], opts: PipelineOptions, epoch: int, slot: int
 ) -> Iterator[pa.Table]:
-    """The rows of ``window``'s row groups, permuted together (seeded by ``(seed, epoch, slot)``), in
-    slices of ``read_batch`` rows (each slice a copy, so the window is held once)."""
+    """The rows of ``window``'s row groups (each checked against its digest), permuted together (seeded by
+    ``(seed, epoch, slot)``), in slices of ``read_batch`` rows (each slice a copy, so the window is held
+    once)."""
     tables = []
     by_file: dict[int, list[int]] = {}
     for g in window:
         by_file.setdefault(g.file, []).append(g.index)
     for f, indices in by_file.items():
-        with fs.open_input_file(paths[f]) as handle:
-            tables.append(pq.ParquetFile(handle).read_row_groups(indices, columns=COLUMNS))
+        tables.append(read_row_groups(fs, shards[f], indices, COLUMNS))
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     order = np.random.default_rng([_order_seed(opts), epoch, slot, 0x0DE]).permutation(table.num_rows)
     for start in range(0, table.num_rows, opts.read_batch):
@@ -200,14 +204,14 @@ def _ray_make_batch(batch: dict[str, Any], opts: PipelineOptions) -> dict[str, n
 
 
 def _ray_read_windows(
-    batch: dict[str, Any], fs: Any, paths: list[str], groups: list[RowGroup], opts: PipelineOptions
+    batch: dict[str, Any], fs: Any, shards: list[ShardFile], groups: list[RowGroup], opts: PipelineOptions
 ) -> Iterator[pa.Table]:
     """Read task: the windows whose slots are in ``batch``, each mixed, in slices of ``read_batch`` rows."""
     epoch = _data_epoch(opts)
     windows = epoch_windows(groups, opts, epoch)
     for slot in np.asarray(batch["slot"]).tolist():
         if slot < len(windows):
-            yield from read_window(fs, paths, windows[slot], opts, epoch, slot)
+            yield from read_window(fs, shards, windows[slot], opts, epoch, slot)
 
 
 def split_files(root: str, split: str, opts: PipelineOptions) -> tuple[Any, list[str], dict[str, Any]]:
@@ -231,6 +235,14 @@ def split_files(root: str, split: str, opts: PipelineOptions) -> tuple[Any, list
     return fs, paths, manifest
 
 
+def open_shards(root: str, split: str, opts: PipelineOptions) -> tuple[Any, list[ShardFile], list[RowGroup]]:
+    """(filesystem, the opened and checked shard files of ``split``, their row groups): what the read tasks
+    need. Every file is checked here, once, before any row is read (:func:`.integrity.open_split`)."""
+    _, _, manifest = split_files(root, split, opts)
+    fs, shards = open_split(root, manifest, split)
+    return fs, shards, row_groups(shards)
+
+
 def make_dataset(root: str, split: str, opts: PipelineOptions, shuffle: bool = True) -> Any:
     """A Ray ``Dataset`` of training batches from the prepared shards of ``split`` under ``root``.
 
@@ -240,8 +252,7 @@ def make_dataset(root: str, split: str, opts: PipelineOptions, shuffle: bool = T
     import ray.data
     from ray.data import TaskPoolStrategy
 
-    fs, paths, _ = split_files(root, split, opts)
-    groups = row_groups(fs, paths)
+    fs, shards, groups = open_shards(root, split, opts)
     if opts.seed is None and opts.order_seed is None:
         opts = replace(opts, order_seed=secrets.randbits(62))
     if not shuffle:
@@ -253,7 +264,7 @@ def make_dataset(root: str, split: str, opts: PipelineOptions, shuffle: bool = T
     # machine), and at most READ_TASKS windows are in memory at once. Decoding and augmentation, the
     # real work, is a separate operator that runs on as many CPUs as the cluster gives Ray Data.
     ds = ds.map_batches(
-        partial(read, fs=fs, paths=paths, groups=groups, opts=opts),
+        partial(read, fs=fs, shards=shards, groups=groups, opts=opts),
         batch_format="numpy",
         batch_size=1,
         num_cpus=0,
@@ -270,13 +281,12 @@ def make_dataset(root: str, split: str, opts: PipelineOptions, shuffle: bool = T
 
 
 def _ray_read_in_order(
-    batch: dict[str, Any], fs: Any, paths: list[str], groups: list[RowGroup], opts: PipelineOptions
+    batch: dict[str, Any], fs: Any, shards: list[ShardFile], groups: list[RowGroup], opts: PipelineOptions
 ) -> Iterator[pa.Table]:
     """Read task without shuffling: row group ``slot`` as stored."""
     for slot in np.asarray(batch["slot"]).tolist():
         g = groups[slot]
-        with fs.open_input_file(paths[g.file]) as handle:
-            table = pq.ParquetFile(handle).read_row_group(g.index, columns=COLUMNS)
+        table = read_row_groups(fs, shards[g.file], [g.index], COLUMNS)
         for start in range(0, table.num_rows, opts.read_batch):
             yield table.slice(start, opts.read_batch)
 
@@ -318,18 +328,17 @@ def iter_local_batches(
     root: str, split: str, opts: PipelineOptions, batch_size: int, epoch: int = 0, shuffle: bool = True
 ) -> Iterator[dict[str, np.ndarray]]:
     """The same batches without Ray: the same windows, ``make_batch``, re-batched (drop_last)."""
-    fs, paths, _ = split_files(root, split, opts)
-    groups = row_groups(fs, paths)
+    fs, shards, groups = open_shards(root, split, opts)
     if opts.seed is None and opts.order_seed is None:
         opts = replace(opts, order_seed=secrets.randbits(62))
     if shuffle:
         tables: Iterator[pa.Table] = (
             part
             for slot, window in enumerate(epoch_windows(groups, opts, epoch))
-            for part in read_window(fs, paths, window, opts, epoch, slot)
+            for part in read_window(fs, shards, window, opts, epoch, slot)
         )
     else:
-        tables = _in_order(fs, paths, groups)
+        tables = _in_order(fs, shards, groups)
     pending: list[dict[str, np.ndarray]] = []
     rows = 0
     for table in tables:
@@ -345,10 +354,9 @@ def iter_local_batches(
                 pending = [rest] if rows else []
 
 
-def _in_order(fs: Any, paths: list[str], groups: list[RowGroup]) -> Iterator[pa.Table]:
+def _in_order(fs: Any, shards: list[ShardFile], groups: list[RowGroup]) -> Iterator[pa.Table]:
     for g in groups:
-        with fs.open_input_file(paths[g.file]) as handle:
-            yield pq.ParquetFile(handle).read_row_group(g.index, columns=COLUMNS)
+        yield read_row_groups(fs, shards[g.file], [g.index], COLUMNS)
 
 
 def expected_distinct_labels(class_counts: list[int], batch: int) -> float:

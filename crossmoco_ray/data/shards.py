@@ -19,13 +19,19 @@ objects (64 buckets), a bucket holds ``1/B`` of the split); the disk holds one e
 
 Files are ``<split>-<nnnnn>.parquet`` with row groups of ``row_group_rows``. The manifest records the
 schema version, counts per split and class, class names, point count, views per object, the render
-settings and a sha256 per file. Work happens in ``<out>/.incomplete-<id>/``; files move into place and
-the manifest is written last, so a reader never sees a half-written dataset. Re-running the same command
-is a no-op; a different dataset in the same place needs ``overwrite``.
+settings, a size, sha256 and row-group digests per file, and its own seal (:mod:`.manifest`). Work
+happens in ``<out>/.incomplete-<id>/`` (:mod:`.workdir`: removed however the run ends, SIGTERM included;
+those of dead runs are removed by the next run); files move into place and the manifest is written last,
+so a reader never sees a half-written dataset. Re-running the same command is a no-op once the existing
+shards pass a quick check (there, of the listed size, footers matching the manifest); damaged ones are
+prepared again. A different dataset in the same place needs ``overwrite``, which deletes only files
+prepare writes (shard-named files and its own reports inside ``out``), whatever the old manifest lists.
+Bad samples skipped with ``skip_bad`` stream to ``skipped.json`` as they come (memory holds counts).
 
 This module orchestrates; the pieces live beside it: :mod:`.checks` (per-sample validation, resampling,
-views), :mod:`.writer` (rows → Parquet files), :mod:`.manifest` (reading the manifest back and verifying
-the files) and :mod:`crossmoco_ray.storage` (paths and URIs).
+views), :mod:`.writer` (rows → Parquet files), :mod:`.manifest` (reading the manifest back checked),
+:mod:`.integrity` (reading the shards back checked), :mod:`.workdir` (the work directory) and
+:mod:`crossmoco_ray.storage` (paths and URIs).
 """
 
 from __future__ import annotations
@@ -33,28 +39,44 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
 
 from .. import __version__
-from ..storage import resolve, write_bytes, write_json
+from ..storage import resolve, write_json
 from .checks import check_label, check_points, check_views, resample, val_assignment
-from .manifest import MANIFEST, SCHEMA_VERSION, SKIPPED, file_exists, join_uri, read_manifest
+from .integrity import check_shards
+from .manifest import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    SKIPPED,
+    file_exists,
+    is_shard_name,
+    is_symlink,
+    join_uri,
+    load_manifest_json,
+    read_manifest,
+    seal,
+)
 from .progress import Progress
 from .render import RenderSpec, contact_sheet, decode_png
 from .shuffle import Buckets, bucket_count
-from .source import Source
+from .source import Source, printable
 from .types import DataError, Sample
+from .workdir import WorkDir, remove_stale, terminate_as_exit
 from .writer import ShardWriter
+
+MAX_RENDER_SIZE = 2048  # pixels per side of a render (a 2048² view is 12 MiB decoded; beyond is a typo)
 
 
 @dataclass
@@ -77,6 +99,17 @@ class PrepareOptions:
     max_buckets: int = 256  # open bucket files in pass 1, at most
     ray: bool = False  # read, check and render on Ray Data across the cluster (:mod:`.prepare_ray`)
     ray_cpus: int | None = None  # CPUs of the local Ray started for it (None: all); ignored on a cluster
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction {self.val_fraction}: must be in [0, 1)")
+        for name in ("rows_per_shard", "row_group_rows", "bucket_rows", "max_buckets"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)}: must be at least 1")
+        if self.num_points is not None and self.num_points < 1:
+            raise ValueError(f"num_points {self.num_points}: must be at least 1")
+        if not 1 <= self.render.size <= MAX_RENDER_SIZE:
+            raise ValueError(f"render size {self.render.size}: must be in 1..{MAX_RENDER_SIZE}")
 
     def identity(self, meshes: bool = False) -> dict[str, Any]:
         """What identifies these options' output (``meshes``: the source's views are mesh renders)."""
@@ -167,53 +200,140 @@ def fingerprint(source: Source, opts: PrepareOptions) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def out_problem(out: str) -> str | None:
+    """Why ``out`` cannot hold prepared shards (None: it can): it, or a folder above it, is a file."""
+    fs, root = resolve(out)
+    if fs.get_file_info(root).type == pafs.FileType.File:
+        return "is a file, not a directory"
+    if isinstance(fs, pafs.LocalFileSystem):
+        for parent in Path(root).parents:
+            if parent.exists() or parent.is_symlink():
+                return None if parent.is_dir() else f"{printable(parent)} is a file, not a directory"
+    return None
+
+
+def preview_problem(path: str) -> str | None:
+    """Why a contact sheet cannot be written to ``path`` (None: it can), checked before any work."""
+    p = Path(path)
+    parent = p.parent
+    if p.is_dir():
+        return "is a directory"
+    if not parent.is_dir():
+        return f"the folder {printable(parent)} does not exist"
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        return "is not writable"
+    return None
+
+
 def prepare(
     source: Source, out: str, opts: PrepareOptions, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Write ``source`` as shards under ``out``; returns the manifest (the existing one if up to date)."""
+    problem = out_problem(out)
+    if problem:
+        raise DataError(out, problem)
+    problem = preview_problem(opts.preview) if opts.preview else None
+    if opts.preview and problem:
+        raise DataError(opts.preview, problem)
     fs, root = resolve(out)
     fp = fingerprint(source, opts)
+    remove_stale(fs, root, out, log)
+    old_shards: list[str] = []
     if file_exists(fs, f"{root}/{MANIFEST}"):
         try:
-            old = read_manifest(out)
-        except DataError:
+            old: dict[str, Any] | None = read_manifest(out)
+        except DataError as err:
+            if not opts.overwrite:
+                raise DataError(
+                    out,
+                    f"holds a dataset whose manifest cannot be used ({err}); pass --overwrite to replace it",
+                ) from err
             old = None
         if old is not None and old.get("fingerprint") == fp:
-            log(f"{out} is up to date (same source and options); nothing to do")
-            return old
-        if not opts.overwrite:
+            damage = check_shards(out, old)
+            if damage is None:
+                log(f"{out} is up to date (same source and options); nothing to do")
+                return old
+            log(f"{out}: the prepared dataset is damaged ({damage}); preparing it again")
+        elif not opts.overwrite:
             raise DataError(out, "holds a different prepared dataset; pass --overwrite to replace it")
-    else:
-        old = None
-    name = f".incomplete-{uuid.uuid4().hex[:8]}"
-    tmp, tmp_uri = f"{root}/{name}", join_uri(out, name)
-    fs.create_dir(tmp, recursive=True)
-    try:
-        manifest, skipped = _write(source, fs, tmp, opts, fp, log)
-        if skipped:
-            write_bytes(join_uri(tmp_uri, SKIPPED), json.dumps(skipped, indent=1).encode())
-        manifest = json.loads(json.dumps(manifest))  # as a reader will see it
-        write_json(join_uri(tmp_uri, MANIFEST), manifest)  # inside tmp: not yet a complete dataset
-        _commit(fs, root, tmp, manifest, old)
-    finally:
-        if file_exists(fs, tmp):
-            fs.delete_dir(tmp)
+        old_shards = _listed_shards(out)
+    with terminate_as_exit():
+        work = WorkDir(fs, root, out)
+        try:
+            manifest, preview = _write(source, fs, work, opts, fp, log)
+            manifest = seal(json.loads(json.dumps(manifest)))  # sealed as a reader will see it
+            write_json(join_uri(work.uri, MANIFEST), manifest)  # inside the work dir: not yet a dataset
+            _commit(fs, root, work.path, manifest, old_shards)
+        finally:
+            work.remove()
     rows = sum(f["rows"] for f in manifest["files"])
     log(f"wrote {rows} objects in {len(manifest['files'])} shards to {out}")
+    if opts.preview:
+        try:
+            contact_sheet([views for _, views in preview], opts.preview, labels=[n for n, _ in preview])
+            log(f"preview written to {opts.preview}")
+        except (OSError, ValueError) as err:
+            log(
+                f"warning: could not write the preview to {opts.preview} ({printable(err)}); "
+                "the shards are written"
+            )
     return manifest
 
 
+def _listed_shards(out: str) -> list[str]:
+    """The shard file names an existing manifest lists (whatever else it lists is not prepare's to delete)."""
+    try:
+        files = load_manifest_json(out).get("files")
+    except DataError:
+        return []
+    names = [f.get("path") for f in files if isinstance(f, dict)] if isinstance(files, list) else []
+    return [n for n in names if isinstance(n, str) and is_shard_name(n)]
+
+
+class _SkipReport:
+    """``skipped.json`` written as samples are skipped (a JSON array, one problem per line): memory holds
+    only the counts."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str) -> None:
+        self.fs, self.path = fs, path
+        self.stream: Any = None
+        self.problems = self.rows = 0
+
+    def add(self, err: DataError) -> None:
+        entry = {"source": err.source, "index": err.index, "rows": err.rows, "problem": err.problem}
+        if self.stream is None:
+            self.stream = self.fs.open_output_stream(self.path)
+        self.stream.write(("[\n " if self.problems == 0 else ",\n ").encode() + json.dumps(entry).encode())
+        self.stream.flush()
+        self.problems += 1
+        self.rows += err.rows
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.write(b"\n]\n")
+            self.stream.close()
+            self.stream = None
+
+
 def _write(
-    source: Source, fs: pafs.FileSystem, tmp: str, opts: PrepareOptions, fp: str, log: Callable[[str], None]
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Both passes into shards under ``tmp``; returns the manifest and the skipped samples' problems."""
+    source: Source,
+    fs: pafs.FileSystem,
+    work: WorkDir,
+    opts: PrepareOptions,
+    fp: str,
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any], list[tuple[str, list[np.ndarray]]]]:
+    """Both passes into shards in the work directory (with ``skipped.json``); returns the manifest and the
+    preview's rows (a name and the views of a few objects)."""
+    tmp = work.path
     class_names = source.class_names()
     hint = source.label_hint()
     writers: dict[str, ShardWriter] = {}
     buckets: dict[str, Buckets] = {}
     counts: dict[str, Counter[int]] = {}
     seen: set[str] = set()
-    skipped: list[dict[str, Any]] = []
+    skipped = _SkipReport(fs, f"{tmp}/{SKIPPED}")
     num_points, num_views = opts.num_points, None
     preview: list[tuple[int, list[np.ndarray]]] = []
     local = isinstance(fs, pafs.LocalFileSystem)
@@ -224,7 +344,7 @@ def _write(
     def fail(err: DataError) -> None:
         if not opts.skip_bad:
             raise err
-        skipped.append({"source": err.source, "index": err.index, "rows": err.rows, "problem": err.problem})
+        skipped.add(err)
 
     def sink(out_split: str, expected: int | None) -> ShardWriter | Buckets:
         if opts.shuffle:
@@ -258,6 +378,7 @@ def _write(
                 items = processed_locally(source, split, opts, class_names, hint)
             for item in items:
                 progress.update()
+                work.beat()
                 problem, num_points = _admit(item, seen, num_points, opts)
                 if problem is not None:
                     fail(problem)
@@ -292,6 +413,7 @@ def _write(
             bucket.drain(writers[out_split], num_points, progress)
             progress.close()
     finally:
+        skipped.close()
         if local:
             if file_exists(fs, scratch):
                 fs.delete_dir(scratch)
@@ -300,13 +422,9 @@ def _write(
     files = [info for w in writers.values() for info in w.close()]
     if not files:
         raise DataError(f"{source.format} source", "no valid samples to write")
-    skipped_rows = sum(r["rows"] for r in skipped)
-    if skipped:
-        log(f"skipped {skipped_rows} bad samples ({len(skipped)} problems); see {SKIPPED} in the output")
-    if opts.preview:
-        names = [class_names[lab] if class_names and lab >= 0 else str(lab) for lab, _ in preview]
-        contact_sheet([views for _, views in preview], opts.preview, labels=names)
-        log(f"preview written to {opts.preview}")
+    if skipped.problems:
+        log(f"skipped {skipped.rows} bad samples ({skipped.problems} problems); see {SKIPPED} in the output")
+    names = [class_names[lab] if class_names and lab >= 0 else str(lab) for lab, _ in preview]
 
     def per_class(c: Counter[int]) -> dict[str, int]:
         return {(class_names[k] if class_names and k >= 0 else str(k)): v for k, v in sorted(c.items())}
@@ -328,10 +446,10 @@ def _write(
         "counts": {s: {"total": sum(c.values()), "per_class": per_class(c)} for s, c in counts.items()},
         "val": {"fraction": opts.val_fraction, "seed": opts.seed},
         "order": {"shuffled": opts.shuffle, "seed": opts.seed},
-        "skipped": skipped_rows,
+        "skipped": skipped.rows,
         "files": files,
     }
-    return manifest, skipped
+    return manifest, list(zip(names, [views for _, views in preview], strict=True))
 
 
 def _admit(
@@ -359,9 +477,11 @@ def _admit(
 
 
 def _commit(
-    fs: pafs.FileSystem, root: str, tmp: str, manifest: dict[str, Any], old: dict[str, Any] | None
+    fs: pafs.FileSystem, root: str, tmp: str, manifest: dict[str, Any], old_shards: list[str]
 ) -> None:
-    """Move the new files (and the manifest, already written in ``tmp``) into ``root``.
+    """Move the new files (and the manifest, already written in ``tmp``) into ``root``; delete the old
+    dataset's shards that the new one does not replace (``old_shards``: plain shard names only, so
+    nothing outside ``root`` and nothing prepare did not write; symbolic links are left alone).
 
     The manifest moves last: its presence means the dataset is complete.
     """
@@ -371,9 +491,11 @@ def _commit(
     for name in new_names:
         if file_exists(fs, f"{tmp}/{name}"):
             fs.move(f"{tmp}/{name}", f"{root}/{name}")
-        elif file_exists(fs, f"{root}/{name}"):
+        elif file_exists(fs, f"{root}/{name}") and not is_symlink(fs, f"{root}/{name}"):
             fs.delete_file(f"{root}/{name}")  # a stale skipped report
-    for info in (old or {}).get("files", []):
-        if info.get("path") not in new_names and file_exists(fs, f"{root}/{info['path']}"):
-            fs.delete_file(f"{root}/{info['path']}")
+    for name in old_shards:
+        path = f"{root}/{name}"
+        ours = is_shard_name(name) and name not in new_names and not is_symlink(fs, path)
+        if ours and fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
     fs.move(f"{tmp}/{MANIFEST}", f"{root}/{MANIFEST}")

@@ -1,7 +1,9 @@
 """Rows of one split → ``<split>-<nnnnn>.parquet`` shard files (the shard schema of :mod:`.shards`).
 
 Rows are buffered into row groups of ``row_group_rows`` and files of at most ``rows_per_shard`` rows, zstd
-compressed; :meth:`ShardWriter.close` returns each file's rows, size and sha256 for the manifest.
+compressed, with Parquet's page checksums (so any Parquet reader can check the pages);
+:meth:`ShardWriter.close` returns what the manifest records of each file: rows, size, sha256 and the
+digests of its footer and of every row group's bytes (:func:`.integrity.file_digests`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .manifest import file_digest
+from .integrity import file_digests
 
 
 def shard_schema(num_points: int) -> pa.Schema:
@@ -63,7 +65,9 @@ class ShardWriter:
             self._close_file()
             name = f"{self.split}-{len(self.files):05d}.parquet"
             self.sink = self.fs.open_output_stream(f"{self.folder}/{name}")
-            self.writer = pq.ParquetWriter(self.sink, self.schema, compression="zstd")
+            self.writer = pq.ParquetWriter(
+                self.sink, self.schema, compression="zstd", write_page_checksum=True
+            )
             self.files.append({"path": name, "split": self.split, "rows": 0})
             self.in_file = 0
         take = self.rows[: self.rows_per_shard - self.in_file]
@@ -92,9 +96,10 @@ class ShardWriter:
             self.writer = None
 
     def close(self) -> list[dict[str, Any]]:
-        """Write what is queued and close; the files' ``path``, ``split``, ``rows``, ``bytes``, ``sha256``."""
+        """Write what is queued and close; the files' ``path``, ``split``, ``rows``, ``bytes``, ``sha256``,
+        ``footer_sha256`` and ``row_group_sha256``."""
         self._flush()
         self._close_file()
         for info in self.files:
-            info["bytes"], info["sha256"] = file_digest(self.fs, f"{self.folder}/{info['path']}")
+            info.update(file_digests(self.fs, f"{self.folder}/{info['path']}"))
         return self.files

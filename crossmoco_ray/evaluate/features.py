@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from ..data.integrity import open_split, read_row_groups
 from ..data.manifest import MANIFEST, read_manifest
 from ..data.progress import Progress
 from ..data.readers import open_source
@@ -101,15 +101,15 @@ def load_split(
 
 
 def _load_shards(root: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """Points and labels of one split of prepared shards, every file and row group checked against the
+    manifest before it is used (as training reads them: :mod:`crossmoco_ray.data.integrity`)."""
     manifest = read_manifest(root)
-    fs, base = resolve(root)
-    files = [f"{base}/{f['path']}" for f in manifest["files"] if f["split"] == split]
-    if not files:
+    if not any(f["split"] == split for f in manifest["files"]):
         raise DataError(root, f"no {split!r} shards (has {sorted({f['split'] for f in manifest['files']})})")
+    fs, shards = open_split(root, manifest, split)
     points, labels = [], []
-    for path in files:
-        with fs.open_input_file(path) as f:
-            table = pq.read_table(f, columns=["points", "label"])
+    for shard in shards:
+        table = read_row_groups(fs, shard, list(range(shard.metadata.num_row_groups)), ["points", "label"])
         points.append(table.column("points").combine_chunks().to_numpy_ndarray())
         labels.append(table.column("label").to_numpy())
     label_arr = np.concatenate(labels).astype(np.int64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -146,6 +147,27 @@ def test_ray_two_workers_get_disjoint_equal_shards_and_fresh_augmentation(
     one = {**first[0], **first[1]}
     two = {**second[0], **second[1]}
     assert all(not np.allclose(one[k], two[k]) for k in one)  # every object augmented afresh
+
+
+@pytest.mark.timeout(240)
+def test_ray_read_tasks_check_every_row_group_before_decoding(
+    rendered: str, tmp_path: Path, ray_session: None
+) -> None:
+    """The read tasks (other processes, given the driver's checked footers) refuse a row group whose bytes
+    changed since prepare, naming the file; the driver refuses a truncated file before any task runs."""
+    root = Path(shutil.copytree(rendered, tmp_path / "shards"))
+    shard = sorted(root.glob("train-*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x01  # inside a row group: the footer is at the end
+    shard.write_bytes(bytes(data))
+    opts = PipelineOptions(num_points=64, image_size=8, read_batch=4)
+    ds = make_dataset(str(root), "train", opts)  # the footers are intact: opening succeeds
+    with pytest.raises(Exception, match=rf"{shard.name}: row group \d+ differs from the manifest"):
+        for _ in ds.iter_batches(batch_size=None):
+            pass
+    shard.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(DataError, match=rf"{shard.name}: \d+ bytes, the manifest says \d+"):
+        make_dataset(str(root), "train", opts)
 
 
 # ---- class-sorted shards (old shards, a user's own Parquet): the pipeline alone mixes them ----

@@ -1,0 +1,499 @@
+"""Every file prepare's readers open may be damaged or hostile: flipped bytes, truncated or deleted shards,
+edited manifests, paths that leave the shard directory, stale work directories, options that crash late.
+
+Each test damages a small prepared dataset the way a disk, a copy or a person would and checks that the
+pipeline, evaluation, ``prepare`` and ``crossmoco verify`` notice it, name the file and the reason, and
+never read or delete outside the shard directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from crossmoco_ray.cli import main
+from crossmoco_ray.data import shards as shards_module
+from crossmoco_ray.data.manifest import file_digest, read_manifest, seal
+from crossmoco_ray.data.pipeline import PipelineOptions, iter_local_batches
+from crossmoco_ray.data.readers import H5Source
+from crossmoco_ray.data.render import RenderSpec
+from crossmoco_ray.data.shards import PrepareOptions, prepare
+from crossmoco_ray.data.source import Source
+from crossmoco_ray.data.types import DataError, Sample
+from crossmoco_ray.evaluate.features import load_split
+from crossmoco_ray.storage import resolve
+from tests.data import fixtures
+
+SMALL = RenderSpec(azimuths=(0.0, 120.0, 240.0), size=16)
+PIPE = PipelineOptions(num_points=64, image_size=8, seed=0)
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+def opts(**kw: Any) -> PrepareOptions:
+    return PrepareOptions(**{"render": SMALL, "row_group_rows": 4, "rows_per_shard": 8, **kw})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 train objects in two files (8 + 4 rows, row groups of 4), 6 test objects; 64 points, 3 views."""
+    tmp = tmp_path_factory.mktemp("integrity")
+    out = tmp / "shards"
+    prepare(H5Source(fixtures.modelnet_h5(tmp / "mn")), str(out), opts(), log=quiet)
+    return out
+
+
+@pytest.fixture
+def dataset(prepared: Path, tmp_path: Path) -> Path:
+    """A private copy of the prepared dataset, free to damage."""
+    return Path(shutil.copytree(prepared, tmp_path / "shards"))
+
+
+def train_batches(root: Path) -> list[dict[str, np.ndarray]]:
+    return list(iter_local_batches(str(root), "train", PIPE, batch_size=2))
+
+
+def flip(path: Path, position: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def rewrite_manifest(root: Path, change: Any, sealed: bool = True) -> None:
+    """Edit the manifest; ``sealed``: seal it again (a careful editor), else write it as a manifest of
+    before the seal and the row-group digests existed."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest.pop("manifest_sha256", None)
+    change(manifest)
+    if not sealed:
+        for info in manifest["files"]:
+            info.pop("footer_sha256", None)
+            info.pop("row_group_sha256", None)
+    (root / "manifest.json").write_text(json.dumps(seal(manifest) if sealed else manifest))
+
+
+# ---- integrity: checksums checked before the data is used ----
+
+
+def test_a_flipped_byte_anywhere_in_a_shard_is_caught_by_training_and_evaluation(dataset: Path) -> None:
+    """Every region of the file: the leading magic, page headers and data of every column (views too) of
+    both row groups, the footer's thrift metadata, its length and trailing magic."""
+    shard = dataset / "train-00000.parquet"
+    clean = shard.read_bytes()
+    assert len(train_batches(dataset)) == 6  # 12 rows, batches of 2
+    positions = sorted(
+        {0, 3, *range(5, len(clean), max(1, len(clean) // 160)), *range(len(clean) - 12, len(clean))}
+    )
+    for position in positions:
+        flip(shard, position)
+        with pytest.raises(DataError, match=r"train-00000\.parquet.*differs from the manifest"):
+            train_batches(dataset)
+        with pytest.raises(DataError, match=r"train-00000\.parquet.*differs from the manifest"):
+            load_split(str(dataset), "train")
+        shard.write_bytes(clean)
+    assert load_split(str(dataset), "train").points.shape == (12, 64, 3)
+
+
+def test_shards_carry_parquet_page_checksums(dataset: Path) -> None:
+    """Tools other than ours (pyarrow, Ray Data's read_parquet, DuckDB) can check the pages too."""
+    shard = dataset / "test-00000.parquet"
+    meta = pq.read_metadata(shard)
+    views = meta.row_group(0).column(4)
+    start = views.dictionary_page_offset if views.has_dictionary_page else views.data_page_offset
+    flip(shard, start + views.total_compressed_size - 5)  # inside the last page's data
+    with pytest.raises(OSError, match="CRC"):
+        pq.read_table(shard, page_checksum_verification=True)
+
+
+def test_shards_written_before_row_group_checksums_are_still_read_and_checked_whole(dataset: Path) -> None:
+    """An old dataset (no page checksums, a manifest with size + sha256 per file only) still trains and
+    evaluates; its files are checked whole against the manifest's sha256 before their rows are used."""
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    fs, _ = resolve(str(dataset))
+    for info in manifest["files"]:
+        path = dataset / info["path"]
+        pq.write_table(pq.read_table(path), path, compression="zstd", row_group_size=4)  # no page CRCs
+        info["bytes"], info["sha256"] = file_digest(fs, str(path))
+        for key in ("footer_sha256", "row_group_sha256"):
+            info.pop(key)
+    manifest.pop("manifest_sha256")
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    assert len(train_batches(dataset)) == 6
+    assert load_split(str(dataset), "test").labels.shape == (6,)
+    flip(dataset / "train-00001.parquet", 100)
+    with pytest.raises(DataError, match=r"train-00001\.parquet: sha256 differs from the manifest"):
+        train_batches(dataset)
+    with pytest.raises(DataError, match=r"train-00001\.parquet: sha256 differs from the manifest"):
+        load_split(str(dataset), "train")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m["counts"]["train"].update(total=13), "edited or damaged"),
+        (lambda m: m.update(num_points=128), "edited or damaged"),
+        (lambda m: m.update(fingerprint="0" * 16), "edited or damaged"),
+    ],
+    ids=["count", "points", "fingerprint"],
+)
+def test_an_edited_sealed_manifest_is_noticed(dataset: Path, change: Any, message: str) -> None:
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    change(manifest)
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=rf"manifest\.json: .*{message}"):
+        read_manifest(str(dataset))
+
+
+def one_more_row(manifest: dict[str, Any]) -> None:
+    """A consistent edit: a file's rows, its split's total and a class count all one higher."""
+    manifest["files"][0]["rows"] += 1
+    counts = manifest["counts"]["train"]
+    counts["total"] += 1
+    counts["per_class"]["class0"] += 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m["files"][0].update(rows=9), r"'train' counts 12 rows, its files list 13"),
+        (one_more_row, r"train-00000\.parquet: the manifest says 9 rows, the file holds 8"),
+        (lambda m: m["counts"]["train"].update(total=13), r"'train' counts 13 rows, its files list 12"),
+        (
+            lambda m: m.update(num_points=128),
+            r"train-00000\.parquet: points are \[64, 3\].*manifest says 128",
+        ),
+    ],
+    ids=["rows", "rows-and-counts", "total", "points"],
+)
+def test_manifest_counts_are_checked_against_the_parquet_metadata(
+    dataset: Path, change: Any, message: str
+) -> None:
+    """Counts and point counts of an edited manifest (resealed, as a careful editor would, or an old
+    unsealed one) must agree with what the files' own metadata says."""
+    clean = (dataset / "manifest.json").read_text()
+    for sealed in (True, False):
+        (dataset / "manifest.json").write_text(clean)
+        rewrite_manifest(dataset, change, sealed=sealed)
+        with pytest.raises(DataError, match=message):
+            train_batches(dataset)
+        with pytest.raises(DataError, match=message):
+            load_split(str(dataset), "train")
+        assert main(["verify", str(dataset)]) == 1
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../victim.txt",
+        "/etc/passwd",
+        "sub/train-00000.parquet",
+        "./train-00000.parquet",
+        "train-00000.parquet/../../x",
+        "notes.txt",
+        "test-00000.parquet",  # listed as a train file
+        "train-1.parquet",
+        "x" * 5000,
+    ],
+)
+def test_manifest_paths_stay_inside_the_shard_directory(dataset: Path, path: str) -> None:
+    rewrite_manifest(dataset, lambda m: m["files"][0].update(path=path))
+    with pytest.raises(
+        DataError, match=r"manifest\.json \[index 0\]: .*not a shard of this directory"
+    ) as err:
+        read_manifest(str(dataset))
+    assert len(str(err.value)) < 600  # a hostile value is not printed whole
+    with pytest.raises(DataError, match="not a shard of this directory"):
+        load_split(str(dataset), "train")
+
+
+def test_symlinked_shards_are_refused(dataset: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.parquet"
+    os.replace(dataset / "train-00001.parquet", elsewhere)
+    (dataset / "train-00001.parquet").symlink_to(elsewhere)
+    with pytest.raises(DataError, match=r"train-00001\.parquet.*symbolic link"):
+        read_manifest(str(dataset))
+
+
+def test_truncated_and_deleted_shards_are_named_and_re_prepared(prepared: Path, dataset: Path) -> None:
+    shard = dataset / "train-00001.parquet"
+    clean = shard.read_bytes()
+    shard.write_bytes(clean[: len(clean) // 2])
+    for read in (lambda: train_batches(dataset), lambda: load_split(str(dataset), "train")):
+        with pytest.raises(DataError, match=r"train-00001\.parquet: \d+ bytes, the manifest says \d+") as err:
+            read()
+        assert "<Buffer>" not in str(err.value)
+    # the same prepare command again: not "up to date" but prepared again (a truncated, then a deleted shard)
+    src = H5Source(prepared.parent / "mn")
+    for damage in (lambda: shard.write_bytes(clean[:100]), shard.unlink):
+        damage()
+        said: list[str] = []
+        prepare(src, str(dataset), opts(), log=said.append)
+        assert not any("up to date" in line for line in said), said
+        assert any("train-00001.parquet" in line and "preparing it again" in line for line in said), said
+        assert shard.read_bytes() == clean
+    said = []
+    prepare(src, str(dataset), opts(), log=said.append)
+    assert any("up to date" in line for line in said)
+
+
+def test_a_shard_replaced_by_non_parquet_bytes_of_the_same_size(dataset: Path) -> None:
+    shard = dataset / "test-00000.parquet"
+    shard.write_bytes(b"\0" * shard.stat().st_size)
+    with pytest.raises(
+        DataError, match=r"test-00000\.parquet: (no Parquet footer|.*differs from the manifest)"
+    ):
+        load_split(str(dataset), "test")
+
+
+# ---- crossmoco verify ----
+
+
+def test_verify_reports_every_damage_and_exits_by_kind(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["verify", str(dataset)]) == 0
+    out = capsys.readouterr().out
+    assert "3 files, 18 rows" in out
+    assert "no damage" in out
+    train0, train1, test0 = (
+        dataset / n for n in ("train-00000.parquet", "train-00001.parquet", "test-00000.parquet")
+    )
+    flip(train0, train0.stat().st_size // 2)
+    train1.write_bytes(train1.read_bytes()[:-30])
+    test0.unlink()
+    assert main(["verify", str(dataset)]) == 1
+    out = capsys.readouterr().out
+    assert "train-00000.parquet: row group" in out
+    assert "differs from the manifest" in out
+    assert "train-00001.parquet:" in out
+    assert "bytes, the manifest says" in out
+    assert "test-00000.parquet: missing" in out
+    assert "3 problems in 3 of 3 files" in out
+    (tmp_path / "empty").mkdir()
+    assert main(["verify", str(tmp_path / "empty")]) == 2
+    assert "no manifest" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["verify", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "exit status" in text
+    assert "sha256" in text
+
+
+# ---- safe deletes ----
+
+
+def test_overwrite_deletes_only_the_shards_it_wrote(dataset: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (dataset / "notes.txt").write_text("mine")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "train-00007.parquet").write_text("not a shard of the dataset")
+
+    def hostile(m: dict[str, Any]) -> None:
+        m["files"] += [
+            {"path": "../victim.txt", "split": "train", "rows": 0},
+            {"path": "notes.txt", "split": "train", "rows": 0},
+            {"path": str(outside / "train-00007.parquet"), "split": "train", "rows": 0},
+        ]
+
+    rewrite_manifest(dataset, hostile)
+    src = H5Source(fixtures.modelnet_h5(tmp_path / "other", n_train=4, n_test=2, points=32))
+    with pytest.raises(DataError, match="pass --overwrite"):
+        prepare(src, str(dataset), opts(), log=quiet)
+    prepare(src, str(dataset), opts(overwrite=True), log=quiet)
+    assert victim.read_text() == "keep me"
+    assert (dataset / "notes.txt").read_text() == "mine"
+    assert (outside / "train-00007.parquet").exists()
+    assert sorted(p.name for p in dataset.glob("*.parquet")) == ["test-00000.parquet", "train-00000.parquet"]
+    assert main(["verify", str(dataset)]) == 0
+
+
+# ---- the skipped report streams to disk ----
+
+
+class _ManyBad(Source):
+    """Good and bad samples interleaved; checks, while it is read, that earlier problems are on disk."""
+
+    format = "manybad"
+
+    def __init__(self, out: Path, n: int = 40) -> None:
+        self.out, self.n, self.seen_on_disk = out, n, 0
+
+    def splits(self) -> list[str]:
+        return ["train"]
+
+    def count(self, split: str) -> int | None:
+        return self.n
+
+    def samples(self, split: str) -> Iterator[Sample | DataError]:
+        rng = np.random.default_rng(0)
+        for i in range(self.n):
+            if i % 2:
+                reports = list(self.out.glob(".incomplete-*/skipped.json*"))
+                if i > 20 and reports:
+                    self.seen_on_disk = max(self.seen_on_disk, reports[0].read_text().count('"problem"'))
+                yield DataError(f"file{i}.h5", "unreadable", index=i, rows=3)
+            else:
+                views = [fixtures.png(10 * v) for v in range(2)]
+                yield Sample(f"s{i}", rng.normal(size=(32, 3)).astype(np.float32), views, label=0)
+
+
+def test_skipped_samples_stream_to_the_work_directory(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    src = _ManyBad(out)
+    manifest = prepare(src, str(out), opts(skip_bad=True), log=quiet)
+    assert src.seen_on_disk >= 9  # written as they came, not held until the end
+    assert manifest["skipped"] == 20 * 3  # the rows each problem cost
+    report = json.loads((out / "skipped.json").read_text())
+    assert len(report) == 20
+    assert report[0] == {"source": "file1.h5", "index": 1, "rows": 3, "problem": "unreadable"}
+
+
+# ---- prepare's options, checked before the work ----
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--val-fraction", "1.5"], r"--val-fraction 1\.5: must be in \[0, 1\)"),
+        (["--val-fraction", "-0.1"], r"--val-fraction -0\.1: must be in \[0, 1\)"),
+        (["--render-size", "100000"], r"--render-size 100000: must be in 16\.\.2048"),
+        (["--rows-per-shard", "0"], r"--rows-per-shard 0: must be at least 1"),
+        (["--azimuths", "0,ninety"], r"--azimuths '0,ninety': not a comma-separated list of degrees"),
+        (["--preview", "{tmp}/no/such/dir/p.png"], r"--preview .*p\.png: the folder .* does not exist"),
+        (["--preview", "{tmp}"], r"--preview .*: is a directory"),
+        (["--out", "{tmp}/a_file"], r"--out .*a_file: is a file, not a directory"),
+    ],
+)
+def test_prepare_option_errors_name_the_option_before_any_work(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    extra: list[str],
+    message: str,
+) -> None:
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setattr(shards_module, "_write", lambda *a, **k: pytest.fail("the work started"))
+    argv = ["prepare", "synthetic", "--out", str(tmp_path / "out"), "--synthetic-train", "4"]
+    argv += [x.replace("{tmp}", str(tmp_path)) for x in extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("crossmoco prepare: ")
+    assert re.search(message, err), err
+
+
+def test_a_preview_that_fails_after_the_work_keeps_the_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(shards_module, "contact_sheet", broken)
+    said: list[str] = []
+    out = tmp_path / "out"
+    src = H5Source(fixtures.modelnet_h5(tmp_path / "mn", n_train=4, n_test=2, points=32))
+    manifest = prepare(src, str(out), opts(preview=str(tmp_path / "p.png")), log=said.append)
+    assert read_manifest(str(out)) == manifest
+    assert any("could not write the preview" in line and "No space left" in line for line in said), said
+
+
+# ---- SIGTERM and stale work directories ----
+
+
+class _Terminated(Source):
+    """A source during whose reading the process receives SIGTERM (as from `kill`, Slurm or Kubernetes)."""
+
+    format = "terminated"
+
+    def splits(self) -> list[str]:
+        return ["train"]
+
+    def samples(self, split: str) -> Iterator[Sample | DataError]:
+        rng = np.random.default_rng(0)
+        for i in range(50):
+            if i == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)  # the handler runs in this thread at the next bytecode
+            yield Sample(
+                f"s{i}", rng.normal(size=(32, 3)).astype(np.float32), [fixtures.png(1), fixtures.png(2)]
+            )
+
+
+def test_sigterm_during_prepare_removes_the_work_directory_and_exits_143(tmp_path: Path) -> None:
+    class Outside(Exception):
+        pass
+
+    def outside_handler(signum: int, frame: Any) -> None:
+        raise Outside  # what the test process would do without prepare's own handling (not die)
+
+    before = signal.signal(signal.SIGTERM, outside_handler)
+    try:
+        with pytest.raises(SystemExit) as done:
+            prepare(_Terminated(), str(tmp_path / "out"), opts(), log=quiet)
+        assert done.value.code == 143
+        assert signal.getsignal(signal.SIGTERM) is outside_handler  # restored after prepare
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert not list((tmp_path / "out").glob(".incomplete-*"))
+
+
+def test_stale_work_directories_of_dead_runs_are_removed(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid that is no longer alive
+    host = os.uname().nodename
+    now = time.time()
+    owners = {
+        "dead": {"pid": child.pid, "host": host, "heartbeat": now},
+        "live": {"pid": os.getpid(), "host": host, "heartbeat": now - 10 * 86400},
+        "remote-old": {"pid": 1, "host": "another-node", "heartbeat": now - 2 * 86400},
+        "remote-new": {"pid": 1, "host": "another-node", "heartbeat": now - 60},
+    }
+    for name, owner in owners.items():
+        (out / f".incomplete-{name}").mkdir()
+        (out / f".incomplete-{name}" / "owner.json").write_text(json.dumps(owner))
+        (out / f".incomplete-{name}" / "train-00000.parquet").write_text("half written")
+    old = out / ".incomplete-old-version"  # a run of an older crossmoco-ray: no owner file
+    old.mkdir()
+    os.utime(old, (now - 2 * 86400, now - 2 * 86400))
+    fresh = out / ".incomplete-fresh-old-version"
+    fresh.mkdir()
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "data.txt").write_text("keep")
+    (out / ".incomplete-link").symlink_to(target)
+    said: list[str] = []
+    prepare(
+        H5Source(fixtures.modelnet_h5(tmp_path / "mn", n_train=4, n_test=2, points=32)),
+        str(out),
+        opts(),
+        log=said.append,
+    )
+    left = sorted(p.name for p in out.glob(".incomplete-*"))
+    assert left == [
+        ".incomplete-fresh-old-version",
+        ".incomplete-link",
+        ".incomplete-live",
+        ".incomplete-remote-new",
+    ]
+    assert (target / "data.txt").read_text() == "keep"
+    assert sum("removed the stale work directory" in line for line in said) == 3, said
