@@ -15,10 +15,11 @@ The C file has no Python or torch headers, so it builds in well under a second w
 ``~/.cache/crossmoco-ray``) in ``kernels/``, keyed by the source, the compiler and the CPU's model and
 flags, so nodes of different CPU types that share a home directory each get their own build. That key can
 be computed by anyone, so a cached library is loaded only if no other user could have written it: a regular
-file (not a link) of the current user that nobody else may write, in a directory chain that nobody else may
-change (:func:`dir_problem`), matching the SHA-256 recorded beside it when it was built (``.so.sha256``).
-A bad file in a safe cache is rebuilt in place; a cache others can write to is left alone and the library
-is built in a private temporary directory (one warning naming the path and the reason, either way).
+file (not a link) of the current user that nobody else may write (a user private group aside), in a
+directory chain that nobody else may change (:func:`dir_problem`), matching the SHA-256 recorded beside it
+when it was built (``.so.sha256``). A bad file in a safe cache is rebuilt in place; a cache others can write
+to is left alone and the library is built in a private temporary directory (one warning naming the path
+and the reason, either way).
 Without a compiler, if the build fails or if the library lacks a kernel, the graph falls back to
 ``torch.topk`` and CSR products with one warning per process (same results, slower);
 ``CROSSMOCO_KNN=torch`` forces the fallback.
@@ -27,6 +28,7 @@ Without a compiler, if the build fails or if the library lacks a kernel, the gra
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -152,20 +154,46 @@ class Untrusted(Exception):
 _MAX_LIBRARY_BYTES = 64 << 20
 
 
+@functools.lru_cache(maxsize=64)
+def _private_group(gid: int) -> bool:
+    """Whether ``gid`` is your user private group (your primary group, named after you, no other members:
+    Debian and Ubuntu give each user one, with umask 002), whose write permission is yours alone."""
+    try:
+        import grp
+        import pwd
+
+        user = pwd.getpwuid(os.geteuid())
+        group = grp.getgrgid(gid)
+    except (ImportError, KeyError):
+        return False
+    return gid == user.pw_gid and group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
+
+
+def _others_can_write(st: os.stat_result) -> str | None:
+    """Who other than the owner may write the file or directory of ``st``, or ``None``."""
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & stat.S_IWOTH:
+        return f"writable by others (mode {mode:o})"
+    if mode & stat.S_IWGRP and not _private_group(st.st_gid):
+        return f"writable by group {st.st_gid} (mode {mode:o})"
+    return None
+
+
 def dir_problem(directory: Path) -> str | None:
     """Why another user could replace a file in ``directory`` (a resolved path), or ``None``.
 
-    It and every directory above it must belong to you or root; it must not be writable by group or others,
-    and neither may those above, unless they have the sticky bit (like ``/tmp``: nobody may rename or
-    remove an entry there that is not theirs).
+    It and every directory above it must belong to you or root; it must not be writable by others (a group
+    of yours alone aside), and neither may those above, unless they have the sticky bit (like ``/tmp``:
+    nobody may rename or remove an entry there that is not theirs).
     """
     uid = os.geteuid()
     for path in (directory, *directory.parents):
         st = os.lstat(path)
         if st.st_uid not in (uid, 0):
             return f"{path} belongs to uid {st.st_uid}, not to you (uid {uid}) or root"
-        if st.st_mode & 0o022 and (path == directory or not st.st_mode & stat.S_ISVTX):
-            return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+        others = _others_can_write(st)
+        if others and (path == directory or not st.st_mode & stat.S_ISVTX):
+            return f"{path} is {others}"
     return None
 
 
@@ -187,8 +215,9 @@ def _read_owned(path: Path, limit: int) -> bytes:
             raise Untrusted(f"{path.name} is not a regular file")
         if st.st_uid != uid:
             raise Untrusted(f"{path.name} belongs to uid {st.st_uid}, not to you (uid {uid})")
-        if st.st_mode & 0o022:
-            raise Untrusted(f"{path.name} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+        others = _others_can_write(st)
+        if others:
+            raise Untrusted(f"{path.name} is {others}")
         if st.st_size > limit:
             raise Untrusted(f"{path.name} is larger than {limit} bytes")
         chunks = []

@@ -292,7 +292,7 @@ FOREIGN_UID = 65534  # nobody
 
 @needs_kernel
 @pytest.mark.parametrize(
-    "kind", ["foreign owner", "group-writable", "symlink", "digest mismatch", "no digest"]
+    "kind", ["foreign owner", "shared group", "world-writable", "symlink", "digest mismatch", "no digest"]
 )
 def test_a_planted_library_is_never_loaded(kind: str, fresh: Path, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
@@ -300,8 +300,13 @@ def test_a_planted_library_is_never_loaded(kind: str, fresh: Path, tmp_path: Pat
         if os.geteuid() != 0:
             pytest.skip("chown needs root (the mode and link plants run everywhere)")
         os.chown(plant(fresh, marker), FOREIGN_UID, FOREIGN_UID)
-    elif kind == "group-writable":
-        os.chmod(plant(fresh, marker), 0o775)
+    elif kind == "shared group":
+        if os.geteuid() != 0:
+            pytest.skip("chgrp to a group of others needs root")
+        os.chown(plant(fresh, marker), os.geteuid(), FOREIGN_UID)
+        os.chmod(fresh, 0o775)
+    elif kind == "world-writable":
+        os.chmod(plant(fresh, marker), 0o777)
     elif kind == "symlink":  # a link to a library elsewhere, its digest beside the link
         target = plant(tmp_path / "elsewhere" / "lib.so", marker)
         fresh.parent.mkdir(parents=True)
@@ -317,7 +322,8 @@ def test_a_planted_library_is_never_loaded(kind: str, fresh: Path, tmp_path: Pat
     assert ok  # rebuilt in place: the cache directory itself is safe
     reason = {
         "foreign owner": f"belongs to uid {FOREIGN_UID}",
-        "group-writable": "writable by group or others (mode 775)",
+        "shared group": f"writable by group {FOREIGN_UID} (mode 775)",
+        "world-writable": "writable by others (mode 777)",
         "symlink": "is a symbolic link",
         "digest mismatch": "SHA-256 differs",
         "no digest": ".sha256 is missing",
@@ -333,13 +339,41 @@ def test_a_cache_others_can_write_to_is_not_used(where: str, fresh: Path, tmp_pa
     marker = tmp_path / "marker"
     plant(fresh, marker)  # a library that would pass every check of the file itself
     unsafe = fresh.parent if where == "cache" else fresh.parent.parent
-    os.chmod(unsafe, 0o775 if where == "cache" else 0o777)
+    os.chmod(unsafe, 0o777)
     ok, said = load_warnings()
     assert not marker.exists(), "the planted library was loaded"
     assert ok  # built and loaded privately
-    assert [m for m in said if f"{unsafe} is writable by group or others" in m and "private copy" in m], said
+    assert [m for m in said if f"{unsafe} is writable by others" in m and "private copy" in m], said
     assert "private" in str(kernels.status()["library"])
     assert (fresh.parent / (fresh.name + ".sha256")).exists()  # the cache was left alone
+
+
+@needs_kernel
+@pytest.mark.skipif(os.geteuid() != 0, reason="chgrp to a group of others needs root")
+def test_a_cache_a_shared_group_can_write_to_is_not_used(fresh: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    plant(fresh, marker)
+    os.chown(fresh.parent, os.geteuid(), FOREIGN_UID)
+    os.chmod(fresh.parent, 0o775)
+    ok, said = load_warnings()
+    assert not marker.exists(), "the planted library was loaded"
+    assert ok
+    assert [m for m in said if f"writable by group {FOREIGN_UID}" in m and "private copy" in m], said
+
+
+@needs_kernel
+@pytest.mark.skipif(not kernels._private_group(os.getegid()), reason="no user private group here")
+def test_write_by_your_private_group_is_accepted(fresh: Path) -> None:
+    """What umask 002 leaves on Debian and Ubuntu: the group is the user alone."""
+    assert kernels.available()
+    for path in (fresh.parent, fresh, fresh.parent / (fresh.name + ".sha256")):
+        os.chown(path, os.geteuid(), os.getegid())
+        os.chmod(path, path.stat().st_mode | 0o020)
+    del kernels._state["lib"]
+    ok, said = load_warnings()
+    assert ok
+    assert not [m for m in said if "not loading" in m], said
+    assert kernels.status()["library"] == str(fresh)
 
 
 @needs_kernel
