@@ -39,7 +39,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info  # noqa: E402
 
-from crossmoco_ray.data.manifest import read_manifest  # noqa: E402
+from crossmoco_ray.data.manifest import read_manifest, seal  # noqa: E402
 from crossmoco_ray.data.pipeline import (  # noqa: E402
     PipelineOptions,
     make_batch,
@@ -160,18 +160,24 @@ class PssSampler:
 
 
 def replicate(src: Path, dst: Path, times: int) -> None:
-    """A dataset listing every shard of ``src`` ``times`` times (hard links: no extra disk)."""
+    """A dataset listing every shard of ``src`` ``times`` times (hard links: no extra disk), named and
+    counted as a prepared dataset is (readers accept nothing else) and sealed again."""
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
     manifest = read_manifest(str(src))
-    files = []
-    for k in range(times):
+    files: list[dict[str, Any]] = []
+    for _ in range(times):
         for info in manifest["files"]:
-            name = f"{k:02d}-{info['path']}"
+            name = f"{info['split']}-{sum(f['split'] == info['split'] for f in files):05d}.parquet"
             os.link(src / info["path"], dst / name)
             files.append({**info, "path": name})
-    (dst / "manifest.json").write_text(json.dumps({**manifest, "files": files, "fingerprint": "replicated"}))
+    counts = {
+        split: {"total": c["total"] * times, "per_class": {k: v * times for k, v in c["per_class"].items()}}
+        for split, c in manifest["counts"].items()
+    }
+    copy = {**manifest, "files": files, "counts": counts, "fingerprint": "replicated"}
+    (dst / "manifest.json").write_text(json.dumps(seal(copy)))
 
 
 def main() -> None:
