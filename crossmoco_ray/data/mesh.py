@@ -6,7 +6,12 @@ ModelNet's known malformed OFF header (``OFF490 518 0``: the counts glued to the
 which a strict reader rejects. Meshes are read as stored (``process=False``: no vertex merging, no
 repair), because nothing downstream needs a clean mesh: the rasteriser ignores windings and skips
 degenerate triangles, and sampling never picks a zero-area triangle. What cannot serve is named as bad
-input (:class:`DataError`): unreadable files, meshes without faces, non-finite vertices, zero total area.
+input (:class:`DataError`): unreadable files, meshes without faces, non-finite vertices, coordinates beyond
+:data:`.source.MAX_COORDINATE` (whose areas overflow), zero total area.
+
+Files may be hostile, so the library gets bytes, not a path: an OBJ's ``mtllib`` (or a texture) naming
+another file, say ``/dev/zero``, is never opened. Headers that declare counts (OFF, PLY) are checked against
+the file's size first, and files over :data:`MESH_BYTES` are refused.
 
 Points come from the surface: :func:`surface_points` draws them uniformly by area (seeded per object), with
 optional farthest-point sampling from a denser draw (even spacing, as PointNet++'s ModelNet40 resampling).
@@ -14,17 +19,21 @@ optional farthest-point sampling from a denser draw (even spacing, as PointNet++
 
 from __future__ import annotations
 
+import io
+import re
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from .ply import ply_face_count
+from .ply import check_ply_claims, ply_face_count
 from .shapes import sample_mesh
+from .source import MAX_COORDINATE, printable
 from .types import DataError
 
 MESH_SUFFIXES = (".off", ".obj")  # always meshes; a .ply is one when its header declares faces
 FPS_OVERSAMPLE = 4  # farthest-point sampling picks n of this many times n area-uniform points
+MESH_BYTES = 512 * 1024**2  # mesh files larger than this are refused (text parsing takes several times more)
 
 Mesh = tuple[np.ndarray, np.ndarray]  # vertices [V, 3] float64, faces [F, 3] int64
 
@@ -46,14 +55,55 @@ def read_mesh(path: str | Path) -> Mesh:
     """
     import trimesh  # imported here: only mesh sources need it
 
-    source = str(path)
+    source = printable(path)
+    suffix = Path(path).suffix.lower()
     try:
-        loaded = trimesh.load(source, force="mesh", process=False)
+        if Path(path).stat().st_size > MESH_BYTES:
+            raise DataError(source, f"mesh file over {MESH_BYTES // 1024**2} MiB")
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise DataError(source, f"cannot read file ({printable(err.strerror or err)})") from None
+    if suffix == ".off":
+        check_off_claims(data, source)
+    elif suffix == ".ply":
+        check_ply_claims(data, source)
+    try:
+        # Bytes and no file name: the library has no folder to resolve other files in.
+        loaded = trimesh.load(
+            io.BytesIO(data), file_type=suffix.lstrip("."), force="mesh", process=False, skip_materials=True
+        )
     except Exception as err:  # trimesh raises many types (ValueError, IndexError, KeyError...)
-        raise DataError(source, f"unreadable mesh: {type(err).__name__}: {err}") from None
+        raise DataError(
+            source, f"unreadable mesh: {printable(f'{type(err).__name__}: {err}', 300)}"
+        ) from None
     vertices = np.asarray(getattr(loaded, "vertices", np.zeros((0, 3))), dtype=np.float64).reshape(-1, 3)
     faces = np.asarray(getattr(loaded, "faces", np.zeros((0, 3))), dtype=np.int64).reshape(-1, 3)
     return check_mesh(vertices, faces, source)
+
+
+def check_off_claims(data: bytes, source: str) -> None:
+    """Raise a :class:`DataError` when an OFF header's vertex and face counts need more bytes than the file
+    holds (a vertex line takes at least 6, ``0 0 0``; a face line at least 2). Headers it cannot parse are
+    left to the reader, which names them."""
+    head = re.sub(rb"#[^\n]*", b"", data[: 1 << 16]).decode("latin-1")
+    found = re.search(r"OFF", head)
+    if found is None:
+        return
+    lines = [line.split() for line in head[found.end() :].splitlines()]
+    counts = next((line for line in lines if line), [])
+    try:
+        vertices, faces = int(counts[0]), int(counts[1])
+    except (IndexError, ValueError):
+        return
+    if vertices < 0 or faces < 0:
+        raise DataError(source, f"OFF header declares {vertices} vertices and {faces} faces")
+    need = 6 * vertices + 2 * faces
+    if need > len(data):
+        raise DataError(
+            source,
+            f"OFF header declares {vertices} vertices and {faces} faces, which need at least {need} bytes, "
+            f"but the file has {len(data)} (truncated, or a header that lies)",
+        )
 
 
 def check_mesh(vertices: np.ndarray, faces: np.ndarray, source: str) -> Mesh:
@@ -66,7 +116,17 @@ def check_mesh(vertices: np.ndarray, faces: np.ndarray, source: str) -> Mesh:
     used = vertices[np.unique(faces)]
     if not np.isfinite(used).all():
         raise DataError(source, "mesh has NaN or infinite vertex coordinates")
-    if triangle_areas(vertices, faces).sum() <= 0.0:
+    largest = float(np.abs(used).max())
+    if largest > MAX_COORDINATE:
+        raise DataError(
+            source,
+            f"vertex coordinates reach {largest:.3g}, beyond ±{MAX_COORDINATE:.0e} (their areas and the "
+            "normalisation of the points sampled on them overflow)",
+        )
+    area = float(triangle_areas(vertices, faces).sum())
+    if not np.isfinite(area):
+        raise DataError(source, "mesh surface area overflows")
+    if area <= 0.0:
         raise DataError(source, f"mesh has zero surface area ({len(faces)} degenerate faces)")
     return vertices, faces
 

@@ -360,6 +360,33 @@ def write_ply(path: str | Path, points: np.ndarray, binary: bool = True) -> None
     Path(path).write_bytes(header + body)
 
 
+def check_ply_claims(data: bytes, source: str) -> None:
+    """Raise a :class:`DataError` when the element counts of a PLY file's header need more bytes than the file
+    holds: checked before a reader that trusts the header (a mesh library) allocates what it declares.
+
+    Each row takes at least its fixed-size properties and list length prefixes (binary), or two characters
+    per property (ascii: a digit and a separator).
+    """
+    order, elements, offset = _parse_header(data, source)
+    body = len(data) - offset
+    need = 0
+    for e in elements:
+        if e.count and not e.properties:
+            raise DataError(source, f"PLY element {e.name!r} declares {e.count} rows but no properties")
+        if order is None:
+            row = 2 * len(e.properties)
+        else:
+            row = sum(np.dtype(p.count_type or p.type).itemsize for p in e.properties)
+        need += e.count * row
+    if need > body + 1:  # + 1: the last ascii line may lack its newline
+        declared = ", ".join(f"{e.count} {e.name!r}" for e in elements[:4])
+        raise DataError(
+            source,
+            f"PLY header declares {declared} rows, which need at least {need} bytes, but only {body} follow "
+            "the header (truncated, or a header that lies)",
+        )
+
+
 def ply_face_count(path: str | Path, header_bytes: int = 1 << 16) -> int:
     """How many faces a PLY file's header declares (0 for point clouds), reading only the header."""
     source = str(path)

@@ -21,6 +21,13 @@ UpAxis = Literal["x", "y", "z"]
 
 NAME_LIMIT = 200  # characters of a file name or of a library's message shown in an error
 
+# The largest coordinate magnitude a reader's points (or mesh vertices) may have. Training normalises clouds
+# in float32: it centres them (a centred coordinate reaches 2·|x|) and divides by the largest norm, whose
+# square sums three squares: 3·(2·1e18)² = 1.2e37, about 30 times below float32's 3.4e38. At ~5e18 the
+# squares overflow to inf and the cloud normalises to zeros in training while evaluation (float64) still sees
+# it; beyond ~1e19 triangle areas of meshes overflow too. No real object needs more than 1e18 units.
+MAX_COORDINATE = 1e18
+
 
 def printable(text: object, limit: int = NAME_LIMIT) -> str:
     """``text`` as an error message may show it: safe to print on any terminal and at most ``limit`` long.

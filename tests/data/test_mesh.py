@@ -3,6 +3,7 @@ ModelNet's class-folder layout, and prepare writing shaded mesh renders."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +193,72 @@ def test_the_built_in_set_renders_meshes_unless_points_only(tmp_path: Path) -> N
     m, p = decode_png(a["views"][0][0]), decode_png(b["views"][0][0])
     # A mesh render covers the silhouette; 128 one-pixel splats cover at most 128 of its 4096 pixels.
     assert (m > 0).mean() > 2 * (p > 0).mean()
+
+
+# ---- meshes that lie about their size, reach for other files or overflow (issue 27) ----
+
+TRIANGLE = "0 0 0\n1 0 0\n0 1 0\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("v.off", f"OFF\n1000000000 1 0\n{TRIANGLE}3 0 1 2\n", "OFF header declares 1000000000 vertices"),
+        (
+            "f.off",
+            f"OFF\n3 1000000000 0\n{TRIANGLE}3 0 1 2\n",
+            "OFF header declares 3 vertices and 1000000000",
+        ),
+        (
+            "glued.off",
+            f"OFF3 1000000000 0\n{TRIANGLE}3 0 1 2\n",
+            "OFF header declares 3 vertices and 1000000000",
+        ),
+        ("neg.off", f"OFF\n-3 1 0\n{TRIANGLE}3 0 1 2\n", "OFF header declares -3 vertices"),
+        (
+            "f.ply",
+            "ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\nproperty float y\nproperty float z\n"
+            "element face 1000000000\nproperty list uchar int vertex_indices\nend_header\n"
+            f"{TRIANGLE}3 0 1 2\n",
+            "PLY header declares 3 'vertex', 1000000000 'face' rows",
+        ),
+    ],
+    ids=["off-vertices", "off-faces", "off-glued", "off-negative", "ply-faces"],
+)
+def test_mesh_headers_claiming_more_than_the_file_holds_are_named(
+    tmp_path: Path, name: str, text: str, message: str
+) -> None:
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}: {message}"):
+        read_mesh(tmp_path / name)
+
+
+def test_obj_material_files_are_never_opened(tmp_path: Path) -> None:
+    """``mtllib`` names another file; a FIFO (or /dev/zero) there would block or fill memory."""
+    import os
+
+    os.mkfifo(tmp_path / "trap.mtl")
+    (tmp_path / "m.obj").write_text(
+        "mtllib trap.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nusemtl a\nf 1 2 3\nf 1 2 4\n"
+    )
+    start = time.monotonic()
+    _, faces = read_mesh(tmp_path / "m.obj")  # trimesh swallows every exception around a material's read
+    assert time.monotonic() - start < 5  # so a read blocked on the FIFO would show as time, not an error
+    assert faces.shape == (2, 3)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e200], ids=["beyond-float32-normalisation", "area-overflows"])
+def test_meshes_with_coordinates_beyond_the_limit_are_named(tmp_path: Path, scale: float) -> None:
+    v, q = fixtures.cube_mesh()
+    path = fixtures.write_off(tmp_path / "far.off", v * scale, q)
+    with pytest.raises(DataError, match=r"far\.off: vertex coordinates reach 1e\+(30|200), beyond ±1e\+18"):
+        read_mesh(path)
+    folder = tmp_path / "pf" / "thing"
+    folder.mkdir(parents=True)
+    path.rename(folder / "far.off")
+    [item] = [
+        i
+        for t in FolderSource(tmp_path / "pf").tasks("train")
+        for i in [FolderSource(tmp_path / "pf").read("train", Path(t))]
+    ]
+    assert isinstance(item, DataError)

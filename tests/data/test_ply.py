@@ -192,3 +192,50 @@ def test_list_property_inside_vertex_element(tmp_path: Path, lengths: list[int])
     path = tmp_path / "tags.ply"
     path.write_bytes(header + body)
     np.testing.assert_array_equal(read_ply(path), pts)
+
+
+HUGE = 10**9
+
+
+@pytest.mark.parametrize(
+    ("fmt", "before"),
+    [
+        ("binary_little_endian", ""),
+        ("ascii", ""),
+        ("binary_little_endian", f"element junk {HUGE}\nproperty list uchar int idx\n"),
+        ("ascii", f"element junk {HUGE}\nproperty list uchar int idx\n"),
+    ],
+    ids=["binary", "ascii", "binary-list-element-before", "ascii-list-element-before"],
+)
+def test_counts_claiming_more_than_the_file_holds(tmp_path: Path, fmt: str, before: str) -> None:
+    """A 1 KB file whose header declares 10^9 rows: named at once, nothing of that size allocated."""
+    import time
+    import tracemalloc
+
+    from crossmoco_ray.data.ply import check_ply_claims
+
+    header = f"ply\nformat {fmt} 1.0\n{before}element vertex {HUGE}\n"
+    header += "property float x\nproperty float y\nproperty float z\nend_header\n"
+    body = cloud(60).astype("<f4").tobytes() if fmt != "ascii" else b"0 0 0\n" * 100
+    path = tmp_path / "lie.ply"
+    path.write_bytes(header.encode() + body)
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(DataError, match=r"lie\.ply: .*(truncated|expected)"):
+            read_ply(path)
+        with pytest.raises(DataError, match=rf"lie\.ply: PLY header declares .*{HUGE} 'vertex' rows"):
+            check_ply_claims(path.read_bytes(), str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024**2
+    assert time.monotonic() - start < 1
+
+
+def test_element_with_rows_but_no_properties_is_named(tmp_path: Path) -> None:
+    from crossmoco_ray.data.ply import check_ply_claims
+
+    data = b"ply\nformat binary_little_endian 1.0\nelement ghost 1000000000\nend_header\n"
+    with pytest.raises(DataError, match="element 'ghost' declares 1000000000 rows but no properties"):
+        check_ply_claims(data, "ghost.ply")
