@@ -1,0 +1,195 @@
+"""Benchmark: what checking the shards costs when they are read (crossmoco_ray/data/integrity.py).
+
+    python bench/verify_cost.py                          # 2000 objects, 512 points, 128 px renders
+    python bench/verify_cost.py --objects 1000 --repeats 9
+
+Prepares the built-in set once (cached under --work; prepare's defaults: 6 views of 128 px, row groups of
+256 rows) and times, in one run, the median of --repeats passes of each method, the methods interleaved
+so that drift on a shared machine hits all of them alike:
+
+1. reads: one epoch of the pipeline's reads (every row group once, in the pipeline's random windows), columns
+   id, label, points, views, with
+   - ``unchecked``: pyarrow reading the row groups, nothing checked (the pipeline before the checks);
+   - ``page CRCs``: the same with Parquet's page checksums verified (``page_checksum_verification``);
+   - ``row-group sha256``: the files opened and checked (size, footer digest, metadata) and every row group
+     checked against its digest before it is decoded: what the pipeline does;
+   - ``file sha256 + read``: every file hashed whole once per epoch, then read unchecked;
+2. the local pipeline: an epoch of ``iter_local_batches`` (reads + decoding two views + augmentation, one
+   process) with the checks against the same code with them switched off;
+3. prepare's re-run check before "up to date" (sizes, footers, metadata: ``check_shards``) against a full
+   sha256 of every file.
+
+The ratios are against ``unchecked`` in the same run. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pyarrow.parquet as pq  # noqa: E402
+
+from crossmoco_ray.data import pipeline  # noqa: E402
+from crossmoco_ray.data.integrity import (  # noqa: E402
+    ShardFile,
+    check_shards,
+    open_split,
+    read_footer,
+    read_row_groups,
+)
+from crossmoco_ray.data.manifest import file_digest, join_uri, read_manifest  # noqa: E402
+from crossmoco_ray.data.pipeline import (  # noqa: E402
+    COLUMNS,
+    PipelineOptions,
+    epoch_windows,
+    iter_local_batches,
+    row_groups,
+)
+from crossmoco_ray.data.readers import SyntheticSource  # noqa: E402
+from crossmoco_ray.data.shards import PrepareOptions, prepare  # noqa: E402
+from crossmoco_ray.storage import resolve  # noqa: E402
+
+
+def unchecked_split(uri: str, manifest: dict[str, Any], split: str) -> tuple[Any, list[ShardFile]]:
+    """The split's files opened as the pipeline opened them before the checks: the footer, nothing else
+    (entries without digests: :func:`read_row_groups` then reads them with pyarrow, unchecked)."""
+    fs, root = resolve(uri)
+    out = []
+    for entry in manifest["files"]:
+        if entry["split"] != split:
+            continue
+        path = f"{root}/{entry['path']}"
+        size = fs.get_file_info(path).size
+        with fs.open_input_file(path) as handle:
+            _, footer = read_footer(handle, size)
+        plain = {k: v for k, v in entry.items() if k not in ("footer_sha256", "row_group_sha256")}
+        out.append(ShardFile(join_uri(uri, entry["path"]), path, plain, size, footer))
+    return fs, out
+
+
+def epoch_reads(
+    uri: str, manifest: dict[str, Any], opts: PipelineOptions, how: str, epoch: int
+) -> tuple[int, int]:
+    """One epoch of the pipeline's reads, checked as ``how`` says; returns (rows, bytes of the files)."""
+    checked = how == "row-group sha256"
+    fs, shards = (open_split if checked else unchecked_split)(uri, manifest, "train")
+    if how == "file sha256 + read":
+        for shard in shards:
+            file_digest(fs, shard.path)
+    rows = 0
+    for window in epoch_windows(row_groups(shards), opts, epoch):
+        by_file: dict[int, list[int]] = {}
+        for g in window:
+            by_file.setdefault(g.file, []).append(g.index)
+        for f, indices in by_file.items():
+            if checked:
+                table = read_row_groups(fs, shards[f], indices, COLUMNS)
+            else:
+                with fs.open_input_file(shards[f].path) as handle:
+                    reader = pq.ParquetFile(
+                        handle, metadata=shards[f].metadata, page_checksum_verification=how == "page CRCs"
+                    )
+                    table = reader.read_row_groups(indices, columns=COLUMNS)
+            rows += table.num_rows
+    return rows, sum(s.size for s in shards)
+
+
+def pipeline_epoch(uri: str, opts: PipelineOptions, checked: bool, epoch: int) -> int:
+    """One local pipeline epoch; without ``checked`` the pipeline opens its files unchecked."""
+    if not checked:
+        pipeline.open_split = unchecked_split  # type: ignore[assignment]
+    try:
+        return sum(len(b["label"]) for b in iter_local_batches(uri, "train", opts, 32, epoch=epoch))
+    finally:
+        pipeline.open_split = open_split
+
+
+def timed(run: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "verify_cost")
+    parser.add_argument("--objects", type=int, default=2000)
+    parser.add_argument("--num-points", type=int, default=512)
+    parser.add_argument("--image-size", type=int, default=64, help="the pipeline's image side")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+
+    uri = str(args.work / f"synthetic-{args.objects}-{args.num_points}")
+    prepare(
+        SyntheticSource({"train": args.objects}, args.num_points),
+        uri,
+        PrepareOptions(),
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    manifest = read_manifest(uri)
+    opts = PipelineOptions(num_points=args.num_points, image_size=args.image_size, seed=0)
+    reads = ["unchecked", "page CRCs", "row-group sha256", "file sha256 + read"]
+    times: dict[str, list[float]] = {name: [] for name in reads}
+    times |= {"pipeline unchecked": [], "pipeline checked": [], "quick check": [], "full sha256": []}
+    rows, size = epoch_reads(uri, manifest, opts, "unchecked", 0)  # warm-up: the page cache, imports
+    pipeline_epoch(uri, opts, True, 0)
+    fs, root = resolve(uri)
+    for r in range(args.repeats):
+        for name in reads:
+            times[name].append(timed(lambda name=name, r=r: epoch_reads(uri, manifest, opts, name, r)))
+        for checked in (False, True):
+            label = "pipeline checked" if checked else "pipeline unchecked"
+            times[label].append(timed(lambda checked=checked, r=r: pipeline_epoch(uri, opts, checked, r)))
+        times["quick check"].append(timed(lambda: check_shards(uri, manifest)))
+        times["full sha256"].append(
+            timed(lambda: [file_digest(fs, f"{root}/{f['path']}") for f in manifest["files"]])
+        )
+        print(f"... pass {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
+
+    med = {name: statistics.median(values) for name, values in times.items()}
+    print(f"\n{date.today().isoformat()}, {cpu_model()}, {os.cpu_count()} CPUs")
+    print(
+        f"{args.objects} objects ({len(manifest['files'])} files, {size / 1024**2:.1f} MiB, {rows} rows), "
+        f"{args.num_points} points, median of {args.repeats}\n"
+    )
+    print("| epoch of reads | s (median) | all passes | MiB/s | vs unchecked |")
+    print("|---|---:|---|---:|---:|")
+    for name in reads:
+        m = med[name]
+        passes = ", ".join(f"{v:.3f}" for v in times[name])
+        print(f"| {name} | {m:.3f} | {passes} | {size / 1024**2 / m:.0f} | x{m / med['unchecked']:.2f} |")
+    base, checked = med["pipeline unchecked"], med["pipeline checked"]
+    print(f"\n| local pipeline epoch ({args.image_size} px) | s (median) | all passes | samples/s |")
+    print("|---|---:|---|---:|")
+    for label in ("pipeline unchecked", "pipeline checked"):
+        passes = ", ".join(f"{v:.2f}" for v in times[label])
+        print(f"| {label} | {med[label]:.2f} | {passes} | {rows / med[label]:.0f} |")
+    print(f"\nchecks cost {100 * (checked / base - 1):+.1f}% of the pipeline's epoch time")
+    print(
+        f"prepare's re-run check: quick {1000 * med['quick check']:.1f} ms, "
+        f"full sha256 of every file {1000 * med['full sha256']:.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
