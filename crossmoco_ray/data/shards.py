@@ -73,7 +73,7 @@ from .render import RenderSpec, contact_sheet, decode_png
 from .shuffle import Buckets, bucket_count
 from .source import Source, printable
 from .types import DataError, Sample
-from .workdir import WorkDir, remove_stale, terminate_as_exit
+from .workdir import WorkDir, exit_on_sigterm, remove_stale, terminate_as_exit
 from .writer import ShardWriter
 
 MAX_RENDER_SIZE = 2048  # pixels per side of a render (a 2048² view is 12 MiB decoded; beyond is a typo)
@@ -368,6 +368,7 @@ def _write(
         from .prepare_ray import processed_on_ray, start_ray
 
         start_ray(opts.ray_cpus, log)
+        exit_on_sigterm()  # ray.init installs its own handler
     try:
         for split in source.splits():
             total = source.count(split)

@@ -133,19 +133,26 @@ def remove_stale(fs: pafs.FileSystem, root: str, out: str, log: Callable[[str], 
             log(f"removed the stale work directory {join_uri(out, info.base_name)} ({reason})")
 
 
+def _exit_on_term(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def exit_on_sigterm() -> None:
+    """(Re)install the SIGTERM handler of :func:`terminate_as_exit` (``ray.init`` replaces it with one that
+    exits with status 15); only the main thread can."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_term)
+
+
 @contextmanager
 def terminate_as_exit() -> Iterator[None]:
     """While inside, SIGTERM raises ``SystemExit(143)``: clean-up code runs as for Ctrl-C, and the process
-    exits with the status a shell reports for SIGTERM. Only the main thread can set handlers; elsewhere
-    this does nothing."""
+    exits with the status a shell reports for SIGTERM. The handler before is restored after. Only the main
+    thread can set handlers; elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def exit_on_term(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, exit_on_term)
+    previous = signal.signal(signal.SIGTERM, _exit_on_term)
     try:
         yield
     finally:

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -460,7 +461,7 @@ def test_stale_work_directories_of_dead_runs_are_removed(tmp_path: Path) -> None
     out.mkdir()
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()  # a pid that is no longer alive
-    host = os.uname().nodename
+    host = socket.gethostname()
     now = time.time()
     owners = {
         "dead": {"pid": child.pid, "host": host, "heartbeat": now},
