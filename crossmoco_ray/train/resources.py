@@ -148,12 +148,14 @@ def start_local_ray(cpus: int, log: Callable[[str], None], *, dashboard: bool) -
     workers, dashboard agent, runtime-env agent and metrics export there, and the dashboard (``dashboard``:
     Ray Train's placement-group cleanup needs its State API) is told to. Token authentication keeps other
     users of this machine out of those loopback ports; its token file is readable by you alone
-    (:func:`private_token`). A Ray that came up on another address is shut down again, with the reason.
+    (:func:`private_token`), and so are Ray's session files (:func:`private_temp_dir`). A Ray that came up
+    on another address is shut down again, with the reason.
     """
     import ray
     from ray._private import ray_constants
 
     private_token(log)
+    private_temp_dir(log)
     switch, flag = os.environ.get(_LOOPBACK_NODE_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[_LOOPBACK_NODE_SWITCH] = "0"  # for the processes Ray starts
     ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, whose Ray was imported before
@@ -179,6 +181,37 @@ def start_local_ray(cpus: int, log: Callable[[str], None], *, dashboard: bool) -
             f"otherwise), so it would listen beyond this machine: stopped. Start a Ray head yourself "
             "(cluster/local_head.sh) and join it with --address"
         )
+
+
+def private_temp_dir(log: Callable[[str], None]) -> str:
+    """Put the local Ray's files (``RAY_TMPDIR``: session, sockets, logs, runtime environments) in a
+    directory only you can enter; returns it.
+
+    Ray makes each of those directories writable by everyone (mode 0777, for users sharing one Ray), so
+    under the shared ``/tmp/ray`` another user could replace a socket or plant code in a runtime
+    environment. Here they go under a fresh ``/tmp/cmr-*`` of mode 0700 (short: Ray's socket paths must fit
+    in 107 bytes), which every process of this Ray inherits. A ``RAY_TMPDIR`` you set is kept; if others
+    can enter it, that is said.
+    """
+    given = os.environ.get("RAY_TMPDIR")
+    if given:
+        try:
+            st = os.stat(given)
+            shared = st.st_uid != os.geteuid() or bool(st.st_mode & 0o077)
+        except OSError:
+            shared = False  # Ray creates it (with the umask's mode) and says what fails
+        if shared:
+            log(
+                f"warning: RAY_TMPDIR={given[:200]} is open to other users, and Ray makes its session "
+                "directories in it writable by everyone: use a directory of yours with mode 0700"
+            )
+        return given
+    import tempfile
+
+    private = tempfile.mkdtemp(prefix="cmr-", dir="/tmp" if os.path.isdir("/tmp") else None)  # mode 0700
+    os.environ["RAY_TMPDIR"] = private
+    log(f"Ray's session files and logs: {private}/ray/session_latest")
+    return private
 
 
 def private_token(log: Callable[[str], None]) -> Path | None:

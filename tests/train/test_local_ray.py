@@ -9,13 +9,12 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from crossmoco_ray.train import resources
-from crossmoco_ray.train.resources import private_token
+from crossmoco_ray.train.resources import private_temp_dir, private_token
 
 # Run in a fresh interpreter (the pytest process may hold the tests' shared Ray): start the local Ray the
 # way `pretrain`, `tune` and `finetune` do, run a task, and list what every process of that Ray (the
@@ -43,7 +42,9 @@ try:
             except psutil.Error:
                 name = "?"
             listening.append([str(ip), c.laddr.port, name, bool((mapped or ip).is_loopback)])
-    print(json.dumps({"listening": listening, "processes": len(pids), "log": lines}))
+    session = ray._private.worker._global_node.get_session_dir_path()
+    report = {"listening": listening, "processes": len(pids), "log": lines, "session": session}
+    print(json.dumps({**report, "tmpdir": os.environ.get("RAY_TMPDIR")}))
 finally:
     ray.shutdown()
 """
@@ -53,17 +54,22 @@ finally:
 def test_the_local_ray_listens_on_loopback_only_and_its_token_is_private(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env.update(HOME=str(home), RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0")
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=170, check=False
-        )
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_TMPDIR"))}
+    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=170, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
+    private = Path(report["tmpdir"])
+    try:  # Ray's session files (it makes their directories 0777) under a directory of the user's alone
+        assert private.parent == Path("/tmp")
+        assert private.name.startswith("cmr-")
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+        assert Path(report["session"]).is_relative_to(private)
+        assert any(str(private) in line for line in report["log"])
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
     assert report["processes"] >= 4, report  # the driver, GCS, raylet, dashboard, agents, a worker
     assert len(report["listening"]) >= 5, report  # GCS, raylet, dashboard, its agent, the worker ...
     exposed = [entry for entry in report["listening"] if not entry[3]]
@@ -155,3 +161,30 @@ def test_a_token_in_the_environment_or_auth_turned_off_writes_nothing(
     assert private_token(said.append) is None
     assert any("without token authentication" in line for line in said)
     assert not token_env.parent.exists()
+
+
+def test_rays_files_go_to_a_fresh_private_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    said: list[str] = []
+    made = Path(private_temp_dir(said.append))
+    try:
+        assert os.environ["RAY_TMPDIR"] == str(made)  # every process of the Ray inherits it
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700
+        assert made.stat().st_uid == os.geteuid()
+        assert len(str(made)) < 30  # Ray's socket paths under it must fit in 107 bytes
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
+
+
+def test_a_ray_tmpdir_you_set_is_kept_and_an_open_one_is_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    monkeypatch.setenv("RAY_TMPDIR", str(mine))
+    said: list[str] = []
+    assert private_temp_dir(said.append) == str(mine)
+    assert said == []
+    mine.chmod(0o755)
+    assert private_temp_dir(said.append) == str(mine)
+    assert any("open to other users" in line for line in said)
