@@ -15,6 +15,13 @@ import numpy as np
 
 FILL = 0.9  # fraction of the image side spanned by the unit sphere the cloud is scaled into
 
+# Bounds of a RenderSpec, so that a typo (size=100000) fails at once with its reason instead of asking for
+# tens of GiB: the mesh renderer holds a z-buffer and an owner per supersampled pixel (16 bytes each), so
+# (size · supersample)² stays ≤ 8192² (1 GiB); views are rendered and kept per object.
+MIN_SIZE, MAX_SIZE = 8, 4096
+MAX_SUPERSAMPLED = 8192
+MAX_VIEWS = 256
+
 # Proper rotations taking the named up axis of the data to +y, so one camera convention serves all.
 TO_Y_UP: dict[str, np.ndarray] = {
     "y": np.eye(3),
@@ -58,22 +65,39 @@ class RenderSpec:
     points_only: bool = False
 
     def __post_init__(self) -> None:
-        if len(self.azimuths) == 0:
-            raise ValueError("RenderSpec needs at least one azimuth")
-        if len(self.elevations) == 0:
-            raise ValueError("RenderSpec needs at least one elevation")
-        if self.size < 8:
-            raise ValueError(f"RenderSpec.size must be at least 8 pixels, got {self.size}")
-        if self.point_size < 1:
-            raise ValueError(f"RenderSpec.point_size must be at least 1 pixel, got {self.point_size}")
+        for name in ("azimuths", "elevations"):
+            angles = getattr(self, name)
+            if len(angles) == 0:
+                raise ValueError(f"RenderSpec needs at least one {name[:-1]}")
+            try:
+                finite = np.isfinite(np.asarray(angles, dtype=np.float64)).all()
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"RenderSpec.{name} must be numbers (degrees), got {angles!r:.200}"
+                ) from None
+            if not finite:  # a NaN angle renders a black view (every coordinate becomes NaN)
+                raise ValueError(f"RenderSpec.{name} must be finite (degrees), got {angles!r:.200}")
+        if self.num_views > MAX_VIEWS:
+            raise ValueError(f"RenderSpec asks for {self.num_views} views; at most {MAX_VIEWS}")
+        if not MIN_SIZE <= self.size <= MAX_SIZE:
+            raise ValueError(
+                f"RenderSpec.size must be at least {MIN_SIZE} and at most {MAX_SIZE} pixels, got {self.size}"
+            )
+        if not 1 <= self.point_size <= self.size:
+            raise ValueError(
+                f"RenderSpec.point_size must be at least 1 pixel (and at most size), got {self.point_size}"
+            )
         if self.mode not in ("shaded", "depth", "coords"):
             raise ValueError(f"RenderSpec.mode must be 'shaded', 'depth' or 'coords', got {self.mode!r}")
         if len(self.light) != 3 or not np.isfinite(self.light).all() or not np.any(self.light):
             raise ValueError(f"RenderSpec.light must be a non-zero 3-vector, got {self.light!r}")
         if not 0.0 <= self.ambient <= 1.0:
             raise ValueError(f"RenderSpec.ambient must lie in [0, 1], got {self.ambient}")
-        if self.supersample < 1:
-            raise ValueError(f"RenderSpec.supersample must be at least 1, got {self.supersample}")
+        if self.supersample < 1 or self.size * self.supersample > MAX_SUPERSAMPLED:
+            raise ValueError(
+                f"RenderSpec.supersample must be at least 1 with size × supersample ≤ {MAX_SUPERSAMPLED}, "
+                f"got {self.supersample} at size {self.size}"
+            )
         if self.normal_neighbours < 3:
             raise ValueError(f"RenderSpec.normal_neighbours must be at least 3, got {self.normal_neighbours}")
         if self.up_axis not in TO_Y_UP:

@@ -184,6 +184,13 @@ def test_degenerate_clouds() -> None:
         ({"elevations": ()}, "at least one elevation"),
         ({"mode": "normals"}, "mode"),
         ({"up_axis": "w"}, "up_axis"),
+        ({"azimuths": (0.0, float("nan"))}, r"azimuths must be finite"),
+        ({"elevations": (float("inf"),)}, r"elevations must be finite"),
+        ({"azimuths": ("north",)}, r"azimuths must be numbers"),
+        ({"size": 100000}, r"size must be at least 8 and at most 4096 pixels, got 100000"),
+        ({"size": 4096, "supersample": 4}, r"size × supersample ≤ 8192"),
+        ({"azimuths": tuple(range(300))}, r"300 views; at most 256"),
+        ({"point_size": 200, "size": 64}, r"point_size must be at least 1 pixel \(and at most size\)"),
     ],
 )
 def test_spec_validation(kwargs: dict[str, object], message: str) -> None:
