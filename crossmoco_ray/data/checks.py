@@ -13,7 +13,15 @@ import numpy as np
 
 from .raster import render_mesh
 from .render import RenderSpec, decode_png, encode_png, render_views
+from .source import MAX_COORDINATE
 from .types import DataError, Sample
+
+MIN_POINTS = 16  # prepare's default least number of points per cloud (evaluation straight from a source too)
+# The smallest radius (largest distance from the centroid) of a cloud: training and evaluation both divide
+# by max(radius, 1e-12), so a smaller cloud is not scaled to the unit sphere, and float32 squares of
+# coordinates below ~1e-19 lose their precision; 1e-10 keeps clear of both.
+MIN_RADIUS = 1e-10
+MIN_VIEWS = 2  # CrossMoCo contrasts two distinct views of each object
 
 
 def val_assignment(sample_id: str, seed: int, fraction: float) -> bool:
@@ -24,8 +32,10 @@ def val_assignment(sample_id: str, seed: int, fraction: float) -> bool:
 def check_points(sample: Sample, min_points: int) -> np.ndarray:
     """The sample's points as ``[N, 3]`` float32, or a :class:`DataError` naming file and index.
 
-    Rejected: wrong shape, empty, fewer than ``min_points``, NaN/Inf, and degenerate clouds (all points
-    equal, or all on one line), which normalise to nothing or to a needle and carry no shape.
+    Rejected: wrong shape, empty, fewer than ``min_points``, NaN/Inf, coordinates beyond
+    :data:`.source.MAX_COORDINATE` (training's float32 normalisation would overflow and see zeros where
+    evaluation, in float64, sees the object), degenerate clouds (all points equal, or all on one line), which
+    normalise to nothing or to a needle and carry no shape, and clouds smaller than :data:`MIN_RADIUS`.
     """
     pts = np.asarray(sample.points)
     if pts.ndim != 2 or pts.shape[1] != 3:
@@ -38,6 +48,14 @@ def check_points(sample: Sample, min_points: int) -> np.ndarray:
     if not finite.all():
         bad = int(np.flatnonzero(~finite)[0])
         raise DataError(sample.source, f"NaN or Inf at point {bad}", sample.index)
+    largest = float(np.abs(pts).max())
+    if largest > MAX_COORDINATE:
+        raise DataError(
+            sample.source,
+            f"coordinates reach {largest:.3g}, beyond ±{MAX_COORDINATE:.0e}: training normalises clouds in "
+            "float32, where their squared norms overflow",
+            sample.index,
+        )
     centred = pts.astype(np.float64) - pts.mean(axis=0, dtype=np.float64)
     spread = np.linalg.svd(centred, compute_uv=False)  # √(N·variance) along the principal axes
     scale = float(np.abs(pts).max()) * np.sqrt(pts.shape[0]) + 1e-30
@@ -45,6 +63,13 @@ def check_points(sample: Sample, min_points: int) -> np.ndarray:
         raise DataError(sample.source, "degenerate cloud: all points are equal", sample.index)
     if spread[1] <= 1e-6 * spread[0]:
         raise DataError(sample.source, "degenerate cloud: all points lie on one line", sample.index)
+    radius = float(np.sqrt((centred**2).sum(axis=1).max()))
+    if radius < MIN_RADIUS:
+        raise DataError(
+            sample.source,
+            f"cloud radius {radius:.3g} is below {MIN_RADIUS:.0e}: too small to normalise",
+            sample.index,
+        )
     return pts.astype(np.float32, copy=False)
 
 
@@ -81,7 +106,8 @@ def resample(points: np.ndarray, n: int, sample_id: str, seed: int) -> np.ndarra
 
 
 def check_views(sample: Sample, pts: np.ndarray, render: RenderSpec) -> tuple[list[bytes], list[np.ndarray]]:
-    """PNG bytes of the sample's views (rendered when it has none), checked to decode; ≥ 2 needed.
+    """PNG bytes of the sample's views (rendered when it has none), checked to decode; ≥ 2 needed, rendered
+    or not (a render spec of one azimuth and one elevation gives one view: named here, not in training).
 
     A sample without views is rendered from its mesh when it has one (shaded triangles) unless
     ``render.points_only``, else from ``pts`` (splats in ``render.mode``).
@@ -94,6 +120,13 @@ def check_views(sample: Sample, pts: np.ndarray, render: RenderSpec) -> tuple[li
             images = list(render_mesh(*sample.mesh, render))
         else:
             images = list(render_views(pts, render))
+        if len(images) < MIN_VIEWS:
+            raise DataError(
+                sample.source,
+                f"{len(images)} rendered view(s); CrossMoCo needs at least {MIN_VIEWS}: render more azimuths "
+                "or elevations",
+                sample.index,
+            )
         return [encode_png(img) for img in images], images
     decoded = []
     for v, data in enumerate(sample.views):
@@ -101,6 +134,8 @@ def check_views(sample: Sample, pts: np.ndarray, render: RenderSpec) -> tuple[li
             decoded.append(decode_png(data))
         except ValueError as err:
             raise DataError(sample.source, f"view {v} is not a readable image: {err}", sample.index) from err
-    if len(decoded) < 2:
-        raise DataError(sample.source, f"{len(decoded)} view(s); CrossMoCo needs at least 2", sample.index)
+    if len(decoded) < MIN_VIEWS:
+        raise DataError(
+            sample.source, f"{len(decoded)} view(s); CrossMoCo needs at least {MIN_VIEWS}", sample.index
+        )
     return list(sample.views), decoded
