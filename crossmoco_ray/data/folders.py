@@ -266,6 +266,8 @@ def read_point_file(path: Path) -> np.ndarray:
                     where, f"text point file over {TEXT_BYTES // 1024**2} MiB: save it as .npy or .ply"
                 )
             text = path.read_bytes().decode("latin-1").replace(",", " ")
+            if not text.strip():
+                raise DataError(where, "empty point file")
             arr = np.loadtxt(text.splitlines(), dtype=np.float32, ndmin=2)
     except (OSError, ValueError) as err:
         if isinstance(err, DataError):
@@ -273,7 +275,8 @@ def read_point_file(path: Path) -> np.ndarray:
         raise DataError(where, f"unreadable point file: {printable(err, 300)}") from None
     if arr.ndim != 2 or arr.shape[1] < 3:
         raise DataError(where, f"points must be [N, 3] (or more columns), got {tuple(arr.shape)}")
-    return np.ascontiguousarray(arr[:, :3], dtype=np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf: named by the checks
+        return np.ascontiguousarray(arr[:, :3], dtype=np.float32)
 
 
 def _read_npy(path: Path, where: str) -> np.ndarray:
@@ -298,4 +301,4 @@ def _read_npy(path: Path, where: str) -> np.ndarray:
             where, f".npy header declares shape {shape} ({claimed} bytes) but the file holds {body} after it"
         )
     arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    return np.array(arr[:, :3], dtype=np.float32)
+    return np.array(arr[:, :3])  # a copy: nothing keeps the file mapped

@@ -38,7 +38,7 @@ from .types import DataError, Sample
 from .variants import SCANOBJECTNN_STEMS, SCANOBJECTNN_VARIANTS
 
 H5_CHUNK = 512  # rows per task of prepare --ray and per read
-READ_BYTES = 64 * 1024**2  # at most this much of 'data' per read: rows of huge clouds are read fewer at once
+READ_BYTES = 32 * 1024**2  # at most this much of 'data' per read: rows of huge clouds are read fewer at once
 MAX_CHUNK_BYTES = 64 * 1024**2  # HDF5 decompresses a chunk whole; writers use ≤ 1 MiB, so larger is refused
 # A compressed dataset may claim at most this many times the bytes it stores: gzip (HDF5's compressor)
 # shrinks even all-zero data only about 1030-fold. Claims under SMALL_CLAIM are read whatever they store:
@@ -260,7 +260,10 @@ class H5Source(Source):
             for start in range(first, held, step):
                 stop = min(start + step, held)
                 try:
-                    block = np.asarray(data[start:stop, :, :3], dtype=np.float32)
+                    with np.errstate(
+                        over="ignore"
+                    ):  # float64 beyond float32 becomes inf: named by the checks
+                        block = np.asarray(data[start:stop, :, :3], dtype=np.float32)
                     lab = np.asarray(labels[start:stop]).reshape(stop - start)
                     ids = None if names is None else np.asarray(names[start:stop]).reshape(stop - start)
                 except H5_ERRORS as err:
@@ -282,7 +285,9 @@ class H5Source(Source):
                     if isinstance(sid, DataError):
                         yield DataError(where, sid.problem, i)
                         continue
-                    yield Sample(sid, block[j], None, int(value), where, i, split)
+                    # A copy: a sample kept by the consumer must not pin the whole block in memory.
+                    yield Sample(sid, block[j].copy(), None, int(value), where, i, split)
+                del block  # before the next block is read: one block in memory, not two
             gone = max(first, layout.readable)
             if gone < end:
                 yield DataError(
