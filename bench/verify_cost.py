@@ -7,8 +7,8 @@ Prepares the built-in set once (cached under --work; prepare's defaults: 6 views
 256 rows) and times, in one run, the median of --repeats passes of each method, the methods interleaved
 so that drift on a shared machine hits all of them alike:
 
-1. reads: one epoch of the pipeline's reads (every row group once, in the pipeline's random windows), columns
-   id, label, points, views, with
+1. reads: an epoch of the pipeline's reads (every row group once, in the pipeline's random windows;
+   the mean of --read-epochs epochs per pass), columns id, label, points, views, with
    - ``unchecked``: pyarrow reading the row groups, nothing checked (the pipeline before the checks);
    - ``page CRCs``: the same with Parquet's page checksums verified (``page_checksum_verification``);
    - ``row-group sha256``: the files opened and checked (size, footer digest, metadata) and every row group
@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--num-points", type=int, default=512)
     parser.add_argument("--image-size", type=int, default=64, help="the pipeline's image side")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--read-epochs", type=int, default=5, help="epochs of reads per timed pass (short)")
     args = parser.parse_args()
 
     uri = str(args.work / f"synthetic-{args.objects}-{args.num_points}")
@@ -158,7 +159,15 @@ def main() -> None:
     fs, root = resolve(uri)
     for r in range(args.repeats):
         for name in reads:
-            times[name].append(timed(lambda name=name, r=r: epoch_reads(uri, manifest, opts, name, r)))
+            times[name].append(
+                timed(
+                    lambda name=name, r=r: [
+                        epoch_reads(uri, manifest, opts, name, r * args.read_epochs + e)
+                        for e in range(args.read_epochs)
+                    ]
+                )
+                / args.read_epochs
+            )
         for checked in (False, True):
             label = "pipeline checked" if checked else "pipeline unchecked"
             times[label].append(timed(lambda checked=checked, r=r: pipeline_epoch(uri, opts, checked, r)))
