@@ -12,18 +12,19 @@ or shifted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..data.checks import MIN_POINTS, check_label, check_points
 from ..data.integrity import open_split, read_row_groups
 from ..data.manifest import MANIFEST, read_manifest
 from ..data.progress import Progress
 from ..data.readers import open_source
-from ..data.source import UpAxis
+from ..data.source import UpAxis, printable
 from ..data.types import DataError
 from ..storage import resolve
 
@@ -72,26 +73,45 @@ def load_split(
     """Split ``split`` of a source or of prepared shards, the first ``num_points`` points of each cloud.
 
     The first points, not a random subset, as CrossPoint's SVM protocol does (``data[:1024]``).
+
+    A source (not shards) is validated as ``prepare`` validates it, by the same checks
+    (:func:`~crossmoco_ray.data.checks.check_points`, :func:`~crossmoco_ray.data.checks.check_label`), and the
+    first ``num_points`` points are checked again, being what the encoder sees: a NaN cloud, a stray label or
+    a degenerate cut is a :class:`DataError` naming the file and index, not an SVM error or a wrong kNN score.
     """
     if is_shards(spec):
         points, labels, names = _load_shards(spec, split)
     else:
         source = open_source(spec, fmt, up_axis=up_axis, variant=variant)
         if split not in source.splits():
-            raise DataError(spec, f"no {split!r} split (has {source.splits()})")
+            raise DataError(printable(spec), f"no {split!r} split (has {source.splits()})")
+        names, hint = source.class_names(), source.label_hint()
         clouds, labs = [], []
         for item in source.samples(split):
             if isinstance(item, DataError):
                 raise item
             if item.label is None:
                 raise DataError(item.source, "evaluation needs labels", item.index)
-            clouds.append(item.points if num_points is None else item.points[:num_points])
-            labs.append(item.label)
+            cloud = check_points(item, MIN_POINTS)
+            labs.append(check_label(item, names, hint))
+            if num_points is not None and num_points < len(cloud):
+                cloud = cloud[:num_points]
+                try:
+                    check_points(replace(item, points=cloud), min(MIN_POINTS, num_points))
+                except DataError as err:
+                    raise DataError(
+                        err.source,
+                        f"{err.problem} in its first {num_points} points (what is evaluated)",
+                        err.index,
+                    ) from None
+            clouds.append(cloud)
+        if not clouds:
+            raise DataError(printable(spec), f"the {split!r} split holds no samples")
         if len({c.shape[0] for c in clouds}) > 1:
             raise DataError(
-                spec, "clouds have different point counts; pass num_points to cut them to one size"
+                printable(spec), "clouds have different point counts; pass num_points to cut them to one size"
             )
-        points, labels, names = np.stack(clouds), np.asarray(labs, np.int64), source.class_names()
+        points, labels = np.stack(clouds), np.asarray(labs, np.int64)
     if num_points is not None:
         if points.shape[1] < num_points:
             raise DataError(spec, f"clouds have {points.shape[1]} points, {num_points} asked for")

@@ -3,6 +3,9 @@ query apart."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import h5py
 import numpy as np
 import pytest
 
@@ -69,3 +72,51 @@ def test_fewshot_needs_enough_samples() -> None:
     x, y = blobs(5, classes=3)
     with pytest.raises(ValueError, match="enough samples"):
         fewshot(x, y, None, None, way=5, shot=10)
+
+
+# ---- evaluation straight from a source validates every cloud and label as prepare does (issue 27) ----
+
+
+def h5_source(tmp_path: Path, bad: str) -> Path:
+    """A ModelNet-style h5 pair whose train row 3 is bad in one way."""
+    from tests.data import fixtures
+
+    root = fixtures.modelnet_h5(tmp_path / "mn", n_train=8, n_test=4, points=64, classes=3)
+    with h5py.File(root / "train.h5", "r+") as f:
+        if bad == "nan":
+            f["data"][3, 10] = np.nan
+        elif bad == "far":
+            f["data"][3] = f["data"][3] * np.float32(1e30)
+        elif bad == "label":
+            f["label"][3] = 99
+        elif bad == "first-points":  # whole cloud sound, its first 16 points all equal
+            row = f["data"][3]
+            row[:16] = row[0]
+            f["data"][3] = row
+    return root
+
+
+@pytest.mark.parametrize(
+    ("bad", "num_points", "message"),
+    [
+        ("nan", None, "NaN or Inf at point 10"),
+        (
+            "nan",
+            8,
+            "NaN or Inf at point 10",
+        ),  # beyond the cut, yet prepare would refuse the cloud: so does eval
+        ("far", None, r"coordinates reach .*e\+30, beyond ±1e\+18"),
+        ("label", None, r"label 99 outside 0\.\.2"),
+        ("first-points", 16, "degenerate cloud: all points are equal in its first 16 points"),
+    ],
+)
+def test_load_split_from_a_source_validates_like_prepare(
+    tmp_path: Path, bad: str, num_points: int | None, message: str
+) -> None:
+    from crossmoco_ray.data.types import DataError
+    from crossmoco_ray.evaluate.features import load_split
+
+    root = h5_source(tmp_path, bad)
+    with pytest.raises(DataError, match=rf"train\.h5 \[index 3\]: {message}"):
+        load_split(str(root), "train", num_points=num_points)
+    assert load_split(str(root), "test", num_points=num_points).points.shape[0] == 4  # the sound split loads
