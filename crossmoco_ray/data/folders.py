@@ -64,7 +64,7 @@ class ShapeNetRenderSource(Source):
         for d in (self.cloud_dir, self.render_dir):
             if not d.is_dir():
                 raise DataError(
-                    str(d), "missing: a ShapeNetRender root holds ShapeNet/ and ShapeNetRendering/"
+                    printable(d), "missing: a ShapeNetRender root holds ShapeNet/ and ShapeNetRendering/"
                 )
         # A synset folder named in bytes that are not UTF-8 is no class: its clouds are named as bad.
         folders = [p for p in _listing(self.cloud_dir) if _is_dir(p)]

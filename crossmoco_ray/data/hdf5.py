@@ -33,7 +33,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .source import Source, UpAxis, file_identity, printable, regular_file, to_y_up
+from .source import Source, UpAxis, decodable, file_identity, printable, regular_file, to_y_up
 from .types import DataError, Sample
 from .variants import SCANOBJECTNN_STEMS, SCANOBJECTNN_VARIANTS
 
@@ -94,11 +94,13 @@ def select_variant(path: str | Path, files: list[Path], variant: str | None) -> 
     found: dict[str, list[Path]] = {}
     for f in files:
         found.setdefault(scanobjectnn_variant(f) or "other", []).append(f)
-    listing = "; ".join(f"{v}: {', '.join(p.name for p in fs)}" for v, fs in sorted(found.items()))
+    listing = printable(
+        "; ".join(f"{v}: {', '.join(p.name for p in fs)}" for v, fs in sorted(found.items())), 600
+    )
     if variant is None:
         if len(found) > 1:
             raise DataError(
-                str(path),
+                printable(path),
                 f"holds several ScanObjectNN variants ({listing}); choose one with --variant "
                 f"({' | '.join(v for v in sorted(found) if v != 'other')})",
             )
@@ -106,7 +108,7 @@ def select_variant(path: str | Path, files: list[Path], variant: str | None) -> 
     if variant not in found:
         where = "main_split_nobg/" if variant == "obj_only" or variant.endswith("_nobg") else "main_split/"
         raise DataError(
-            str(path), f"no files of ScanObjectNN variant {variant} here ({listing}); it is in {where}"
+            printable(path), f"no files of ScanObjectNN variant {variant} here ({listing}); it is in {where}"
         )
     return found[variant]
 
@@ -117,7 +119,7 @@ def _scanobjectnn_root(path: Path, variant: str | None) -> Path:
     if variant is None:
         if len(subdirs) > 1:
             raise DataError(
-                str(path),
+                printable(path),
                 "holds main_split/ (objects with background) and main_split_nobg/ (objects alone); choose "
                 f"a variant with --variant ({' | '.join(SCANOBJECTNN_VARIANTS)}) or point at one of them",
             )
@@ -255,6 +257,13 @@ class H5Source(Source):
             layout = _inspect(h5, f)
             data, labels, names = layout.data, layout.labels, layout.names
             end = layout.rows if end is None else min(end, layout.rows)
+            if names is None and not decodable(Path(f.stem)):
+                raise DataError(
+                    where,
+                    "its name is not valid UTF-8 and it has no 'name' dataset, so its rows have no text "
+                    f"ids: rename it; all {layout.rows} rows skipped",
+                    rows=max(layout.rows, 1),
+                )
             held = min(end, layout.readable)
             step = max(1, min(H5_CHUNK, READ_BYTES // max(layout.row_bytes, 1)))
             for start in range(first, held, step):

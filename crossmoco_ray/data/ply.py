@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .source import printable
 from .types import DataError
 
 # PLY type name -> numpy type code (without byte order); the sized aliases come from later PLY writers.
@@ -311,7 +312,7 @@ def read_ply(path: str | Path) -> np.ndarray:
         DataError: the file is not a PLY file, uses an unsupported format or type, has no vertex element
             or no x/y/z, is truncated, or holds unparseable ascii values.
     """
-    source = str(path)
+    source = printable(path)
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -389,7 +390,7 @@ def check_ply_claims(data: bytes, source: str) -> None:
 
 def ply_face_count(path: str | Path, header_bytes: int = 1 << 16) -> int:
     """How many faces a PLY file's header declares (0 for point clouds), reading only the header."""
-    source = str(path)
+    source = printable(path)
     try:
         with open(path, "rb") as f:
             head = f.read(header_bytes)

@@ -22,7 +22,7 @@ from typing import Any
 
 from .folders import FolderSource, ShapeNetRenderSource, read_point_file
 from .hdf5 import H5Source, h5_format
-from .source import Source, UpAxis, to_y_up
+from .source import Source, UpAxis, printable, to_y_up
 from .synthetic import GENERATOR_VERSION, synthetic_range, synthetic_samples
 from .synthetic import class_names as synthetic_class_names
 from .types import DataError, Sample
@@ -110,7 +110,7 @@ def open_source(
         format = detect_format(spec)
     if variant is not None and format not in ("modelnet40", "scanobjectnn"):
         raise ValueError(
-            f"--variant picks a ScanObjectNN variant among h5 files; {spec} is a {format} source"
+            f"--variant picks a ScanObjectNN variant among h5 files; {printable(spec)} is a {format} source"
         )
     if format == "synthetic":
         return SyntheticSource(synthetic_counts or {"train": 2000, "test": 500}, num_points, seed)
@@ -141,4 +141,4 @@ def detect_format(spec: str) -> str:
         return h5_format(spec)
     if p.is_dir():
         return "folder"
-    raise DataError(spec, "not found: give a directory, an .h5 file or glob, or 'synthetic'")
+    raise DataError(printable(spec), "not found: give a directory, an .h5 file or glob, or 'synthetic'")

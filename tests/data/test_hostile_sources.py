@@ -486,3 +486,28 @@ def test_hostile_shapenet_render_views(tmp_path: Path) -> None:
     assert re.search("no rendered views", named["model002.ply"])
     assert re.search("truncated PLY|vertex row has", named["model003.ply"])
     assert len(errors) == 4
+
+
+def test_hostile_h5_file_names_that_are_not_utf8(tmp_path: Path) -> None:
+    """Ids come from the 'name' dataset when there is one, else from the file name: which must be text."""
+    root = os.fsencode(tmp_path)
+    h5(Path(os.fsdecode(os.path.join(root, b"train_\xff.h5"))), good_cloud(3))
+    h5(Path(os.fsdecode(os.path.join(root, b"train_\xfe.h5"))), good_cloud(2), name=np.array([b"a", b"b"]))
+    good, errors = drain(str(tmp_path), format="modelnet40")
+    assert [s.id for s in good] == ["a", "b"]
+    [err] = errors
+    assert "train_\\udcff.h5" in err.source
+    assert (err.rows, err.index) == (3, None)
+    assert "not valid UTF-8" in err.problem
+    print(err, *good)
+
+
+def test_hostile_shapenet_render_names_that_are_not_utf8(tmp_path: Path) -> None:
+    root = fixtures.shapenet_render(tmp_path / "snr", objects=2, views=2)
+    clouds = os.fsencode(root / "ShapeNet")
+    os.rename(os.path.join(clouds, b"03001627"), os.path.join(clouds, b"\xff3001627"))
+    good, errors = drain(str(root))
+    assert [s.id for s in good] == ["02691156/model000"]
+    [err] = errors
+    assert "not valid UTF-8" in err.problem
+    print(err)
