@@ -230,9 +230,10 @@ class _Verified(io.RawIOBase):
     """A read-only file of which only checked byte ranges can be read (the Parquet decoder reads through it,
     so it decodes nothing that was not checked)."""
 
-    def __init__(self, size: int, pieces: Iterable[tuple[int, bytes]]) -> None:
+    def __init__(self, size: int, pieces: Iterable[tuple[int, Any]]) -> None:
         super().__init__()
-        self._size, self._pieces, self._pos = size, sorted(pieces), 0
+        self._size, self._pos = size, 0
+        self._pieces = sorted(((start, memoryview(data)) for start, data in pieces), key=lambda p: p[0])
 
     def readable(self) -> bool:
         return True
@@ -247,10 +248,12 @@ class _Verified(io.RawIOBase):
     def tell(self) -> int:
         return self._pos
 
-    def read(self, n: int | None = -1) -> bytes:
+    def read(self, n: int | None = -1) -> Any:
+        """``n`` bytes from the position: a view into one checked piece (no copy), or the bytes of
+        adjacent pieces joined."""
         want = self._size - self._pos if n is None or n < 0 else n
         parts, pos = [], self._pos
-        for start, data in self._pieces:  # adjacent pieces (neighbouring row groups) read as one
+        for start, data in self._pieces:
             if want and start <= pos < start + len(data):
                 part = data[pos - start : pos - start + want]
                 parts.append(part)
@@ -258,7 +261,7 @@ class _Verified(io.RawIOBase):
         if want:
             raise OSError(f"read at byte {self._pos} reaches outside the checked row groups")
         self._pos = pos
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def readinto(self, buffer: Any) -> int:
         data = self.read(len(buffer))
@@ -277,18 +280,19 @@ def _runs(indices: list[int]) -> list[list[int]]:
     return runs
 
 
-def _read_checked(handle: Any, shard: ShardFile, run: list[int]) -> bytes:
+def _read_checked(handle: Any, shard: ShardFile, run: list[int]) -> pa.Buffer:
     """The bytes of consecutive row groups ``run``, read at once, each checked against its digest."""
     lo, hi = shard.ranges[run[0]][0], shard.ranges[run[-1]][1]
-    data = handle.read_at(hi - lo, lo)
+    handle.seek(lo)
+    data = handle.read_buffer(hi - lo)  # an Arrow buffer: no copy into a Python bytes object
     view = memoryview(data)
     for g in run:
         start, end = shard.ranges[g]
-        if lo + len(data) < end:
+        if lo + len(view) < end:
             raise DataError(shard.where, f"row group {g} is cut short (truncated)")
         if sha256_hex(view[start - lo : end - lo]) != shard.entry["row_group_sha256"][g]:
             raise DataError(shard.where, f"row group {g} differs from the manifest: damaged or changed")
-    return bytes(data)
+    return data
 
 
 def read_row_groups(
