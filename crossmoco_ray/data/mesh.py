@@ -107,16 +107,22 @@ def check_off_claims(data: bytes, source: str) -> None:
 
 
 def check_mesh(vertices: np.ndarray, faces: np.ndarray, source: str) -> Mesh:
-    """The mesh unchanged if it can be sampled and rendered, else a :class:`DataError` naming ``source``."""
+    """The mesh if it can be sampled and rendered, else a :class:`DataError` naming ``source``.
+
+    Vertices that no face uses are dropped (faces re-indexed): the renderer frames every vertex, so a stray
+    one (NaN, or far away) would fail the render or shrink the object to a dot.
+    """
     if len(faces) == 0:
         what = "no vertices either" if len(vertices) == 0 else f"{len(vertices)} vertices"
         raise DataError(source, f"empty mesh: no faces ({what})")
     if faces.min() < 0 or faces.max() >= len(vertices):
         raise DataError(source, f"face indices outside 0..{len(vertices) - 1}")
-    used = vertices[np.unique(faces)]
-    if not np.isfinite(used).all():
+    which = np.unique(faces)
+    if len(which) < len(vertices):
+        vertices, faces = vertices[which], np.searchsorted(which, faces)
+    if not np.isfinite(vertices).all():
         raise DataError(source, "mesh has NaN or infinite vertex coordinates")
-    largest = float(np.abs(used).max())
+    largest = float(np.abs(vertices).max())
     if largest > MAX_COORDINATE:
         raise DataError(
             source,

@@ -90,20 +90,28 @@ def _parse_header(data: bytes, source: str) -> tuple[str | None, list[_Element],
         key = words[0]
         if key == "format":
             if len(words) != 3 or words[1] not in _FORMATS:
-                raise DataError(source, f"unsupported PLY format {raw.strip()!r} (header line {number})")
+                raise DataError(
+                    source, f"unsupported PLY format {printable(raw.strip(), 120)!r} (header line {number})"
+                )
             if words[2] not in ("1.0", "1"):
-                raise DataError(source, f"unsupported PLY version {words[2]!r} (header line {number})")
+                raise DataError(
+                    source, f"unsupported PLY version {printable(words[2], 60)!r} (header line {number})"
+                )
             byte_order, seen_format = _FORMATS[words[1]], True
         elif key == "element":
             if len(words) != 3 or not words[2].isdigit():
-                raise DataError(source, f"malformed element line {raw.strip()!r} (header line {number})")
+                raise DataError(
+                    source, f"malformed element line {printable(raw.strip(), 120)!r} (header line {number})"
+                )
             elements.append((words[1], int(words[2]), []))
         elif key == "property":
             if not elements:
                 raise DataError(source, f"property before any element (header line {number})")
             elements[-1][2].append(_parse_property(words, raw, number, source))
         else:
-            raise DataError(source, f"unknown PLY header keyword {key!r} (header line {number})")
+            raise DataError(
+                source, f"unknown PLY header keyword {printable(key, 60)!r} (header line {number})"
+            )
     if not seen_format:
         raise DataError(source, "PLY header has no 'format' line")
     return byte_order, [_Element(n, c, tuple(p)) for n, c, p in elements], body
@@ -113,18 +121,22 @@ def _parse_property(words: list[str], raw: str, number: int, source: str) -> _Pr
     if len(words) == 5 and words[1] == "list":
         count_type, item_type = _TYPES.get(words[2]), _TYPES.get(words[3])
         if count_type is None or item_type is None or count_type[0] == "f":
-            raise DataError(source, f"unsupported list property {raw.strip()!r} (header line {number})")
+            raise DataError(
+                source, f"unsupported list property {printable(raw.strip(), 120)!r} (header line {number})"
+            )
         return _Property(words[4], item_type, count_type)
     if len(words) == 3 and words[1] in _TYPES:
         return _Property(words[2], _TYPES[words[1]])
-    raise DataError(source, f"unsupported property {raw.strip()!r} (header line {number})")
+    raise DataError(source, f"unsupported property {printable(raw.strip(), 120)!r} (header line {number})")
 
 
 def _xyz_indices(vertex: _Element, source: str) -> list[int]:
     names = [p.name for p in vertex.properties]
     missing = [axis for axis in "xyz" if axis not in names]
     if missing:
-        raise DataError(source, f"vertex element has no {'/'.join(missing)} property (has {names})")
+        raise DataError(
+            source, f"vertex element has no {'/'.join(missing)} property (has {printable(names, 200)})"
+        )
     for axis in "xyz":
         if vertex.properties[names.index(axis)].count_type is not None:
             raise DataError(source, f"vertex property {axis!r} is a list, expected a number")
@@ -132,6 +144,18 @@ def _xyz_indices(vertex: _Element, source: str) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------- binary
+
+
+class _NegativeLength(Exception):
+    """A binary list whose signed length prefix is negative (named as a :class:`DataError` by read_ply)."""
+
+
+def _list_length(data: bytes, pos: int, order: str, count_type: str) -> int:
+    """The length prefix of the list at ``pos``; a negative one (signed prefixes) would walk backwards."""
+    (n,) = struct.unpack_from(order + _STRUCT_CODES[count_type], data, pos)
+    if n < 0:
+        raise _NegativeLength(n)
+    return int(n)
 
 
 def _row_dtype(element: _Element, order: str, counts: list[int] | None = None) -> np.dtype:
@@ -166,7 +190,7 @@ def _walk_rows(data: bytes, offset: int, element: _Element, order: str) -> tuple
             prefix = np.dtype(p.count_type).itemsize
             if pos + prefix > size:
                 return offset, row
-            (n,) = struct.unpack_from(order + _STRUCT_CODES[p.count_type], data, pos)
+            n = _list_length(data, pos, order, p.count_type)
             pos += prefix + n * item
         if pos > size:
             return offset, row
@@ -185,7 +209,7 @@ def _first_row_counts(data: bytes, offset: int, element: _Element, order: str) -
         prefix = np.dtype(p.count_type).itemsize
         if pos + prefix > len(data):
             return None
-        (n,) = struct.unpack_from(order + _STRUCT_CODES[p.count_type], data, pos)
+        n = _list_length(data, pos, order, p.count_type)
         counts.append(n)
         pos += prefix + n * np.dtype(p.type).itemsize
     return counts if pos <= len(data) else None
@@ -237,7 +261,7 @@ def _walk_vertices(data: bytes, offset: int, vertex: _Element, order: str, xyz: 
                     out[row, column[i]] = np.frombuffer(data, order + p.type, count=1, offset=pos)[0]
                 pos += np.dtype(p.type).itemsize
             else:
-                (n,) = struct.unpack_from(order + _STRUCT_CODES[p.count_type], data, pos)
+                n = _list_length(data, pos, order, p.count_type)
                 pos += np.dtype(p.count_type).itemsize + n * np.dtype(p.type).itemsize
     return out
 
@@ -288,9 +312,14 @@ def _ascii_row_xyz(tokens: list[str], vertex: _Element, xyz: list[int], source: 
                 values[i] = float(tokens[pos])
                 pos += 1
             else:
-                pos += 1 + int(tokens[pos])
+                length = int(tokens[pos])
+                if length < 0:
+                    raise ValueError(length)
+                pos += 1 + length
     except (ValueError, IndexError):
-        raise DataError(source, f"unparseable ascii vertex row {' '.join(tokens)!r}", index=row) from None
+        raise DataError(
+            source, f"unparseable ascii vertex row {printable(' '.join(tokens), 120)!r}", index=row
+        ) from None
     if pos != len(tokens):
         raise DataError(source, f"vertex row has {len(tokens)} values, expected {pos}", index=row)
     return [values[i] for i in xyz]
@@ -320,20 +349,25 @@ def read_ply(path: str | Path) -> np.ndarray:
     order, elements, offset = _parse_header(data, source)
     vertex_index = next((i for i, e in enumerate(elements) if e.name == "vertex"), None)
     if vertex_index is None:
-        raise DataError(source, f"PLY file has no vertex element (elements: {[e.name for e in elements]})")
+        raise DataError(
+            source, f"PLY file has no vertex element (elements: {printable([e.name for e in elements], 200)})"
+        )
     if order is None:
         return _ascii_vertices(data, offset, elements, source)
     vertex = elements[vertex_index]
     _xyz_indices(vertex, source)  # header problems before data problems
-    for element in elements[:vertex_index]:
-        _, offset, found = _read_binary_element(data, offset, element, order)
-        if found < element.count:
-            raise DataError(
-                source,
-                f"truncated PLY: element {element.name!r} before the vertices has {found} of "
-                f"{element.count} rows; expected {vertex.count} vertices, found 0",
-            )
-    return _binary_vertices(data, offset, vertex, order, source)
+    try:
+        for element in elements[:vertex_index]:
+            _, offset, found = _read_binary_element(data, offset, element, order)
+            if found < element.count:
+                raise DataError(
+                    source,
+                    f"truncated PLY: element {printable(element.name, 60)!r} before the vertices has {found} "
+                    f"of {element.count} rows; expected {vertex.count} vertices, found 0",
+                )
+        return _binary_vertices(data, offset, vertex, order, source)
+    except _NegativeLength as err:
+        raise DataError(source, f"a list property has the negative length {err.args[0]}") from None
 
 
 def write_ply(path: str | Path, points: np.ndarray, binary: bool = True) -> None:
@@ -373,14 +407,16 @@ def check_ply_claims(data: bytes, source: str) -> None:
     need = 0
     for e in elements:
         if e.count and not e.properties:
-            raise DataError(source, f"PLY element {e.name!r} declares {e.count} rows but no properties")
+            raise DataError(
+                source, f"PLY element {printable(e.name, 60)!r} declares {e.count} rows but no properties"
+            )
         if order is None:
             row = 2 * len(e.properties)
         else:
             row = sum(np.dtype(p.count_type or p.type).itemsize for p in e.properties)
         need += e.count * row
     if need > body + 1:  # + 1: the last ascii line may lack its newline
-        declared = ", ".join(f"{e.count} {e.name!r}" for e in elements[:4])
+        declared = ", ".join(f"{e.count} {printable(e.name, 60)!r}" for e in elements[:4])
         raise DataError(
             source,
             f"PLY header declares {declared} rows, which need at least {need} bytes, but only {body} follow "

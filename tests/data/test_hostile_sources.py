@@ -377,6 +377,12 @@ def folder_corpus(root: Path) -> dict[str, str]:
             ply_bytes(cloud, False, scratch).replace(b"end_header\n", b"end_header\nx y z\n"),
             "unparseable ascii vertex value",
         ),
+        "negative_list.ply": (
+            b"ply\nformat binary_little_endian 1.0\nelement junk 100000000\nproperty list char int idx\n"
+            b"element vertex 3\nproperty float x\nproperty float y\nproperty float z\nend_header\n\xff"
+            + bytes(99),
+            "a list property has the negative length -1",
+        ),
         "big_header.ply": (b"ply\nformat ascii 1.0\n" + b"comment " + b"x" * 70000 + b"\n", "end_header"),
         # off
         "random.off": (RANDOM, "unreadable mesh"),
@@ -415,6 +421,8 @@ def folder_corpus(root: Path) -> dict[str, str]:
     write_ply(d / "good.ply", cloud, binary=True)
     write_ply(d / "good_ascii.ply", cloud, binary=False)
     (d / "good.off").write_bytes(off_text(TRI, TRI_FACES))
+    # A vertex no face uses, NaN: dropped (the renderer frames every vertex and refused NaN).
+    (d / "stray_vertex.off").write_bytes(off_text(np.vstack([TRI, [np.nan] * 3]), TRI_FACES))
     np.savetxt(d / "good.xyz", cloud)
     # Not files: skipped without a word (nothing in them to count).
     (d / "dir.npy").mkdir()
@@ -436,6 +444,7 @@ def test_hostile_folder_of_point_and_mesh_files(tmp_path: Path) -> None:
         "good.ply",
         "good.xyz",
         "good_ascii.ply",
+        "stray_vertex.off",
     ]
     named = by_file(errors)
     assert sorted(named) == sorted(expected), set(named) ^ set(expected)
