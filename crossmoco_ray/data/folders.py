@@ -283,11 +283,18 @@ def _read_npy(path: Path, where: str) -> np.ndarray:
     """A ``.npy`` array whose header was checked first: numbers, 2-D, and no more bytes than the file holds
     (a 100-byte file whose header claims 10¹⁰ rows must not make ``np.load`` allocate them)."""
     with open(path, "rb") as fp:
-        version = np.lib.format.read_magic(fp)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
-        else:  # 2.0 and 3.0 share the layout (3.0 only allows UTF-8 in field names)
-            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+        try:
+            version = np.lib.format.read_magic(fp)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+            else:  # 2.0 and 3.0 share the layout (3.0 only allows UTF-8 in field names)
+                shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+        except OSError:
+            raise
+        except Exception as err:  # numpy parses the header as Python literals: SyntaxError, TokenError...
+            raise DataError(
+                where, f"unreadable .npy header: {printable(f'{type(err).__name__}: {err}', 300)}"
+            ) from None
         body = path.stat().st_size - fp.tell()
     if dtype.fields is not None or dtype.kind not in "iuf":
         raise DataError(where, f".npy holds {printable(dtype, 60)}, not numbers")

@@ -76,8 +76,11 @@ def read_mesh(path: str | Path) -> Mesh:
         raise DataError(
             source, f"unreadable mesh: {printable(f'{type(err).__name__}: {err}', 300)}"
         ) from None
-    vertices = np.asarray(getattr(loaded, "vertices", np.zeros((0, 3))), dtype=np.float64).reshape(-1, 3)
-    faces = np.asarray(getattr(loaded, "faces", np.zeros((0, 3))), dtype=np.int64).reshape(-1, 3)
+    try:
+        vertices = np.asarray(getattr(loaded, "vertices", np.zeros((0, 3))), dtype=np.float64).reshape(-1, 3)
+        faces = np.asarray(getattr(loaded, "faces", np.zeros((0, 3))), dtype=np.int64).reshape(-1, 3)
+    except (TypeError, ValueError) as err:  # what the library made of a damaged file is not a triangle mesh
+        raise DataError(source, f"unreadable mesh: {printable(err, 300)}") from None
     return check_mesh(vertices, faces, source)
 
 

@@ -299,6 +299,11 @@ def npy_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
     return header.getvalue()
 
 
+def npy_text_header(text: str) -> bytes:
+    """A .npy file whose header is ``text`` as is (numpy parses it as Python literals)."""
+    return b"\x93NUMPY\x01\x00" + (len(text) + 1).to_bytes(2, "little") + text.encode() + b"\n" + bytes(384)
+
+
 def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
     out = io.BytesIO()
     np.save(out, array, allow_pickle=allow_pickle)
@@ -337,8 +342,8 @@ def folder_corpus(root: Path) -> dict[str, str]:
     scratch = root.parent / "scratch.ply"
     files: dict[str, tuple[bytes, str]] = {
         # npy
-        "random.npy": (RANDOM, "unreadable point file"),
-        "empty.npy": (b"", "unreadable point file"),
+        "random.npy": (RANDOM, "unreadable .npy header"),
+        "empty.npy": (b"", "unreadable .npy header"),
         "claim.npy": (npy_header((10**12, 3)) + bytes(48), r"header declares shape \(1000000000000, 3\)"),
         "truncated.npy": (npy_bytes(cloud)[:200], "header declares shape"),
         "pickled.npy": (npy_bytes(np.array([{"x": 1}] * 3), allow_pickle=True), "not numbers"),
@@ -348,6 +353,10 @@ def folder_corpus(root: Path) -> dict[str, str]:
         "one.npy": (npy_bytes(cloud[:1]), "only 1 points"),
         "far.npy": (npy_bytes(cloud * 1e30), r"coordinates reach .*e\+30"),
         "flat.npy": (npy_bytes(cloud[:, :2]), r"points must be \[N, 3\]"),
+        "unbalanced.npy": (
+            npy_text_header("{'descr': '<f4', 'fortran_order': False, 'shape': (32, 3, }"),
+            "header",
+        ),
         "negative.npy": (npy_header((-5, 3)) + bytes(60), r"points must be \[N, 3\]"),
         # ply, binary and ascii
         "random.ply": (RANDOM, "not a PLY file"),
@@ -405,6 +414,11 @@ def folder_corpus(root: Path) -> dict[str, str]:
             "NaN or inf",
         ),
         "bad_index.obj": (b"v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 9\n", "unreadable mesh|face indices outside"),
+        "short_vertex.obj": (
+            b"v 1.000000 -1.000000 -1.000000\nv 1.000000 -1.000000 1.000000\nv 1.000000 1.000000 \n"
+            b"v 1.000000 1.000000 1.000000\nf 1 2 4 3",
+            "unreadable mesh",
+        ),
         "gzipped.obj": (gzip.compress(b"v 0 0 0\n" * 1000), "unreadable mesh|empty mesh"),
         # text points
         "random.xyz": (RANDOM, "unreadable point file"),
