@@ -534,3 +534,48 @@ def test_hostile_shapenet_render_names_that_are_not_utf8(tmp_path: Path) -> None
     [err] = errors
     assert "not valid UTF-8" in err.problem
     print(err)
+
+
+def mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    """A few random edits: flipped bytes, cuts, inserted random bytes or hostile tokens, a truncation."""
+    out = bytearray(data)
+    tokens = [b"1000000000", b"-1", b"nan", b"inf", b"1e300", b"4294967295", b"\xff", b"\n", b"(", b"0"]
+    for _ in range(int(rng.integers(1, 6))):
+        i = int(rng.integers(0, max(len(out), 1)))
+        op = int(rng.integers(0, 5))
+        if op == 0 and out:
+            out[i] = int(rng.integers(0, 256))
+        elif op == 1:
+            del out[i : i + int(rng.integers(1, 50))]
+        elif op == 2:
+            out[i:i] = rng.bytes(int(rng.integers(1, 20)))
+        elif op == 3:
+            del out[i:]
+        else:
+            out[i:i] = tokens[int(rng.integers(0, len(tokens)))]
+    return bytes(out)
+
+
+def test_mutated_files_give_only_data_errors(tmp_path: Path) -> None:
+    """Seeded random damage to a valid file of each format: a sample or a DataError, never another error
+    (this found numpy's TokenError on a damaged .npy header and trimesh's odd arrays on a damaged OBJ)."""
+    cloud = good_cloud()[0]
+    v, q = fixtures.cube_mesh()
+    seeds = {
+        "b.ply": ply_bytes(cloud, True, tmp_path / "s.ply"),
+        "a.ply": ply_bytes(cloud, False, tmp_path / "s.ply"),
+        "m.ply": fixtures.write_ply_mesh(tmp_path / "m.ply", v, q).read_bytes(),
+        "c.npy": npy_bytes(cloud),
+        "t.off": off_text(TRI, TRI_FACES),
+        "o.obj": fixtures.write_obj(tmp_path / "o.obj", v, q).read_bytes(),
+        "p.xyz": b"".join(b"%g %g %g\n" % tuple(row) for row in cloud),
+    }
+    rng = np.random.default_rng(27)
+    d = tmp_path / "pf" / "thing"
+    d.mkdir(parents=True)
+    for round_ in range(12):
+        for name, data in seeds.items():
+            (d / f"{round_}_{name}").write_bytes(mutate(data, rng))
+    good, errors = drain(str(tmp_path / "pf"), num_points=64)
+    assert len(good) + len(errors) == 12 * len(seeds)
+    assert all(e.source.startswith(str(d)) for e in errors)
