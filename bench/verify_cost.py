@@ -117,10 +117,11 @@ def pipeline_epoch(uri: str, opts: PipelineOptions, checked: bool, epoch: int) -
         pipeline.open_split = open_split
 
 
-def timed(run: Callable[[], Any]) -> float:
-    start = time.perf_counter()
+def timed(run: Callable[[], Any]) -> tuple[float, float]:
+    """(wall-clock s, CPU s of this process, all its threads) of ``run()``."""
+    wall, cpu = time.perf_counter(), time.process_time()
     run()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def cpu_model() -> str:
@@ -152,65 +153,80 @@ def main() -> None:
     manifest = read_manifest(uri)
     opts = PipelineOptions(num_points=args.num_points, image_size=args.image_size, seed=0)
     reads = ["unchecked", "page CRCs", "row-group sha256", "file sha256 + read"]
-    times: dict[str, list[float]] = {name: [] for name in reads}
-    times |= {"pipeline unchecked": [], "pipeline checked": [], "quick check": [], "full sha256": []}
+    others = ["pipeline unchecked", "pipeline checked", "quick check", "full sha256"]
+    wall: dict[str, list[float]] = {name: [] for name in reads + others}
+    cpu: dict[str, list[float]] = {name: [] for name in reads + others}
+
+    def record(name: str, run: Callable[[], Any], per: int = 1) -> None:
+        w, c = timed(run)
+        wall[name].append(w / per)
+        cpu[name].append(c / per)
+
     rows, size = epoch_reads(uri, manifest, opts, "unchecked", 0)  # warm-up: the page cache, imports
     pipeline_epoch(uri, opts, True, 0)
     fs, root = resolve(uri)
+    n = args.read_epochs
     for r in range(args.repeats):
         for name in reads:
-            times[name].append(
-                timed(
-                    lambda name=name, r=r: [
-                        epoch_reads(uri, manifest, opts, name, r * args.read_epochs + e)
-                        for e in range(args.read_epochs)
-                    ]
-                )
-                / args.read_epochs
+            epochs = range(r * n, (r + 1) * n)
+            record(
+                name,
+                lambda name=name, epochs=epochs: [epoch_reads(uri, manifest, opts, name, e) for e in epochs],
+                n,
             )
         for checked in (False, True):
             label = "pipeline checked" if checked else "pipeline unchecked"
-            times[label].append(timed(lambda checked=checked, r=r: pipeline_epoch(uri, opts, checked, r)))
-        times["quick check"].append(timed(lambda: check_shards(uri, manifest)))
-        times["full sha256"].append(
-            timed(lambda: [file_digest(fs, f"{root}/{f['path']}") for f in manifest["files"]])
-        )
+            record(label, lambda checked=checked, r=r: pipeline_epoch(uri, opts, checked, r))
+        record("quick check", lambda: check_shards(uri, manifest))
+        record("full sha256", lambda: [file_digest(fs, f"{root}/{f['path']}") for f in manifest["files"]])
         print(f"... pass {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
 
-    med = {name: statistics.median(values) for name, values in times.items()}
-    print(f"\n{date.today().isoformat()}, {cpu_model()}, {os.cpu_count()} CPUs")
+    def ratio(table: dict[str, list[float]], name: str, base: str) -> float:
+        """The median over the passes of each pass's ratio ``name / base``."""
+        return statistics.median(a / b for a, b in zip(table[name], table[base], strict=True))
+
+    def row(name: str, base: str, digits: int) -> str:
+        mw, mc = statistics.median(wall[name]), statistics.median(cpu[name])
+        passes = ", ".join(f"{v:.{digits}f}" for v in cpu[name])
+        return (
+            f"| {name} | {mc:.{digits}f} | {passes} | x{ratio(cpu, name, base):.2f} | "
+            f"{mw:.{digits}f} | x{ratio(wall, name, base):.2f} |"
+        )
+
+    load = os.getloadavg()[0]
+    print(f"\n{date.today().isoformat()}, {cpu_model()}, {os.cpu_count()} CPUs, load average {load:.1f}")
     print(
         f"{args.objects} objects ({len(manifest['files'])} files, {size / 1024**2:.1f} MiB, {rows} rows), "
-        f"{args.num_points} points, median of {args.repeats}\n"
+        f"{args.num_points} points, pipeline images {args.image_size} px; median of {args.repeats} passes. "
+        "CPU s: this process's CPU time (all threads), steady on a shared machine; ratios: the median of "
+        "the passes' ratios to the unchecked run of the same pass\n"
     )
-    print("| epoch of reads | s (median) | s (min) | all passes | MiB/s (median) | vs unchecked (pairs) |")
-    print("|---|---:|---:|---|---:|---:|")
+    head = (
+        "| CPU s (median) | CPU s, every pass | vs unchecked (CPU) | wall s (median) | vs unchecked (wall) |"
+    )
+    print(f"| an epoch of reads {head}")
+    print("|---|---:|---|---:|---:|---:|")
     for name in reads:
-        m = med[name]
-        passes = ", ".join(f"{v:.3f}" for v in times[name])
-        pairs = statistics.median(a / b for a, b in zip(times[name], times["unchecked"], strict=True))
-        rate = size / 1024**2 / m
-        print(f"| {name} | {m:.3f} | {min(times[name]):.3f} | {passes} | {rate:.0f} | x{pairs:.2f} |")
-    print(
-        f"\n| local pipeline epoch ({args.image_size} px) | s (median) | s (min) | all passes | samples/s |"
-    )
-    print("|---|---:|---:|---|---:|")
-    for label in ("pipeline unchecked", "pipeline checked"):
-        passes = ", ".join(f"{v:.2f}" for v in times[label])
-        print(
-            f"| {label} | {med[label]:.2f} | {min(times[label]):.2f} | {passes} | {rows / med[label]:.0f} |"
-        )
-    checked, unchecked = times["pipeline checked"], times["pipeline unchecked"]
-    pairs = [c / u for c, u in zip(checked, unchecked, strict=True)]
-    print(
-        f"\nchecks cost {100 * (statistics.median(pairs) - 1):+.1f}% of the pipeline's epoch time "
-        f"(median of the {len(pairs)} passes' checked/unchecked ratios; of the medians "
-        f"{100 * (med['pipeline checked'] / med['pipeline unchecked'] - 1):+.1f}%, "
-        f"of the minima {100 * (min(checked) / min(unchecked) - 1):+.1f}%)"
+        print(row(name, "unchecked", 3))
+    print(f"\n| a local pipeline epoch {head}")
+    print("|---|---:|---|---:|---:|---:|")
+    for name in ("pipeline unchecked", "pipeline checked"):
+        print(row(name, "pipeline unchecked", 2))
+    c, w = (
+        ratio(cpu, "pipeline checked", "pipeline unchecked"),
+        ratio(wall, "pipeline checked", "pipeline unchecked"),
     )
     print(
-        f"prepare's re-run check: quick {1000 * med['quick check']:.1f} ms, "
-        f"full sha256 of every file {1000 * med['full sha256']:.1f} ms"
+        f"\nthe checks cost {100 * (c - 1):+.1f}% of the pipeline's CPU time per epoch "
+        f"({100 * (w - 1):+.1f}% of its wall-clock time); "
+        f"{rows / statistics.median(wall['pipeline checked']):.0f} samples/s checked, "
+        f"{rows / statistics.median(wall['pipeline unchecked']):.0f} unchecked (wall, one process)"
+    )
+    print(
+        f"prepare's re-run check before 'up to date': quick (sizes, footers) "
+        f"{1000 * statistics.median(wall['quick check']):.1f} ms, a full sha256 of every file "
+        f"{1000 * statistics.median(wall['full sha256']):.1f} ms "
+        f"({size / 1024**2:.1f} MiB from the page cache)"
     )
 
 
