@@ -382,9 +382,13 @@ def verify_dataset(uri: str, progress: Callable[[str], None] | None = None) -> V
     labels: dict[str, dict[int, int]] = {}
     held: dict[str, int] = {}
     broken_splits: set[str] = set()
+    seen: set[str] = set()
     for entry in manifest["files"]:
         if not isinstance(entry["split"], str) or not is_shard_name(entry["path"], entry["split"]):
             continue  # reported by manifest_problems; never opened
+        if entry["path"] in seen:
+            continue  # listed twice: reported by manifest_problems
+        seen.add(entry["path"])
         if progress:
             progress(entry["path"])
         found = _verify_file(fs, uri, entry, manifest, labels)
@@ -404,7 +408,8 @@ def verify_dataset(uri: str, progress: Callable[[str], None] | None = None) -> V
             report.problems.append(
                 DataError(
                     where,
-                    f"split {split!r} counts {count.get('total')} rows, its files hold {held.get(split, 0)}",
+                    f"split {printable(split, 40)!r} counts {printable(count.get('total'), 40)} rows, "
+                    f"its files hold {held.get(split, 0)}",
                 )
             )
         names = manifest["class_names"]
@@ -414,7 +419,10 @@ def verify_dataset(uri: str, progress: Callable[[str], None] | None = None) -> V
         }
         if isinstance(count.get("per_class"), dict) and in_files != count["per_class"]:
             report.problems.append(
-                DataError(where, f"split {split!r}: the labels in its files differ from the per-class counts")
+                DataError(
+                    where,
+                    f"split {printable(split, 40)!r}: its files' labels differ from the per-class counts",
+                )
             )
     return report
 
@@ -433,27 +441,29 @@ def _verify_file(
     except DataError as err:
         return [err]
     out: list[DataError] = []
-    tables = []
-    for g in range(shard.metadata.num_row_groups):
+    views, fewest = manifest["views_per_object"], None
+    counts: dict[int, int] = {}
+    for g in range(shard.metadata.num_row_groups):  # one row group in memory at a time
         try:
-            tables.append(read_row_groups(fs, shard, [g], page_checksums=True))  # decodes every page
+            table = read_row_groups(fs, shard, [g], page_checksums=True)  # decodes every page
         except DataError as err:
             out.append(err)
+            continue
+        if table.num_rows:
+            least = pc.min(pc.list_value_length(table.column("views"))).as_py()
+            fewest = least if fewest is None else min(fewest, least)
+        for label in table.column("label").to_pylist():
+            counts[label] = counts.get(label, 0) + 1
     if not out and file_digest(fs, shard.path)[1] != entry.get("sha256"):
         out.append(DataError(shard.where, "sha256 differs from the manifest (damaged or changed)"))
-    if out:
-        return out
-    table = pa.concat_tables(tables)
-    views = manifest["views_per_object"]
-    if views is not None and table.num_rows:
-        fewest = pc.min(pc.list_value_length(table.column("views"))).as_py()
-        if fewest < views:
-            out.append(
-                DataError(shard.where, f"a row holds {fewest} views, the manifest says {views} per object")
-            )
-    counts = labels.setdefault(entry["split"], {})
-    for label in table.column("label").to_pylist():
-        counts[label] = counts.get(label, 0) + 1
+    if not out and views is not None and fewest is not None and fewest < views:
+        out.append(
+            DataError(shard.where, f"a row holds {fewest} views, the manifest says {views} per object")
+        )
+    if not out:
+        split = labels.setdefault(entry["split"], {})
+        for label, n in counts.items():
+            split[label] = split.get(label, 0) + n
     return out
 
 

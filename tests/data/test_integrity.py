@@ -271,6 +271,17 @@ def test_verify_reports_every_damage_and_exits_by_kind(
     out = capsys.readouterr().out
     assert "3 files, 18 rows" in out
     assert "no damage" in out
+    clean = (dataset / "manifest.json").read_text()
+
+    def move_a_count(m: dict[str, Any]) -> None:  # the totals still add up; only the labels can tell
+        per_class = m["counts"]["test"]["per_class"]
+        per_class["class0"] -= 1
+        per_class["class1"] += 1
+
+    rewrite_manifest(dataset, move_a_count)
+    assert main(["verify", str(dataset)]) == 1
+    assert "split 'test': its files' labels differ from the per-class counts" in capsys.readouterr().out
+    (dataset / "manifest.json").write_text(clean)
     train0, train1, test0 = (
         dataset / n for n in ("train-00000.parquet", "train-00001.parquet", "test-00000.parquet")
     )
