@@ -5,13 +5,16 @@
 #   cluster/local_head.sh status
 #   cluster/local_head.sh stop                                  # stop only what `start` started
 #
-# - The dashboard (and the job API on it) listens on 127.0.0.1 only.
+# - Every server of the head (GCS, raylet, object manager, workers, dashboard and its job API, agents,
+#   metrics) listens on 127.0.0.1 only: clients on this machine, nobody else. For a head other machines
+#   join, see docs/cluster.md (ports to open inside the cluster's private network).
 # - Token authentication stays on: a token is generated if none exists (~/.ray/auth_token), so the head
 #   requires it; clients use it with RAY_AUTH_MODE=token.
 # - Every process of this head runs under its own temp dir ($CROSSMOCO_HEAD_DIR, default /tmp/cmh-UID):
 #   `stop` signals exactly the processes whose command line names that dir (never `ray stop`, which ends
 #   every Ray process of the user on the machine). Keep the dir short: Ray's unix socket paths must fit
-#   in 107 bytes.
+#   in 107 bytes. The dir is yours alone (mode 0700): one that exists and that someone else owns or may
+#   write to is refused (Ray's own session dirs inside it are world-writable).
 set -euo pipefail
 
 HEAD_DIR="${CROSSMOCO_HEAD_DIR:-/tmp/cmh-$(id -u)}"
@@ -32,6 +35,23 @@ head_pids() {  # live processes of this head: their command line names HEAD_DIR
   done
 }
 
+private_dir() {  # $1 exists as a real directory of this user, mode 0700, or is made so; else refuse
+  local dir="$1"
+  if [[ -L "$dir" ]]; then
+    echo "$dir is a symbolic link: refused (set CROSSMOCO_HEAD_DIR to a directory of your own)" >&2
+    exit 1
+  fi
+  if [[ ! -e "$dir" ]]; then
+    mkdir -m 700 "$dir"
+  fi
+  if [[ ! -d "$dir" || "$(stat -c %u "$dir")" != "$(id -u)" ]]; then
+    echo "$dir is not a directory of yours: refused (someone else may have made it;" \
+      "set CROSSMOCO_HEAD_DIR to a directory of your own)" >&2
+    exit 1
+  fi
+  chmod 700 "$dir"
+}
+
 start() {
   local extra=()
   while [[ $# -gt 0 ]]; do
@@ -44,13 +64,17 @@ start() {
     echo "a head already runs under $HEAD_DIR (cluster/local_head.sh status)" >&2
     exit 1
   fi
-  mkdir -p "$HEAD_DIR/tmp"
+  private_dir "$HEAD_DIR"
+  mkdir -p -m 700 "$HEAD_DIR/tmp"
   # Token authentication: `ray start --head` turns it on only when a token exists, so make sure one does.
   if [[ "${RAY_AUTH_MODE:-token}" != "disabled" ]]; then
     ray get-auth-token --generate >/dev/null 2>&1
+    chmod 600 "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" 2>/dev/null || true  # Ray writes it 0644
   fi
-  RAY_USAGE_STATS_ENABLED=0 ray start --head \
-    --port="$PORT" \
+  # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps 127.0.0.1 as the node's address (Ray 2.60 otherwise swaps a
+  # loopback --node-ip-address for the machine's outward one, and its servers follow the node address).
+  RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head \
+    --port="$PORT" --node-ip-address=127.0.0.1 \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
     --temp-dir="$HEAD_DIR/tmp" \
     --disable-usage-stats \

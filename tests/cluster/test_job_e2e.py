@@ -31,6 +31,24 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def exposed_listeners(pids: list[int]) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every socket of ``pids`` that listens beyond loopback."""
+    import importlib
+    import ipaddress
+
+    import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
+
+    psutil = importlib.import_module("psutil")
+
+    exposed = []
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
+            if not (getattr(ip, "ipv4_mapped", None) or ip).is_loopback:
+                exposed.append((str(ip), c.laddr.port, c.pid))
+    return exposed
+
+
 def head_processes(head_dir: str) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
@@ -73,6 +91,11 @@ def head(tmp_path: Path) -> Iterator[dict[str, str]]:
     )  # fmt: skip
     try:
         assert started.returncode == 0, started.stdout + started.stderr
+        pids = head_processes(head_dir)
+        assert len(pids) >= 3, pids  # GCS, raylet, dashboard, agents
+        assert not exposed_listeners(pids), "the head listens beyond loopback"
+        assert os.stat(head_dir).st_mode & 0o077 == 0
+        assert (home / ".ray" / "auth_token").stat().st_mode & 0o077 == 0
         yield {
             "env": env,
             "head_dir": head_dir,
