@@ -169,7 +169,7 @@ def _private_group(gid: int) -> bool:
     return gid == user.pw_gid and group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
 
 
-def _others_can_write(st: os.stat_result) -> str | None:
+def others_can_write(st: os.stat_result) -> str | None:
     """Who other than the owner may write the file or directory of ``st``, or ``None``."""
     mode = stat.S_IMODE(st.st_mode)
     if mode & stat.S_IWOTH:
@@ -191,7 +191,7 @@ def dir_problem(directory: Path) -> str | None:
         st = os.lstat(path)
         if st.st_uid not in (uid, 0):
             return f"{path} belongs to uid {st.st_uid}, not to you (uid {uid}) or root"
-        others = _others_can_write(st)
+        others = others_can_write(st)
         if others and (path == directory or not st.st_mode & stat.S_ISVTX):
             return f"{path} is {others}"
     return None
@@ -215,7 +215,7 @@ def _read_owned(path: Path, limit: int) -> bytes:
             raise Untrusted(f"{path.name} is not a regular file")
         if st.st_uid != uid:
             raise Untrusted(f"{path.name} belongs to uid {st.st_uid}, not to you (uid {uid})")
-        others = _others_can_write(st)
+        others = others_can_write(st)
         if others:
             raise Untrusted(f"{path.name} is {others}")
         if st.st_size > limit:

@@ -13,30 +13,16 @@ storage (``s3://``, ``gs://``) cannot be checked: one warning says what resuming
 
 from __future__ import annotations
 
-import functools
 import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
 
 from ..config import ConfigError
+from ..nn.kernels import others_can_write
 
 TRAIN_RUNS = "trials"  # the search's Train runs (search.py): checkpoints of tensors, not descended into
 MAX_LISTED = 5
-
-
-@functools.lru_cache(maxsize=64)
-def _private_group(gid: int) -> bool:
-    """Whether ``gid`` is your user private group: your primary group, named after you, no other members."""
-    try:
-        import grp
-        import pwd
-
-        user = pwd.getpwuid(os.geteuid())
-        group = grp.getgrgid(gid)
-    except (ImportError, KeyError):
-        return False
-    return gid == user.pw_gid and group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
 
 
 def _problem(path: Path, st: os.stat_result, *, owners: tuple[int, ...], sticky_ok: bool) -> str | None:
@@ -47,10 +33,9 @@ def _problem(path: Path, st: os.stat_result, *, owners: tuple[int, ...], sticky_
         return f"{path} is neither a file nor a directory"
     if st.st_uid not in owners:
         return f"{path} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()})"
-    group_write = st.st_mode & stat.S_IWGRP and not _private_group(st.st_gid)
-    if (st.st_mode & stat.S_IWOTH or group_write) and not (sticky_ok and st.st_mode & stat.S_ISVTX):
-        who = "others" if st.st_mode & stat.S_IWOTH else f"group {st.st_gid}"
-        return f"{path} is writable by {who} (mode {stat.S_IMODE(st.st_mode):o})"
+    others = others_can_write(st)  # the kernel cache's rule, group write of a user private group aside
+    if others and not (sticky_ok and st.st_mode & stat.S_ISVTX):
+        return f"{path} is {others}"
     return None
 
 
