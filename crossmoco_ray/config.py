@@ -6,7 +6,15 @@ rejected with the nearest valid name; cross-field checks (queue length vs global
 workers, k vs points, …) run before anything is built and name the fix. The schema itself is in
 :mod:`crossmoco_ray.schema`; its names are importable from here, where the rest of the project gets them.
 
-This module imports only pydantic and yaml: it is the top layer of the project.
+Everything read here may be damaged or hostile (a config file, an override, the config stored in a
+checkpoint): files are read up to :data:`MAX_CONFIG_BYTES`, YAML is composed at most
+:data:`MAX_CONFIG_DEPTH` levels deep, and a loaded structure is walked as the tree it expands to (YAML
+aliases and pickle's shared references counted every time they are used) and refused beyond
+:data:`MAX_CONFIG_VALUES` values before anything else walks it; error messages show bad values through
+:func:`~crossmoco_ray.bounded.short_repr`.
+
+This module imports only pydantic, yaml and :mod:`crossmoco_ray.bounded`: it is the top layer of the
+project.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticUndefined
 
+from .bounded import clip, first_line, shape_problem, short_repr
 from .schema import (
     DEFAULT_PRESET,
     Config,
@@ -42,6 +52,9 @@ from .schema_checks import cross_field_problems
 
 __all__ = [
     "DEFAULT_PRESET",
+    "MAX_CONFIG_BYTES",
+    "MAX_CONFIG_DEPTH",
+    "MAX_CONFIG_VALUES",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -59,6 +72,13 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound=BaseModel)
+
+# Bounds on anything read as a configuration. The whole schema is about 150 values a few levels deep and
+# a config file a few kilobytes; the bounds leave room for long lists of view angles and comments, and
+# keep a hostile file's cost to well under a second (aliases may still be used: they are counted).
+MAX_CONFIG_BYTES = 1 << 20  # a file, and all the text in a stored configuration
+MAX_CONFIG_VALUES = 10_000  # scalars, keys, mappings and lists, a shared one counted at every use
+MAX_CONFIG_DEPTH = 20  # levels of nesting
 
 # --------------------------------------------------------------------------------------------------
 # Keys, presets, overrides
@@ -132,7 +152,7 @@ def _check_keys(
             hint = suggest_key(key, root)
             lister = getattr(root, "KEYS_HINT", "`crossmoco config show` lists every key")
             raise ConfigError(
-                f"unknown config key {key!r} in {origin}"
+                f"unknown config key {short_repr(key)} in {origin}"
                 + (f"; did you mean {hint!r}?" if hint else "")
                 + f" ({lister})"
             )
@@ -140,7 +160,8 @@ def _check_keys(
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             if not isinstance(value, Mapping):
                 raise ConfigError(
-                    f"{key!r} in {origin} is a section: give it a mapping of keys, not {value!r}"
+                    f"{short_repr(key)} in {origin} is a section: give it a mapping of keys, "
+                    f"not {short_repr(value)}"
                 )
             _check_keys(value, origin, ann, f"{key}.", root)
 
@@ -166,17 +187,70 @@ def preset_text(name: str) -> str:
     if name not in preset_names():
         close = difflib.get_close_matches(name, preset_names(), n=1)
         raise ConfigError(
-            f"unknown preset {name!r}; choose one of {preset_names()}"
+            f"unknown preset {short_repr(name)}; choose one of {preset_names()}"
             + (f" (did you mean {close[0]!r}?)" if close else "")
         )
     return (resources.files("crossmoco_ray") / "configs" / f"{name}.yaml").read_text()
 
 
-def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+class _LimitError(Exception):
+    """YAML past the bounds (raised while composing, before anything is built from it)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stopping at :data:`MAX_CONFIG_DEPTH` levels of nesting while it composes (it
+    recurses once per level: deep brackets would end in a RecursionError) and at
+    :data:`MAX_CONFIG_VALUES` nodes. Aliases are allowed; what they expand to is counted after loading."""
+
+    def __init__(self, stream: str, origin: str) -> None:
+        super().__init__(stream)
+        self.name = origin  # PyYAML's messages say where: 'in "my.yaml", line 3', not '"<unicode string>"'
+        self.depth = 0
+        self.nodes = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        self.nodes += 1
+        try:
+            if self.depth > MAX_CONFIG_DEPTH:
+                raise _LimitError(f"is nested deeper than {MAX_CONFIG_DEPTH} levels")
+            if self.nodes > MAX_CONFIG_VALUES:
+                raise _LimitError(f"holds more than {MAX_CONFIG_VALUES} values")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def load_yaml(text: str, origin: str) -> Any:
+    """The plain data of YAML ``text`` (safe tags only), or a :class:`ConfigError` naming ``origin``:
+    invalid YAML, a number Python refuses to read, or a document past the bounds (aliases expanded)."""
     try:
-        data = yaml.safe_load(text)
+        return _load_bounded(text, origin)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{origin} is not valid YAML: {err}") from err
+        raise ConfigError(f"{origin} is not valid YAML: {clip(str(err), 600)}") from None
+
+
+def _load_bounded(text: str, origin: str) -> Any:
+    """:func:`load_yaml`, but invalid YAML raises PyYAML's own error (an override's value falls back to
+    its text)."""
+    loader = _BoundedLoader(text, origin)
+    try:
+        data = loader.get_single_data()
+    except _LimitError as err:
+        raise ConfigError(f"{origin} {err}: a configuration is a few hundred values") from None
+    except (ValueError, OverflowError) as err:  # int("1" * 5000): beyond Python's limit on int digits
+        number = first_line(str(err))
+        raise ConfigError(f"{origin} holds a value that is not a valid number: {number}") from None
+    finally:
+        loader.dispose()
+    problem = shape_problem(data, MAX_CONFIG_VALUES, MAX_CONFIG_DEPTH, MAX_CONFIG_BYTES)
+    if problem:
+        raise ConfigError(f"{origin} {problem}: a configuration is a few hundred values")
+    return data
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    data = load_yaml(text, origin)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -184,20 +258,47 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
     return data
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping of sections in the YAML file ``path`` (at most :data:`MAX_CONFIG_BYTES`, UTF-8),
+    bounded as :func:`load_yaml`; every problem is a :class:`ConfigError` naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, not a config file (give a YAML file)")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        with path.open("rb") as f:
+            blob = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    if len(blob) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: a configuration is a few kilobytes of "
+            "YAML (is it the right file?)"
+        )
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text: a configuration is a YAML file") from None
+    return _read_yaml(text, str(path))
+
+
 def parse_override(item: str) -> dict[str, Any]:
     """``"objective.queue_length=8000"`` → ``{"objective": {"queue_length": 8000}}`` (YAML-typed value)."""
     if "=" not in item:
         raise ConfigError(
-            f"override {item!r} must look like section.key=value, e.g. objective.queue_length=8000"
+            f"override {short_repr(item)} must look like section.key=value, e.g. objective.queue_length=8000"
         )
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {item!r} has an empty key; use section.key=value")
+        raise ConfigError(f"override {short_repr(item)} has an empty key; use section.key=value")
+    if len(key.split(".")) > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"override {short_repr(item)}: no key is nested that deep")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_bounded(raw, f"override {short_repr(item)}") if raw.strip() else None
     except yaml.YAMLError:
-        value = raw
+        value = raw  # not YAML: the text as it is
     out: dict[str, Any] = {}
     set_dotted(out, key, value)
     return out
@@ -224,14 +325,11 @@ def load_config(
     if preset is not None:
         layers.append((f"preset {preset!r}", _read_yaml(preset_text(preset), f"preset {preset!r}")))
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        layers.append((str(path), _read_yaml(path.read_text(), str(path))))
+        layers.append((str(config_file), read_config_file(config_file)))
     if extra:
         layers.append(("arguments", dict(extra)))
     for item in overrides:
-        layers.append((f"override {item!r}", parse_override(item)))
+        layers.append((f"override {short_repr(item)}", parse_override(item)))
     for origin, layer in layers:
         _check_keys(layer, origin)
         data = _merge(data, _batch_layer(layer, origin))
@@ -263,11 +361,23 @@ def validate(data: Mapping[str, Any]) -> Config:
     return validate_as(Config, data, "configuration")
 
 
-def validate_stored(data: Mapping[str, Any]) -> tuple[Config, list[str]]:
-    """The :class:`Config` stored in a checkpoint written by an older version: keys this schema no longer
-    has (a removed option) are dropped and returned, so that its encoder still loads, as are values it
-    now refuses where they cannot matter to the encoder (``train.gpus_per_worker`` other than 1, read as
-    1); everything else is checked as usual."""
+def validate_stored(data: Any, origin: str = "a checkpoint") -> tuple[Config, list[str]]:
+    """The :class:`Config` stored in a checkpoint (``origin``: its file, for messages), bounded and
+    checked like ``--config``: a :class:`ConfigError` names ``origin`` when it is not a mapping, is past
+    the bounds of a configuration (shared references counted at every use) or does not validate.
+
+    A checkpoint written by an older version: keys this schema no longer has (a removed option) are
+    dropped and returned, so that its encoder still loads, as are values it now refuses where they cannot
+    matter to the encoder (``train.gpus_per_worker`` other than 1, read as 1); everything else is checked
+    as usual."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{origin}: the stored configuration is not a mapping of sections (got {short_repr(data)}); "
+            "is it a crossmoco-ray checkpoint?"
+        )
+    problem = shape_problem(data, MAX_CONFIG_VALUES, MAX_CONFIG_DEPTH, MAX_CONFIG_BYTES)
+    if problem:
+        raise ConfigError(f"{origin}: the stored configuration {problem}; the checkpoint is damaged")
     dropped: list[str] = []
 
     def keep(node: Mapping[str, Any], model: type[BaseModel], prefix: str) -> dict[str, Any]:
@@ -275,7 +385,7 @@ def validate_stored(data: Mapping[str, Any]) -> tuple[Config, list[str]]:
         for key, value in node.items():
             field = model.model_fields.get(str(key))
             if field is None:
-                dropped.append(f"{prefix}{key}")
+                dropped.append(clip(f"{prefix}{key}", 100))
                 continue
             ann = field.annotation
             if isinstance(ann, type) and issubclass(ann, BaseModel) and isinstance(value, Mapping):
@@ -292,24 +402,67 @@ def validate_stored(data: Mapping[str, Any]) -> tuple[Config, list[str]]:
             train = kept["train"] = {**train, other: None}
         # GPUs per worker other than 1 are refused for new runs now; a stored run that used them loads
         if train.get("use_gpu") and train.get("gpus_per_worker", 1) != 1:
-            dropped.append(f"train.gpus_per_worker={train['gpus_per_worker']} (read as 1)")
+            gpus = short_repr(train["gpus_per_worker"])
+            dropped.append(f"train.gpus_per_worker={gpus} (read as 1)")
             kept["train"] = {**train, "gpus_per_worker": 1.0}
-    return validate(kept), dropped
+    return validate_as(Config, kept, f"configuration stored in {origin}"), dropped
 
 
 def validate_as(model: type[M], data: Mapping[str, Any], what: str) -> M:
     """``model`` checked from a plain mapping: unknown keys with the nearest valid one, then pydantic's
-    checks, every problem on its own line as ``dotted.key: message (got value)``."""
+    checks, every problem on its own line as ``dotted.key: message (got value; the default is ...)``, the
+    value shown bounded (:func:`~crossmoco_ray.bounded.short_repr`)."""
     _check_keys(data, f"the {what}", model)
     try:
         return model.model_validate(data)
     except ValidationError as err:
         lines = []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{loc}: {msg} (got {e.get('input')!r})" if loc else msg)
+        for e in err.errors(include_url=False):
+            loc = _dotted(e["loc"])
+            msg = clip(e["msg"].removeprefix("Value error, "), 3000)
+            if not loc:  # a cross-field check: its message names the keys and the fix
+                lines.append(msg)
+                continue
+            default = _default_of(model, e["loc"])
+            hint = f"; the default is {default}" if default is not None else ""
+            lines.append(f"{loc}: {msg} (got {short_repr(e.get('input'))}{hint})")
         raise ConfigError(f"invalid {what}:\n  " + "\n  ".join(lines)) from None
+
+
+def _dotted(loc: Sequence[Any]) -> str:
+    """Pydantic's error location as a user writes it: ``data.render.azimuths[0]``,
+    ``train.worker_resources key ''`` (a bad key of a mapping)."""
+    text = ""
+    for i, part in enumerate(loc):
+        if part == "[key]":
+            continue
+        if i + 1 < len(loc) and loc[i + 1] == "[key]":
+            text += f" key {short_repr(part, 60)}"
+        elif isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + clip(str(part), 60)
+    return text
+
+
+def _default_of(model: type[BaseModel], loc: Sequence[Any]) -> str | None:
+    """The default of the field at ``loc`` as YAML would spell it (a value that validates), if it has a
+    plain one."""
+    field = None
+    node: Any = model
+    for part in loc:
+        if not (isinstance(node, type) and issubclass(node, BaseModel)):
+            return None
+        field = node.model_fields.get(str(part))
+        if field is None:
+            return None
+        node = field.annotation
+    if field is None or field.default is PydanticUndefined or isinstance(field.default, BaseModel):
+        return None
+    value = field.default
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return short_repr(value, 60)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -17,7 +17,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import _check_keys, _merge, _read_yaml, parse_override, validate_as
+from ..bounded import short_repr
+from ..config import _check_keys, _merge, _read_yaml, parse_override, read_config_file, validate_as
 from ..schema import ConfigError, _Section
 from ..schema_checks import gpu_problems
 
@@ -174,7 +175,9 @@ def finetune_preset_names() -> list[str]:
 
 def _preset(name: str) -> dict[str, Any]:
     if name not in finetune_preset_names():
-        raise ConfigError(f"unknown fine-tuning preset {name!r}; choose one of {finetune_preset_names()}")
+        raise ConfigError(
+            f"unknown fine-tuning preset {short_repr(name)}; choose one of {finetune_preset_names()}"
+        )
     text = (resources.files("crossmoco_ray") / "finetune" / "presets" / f"{name}.yaml").read_text()
     return _read_yaml(text, f"preset {name!r}")
 
@@ -189,11 +192,8 @@ def load_finetune_config(
     if preset is not None:
         layers.append((f"preset {preset!r}", _preset(preset)))
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        layers.append((str(path), _read_yaml(path.read_text(), str(path))))
-    layers += [(f"override {item!r}", parse_override(item)) for item in overrides]
+        layers.append((str(config_file), read_config_file(config_file)))
+    layers += [(f"override {short_repr(item)}", parse_override(item)) for item in overrides]
     data: dict[str, Any] = {}
     for origin, layer in layers:
         _check_keys(layer, origin, FinetuneConfig)
