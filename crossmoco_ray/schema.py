@@ -9,7 +9,7 @@ which re-exports everything here. This module imports only pydantic.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,7 +21,13 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no setting of this project means anything at inf or nan (an infinite lr or
+    # temperature trains nothing, and nan passes no bound), in any float of any section, lists included
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+ResourceName = Annotated[str, Field(min_length=1, max_length=200)]
+ResourceAmount = Annotated[float, Field(ge=0.0)]
 
 
 class ModelConfig(_Section):
@@ -96,8 +102,16 @@ class RenderConfig(_Section):
     """Views rendered for sources without images (prepare time): shaded meshes where the source has them
     (the built-in set, mesh folders), else splats of the points."""
 
-    azimuths: list[float] = Field(default_factory=lambda: [0.0, 60.0, 120.0, 180.0, 240.0, 300.0])
-    elevations: list[float] = Field(default_factory=lambda: [20.0])
+    azimuths: list[float] = Field(
+        default_factory=lambda: [0.0, 60.0, 120.0, 180.0, 240.0, 300.0],
+        min_length=1,
+        description="camera angles about the up axis, degrees (at least one)",
+    )
+    elevations: list[float] = Field(
+        default_factory=lambda: [20.0],
+        min_length=1,
+        description="camera angles above the horizon, degrees (at least one)",
+    )
     size: int = Field(128, ge=8, description="rendered image side (resized to data.image_size when read)")
     point_size: int = Field(2, ge=1)
     mode: Literal["depth", "shaded", "coords"] = Field(
@@ -181,7 +195,7 @@ class TrainConfig(_Section):
         1.0, ge=0.0, description="with use_gpu: 1 (each worker trains on one GPU; more GPUs = more workers)"
     )
     data_cpus: float = Field(1.0, ge=0.0, description="CPUs kept free for Ray Data tasks")
-    worker_resources: dict[str, float] = Field(
+    worker_resources: dict[ResourceName, ResourceAmount] = Field(
         default_factory=dict,
         description="custom Ray resources each worker also requests, e.g. {trainer_slot: 1} to keep "
         "workers on the nodes that advertise them (`ray start --resources`)",

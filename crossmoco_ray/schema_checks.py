@@ -10,8 +10,13 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from .bounded import short_repr
+
 if TYPE_CHECKING:
     from .schema import Config
+
+
+MAX_LISTED_WORKERS = 1024  # the largest worker count a message suggests
 
 
 def _multiples_near(value: int, step: int) -> tuple[list[int], list[int]]:
@@ -68,7 +73,8 @@ def cross_field_problems(cfg: Config) -> list[str]:
         )
         return problems
     if t.batch_size is not None and t.batch_size % t.num_workers:
-        divisors = [w for w in range(1, t.batch_size + 1) if t.batch_size % w == 0]
+        # worker counts that split the batch (up to a bound: a batch of 10**12 must not take 10**12 steps)
+        divisors = [w for w in range(1, min(t.batch_size, MAX_LISTED_WORKERS) + 1) if t.batch_size % w == 0]
         nearest_batches = _multiples_near(t.batch_size, t.num_workers)[0]
         problems.append(
             f"train.batch_size={t.batch_size} (the global batch) does not split evenly over "
@@ -111,11 +117,17 @@ def cross_field_problems(cfg: Config) -> list[str]:
             f"data.point_augment.scale_low={pa.scale_low} is above scale_high={pa.scale_high}; swap them"
         )
     if cfg.tracking.register_model and not cfg.tracking.log_model:
+        name = short_repr(cfg.tracking.register_model, 80)
         problems.append(
-            f"tracking.register_model={cfg.tracking.register_model} needs the model logged: set "
+            f"tracking.register_model={name} needs the model logged: set "
             "tracking.log_model=true (or drop tracking.register_model)"
         )
     problems += gpu_problems(t)
+    if "GPU" in t.worker_resources:  # Ray refuses it without use_gpu; with it, gpus_per_worker wins
+        problems.append(
+            f"train.worker_resources.GPU={t.worker_resources['GPU']:g}: GPUs are set by train.use_gpu=true "
+            "and train.gpus_per_worker; drop GPU from train.worker_resources"
+        )
     if m.sync_bn and not t.use_gpu:
         problems.append("model.sync_bn=true needs CUDA (torch's SyncBatchNorm); set train.use_gpu=true")
     if cfg.optim.warmup_epochs >= t.epochs:

@@ -239,3 +239,112 @@ def test_a_config_stored_by_an_older_version_still_loads() -> None:
     cfg, dropped = validate_stored(stored)
     assert dropped == ["train.fault_at_step", "train.gpus_per_worker=2.0 (read as 1)"]
     assert cfg.train.gpus_per_worker == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Values no setting means anything at: non-finite floats, fractions outside [0, 1), negative resources
+# --------------------------------------------------------------------------------------------------
+
+
+def float_keys(model: type, prefix: str = "") -> list[str]:
+    """Every dotted key of ``model`` that holds floats (alone, optional, in a list or as mapping values)."""
+    from pydantic import BaseModel
+
+    keys = []
+    for name, field in model.model_fields.items():  # type: ignore[attr-defined]
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += float_keys(ann, f"{prefix}{name}.")
+        elif "float" in str(ann):
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _finetune_keys() -> list[str]:
+    from crossmoco_ray.finetune.schema import FinetuneConfig
+
+    return float_keys(FinetuneConfig)
+
+
+def bad_value(key: str, number: str) -> str:
+    """An override giving ``key`` the YAML float ``number`` in the shape the key holds."""
+    if key.endswith(("azimuths", "elevations")):
+        return f"{key}=[0.0, {number}]"
+    if key.endswith("worker_resources"):
+        return f"{key}={{trainer_slot: {number}}}"
+    return f"{key}={number}"
+
+
+@pytest.mark.parametrize("number", [".inf", "-.inf", ".nan"])
+@pytest.mark.parametrize("key", float_keys(Config))
+def test_no_float_of_the_config_takes_inf_or_nan(key: str, number: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("quickstart", overrides=[bad_value(key, number)])
+    message = str(err.value)
+    assert key in message
+    assert "finite number" in message or "greater than" in message or "less than" in message
+
+
+@pytest.mark.parametrize("number", [".inf", ".nan"])
+@pytest.mark.parametrize("key", _finetune_keys())
+def test_no_float_of_the_finetuning_config_takes_inf_or_nan(key: str, number: str) -> None:
+    from crossmoco_ray.finetune.schema import load_finetune_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_finetune_config(overrides=[f"{key}={number}"])
+
+
+def test_a_non_finite_value_is_named_with_the_value_and_the_default() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["optim.lr=.inf", "objective.temperature=.nan"])
+    message = str(err.value)
+    assert "optim.lr: Input should be a finite number (got inf; the default is 0.001)" in message
+    assert "objective.temperature: Input should be a finite number (got nan; the default is 0.1)" in message
+
+
+FRACTIONS = [
+    "data.val_fraction",
+    "eval.val_fraction",
+    "data.point_augment.dropout_max",
+    "objective.momentum",
+    "optim.sgd_momentum",
+]
+FINETUNE_FRACTIONS = ["data.val_fraction", "model.dropout", "optim.label_smoothing", "optim.momentum"]
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.0", "1.5"])
+def test_fractions_outside_zero_to_one_are_refused(value: str) -> None:
+    from crossmoco_ray.finetune.schema import load_finetune_config
+
+    for key in FRACTIONS:
+        with pytest.raises(ConfigError, match=rf"{key}: Input should be .* \(got {value}"):
+            load_config(overrides=[f"{key}={value}"])
+    for key in FINETUNE_FRACTIONS:
+        with pytest.raises(ConfigError, match=rf"{key}: Input should be .* \(got {value}"):
+            load_finetune_config(overrides=[f"{key}={value}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("train.cpus_per_worker=-1", "train.cpus_per_worker: Input should be greater than 0 (got -1"),
+        ("train.gpus_per_worker=-1", "train.gpus_per_worker: Input should be greater than or equal to 0"),
+        ("train.data_cpus=-0.5", "train.data_cpus: Input should be greater than or equal to 0 (got -0.5"),
+        ("train.worker_resources={CPU: -1}", "train.worker_resources.CPU: Input should be greater than or"),
+        ("train.worker_resources={memory: .nan}", "train.worker_resources.memory: Input should be a finite"),
+        ("train.worker_resources={'': 1}", "train.worker_resources key '': String should have at least 1"),
+        ("train.worker_resources={GPU: 1}", "GPUs are set by train.use_gpu=true and train.gpus_per_worker"),
+        ("data.render.azimuths=[]", "data.render.azimuths: List should have at least 1 item"),
+        ("data.render.elevations=[]", "data.render.elevations: List should have at least 1 item"),
+        (
+            "data.render.azimuths=[0, .inf]",
+            "data.render.azimuths[1]: Input should be a finite number (got inf)",
+        ),
+    ],
+)
+def test_resources_and_view_angles_that_mean_nothing_are_refused_with_the_key(
+    override: str, named: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert named in str(err.value)

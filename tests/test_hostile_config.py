@@ -222,3 +222,10 @@ def bomb_config() -> dict[str, Any]:
 def test_a_stored_config_bomb_is_refused_by_validate_stored() -> None:
     with fast(), pytest.raises(ConfigError, match=r"more than .* values"):
         validate_stored(bomb_config(), "ckpt/state.pt")
+
+
+@pytest.mark.timeout(10)
+def test_a_huge_global_batch_that_does_not_split_is_named_fast() -> None:
+    """The message lists the worker counts that split the batch: a bounded search, not one per sample."""
+    with fast(), pytest.raises(ConfigError, match=r"does not split evenly over train\.num_workers=2"):
+        load_config(overrides=["train.batch_size=1000000000001", "train.num_workers=2"])
