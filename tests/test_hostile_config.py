@@ -225,6 +225,46 @@ def test_a_stored_config_bomb_is_refused_by_validate_stored() -> None:
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.parametrize("command", ["export", "eval", "finetune"])
+def test_a_checkpoint_whose_stored_config_is_a_bomb_fails_fast(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = stored(bomb_config(), tmp_path / "bomb.pt")
+    assert path.stat().st_size < 8000
+    argv = {
+        "export": ["export", str(path), "--out", str(tmp_path / "out")],
+        "eval": ["eval", "svm", "--data", str(tmp_path / "no-data"), "--checkpoint", str(path)],
+        "finetune": ["finetune", "cls", "--data", str(tmp_path / "no-data"), "--checkpoint", str(path),
+                     "--storage", str(tmp_path / "runs"), "--no-tracking"],
+    }[command]  # fmt: skip
+    code, err = run(argv, capsys)
+    assert code == 2
+    assert "bomb.pt" in err
+    assert "more than" in err
+    assert len(err) < 1000
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [
+        (["not", "a", "mapping"], "not a mapping"),
+        ({"train": {"epochs": "x" * 100_000}}, "train.epochs"),
+        ({"model": {"k": float("inf")}}, "model.k"),
+    ],
+    ids=["list", "long-str", "inf"],
+)
+def test_a_damaged_stored_config_is_a_named_error(
+    config: Any, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = stored(config, tmp_path / "bad.pt")
+    code, err = run(["export", str(path), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert "bad.pt" in err
+    assert problem in err
+    assert len(err) < 1000
+
+
+@pytest.mark.timeout(10)
 def test_a_huge_global_batch_that_does_not_split_is_named_fast() -> None:
     """The message lists the worker counts that split the batch: a bounded search, not one per sample."""
     with fast(), pytest.raises(ConfigError, match=r"does not split evenly over train\.num_workers=2"):

@@ -12,11 +12,18 @@ Formats read by :func:`load_point_encoder`:
 
 Loading is strict: every key must match in name and shape; the only keys allowed to be missing are the
 projection head's, and only when the file has no head at all (exported backbones).
+
+Every file read here may be damaged or hostile: a checkpoint's stored config is bounded and validated
+like ``--config`` (:func:`~crossmoco_ray.config.validate_stored`), ``meta.json`` is read up to a size,
+every tensor must hold the data its shape claims, and the encoder is first built on the ``meta`` device
+and matched against the file's shapes, so that no size written in a file is allocated before the file's
+own tensors confirm it. Each problem is a ``ValueError`` (or ``ConfigError``) naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,16 +31,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..bounded import clip, first_line, short_repr
 from ..config import config_hash, validate_stored
-from ..nn import build_point_encoder, load_checked, strip_prefixes
+from ..nn import POINT_ENCODERS, build_point_encoder, load_checked, strip_prefixes
 from ..train.builders import point_encoder_spec
 from ..train.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from ..train.checkpoint import STATE_FILE, read_checkpoint
+from ..train.checkpoint import STATE_FILE, checked_state, load_torch_file, read_checkpoint
 from .features import normalize_clouds
 
 BACKBONE_FORMAT = "crossmoco-ray/backbone"
 BACKBONE_FILE = "backbone.pt"
 META_FILE = "meta.json"
+MAX_META_BYTES = 1 << 20  # meta.json is a few hundred bytes
+MAX_KEY_CHARS = 300  # a parameter name of a state dict
 
 
 @dataclass
@@ -87,10 +97,51 @@ def feature_model(loaded: LoadedEncoder, edgeconv: str = "reference") -> PointFe
 
 
 def _torch_load(path: Path) -> Any:
+    return load_torch_file(path)
+
+
+def _state_dict(obj: Any, path: Path | str, what: str = "state dict") -> dict[str, torch.Tensor]:
+    """``obj`` when it is a state dict whose tensors hold the data their shapes claim; else a
+    ``ValueError`` naming ``path``. (A crafted tensor of stride 0 claims any size from one stored value:
+    an architecture read off its shape would be allocated at that size.)"""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: the {what} is a {type(obj).__name__}, not a mapping of tensors")
+    for key, value in obj.items():
+        if not isinstance(key, str) or len(key) > MAX_KEY_CHARS:
+            raise ValueError(f"{path}: the {what} has a key that is no parameter name: {short_repr(key, 80)}")
+        if not isinstance(value, torch.Tensor):
+            got = type(value).__name__
+            raise ValueError(f"{path}: the {what}'s {clip(key, 80)} is a {got}, not a tensor")
+        if value.numel() and value.untyped_storage().nbytes() < value.numel() * value.element_size():
+            raise ValueError(
+                f"{path}: the {what}'s {clip(key, 80)} claims shape {tuple(value.shape)} but stores less "
+                "data than that (a damaged or crafted file)"
+            )
+    return obj
+
+
+def _read_meta(file: Path) -> dict[str, Any]:
+    """``meta.json`` beside an export (``{}`` when absent), bounded; a damaged one is a named error."""
+    if not file.is_file():
+        return {}
+    with file.open("rb") as f:
+        blob = f.read(MAX_META_BYTES + 1)
+    if len(blob) > MAX_META_BYTES:
+        raise ValueError(f"{file} is larger than {MAX_META_BYTES >> 20} MiB: not an export's meta.json")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable PyTorch file ({type(err).__name__}: {err})") from err
+        meta = json.loads(blob)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{file}: not valid JSON ({first_line(str(err))})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file}: holds a {type(meta).__name__}, not the mapping an export writes")
+    return meta
+
+
+def _plain(value: Any) -> Any:
+    """A field of a file kept for reports (epoch, run id, ...): plain scalars only, text cut short."""
+    if isinstance(value, str):
+        return clip(value, 200)
+    return value if value is None or isinstance(value, (bool, int, float)) else None
 
 
 def random_encoder(name: str = "dgcnn", seed: int = 0, **kwargs: Any) -> LoadedEncoder:
@@ -99,15 +150,22 @@ def random_encoder(name: str = "dgcnn", seed: int = 0, **kwargs: Any) -> LoadedE
     return LoadedEncoder(build_point_encoder(name, **kwargs), name, kwargs, "random-init", {"seed": seed})
 
 
+def _rows(state: dict[str, torch.Tensor], key: str) -> int:
+    """The first dimension of ``state[key]`` (a layer's width), or a ``ValueError`` when it has none."""
+    value = state[key]
+    if value.dim() == 0:
+        raise ValueError(f"{key} is a scalar, not a layer's weight")
+    return int(value.shape[0])
+
+
 def _infer_dgcnn_kwargs(state: dict[str, torch.Tensor], k: int) -> dict[str, Any]:
     if "conv5.0.weight" not in state:
-        raise ValueError(
-            "not a DGCNN state dict: no 'conv5.0.weight' (keys: " + ", ".join(list(state)[:8]) + " …)"
-        )
-    kwargs: dict[str, Any] = {"k": k, "emb_dims": int(state["conv5.0.weight"].shape[0])}
-    if "inv_head.0.weight" in state:
-        kwargs["head_hidden"] = int(state["inv_head.0.weight"].shape[0])
-        kwargs["proj_dim"] = int(state["inv_head.3.weight"].shape[0])
+        keys = ", ".join(clip(key, 60) for key in list(state)[:8])
+        raise ValueError(f"not a DGCNN state dict: no 'conv5.0.weight' (keys: {keys} …)")
+    kwargs: dict[str, Any] = {"k": k, "emb_dims": _rows(state, "conv5.0.weight")}
+    if "inv_head.0.weight" in state and "inv_head.3.weight" in state:
+        kwargs["head_hidden"] = _rows(state, "inv_head.0.weight")
+        kwargs["proj_dim"] = _rows(state, "inv_head.3.weight")
     return kwargs
 
 
@@ -115,10 +173,35 @@ def _head_keys(encoder: nn.Module) -> set[str]:
     return {key for key in encoder.state_dict() if key.startswith("inv_head.")}
 
 
-def _load_into(name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor], what: str) -> nn.Module:
-    encoder = build_point_encoder(name, **kwargs)
+def _load_into(
+    name: str,
+    kwargs: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    what: str,
+    ignored_unexpected: tuple[str, ...] = (),
+) -> nn.Module:
+    """Encoder ``name(**kwargs)`` with ``state`` loaded, strictly. The encoder is built on the ``meta``
+    device first (no memory) and matched against ``state``, so sizes read from a file are allocated only
+    once the file's tensors have those shapes."""
+    if name not in POINT_ENCODERS:
+        raise ValueError(
+            f"{what}: unknown point encoder {short_repr(name, 60)}; known: {sorted(POINT_ENCODERS)}"
+        )
     has_head = any(key.startswith("inv_head.") for key in state)
-    load_checked(encoder, state, allowed_missing=() if has_head else _head_keys(encoder), what=what)
+    try:
+        with torch.device("meta"):
+            probe = build_point_encoder(name, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"{what}: cannot build a {name} encoder from {short_repr(kwargs)}: {first_line(str(err))}"
+        ) from None
+    allowed = () if has_head else _head_keys(probe)
+    check = dict(allowed_missing=allowed, ignored_unexpected=ignored_unexpected, what=what)
+    with warnings.catch_warnings():  # loading into meta tensors copies nothing, and torch says so per key
+        warnings.simplefilter("ignore", UserWarning)
+        load_checked(probe, state, **check)  # type: ignore[arg-type]
+    encoder = build_point_encoder(name, **kwargs)
+    load_checked(encoder, state, **check)  # type: ignore[arg-type]
     return encoder
 
 
@@ -139,27 +222,28 @@ def load_point_encoder(path: str | Path, k: int = 15, edgeconv: str = "fast") ->
     obj = _torch_load(path)
 
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        cfg, _ = validate_stored(obj["config"])  # an older version's removed options are dropped
+        ckpt = checked_state(obj, path)
+        cfg, _ = validate_stored(ckpt["config"], str(path))  # an older version's removed options dropped
         spec = point_encoder_spec(cfg.model)
-        state = {key[len("point_q.") :]: v for key, v in obj["model"].items() if key.startswith("point_q.")}
+        model = _state_dict(ckpt["model"], path, "checkpoint's model")
+        state = {key[len("point_q.") :]: v for key, v in model.items() if key.startswith("point_q.")}
         encoder = _load_into(spec["name"], spec["kwargs"], state, str(path))
         info = {
-            "epoch": obj.get("epoch"),
-            "step": obj.get("step"),
+            "epoch": _plain(obj.get("epoch")),
+            "step": _plain(obj.get("step")),
             "config_hash": config_hash(cfg),
-            "mlflow_run_id": obj.get("mlflow_run_id"),
+            "mlflow_run_id": _plain(obj.get("mlflow_run_id")),
         }
         normalize = cfg.data.point_augment.normalize
         return LoadedEncoder(encoder.eval(), spec["name"], spec["kwargs"], "checkpoint", info, normalize)
 
     if isinstance(obj, dict) and obj.get("format") == BACKBONE_FORMAT:
-        meta = (
-            json.loads((path.parent / META_FILE).read_text()) if (path.parent / META_FILE).is_file() else {}
-        )
-        name, kwargs = obj["architecture"], dict(obj["kwargs"])
+        meta = _read_meta(path.parent / META_FILE)
+        name, kwargs = _backbone_architecture(obj, path)
         if "edgeconv" in kwargs:
             kwargs["edgeconv"] = edgeconv
-        encoder = _load_into(name, kwargs, obj["point_encoder"], str(path))
+        state = _state_dict(obj.get("point_encoder"), path, "exported point encoder")
+        encoder = _load_into(name, kwargs, state, str(path))
         normalize = bool(obj.get("normalize", True))
         return LoadedEncoder(encoder.eval(), name, kwargs, "backbone", meta, normalize)
 
@@ -175,12 +259,37 @@ def load_point_encoder(path: str | Path, k: int = 15, edgeconv: str = "fast") ->
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: not a state dict, a [q, k] list, a checkpoint or an exported backbone")
-    state = strip_prefixes(obj)
-    if "conv6.0.weight" in state:  # DGCNN_partseg (CrossPoint's --model dgcnn_seg), pretrained or fine-tuned
-        return _load_partseg_encoder(state, k, path)
-    kwargs = {**_infer_dgcnn_kwargs(state, k), "edgeconv": edgeconv}
+    state = strip_prefixes(_state_dict(obj, path))
+    try:
+        if (
+            "conv6.0.weight" in state
+        ):  # DGCNN_partseg (CrossPoint's --model dgcnn_seg), pretrained or fine-tuned
+            return _load_partseg_encoder(state, k, path)
+        kwargs = {**_infer_dgcnn_kwargs(state, k), "edgeconv": edgeconv}
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     encoder = _load_into("dgcnn", kwargs, state, str(path))
     return LoadedEncoder(encoder.eval(), "dgcnn", kwargs, "crosspoint", {"file": str(path)})
+
+
+def _backbone_architecture(obj: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]]:
+    """The architecture and constructor arguments an export names, checked to be plain: a known encoder,
+    positive ints (and the EdgeConv variant)."""
+    name, kwargs = obj.get("architecture"), obj.get("kwargs")
+    if not isinstance(name, str) or name not in POINT_ENCODERS:
+        raise ValueError(
+            f"{path}: the export's architecture {short_repr(name, 60)} is none of {sorted(POINT_ENCODERS)}"
+        )
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{path}: the export's kwargs are a {type(kwargs).__name__}, not a mapping")
+    for key, value in kwargs.items():
+        plain_int = type(value) is int and value > 0
+        if not (plain_int or (key == "edgeconv" and value in ("fast", "reference"))):
+            raise ValueError(
+                f"{path}: the export's kwargs hold {short_repr(key, 60)}={short_repr(value, 60)}, not an "
+                "encoder setting (a positive int)"
+            )
+    return name, dict(kwargs)
 
 
 SEG_HEAD = ("conv7.", "conv8.", "conv9.", "conv10.", "conv11.", "bn7.", "bn8.", "bn9.", "bn10.")
@@ -188,28 +297,20 @@ SEG_HEAD = ("conv7.", "conv8.", "conv9.", "conv10.", "conv11.", "bn7.", "bn8.", 
 
 def _load_partseg_encoder(state: dict[str, torch.Tensor], k: int, path: Path) -> LoadedEncoder:
     """The encoder of a ``DGCNN_partseg`` state dict (a fine-tuned file's segmentation head is left out)."""
-    kwargs: dict[str, Any] = {"k": k, "emb_dims": int(state["conv6.0.weight"].shape[0])}
-    if "inv_head.0.weight" in state:
-        kwargs["head_hidden"] = int(state["inv_head.0.weight"].shape[0])
-        kwargs["proj_dim"] = int(state["inv_head.3.weight"].shape[0])
-    encoder = build_point_encoder("dgcnn_seg", **kwargs)
-    has_head = any(key.startswith("inv_head.") for key in state)
-    load_checked(
-        encoder,
-        state,
-        allowed_missing=() if has_head else _head_keys(encoder),
-        ignored_unexpected=SEG_HEAD,
-        what=str(path),
-    )
+    kwargs: dict[str, Any] = {"k": k, "emb_dims": _rows(state, "conv6.0.weight")}
+    if "inv_head.0.weight" in state and "inv_head.3.weight" in state:
+        kwargs["head_hidden"] = _rows(state, "inv_head.0.weight")
+        kwargs["proj_dim"] = _rows(state, "inv_head.3.weight")
+    encoder = _load_into("dgcnn_seg", kwargs, state, str(path), ignored_unexpected=SEG_HEAD)
     return LoadedEncoder(encoder.eval(), "dgcnn_seg", kwargs, "crosspoint", {"file": str(path)})
 
 
 def export_backbone(checkpoint: str | Path, out: str | Path, with_image: bool = False) -> Path:
     """Write the point encoder's backbone (no projection head) + ``meta.json`` to ``out``; returns ``out``."""
     ckpt = read_checkpoint(checkpoint)
-    cfg, _ = validate_stored(ckpt["config"])
+    cfg, _ = validate_stored(ckpt["config"], str(checkpoint))
     spec = point_encoder_spec(cfg.model)
-    model_state = ckpt["model"]
+    model_state = _state_dict(ckpt["model"], checkpoint, "checkpoint's model")
     backbone = {
         key[len("point_q.") :]: v
         for key, v in model_state.items()
@@ -244,10 +345,10 @@ def export_backbone(checkpoint: str | Path, out: str | Path, with_image: bool = 
         "image_encoder": cfg.model.image_encoder if with_image else None,
         "config_hash": config_hash(cfg),
         "source_checkpoint": str(Path(checkpoint).resolve()),
-        "source_run": ckpt.get("mlflow_run_id"),
-        "run_name": ckpt.get("run_name"),
-        "epoch": ckpt.get("epoch"),
-        "step": ckpt.get("step"),
+        "source_run": _plain(ckpt.get("mlflow_run_id")),
+        "run_name": _plain(ckpt.get("run_name")),
+        "epoch": _plain(ckpt.get("epoch")),
+        "step": _plain(ckpt.get("step")),
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
     return out

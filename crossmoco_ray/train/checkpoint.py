@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..bounded import first_line, short_repr
 from ..config import Config, to_yaml
 from ..nn import CrossMoCo
 
@@ -129,17 +130,45 @@ def write_checkpoint(directory: str | Path, state: dict[str, Any], cfg: Config) 
     return directory
 
 
-def read_checkpoint(directory: str | Path) -> dict[str, Any]:
-    """The state dict of a checkpoint directory (or of its ``state.pt``), checked for its format."""
-    path = Path(directory)
-    file = path / STATE_FILE if path.is_dir() else path
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+def load_torch_file(file: Path) -> Any:
+    """``torch.load(file, weights_only=True)`` on CPU; a file that does not unpickle (truncated, not a
+    PyTorch file, objects other than tensors and plain data) is a ``ValueError`` naming it and why, in
+    one line. A missing file is a ``FileNotFoundError``."""
+    if not file.exists():
+        raise FileNotFoundError(f"{file} does not exist")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises anything from EOFError to RuntimeError for a damaged file
+        reason = first_line(str(err)) or "no message"
+        raise ValueError(f"{file}: not a readable PyTorch file ({type(err).__name__}: {reason})") from err
+
+
+def checked_state(state: Any, file: Path | str) -> dict[str, Any]:
+    """``state`` (what ``state.pt`` unpickled to) when it has the checkpoint's format, a readable
+    version, a mapping for ``model`` and for ``config``; else a ``ValueError`` naming ``file``."""
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if not isinstance(fmt, str) or fmt != FORMAT:
         raise ValueError(f"{file} is not a crossmoco-ray checkpoint")
-    if state.get("version") not in READABLE:
-        version = state.get("version")
-        raise ValueError(f"{file}: checkpoint version {version}, this crossmoco-ray reads {READABLE}")
+    version = state.get("version")
+    if type(version) is not int or version not in READABLE:
+        raise ValueError(
+            f"{file}: checkpoint version {short_repr(version, 40)}, this crossmoco-ray reads {READABLE}"
+        )
+    for key in ("model", "config"):
+        if not isinstance(state.get(key), dict):
+            got = type(state.get(key)).__name__
+            raise ValueError(f"{file}: the checkpoint's {key!r} is a {got}, not a mapping (a damaged file)")
     return state
+
+
+def read_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """The state dict of a checkpoint directory (or of its ``state.pt``), checked for its format; a
+    damaged file is a ``ValueError`` naming it."""
+    path = Path(directory)
+    if path.is_dir() and not (path / STATE_FILE).is_file():
+        raise ValueError(f"{path} holds no {STATE_FILE}: not a checkpoint directory")
+    file = path / STATE_FILE if path.is_dir() else path
+    return checked_state(load_torch_file(file), file)
 
 
 def restore(

@@ -94,3 +94,85 @@ def test_an_encoder_trained_on_raw_clouds_is_evaluated_on_raw_clouds(tmp_path: P
     assert load_point_encoder(export_backbone(path, tmp_path / "export")).normalize is False
     assert [enc.normalize for _, enc in encoders(str(path), baseline=True)] == [False, False]
     assert all(enc.normalize for _, enc in encoders(None, baseline=True, k=4, emb_dims=16))
+
+
+# --------------------------------------------------------------------------------------------------
+# Damaged or crafted files: a ValueError (or ConfigError) naming the file, before anything is allocated
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_state(path: Path) -> dict:
+    return torch.load(path / "state.pt", weights_only=True)
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        ({"config": ["not", "a", "mapping"]}, "'config' is a list, not a mapping"),
+        ({"model": "weights"}, "'model' is a str, not a mapping"),
+        ({"version": torch.tensor([1, 2])}, "checkpoint version <Tensor>"),
+        ({"model": {"point_q.conv1.weight": [1.0, 2.0]}}, "point_q.conv1.weight is a list, not a tensor"),
+    ],
+    ids=["config", "model", "version", "weight"],
+)
+def test_a_damaged_checkpoint_is_a_named_error_for_eval_and_export(
+    damage: dict, named: str, checkpoint: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    path, _ = checkpoint
+    state = checkpoint_state(path) | damage
+    torch.save(state, tmp_path / "damaged.pt")
+    for read in (load_point_encoder, lambda p: export_backbone(p, tmp_path / "export")):
+        with pytest.raises(ValueError, match=r"damaged\.pt") as err:
+            read(tmp_path / "damaged.pt")
+        assert named in str(err.value)
+
+
+@pytest.mark.timeout(20)
+def test_a_crafted_tensor_claiming_a_huge_shape_is_refused_before_the_encoder_is_built(
+    tmp_path: Path,
+) -> None:
+    """One stored float, stride 0, shape [2**40, 512, 1]: the DGCNN width read off it would be allocated."""
+    torch.save({"conv5.0.weight": torch.zeros(1).expand(2**40, 512, 1)}, tmp_path / "crafted.pth")
+    assert (tmp_path / "crafted.pth").stat().st_size < 4000
+    with pytest.raises(ValueError, match=r"crafted\.pth: the state dict's conv5\.0\.weight claims shape"):
+        load_point_encoder(tmp_path / "crafted.pth")
+
+
+def test_a_stored_architecture_that_the_weights_do_not_have_is_refused_before_it_is_built(
+    checkpoint: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    """A stored config asking for a width the checkpoint's weights do not have is matched on the meta
+    device: the mismatch is named, and nothing of that width is allocated."""
+    path, _ = checkpoint
+    state = checkpoint_state(path)
+    state["config"]["model"]["emb_dims"] = 2**40
+    torch.save(state, tmp_path / "wide.pt")
+    with pytest.raises(ValueError, match=r"shape mismatch .*conv5\.0\.weight"):
+        load_point_encoder(tmp_path / "wide.pt")
+
+
+EXPORT_DAMAGE = [
+    ({"kwargs": {"emb_dims": "wide"}}, "the export's kwargs hold 'emb_dims'='wide'"),
+    ({"kwargs": {"bogus": 1}}, "cannot build a dgcnn encoder from {'bogus': 1}"),
+    ({"architecture": "transformer"}, "the export's architecture 'transformer' is none of"),
+    ({"point_encoder": None}, "the exported point encoder is a NoneType"),
+]
+
+
+def test_a_damaged_export_or_meta_json_is_a_named_error(
+    checkpoint: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    path, _ = checkpoint
+    out = export_backbone(path, tmp_path / "export")
+    good = torch.load(out / "backbone.pt", weights_only=True)
+    for damage, named in EXPORT_DAMAGE:
+        torch.save(good | damage, out / "backbone.pt")
+        with pytest.raises(ValueError, match=r"backbone\.pt") as err:
+            load_point_encoder(out)
+        assert named in str(err.value)
+    torch.save(good, out / "backbone.pt")
+    for meta in (b"{not json", b"[1, 2]", b"[" * 100_000, b" " * (2 << 20)):
+        (out / "meta.json").write_bytes(meta)
+        with pytest.raises(ValueError, match=r"meta\.json") as err:
+            load_point_encoder(out)
+        assert len(str(err.value)) < 400
