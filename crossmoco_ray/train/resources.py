@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..bounded import clip, short_repr
 from ..config import Config, ConfigError
 from ..nn.runtime import cuda_bf16_support
 
@@ -74,31 +75,72 @@ def emulated_bf16_problem(cfg: Config | Any, resources: dict[str, float]) -> str
     return f"train.precision=bf16 on this cluster's GPUs: {reasons}. Set train.precision=fp32"
 
 
+def worker_request(t: Any) -> dict[str, float]:
+    """The resources Ray is asked for per worker (``resources_per_worker``) by a ``train`` section:
+    ``cpus_per_worker`` CPUs, every ``worker_resources`` entry (whose ``CPU`` wins over
+    ``cpus_per_worker``), and with ``use_gpu`` ``gpus_per_worker`` GPUs."""
+    request = {"CPU": float(t.cpus_per_worker), **getattr(t, "worker_resources", {})}
+    if t.use_gpu:
+        request["GPU"] = float(t.gpus_per_worker)
+    return request
+
+
+def _shortfall(t: Any, key: str, amount: float, need: float, have: float, local: bool) -> str:
+    """Why the workers' ``key`` does not fit, and the fix."""
+    workers = f"{t.num_workers} workers × {amount:g}"
+    if key == "CPU":
+        data_cpus = getattr(t, "data_cpus", 0.0)
+        where = "train.worker_resources.CPU" if "CPU" in getattr(t, "worker_resources", {}) else None
+        knob = where or "train.cpus_per_worker (fractions work, e.g. 0.5)"
+        return (
+            f"{workers} CPU + {data_cpus:g} CPU for Ray Data = {need:g} CPUs, the cluster has {have:g}: "
+            f"lower {knob}, train.num_workers or train.data_cpus"
+        )
+    if key == "GPU":
+        return (
+            f"{workers} GPU = {need:g} GPUs, the cluster has {have:g}: lower train.num_workers or set "
+            "train.use_gpu=false"
+        )
+    name = short_repr(key, 80)
+    if key in ("memory", "object_store_memory"):
+        gib = 1 << 30
+        return (
+            f"train.worker_resources.{key}: {t.num_workers} workers × {amount / gib:.3g} GiB = "
+            f"{need / gib:.3g} GiB, the cluster has {have / gib:.3g} GiB: lower it (Ray counts it in bytes) "
+            "or drop it from train.worker_resources"
+        )
+    # a local Ray started here has only CPU, GPU and memory: a custom resource would be waited for forever
+    fix = (
+        "a local Ray has no custom resources: drop it from train.worker_resources, or start a Ray with it "
+        f"(`ray start --head --resources='{{\"{clip(key, 80)}\": {need:g}}}'`) and join that with "
+        "--address or RAY_ADDRESS"
+        if local
+        else "drop it from train.worker_resources or add nodes that advertise it (`ray start --resources`)"
+    )
+    return f"train.worker_resources {name}: {workers} = {need:g}, the cluster has {have:g}: {fix}"
+
+
 def check_resources(
     cfg: Config | Any, resources: dict[str, float], local: bool, log: Callable[[str], None]
 ) -> None:
-    """Workers plus the CPUs kept for Ray Data must fit, or the run would wait (or hang) forever; and
-    bf16 is refused on a cluster whose GPUs all emulate it (slower than fp32).
+    """Every resource the workers ask for, plus the CPUs kept for Ray Data, must fit, or the run would
+    wait (or hang) forever: CPUs, GPUs, and each key of ``train.worker_resources`` (memory, custom
+    resources), counted as :func:`worker_request` asks Ray for them. Local: a :class:`ConfigError` before
+    any worker starts; on a cluster (an autoscaler may add nodes): warnings. And bf16 is refused on a
+    cluster whose GPUs all emulate it (slower than fp32).
 
     ``cfg``: a pretraining :class:`Config`, or any config whose ``train`` section has ``num_workers``,
-    ``cpus_per_worker``, ``gpus_per_worker`` and ``use_gpu`` (fine-tuning's, which keeps no Ray Data CPUs).
+    ``cpus_per_worker``, ``gpus_per_worker`` and ``use_gpu`` (fine-tuning's, which keeps no Ray Data CPUs
+    and asks for no other resources).
     """
     t = cfg.train
     data_cpus = getattr(t, "data_cpus", 0.0)
-    cpus_needed = t.num_workers * t.cpus_per_worker + data_cpus
-    gpus_needed = t.num_workers * t.gpus_per_worker if t.use_gpu else 0.0
     problems = []
-    if resources.get("CPU", 0.0) + 1e-9 < cpus_needed:
-        problems.append(
-            f"{t.num_workers} workers × {t.cpus_per_worker} CPU + {data_cpus} CPU for Ray Data = "
-            f"{cpus_needed:g} CPUs, the cluster has {resources.get('CPU', 0):g}: lower train.cpus_per_worker "
-            "(fractions work, e.g. 0.5), train.num_workers or train.data_cpus"
-        )
-    if gpus_needed > resources.get("GPU", 0.0) + 1e-9:
-        problems.append(
-            f"{t.num_workers} workers × {t.gpus_per_worker} GPU = {gpus_needed:g} GPUs, the cluster has "
-            f"{resources.get('GPU', 0):g}: lower train.num_workers or set train.use_gpu=false"
-        )
+    for key, amount in worker_request(t).items():
+        need = t.num_workers * amount + (data_cpus if key == "CPU" else 0.0)
+        have = float(resources.get(key, 0.0))
+        if need > have + 1e-9:
+            problems.append(_shortfall(t, key, amount, need, have, local))
     bf16 = emulated_bf16_problem(cfg, resources)
     if bf16:  # every GPU the cluster has would emulate it: refused, on a cluster too
         raise ConfigError(bf16)
