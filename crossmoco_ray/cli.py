@@ -17,10 +17,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
+from . import cli_options as opt
+from .bounded import clip
 from .cli_eval import add_eval_parsers
 from .cli_finetune import add_finetune_parsers
 from .cli_prepare import add_prepare_parser, add_verify_parser
 from .config import DEFAULT_PRESET, Config, ConfigError, load_config, preset_names, preset_text, to_yaml
+from .crash_report import exception_line, save_traceback
+from .data.types import DataError
 
 if TYPE_CHECKING:
     from .tuning import Space
@@ -169,20 +173,19 @@ overrides it).
 """
 
 
-def _launch(command: str, cfg: Config | None, run: Callable[[Config, Callable[[str], None]], int]) -> int:
-    """The shared part of ``pretrain`` and ``tune``: console logging, data errors as a one-line message."""
-    from .data.types import DataError
-
-    assert cfg is not None
+def _launch(command: str, cmd: ParsedCommand, run: Callable[[Config, Callable[[str], None]], int]) -> int:
+    """The shared part of ``pretrain`` and ``tune``: the storage path checked, console logging (a data
+    error becomes one line in :func:`main`)."""
+    assert cmd.config is not None
+    problem = opt.directory_problem("--storage", cmd.args.storage)
+    if problem:
+        print(f"crossmoco {command}: {problem}", file=sys.stderr)
+        return 2
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    try:
-        return run(cfg, log)
-    except DataError as err:
-        print(f"crossmoco {command}: {err}", file=sys.stderr)
-        return 2
+    return run(cmd.config, log)
 
 
 def _cmd_pretrain(cmd: ParsedCommand) -> int:
@@ -196,7 +199,7 @@ def _cmd_pretrain(cmd: ParsedCommand) -> int:
         )
         return code
 
-    return _launch("pretrain", cmd.config, run)
+    return _launch("pretrain", cmd, run)
 
 
 TUNE_EPILOG = """\
@@ -239,7 +242,7 @@ def _cmd_tune(cmd: ParsedCommand) -> int:
         )
         return code
 
-    return _launch("tune", cmd.config, run)
+    return _launch("tune", cmd, run)
 
 
 def _add_run_parsers(sub: argparse._SubParsersAction[Any]) -> None:
@@ -253,7 +256,7 @@ def _add_run_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     )
     _add_config_args(p_pre, _cmd_pretrain)
     p_pre.add_argument("--data", help="prepared shards (path or URI); default: the built-in synthetic set")
-    p_pre.add_argument("--name", help="run name (relaunch the same name to resume)")
+    p_pre.add_argument("--name", type=opt.run_name, help="run name (relaunch the same name to resume)")
     p_pre.add_argument("--storage", help="checkpoints and results (path or URI); default ./crossmoco_runs")
     p_pre.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
 
@@ -266,9 +269,13 @@ def _add_run_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     )
     _add_config_args(p_tune, _cmd_tune)
     p_tune.add_argument("--space", help="search space YAML, or a shipped one: moco, moco_lr")
-    p_tune.add_argument("--trials", type=int, help="samples from the space (default: tune.num_samples)")
+    p_tune.add_argument(
+        "--trials", type=opt.positive_int, help="samples from the space (default: tune.num_samples)"
+    )
     p_tune.add_argument("--scheduler", choices=["asha", "fifo"], help="default: tune.scheduler (asha)")
-    p_tune.add_argument("--name", help="search name (default: derived from the space and config)")
+    p_tune.add_argument(
+        "--name", type=opt.run_name, help="search name (default: derived from the space and config)"
+    )
     p_tune.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
     p_tune.add_argument("--data", help="prepared shards (path or URI); default: the built-in synthetic set")
     p_tune.add_argument(
@@ -357,15 +364,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a ``crossmoco`` command line; returns the exit status. Whatever the input files and option
+    values, the user sees one line per problem, never a traceback: usage, configuration and data errors
+    exit 2; an unexpected exception (a bug) exits 1 with its type and a bounded message, its traceback
+    saved to a private file (:func:`save_traceback`) that the line names; Ctrl+C exits 130."""
+    prefix = "crossmoco"
     try:
-        return parse_command(argv).run()
+        cmd = parse_command(argv)
+        prefix = f"crossmoco {cmd.form}".strip()
+        return cmd.run()
     except UsageError as err:  # what argparse itself prints, and its exit status
         err.parser.print_usage(sys.stderr)
-        print(f"{err.parser.prog}: error: {err.message}", file=sys.stderr)
+        print(f"{err.parser.prog}: error: {clip(err.message, 1000)}", file=sys.stderr)
         return 2
     except ConfigError as err:
-        print(f"crossmoco: configuration error: {err}", file=sys.stderr)
+        print(f"crossmoco: configuration error: {clip(str(err), 5000)}", file=sys.stderr)
         return 2
+    except DataError as err:
+        print(f"{prefix}: {clip(str(err), 3000)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:  # the machine said no (a full disk, a permission): not a bug, but kept
+        if err.filename is None:
+            return _internal_error(prefix, err)
+        saved = save_traceback(err, prefix)
+        where = f" (traceback: {saved})" if saved else ""
+        reason = err.strerror or exception_line(err)
+        print(f"{prefix}: {clip(str(err.filename), 300)}: {reason}{where}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        return _internal_error(prefix, err)
+
+
+def _internal_error(prefix: str, err: BaseException) -> int:
+    """One line for an unexpected exception (a bug), its traceback saved to a private file; exit 1."""
+    saved = save_traceback(err, prefix)
+    where = f"its traceback is in {saved}" if saved else "its traceback could not be saved"
+    print(
+        f"{prefix}: internal error: {exception_line(err)} -- a bug in crossmoco-ray: please report it "
+        f"with the command line; {where}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import Any
 
+from . import cli_options as opt
+from .bounded import clip, short_repr
 from .data.variants import SCANOBJECTNN_VARIANTS
 
 EVAL_EPILOG = """\
@@ -39,7 +41,7 @@ def _protocol_parser(sub: Any, name: str, help: str, k: int, k_source: str) -> a
     _eval_common(p)
     p.add_argument(
         "--k",
-        type=int,
+        type=opt.positive_int,
         default=k,
         help=f"DGCNN neighbours of a CrossPoint/CrossMoCo .pth and of a random-init encoder ({k}, as "
         f"{k_source}); this project's checkpoints and exports carry their own",
@@ -61,13 +63,15 @@ def _eval_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--checkpoint", help="pretrained encoder; omitted: evaluate a random-init DGCNN only")
     p.add_argument("--no-baseline", action="store_true", help="skip the random-init baseline")
-    p.add_argument("--emb-dims", type=int, default=1024, help="random-init DGCNN width when no checkpoint")
+    p.add_argument(
+        "--emb-dims", type=opt.positive_int, default=1024, help="random-init DGCNN width when no checkpoint"
+    )
     p.add_argument("--train-split", default="train")
     p.add_argument("--test-split", default="test")
     p.add_argument("--protocol", default="both", choices=["both", "crosspoint", "clean"])
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=opt.positive_int, default=32)
+    p.add_argument("--device", type=opt.device, default="auto", help="cpu, cuda, cuda:1, or auto")
+    p.add_argument("--seed", type=opt.seed, default=0)
     p.add_argument("--out", help="write report.json (and plots) here")
 
 
@@ -75,8 +79,18 @@ def _protocols(args: argparse.Namespace) -> tuple[str, ...]:
     return ("crosspoint", "clean") if args.protocol == "both" else (args.protocol,)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def start_problems(args: argparse.Namespace) -> list[str]:
+    """What an ``eval`` command line asks for that is not here (checked before any data is read)."""
+    from .data.readers import FORMATS
+
+    problems = [
+        opt.existing_path_problem("--checkpoint", args.checkpoint),
+        opt.directory_problem("--out", args.out),
+        opt.device_problem("--device", args.device),
+    ]
+    if args.format not in ("auto", *FORMATS):
+        problems.append(f"--format {short_repr(args.format, 60)}: choose one of auto, {', '.join(FORMATS)}")
+    return [p for p in problems if p]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -95,6 +109,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     from .nn.runtime import keep_freed_memory
 
+    problems = start_problems(args)
+    if problems:
+        print(f"crossmoco eval: {problems[0]}", file=sys.stderr)
+        return 2
     keep_freed_memory()  # large feature batches: freed memory reused, not re-faulted
 
     def log(msg: str) -> None:
@@ -121,19 +139,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
             print(svm_table(report))
         elif args.eval_command == "knn":
-            report = run_knn(
-                data, encs, _ints(args.knn_k), args.temperature, args.batch_size, args.device, out, log
-            )
+            report = run_knn(data, encs, args.knn_k, args.temperature, args.batch_size, args.device, out, log)
             print(knn_table(report))
         elif args.eval_command == "report":
             from .evaluate.report import run_report
 
-            settings = [(w, s) for w in _ints(args.ways) for s in _ints(args.shots)]
+            settings = [(w, s) for w in args.ways for s in args.shots]
             report = run_report(
                 data,
                 encs,
                 C=args.c,
-                ks=_ints(args.knn_k),
+                ks=args.knn_k,
                 temperature=args.temperature,
                 settings=settings,
                 queries=args.queries,
@@ -146,7 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
             print(report["markdown"])
         else:
-            settings = [(w, s) for w in _ints(args.ways) for s in _ints(args.shots)]
+            settings = [(w, s) for w in args.ways for s in args.shots]
             report = run_fewshot(
                 data,
                 encs,
@@ -162,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
             print(fewshot_table_text(report))
     except (DataError, ValueError, FileNotFoundError) as err:
-        print(f"crossmoco eval: {err}", file=sys.stderr)
+        print(f"crossmoco eval: {clip(str(err), 3000)}", file=sys.stderr)
         return 2
     if out is not None:
         log(f"report: {out / 'report.json'}")
@@ -172,10 +188,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .evaluate.models import export_backbone
 
+    problems = [
+        opt.existing_path_problem("CHECKPOINT", args.checkpoint),
+        opt.directory_problem("--out", args.out),
+    ]
+    for problem in filter(None, problems):
+        print(f"crossmoco export: {problem}", file=sys.stderr)
+        return 2
     try:
         out = export_backbone(args.checkpoint, args.out, with_image=args.with_image)
     except (ValueError, FileNotFoundError) as err:
-        print(f"crossmoco export: {err}", file=sys.stderr)
+        print(f"crossmoco export: {clip(str(err), 3000)}", file=sys.stderr)
         return 2
     print(f"exported backbone to {out} (backbone.pt + meta.json)")
     return 0
@@ -194,8 +217,12 @@ def add_eval_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     p_svm = _protocol_parser(
         eval_sub, "svm", "linear SVM: overall and mean class accuracy", 15, "CrossPoint's SVM notebook"
     )
-    p_svm.add_argument("--num-points", type=int, default=1024, help="first N points of each cloud (1024)")
-    p_svm.add_argument("--c", type=float, default=0.01, help="C of the crosspoint protocol (notebook: 0.01)")
+    p_svm.add_argument(
+        "--num-points", type=opt.positive_int, default=1024, help="first N points of each cloud (1024)"
+    )
+    p_svm.add_argument(
+        "--c", type=opt.positive_float, default=0.01, help="C of the crosspoint protocol (notebook: 0.01)"
+    )
     p_svm.add_argument("--no-plots", action="store_true", help="no t-SNE / confusion PNGs")
     p_knn = _protocol_parser(
         eval_sub,
@@ -204,9 +231,15 @@ def add_eval_parsers(sub: argparse._SubParsersAction[Any]) -> None:
         15,
         "the SVM",
     )
-    p_knn.add_argument("--num-points", type=int, default=1024, help="first N points of each cloud (1024)")
-    p_knn.add_argument("--knn-k", default="20,200", help="neighbours that vote, one or more (20,200)")
-    p_knn.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos / T) (0.07)")
+    p_knn.add_argument(
+        "--num-points", type=opt.positive_int, default=1024, help="first N points of each cloud (1024)"
+    )
+    p_knn.add_argument(
+        "--knn-k", type=opt.positive_ints, default="20,200", help="neighbours that vote, one or more (20,200)"
+    )
+    p_knn.add_argument(
+        "--temperature", type=opt.positive_float, default=0.07, help="vote weight exp(cos / T) (0.07)"
+    )
     p_fs = _protocol_parser(
         eval_sub,
         "fewshot",
@@ -214,11 +247,15 @@ def add_eval_parsers(sub: argparse._SubParsersAction[Any]) -> None:
         5,
         "CrossPoint's eval_fewshot.py, which its few-shot numbers come from",
     )
-    p_fs.add_argument("--num-points", type=int, default=None, help="first N points (default: all)")
-    p_fs.add_argument("--ways", default="5,10")
-    p_fs.add_argument("--shots", default="10,20")
-    p_fs.add_argument("--queries", type=int, default=20, help="queries per class")
-    p_fs.add_argument("--episodes", type=int, default=10, help="episodes per setting (CrossPoint script: 50)")
+    p_fs.add_argument(
+        "--num-points", type=opt.positive_int, default=None, help="first N points (default: all)"
+    )
+    p_fs.add_argument("--ways", type=opt.positive_ints, default="5,10")
+    p_fs.add_argument("--shots", type=opt.positive_ints, default="10,20")
+    p_fs.add_argument("--queries", type=opt.positive_int, default=20, help="queries per class")
+    p_fs.add_argument(
+        "--episodes", type=opt.positive_int, default=10, help="episodes per setting (CrossPoint script: 50)"
+    )
 
     p_rep = _protocol_parser(
         eval_sub,
@@ -227,14 +264,22 @@ def add_eval_parsers(sub: argparse._SubParsersAction[Any]) -> None:
         15,
         "the SVM",
     )
-    p_rep.add_argument("--num-points", type=int, default=1024, help="first N points of each cloud (1024)")
-    p_rep.add_argument("--c", type=float, default=0.01, help="C of the papers' SVM (notebook: 0.01)")
-    p_rep.add_argument("--knn-k", default="20,200", help="kNN neighbours, one or more (20,200)")
-    p_rep.add_argument("--temperature", type=float, default=0.07, help="kNN vote weight exp(cos / T)")
-    p_rep.add_argument("--ways", default="5,10")
-    p_rep.add_argument("--shots", default="10,20")
-    p_rep.add_argument("--queries", type=int, default=20, help="few-shot queries per class")
-    p_rep.add_argument("--episodes", type=int, default=10, help="few-shot episodes per setting")
+    p_rep.add_argument(
+        "--num-points", type=opt.positive_int, default=1024, help="first N points of each cloud (1024)"
+    )
+    p_rep.add_argument(
+        "--c", type=opt.positive_float, default=0.01, help="C of the papers' SVM (notebook: 0.01)"
+    )
+    p_rep.add_argument(
+        "--knn-k", type=opt.positive_ints, default="20,200", help="kNN neighbours, one or more (20,200)"
+    )
+    p_rep.add_argument(
+        "--temperature", type=opt.positive_float, default=0.07, help="kNN vote weight exp(cos / T)"
+    )
+    p_rep.add_argument("--ways", type=opt.positive_ints, default="5,10")
+    p_rep.add_argument("--shots", type=opt.positive_ints, default="10,20")
+    p_rep.add_argument("--queries", type=opt.positive_int, default=20, help="few-shot queries per class")
+    p_rep.add_argument("--episodes", type=opt.positive_int, default=10, help="few-shot episodes per setting")
 
     p_export = sub.add_parser(
         "export",

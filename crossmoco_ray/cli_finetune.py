@@ -11,6 +11,8 @@ import argparse
 import sys
 from typing import Any
 
+from . import cli_options as opt
+from .bounded import clip
 from .data.variants import SCANOBJECTNN_VARIANTS
 
 FINETUNE_EPILOG = """\
@@ -57,9 +59,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return 0
     if not args.data:
         print(
-            "crossmoco finetune cls: --data is required (h5 file/dir, folder source or shards)",
+            f"crossmoco finetune {args.finetune_command}: --data is required (h5 file/dir, folder source or "
+            "shards; partseg: also `synthetic`)",
             file=sys.stderr,
         )
+        return 2
+
+    problems = [
+        opt.existing_path_problem("--checkpoint", args.checkpoint),
+        opt.directory_problem("--storage", args.storage),
+    ]
+    for problem in filter(None, problems):
+        print(f"crossmoco finetune {args.finetune_command}: {problem}", file=sys.stderr)
         return 2
 
     def log(msg: str) -> None:
@@ -78,7 +89,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             log=log,
         )
     except (DataError, ValueError, FileNotFoundError) as err:
-        print(f"crossmoco finetune {args.finetune_command}: {err}", file=sys.stderr)
+        print(f"crossmoco finetune {args.finetune_command}: {clip(str(err), 3000)}", file=sys.stderr)
         return 2
     return code
 
@@ -120,7 +131,7 @@ def _task_parser(
     )
     c.add_argument("--config", metavar="FILE", help="a YAML file of overrides, applied after the preset")
     c.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=0.05")
-    c.add_argument("--name", help="run name (relaunch the same name to resume)")
+    c.add_argument("--name", type=opt.run_name, help="run name (relaunch the same name to resume)")
     c.add_argument("--storage", help="checkpoints and results (path or URI); default ./crossmoco_runs")
     c.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     c.add_argument("--show-config", action="store_true", help="print the resolved configuration and exit")
