@@ -36,7 +36,7 @@ from ..config import config_hash, validate_stored
 from ..nn import POINT_ENCODERS, build_point_encoder, load_checked, strip_prefixes
 from ..train.builders import point_encoder_spec
 from ..train.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from ..train.checkpoint import STATE_FILE, checked_state, load_torch_file, read_checkpoint
+from ..train.checkpoint import STATE_FILE, checked_state, load_torch_file, model_and_config, read_checkpoint
 from .features import normalize_clouds
 
 BACKBONE_FORMAT = "crossmoco-ray/backbone"
@@ -222,10 +222,10 @@ def load_point_encoder(path: str | Path, k: int = 15, edgeconv: str = "fast") ->
     obj = _torch_load(path)
 
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        ckpt = checked_state(obj, path)
-        cfg, _ = validate_stored(ckpt["config"], str(path))  # an older version's removed options dropped
+        model, config = model_and_config(checked_state(obj, path), path)
+        cfg, _ = validate_stored(config, str(path))  # an older version's removed options are dropped
         spec = point_encoder_spec(cfg.model)
-        model = _state_dict(ckpt["model"], path, "checkpoint's model")
+        model = _state_dict(model, path, "checkpoint's model")
         state = {key[len("point_q.") :]: v for key, v in model.items() if key.startswith("point_q.")}
         encoder = _load_into(spec["name"], spec["kwargs"], state, str(path))
         info = {
@@ -308,9 +308,10 @@ def _load_partseg_encoder(state: dict[str, torch.Tensor], k: int, path: Path) ->
 def export_backbone(checkpoint: str | Path, out: str | Path, with_image: bool = False) -> Path:
     """Write the point encoder's backbone (no projection head) + ``meta.json`` to ``out``; returns ``out``."""
     ckpt = read_checkpoint(checkpoint)
-    cfg, _ = validate_stored(ckpt["config"], str(checkpoint))
+    model, config = model_and_config(ckpt, checkpoint)
+    cfg, _ = validate_stored(config, str(checkpoint))
     spec = point_encoder_spec(cfg.model)
-    model_state = _state_dict(ckpt["model"], checkpoint, "checkpoint's model")
+    model_state = _state_dict(model, checkpoint, "checkpoint's model")
     backbone = {
         key[len("point_q.") :]: v
         for key, v in model_state.items()

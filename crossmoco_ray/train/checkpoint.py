@@ -144,8 +144,8 @@ def load_torch_file(file: Path) -> Any:
 
 
 def checked_state(state: Any, file: Path | str) -> dict[str, Any]:
-    """``state`` (what ``state.pt`` unpickled to) when it has the checkpoint's format, a readable
-    version, a mapping for ``model`` and for ``config``; else a ``ValueError`` naming ``file``."""
+    """``state`` (what ``state.pt`` unpickled to) when it has the checkpoint's format and a readable
+    version; else a ``ValueError`` naming ``file``."""
     fmt = state.get("format") if isinstance(state, dict) else None
     if not isinstance(fmt, str) or fmt != FORMAT:
         raise ValueError(f"{file} is not a crossmoco-ray checkpoint")
@@ -154,11 +154,20 @@ def checked_state(state: Any, file: Path | str) -> dict[str, Any]:
         raise ValueError(
             f"{file}: checkpoint version {short_repr(version, 40)}, this crossmoco-ray reads {READABLE}"
         )
-    for key in ("model", "config"):
-        if not isinstance(state.get(key), dict):
-            got = type(state.get(key)).__name__
-            raise ValueError(f"{file}: the checkpoint's {key!r} is a {got}, not a mapping (a damaged file)")
     return state
+
+
+def model_and_config(state: dict[str, Any], file: Path | str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A checkpoint state's ``model`` (state dict) and ``config`` (plain dict), checked to be mappings;
+    else a ``ValueError`` naming ``file``."""
+    parts = []
+    for key in ("model", "config"):
+        value = state.get(key)
+        if not isinstance(value, dict):
+            got = type(value).__name__
+            raise ValueError(f"{file}: the checkpoint's {key!r} is a {got}, not a mapping (a damaged file)")
+        parts.append(value)
+    return parts[0], parts[1]
 
 
 def read_checkpoint(directory: str | Path) -> dict[str, Any]:
