@@ -30,6 +30,7 @@ CONFIG_BEARING = {"pretrain", "tune", "config show"}
 ARGUMENTS_ONLY = {
     "": "a bare `crossmoco` prints the help",
     "prepare": "SOURCE and --out are paths, read only when it runs",
+    "verify": "SHARDS is read only when it runs",
     "eval": "a group: eval svm / eval knn / eval fewshot / eval report",
     "eval svm": "--data / --checkpoint are read only when it runs",
     "eval fewshot": "--data / --checkpoint are read only when it runs",
