@@ -220,6 +220,13 @@ class _BoundedLoader(yaml.SafeLoader):
         finally:
             self.depth -= 1
 
+    def flatten_mapping(self, node: Any) -> None:
+        # merge keys (<<: *a) copy the merged pairs into the node; PyYAML releases that keep every copy
+        # (recent ones drop repeated keys) let mappings merging each other ten times over grow tenfold a level
+        super().flatten_mapping(node)
+        if len(node.value) > MAX_CONFIG_VALUES:
+            raise _LimitError(f"holds more than {MAX_CONFIG_VALUES} values (merge keys counted)")
+
 
 def load_yaml(text: str, origin: str) -> Any:
     """The plain data of YAML ``text`` (safe tags only), or a :class:`ConfigError` naming ``origin``:

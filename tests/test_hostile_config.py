@@ -269,3 +269,35 @@ def test_a_huge_global_batch_that_does_not_split_is_named_fast() -> None:
     """The message lists the worker counts that split the batch: a bounded search, not one per sample."""
     with fast(), pytest.raises(ConfigError, match=r"does not split evenly over train\.num_workers=2"):
         load_config(overrides=["train.batch_size=1000000000001", "train.num_workers=2"])
+
+
+def _flatten_keeping_every_copy(self: Any, node: Any) -> None:
+    """Merge keys as PyYAML releases that keep every merged pair flatten them (repeated keys included)."""
+    from yaml.nodes import SequenceNode
+
+    merged: list[Any] = []
+    own: list[Any] = []
+    for key, value in node.value:
+        if key.tag != "tag:yaml.org,2002:merge":
+            own.append((key, value))
+            continue
+        for sub in value.value if isinstance(value, SequenceNode) else [value]:
+            self.flatten_mapping(sub)
+            merged.extend(sub.value)
+    node.value = merged + own
+
+
+@pytest.mark.timeout(10)
+def test_a_merge_key_bomb_is_refused_fast_whatever_pyyaml_keeps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml.constructor
+
+    monkeypatch.setattr(yaml.constructor.SafeConstructor, "flatten_mapping", _flatten_keeping_every_copy)
+    lines = ["x0: &a0 {k: 1}"]
+    for i in range(1, 11):  # each level merges the one below ten times: 10**10 pairs
+        lines.append(f"x{i}: &a{i} {{<<: [{', '.join([f'*a{i - 1}'] * 10)}], k{i}: 1}}")
+    path = tmp_path / "merge.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with fast(), pytest.raises(ConfigError, match=r"merge\.yaml holds more than 10000 values \(merge keys"):
+        load_config(config_file=path)
