@@ -23,7 +23,7 @@ from ..data.types import DataError
 from ..evaluate.features import EvalSplit, load_split
 from ..evaluate.models import LoadedEncoder, load_point_encoder, random_encoder
 from ..tracking import Tracker, default_tracking_uri
-from ..train.resources import check_resources, init_ray, worker_env
+from ..train.resources import check_resources, init_ray, worker_env, worker_request
 from ..train.run import absolute, resolve_storage
 from ..version import code_version
 from .loop import METRIC_NAMES, METRICS, PRIORITY, finetune_loop
@@ -291,7 +291,7 @@ def finetune(
         log(f"MLflow run {run_id} in {tracker.uri}")
 
     t = cfg.train
-    resources = {"CPU": t.cpus_per_worker} | ({"GPU": t.gpus_per_worker} if t.use_gpu else {})
+    resources = worker_request(t)  # what check_resources counted
     payload = {**task_data.arrays, "num_classes": task_data.num_outputs, "part_counts": task_data.part_counts}
     loop_config = {
         "task": task,

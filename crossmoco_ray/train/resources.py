@@ -168,7 +168,8 @@ def init_ray(
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return False
     t = cfg.train
-    needed = t.num_workers * t.cpus_per_worker + getattr(t, "data_cpus", 0.0) + extra_cpus
+    per_worker = worker_request(t)["CPU"]  # train.worker_resources.CPU, where given, as Ray is asked
+    needed = t.num_workers * per_worker + getattr(t, "data_cpus", 0.0) + extra_cpus
     cpus = max(os.cpu_count() or 1, int(needed + 0.999))
     log(f"starting a local Ray with {cpus} CPUs")
     # The dashboard gives the State API that Ray Train's placement-group cleanup needs.

@@ -20,7 +20,7 @@ from ..data.augment import ImageAugment, PointAugment
 from ..data.pipeline import PipelineOptions, bound_streaming_memory, make_dataset, window_rows
 from .checks import iid_batch_classes
 from .loop import CHECKPOINT_PRIORITY, train_loop_per_worker
-from .resources import worker_env
+from .resources import worker_env, worker_request
 from .resume import registered_checkpoint, resume_point
 from .run import Run
 
@@ -85,9 +85,7 @@ def build_trainer(run: Run, callbacks: list[Any] | None = None) -> Any:
     # how the split executes (DataConfig gives these to the dataset the factory builds)
     options = bound_streaming_memory(copy.deepcopy(DataContext.get_current()), opts.object_store_mb)
     options.preserve_order = t.deterministic
-    resources = {"CPU": t.cpus_per_worker, **t.worker_resources}
-    if t.use_gpu:
-        resources["GPU"] = t.gpus_per_worker
+    resources = worker_request(t)  # what check_resources counted
     monitor = monitor_spec(run)
     loop_config = {
         "config": cfg.model_dump(mode="json"),

@@ -23,9 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import Config, ConfigError, set_dotted, suggest_key, valid_keys, validate
+from ..config import Config, ConfigError, read_config_file, set_dotted, suggest_key, valid_keys, validate
 
 KINDS = ("uniform", "loguniform", "one_minus_loguniform", "randint", "choice", "grid")
 RANDINT_EXHAUSTIVE = 20_000  # integer ranges up to this size are checked value by value
@@ -161,10 +159,7 @@ def resolve_space_path(space: str) -> Path:
 
 def load_space(space: str) -> Space:
     path = resolve_space_path(space)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    data = read_config_file(path)  # bounded as --config is: size, depth, values (YAML aliases counted)
     return parse_space(data, str(path), name=path.stem)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,14 @@ def test_the_console_callback_pickles_with_the_search_after_its_log_was_swapped(
     restored.log("a trial's line")
     assert "a trial's line" in capsys.readouterr().out
     assert cloudpickle.loads(cloudpickle.dumps(Progress(3, "loss", console))).log is console
+
+
+def test_a_yaml_alias_bomb_in_a_search_space_is_refused_fast(tmp_path: Path) -> None:
+    from tests.test_hostile_config import yaml_bomb
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"optim.lr: {yaml_bomb()}\n")  # a key that exists, a value that expands to 10**9
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
+        load_space(str(path))
+    assert time.monotonic() - started < 2.0
