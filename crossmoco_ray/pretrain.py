@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from .evaluate.models import export_backbone
 from .evaluate.monitor import measured_epochs
 from .evaluate.plots import curves_plot
 from .evaluate.run import encoders, final_metrics, gain_lines, run_svm_splits, svm_table
-from .storage import publish_dir
+from .storage import publish_dir, read_json
 from .tracking import Tracker
 from .train.loop import HISTORY_FILE
 from .train.resources import check_resources, init_ray
@@ -101,9 +100,7 @@ def finish(run: Run, ckpt_dir: Path, tracker: Tracker, log: Callable[[str], None
     try:
         export_dir = export_backbone(ckpt_dir, work / "export")
         out["export"] = publish_dir(export_dir, f"{run.run_dir}/export")
-        history = (
-            json.loads((ckpt_dir / HISTORY_FILE).read_text()) if (ckpt_dir / HISTORY_FILE).is_file() else {}
-        )
+        history = read_json(str(ckpt_dir / HISTORY_FILE)) or {}
         curves = _curves(history, work)
         if cfg.eval.final:
             spec = cfg.eval.data or run.data_root

@@ -47,11 +47,31 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
-def read_json(uri: str) -> dict[str, Any] | None:
-    data = read_bytes(uri)
-    if data is None:
+MAX_JSON_BYTES = 64 << 20  # a run's records (history, progress, run ids) are kilobytes to a few megabytes
+
+
+def read_json(uri: str, limit: int = MAX_JSON_BYTES) -> dict[str, Any] | None:
+    """The JSON object in the file ``uri``, or ``None`` when it does not exist. A file over ``limit`` bytes,
+    not UTF-8 JSON or not an object is a one-line ``ValueError`` naming it (records of a run can be damaged
+    or replaced like any file)."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
         return None
-    out: dict[str, Any] = json.loads(data.decode())
+    if info.size is not None and info.size > limit:
+        raise ValueError(
+            f"{uri}: {info.size} bytes, more than the {limit >> 20} MiB a record of a run may hold"
+        )
+    with fs.open_input_stream(path) as f:
+        data: bytes = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{uri}: more than the {limit >> 20} MiB a record of a run may hold")
+    try:
+        out = json.loads(data.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"{uri}: not a JSON record ({str(err)[:200]})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{uri}: holds a JSON {type(out).__name__}, not an object")
     return out
 
 

@@ -13,7 +13,6 @@ registered; a run that cannot be resumed is an error naming it (:class:`ResumeEr
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .storage import read_json
 
 PARAM_CHUNK = 100  # MLflow's limit of params per batch call
 PARAM_VALUE_MAX = 6000
@@ -236,7 +236,7 @@ class Tracker:
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]),
         )
         meta_file = Path(export_dir) / META_FILE
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        meta = read_json(str(meta_file)) or {}
         metadata = {"crossmoco": {**meta, "feature_dim": dim, "normalize": loaded.normalize}}
         # Created here, in the run's experiment: log_model would put it in the process's active
         # experiment (MLflow's "Default" unless set globally) rather than the run's.

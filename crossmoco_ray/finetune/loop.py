@@ -32,6 +32,7 @@ from ..evaluate.features import normalize_clouds
 from ..nn import build_point_encoder, load_checked
 from ..nn.runtime import configure_kernels, resolve_precision
 from ..tracking import Tracker
+from ..train.checkpoint import load_torch_file
 from ..train.process import all_ranks, gather_objects, maybe_inject_fault, start_worker, wrap_ddp
 from ..train.resume import checkpoint_name, resume_point, write_progress
 from ..train.step import keeps_bucket_views
@@ -224,12 +225,12 @@ def restore(w: FinetuneWorker) -> None:
         local = Path(point.checkpoint)
         if "://" in point.checkpoint or not local.is_dir():
             local = storage.copy_to_local(point.checkpoint, tmp)
-        state = torch.load(local / STATE_FILE, map_location="cpu", weights_only=True)
+        state = load_torch_file(local / STATE_FILE)  # one named error for a damaged file
         if state.get("format") != FORMAT:
             raise ValueError(f"{point.checkpoint} is not a fine-tuning checkpoint of this run")
         w.model.load_state_dict(state["model"])
         w.optimizer.load_state_dict(state["optimizer"])
-        w.history = json.loads((local / HISTORY_FILE).read_text())
+        w.history = storage.read_json(str(local / HISTORY_FILE)) or {}
     w.step = w.attempt_start_step = int(state["step"])
     if w.rank == 0:
         spe = w.steps_per_epoch

@@ -349,7 +349,7 @@ def finetune(
         log("fine-tuning produced no checkpoint")
         return 1, report
     with result.checkpoint.as_directory() as ckpt:
-        history = json.loads((Path(ckpt) / "history.json").read_text())
+        history = storage.read_json(str(Path(ckpt) / "history.json")) or {}
     report |= {
         "task": task,
         "summary": summarize(history, task),

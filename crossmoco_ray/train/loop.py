@@ -177,8 +177,7 @@ def restore(w: Worker) -> ResumePoint:
                 local = storage.copy_to_local(point.checkpoint, tmp)
             state = read_checkpoint(local)
             own_rng = restore_state(w.model, w.optimizer, state, w.rank, w.world, w.device)
-            if (local / HISTORY_FILE).is_file():
-                w.history = json.loads((local / HISTORY_FILE).read_text())
+            w.history = storage.read_json(str(local / HISTORY_FILE)) or w.history
         w.step = int(state["step"])
         if w.rank == 0:
             where = f"epoch {point.epoch(w.steps_per_epoch) + 1} after {point.skip(w.steps_per_epoch)} steps"
