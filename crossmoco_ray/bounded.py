@@ -9,6 +9,8 @@
   why the structure is too large, too deep or holds too much text, or ``None``. Readers call it before
   anything walks the structure whole (validation, hashing, printing), so that a tiny "billion laughs" file
   fails at once instead of hanging.
+- :func:`printable`: a text (a file name, above all) safe to print on any terminal, cut to a length around
+  an ellipsis.
 - :func:`clip`: a text cut to a length (an exception's message from a library, a key).
 
 This module imports nothing of the project.
@@ -113,6 +115,24 @@ def _render_container(value: Any, out: _Writer, depth: int) -> None:
 def clip(text: str, limit: int = REPR_CHARS) -> str:
     """``text`` cut to ``limit`` characters (and "…" when cut)."""
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def printable(text: object, limit: int = REPR_CHARS) -> str:
+    """``text`` as an error message may show it: safe to print on any terminal and at most ``limit`` long.
+
+    File names are bytes on Linux, and those that are not UTF-8 reach Python as lone surrogates
+    (``os.fsdecode``), which ``print`` cannot encode; they are shown as ``\\udcff``-style escapes, as are
+    control characters (a newline in a name must not forge a log line). A long text keeps its start and its
+    end (a path's file name) around an ellipsis.
+    """
+    s = str(text)
+    if len(s) > limit:
+        head = (limit - 1) // 3
+        s = s[:head] + "\u2026" + s[len(s) - (limit - 1 - head) :]
+    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    if not s.isprintable():
+        s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+    return s
 
 
 def first_line(text: str, limit: int = REPR_CHARS) -> str:

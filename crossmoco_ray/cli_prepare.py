@@ -72,7 +72,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _shown(value: object) -> str:
-    from .data.source import printable
+    from .bounded import printable
 
     return printable(value, 80)
 

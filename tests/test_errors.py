@@ -7,6 +7,7 @@ instead of the file and problem it names.
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
@@ -67,3 +68,16 @@ def test_raised_inside_a_ray_task_the_driver_sees_the_message(err: Exception, ra
     if isinstance(err, DataError):
         assert caught.value.source == err.source  # type: ignore[attr-defined]
         assert caught.value.rows == err.rows  # type: ignore[attr-defined]
+
+
+def test_a_data_errors_message_prints_anywhere_and_stays_bounded() -> None:
+    name = "/data/" + os.fsdecode(b"\xff\xfe") + "\nforged line" + "x" * 5000 + ".ply"
+    err = DataError(name, "bad\x1b[2J" + "y" * 10_000, index=3)
+    text = str(err)
+    text.encode("utf-8")  # no lone surrogates: print() cannot fail on it
+    assert text.isprintable()  # no newline forging a log line, no terminal escapes
+    assert len(text) < 2300
+    assert "[index 3]" in text
+    assert text.endswith("…" + "y" * (len(text) - text.rindex("…") - 1))
+    again = pickle.loads(pickle.dumps(err))  # the fields stay as they were (the skipped report keeps them)
+    assert (again.source, again.problem, again.index) == (name, err.problem, 3)

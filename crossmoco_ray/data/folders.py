@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from ..bounded import printable
 from .mesh import MESH_SUFFIXES, is_mesh_file, read_mesh, surface_points
 from .ply import read_ply
-from .source import Source, UpAxis, decodable, file_identity, printable, regular_file, to_y_up
+from .source import Source, UpAxis, decodable, file_identity, regular_file, to_y_up
 from .types import DataError, Sample
 
 POINT_SUFFIXES = (".ply", ".npy", ".xyz", ".txt")

@@ -33,7 +33,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .source import Source, UpAxis, decodable, file_identity, printable, regular_file, to_y_up
+from ..bounded import printable
+from .source import Source, UpAxis, decodable, file_identity, regular_file, to_y_up
 from .types import DataError, Sample
 from .variants import SCANOBJECTNN_STEMS, SCANOBJECTNN_VARIANTS
 

@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ..bounded import printable
 from ..storage import resolve
 from .manifest import (
     CHUNK,
@@ -54,7 +55,6 @@ from .manifest import (
     manifest_problems,
     sha256_hex,
 )
-from .source import printable
 from .types import DataError
 
 MAGIC = b"PAR1"

@@ -30,8 +30,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from ..bounded import printable
 from ..storage import read_bytes, resolve
-from .source import printable
 from .types import DataError
 
 SCHEMA_VERSION = 1

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bounded import printable
 from .ply import check_ply_claims, ply_face_count
 from .shapes import sample_mesh
-from .source import MAX_COORDINATE, printable
+from .source import MAX_COORDINATE
 from .types import DataError
 
 MESH_SUFFIXES = (".off", ".obj")  # always meshes; a .ply is one when its header declares faces

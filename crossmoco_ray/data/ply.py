@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .source import printable
+from ..bounded import printable
 from .types import DataError
 
 # PLY type name -> numpy type code (without byte order); the sized aliases come from later PLY writers.

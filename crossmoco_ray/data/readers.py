@@ -20,9 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..bounded import printable
 from .folders import FolderSource, ShapeNetRenderSource, read_point_file
 from .hdf5 import H5Source, h5_format
-from .source import Source, UpAxis, printable, to_y_up
+from .source import Source, UpAxis, to_y_up
 from .synthetic import GENERATOR_VERSION, synthetic_range, synthetic_samples
 from .synthetic import class_names as synthetic_class_names
 from .types import DataError, Sample

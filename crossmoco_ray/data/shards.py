@@ -53,6 +53,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from .. import __version__
+from ..bounded import printable
 from ..storage import resolve, write_json
 from .checks import check_label, check_points, check_views, resample, val_assignment
 from .integrity import check_shards
@@ -71,7 +72,7 @@ from .manifest import (
 from .progress import Progress
 from .render import RenderSpec, contact_sheet, decode_png
 from .shuffle import Buckets, bucket_count
-from .source import Source, printable
+from .source import Source
 from .types import DataError, Sample
 from .workdir import WorkDir, exit_on_sigterm, remove_stale, terminate_as_exit
 from .writer import ShardWriter

@@ -19,7 +19,7 @@ from .types import DataError, Sample
 
 UpAxis = Literal["x", "y", "z"]
 
-NAME_LIMIT = 200  # characters of a file name or of a library's message shown in an error
+NAME_LIMIT = 200  # characters of a file name or of a library's message shown in an error (printable's)
 
 # The largest coordinate magnitude a reader's points (or mesh vertices) may have. Training normalises clouds
 # in float32: it centres them (a centred coordinate reaches 2·|x|) and divides by the largest norm, whose
@@ -27,24 +27,6 @@ NAME_LIMIT = 200  # characters of a file name or of a library's message shown in
 # squares overflow to inf and the cloud normalises to zeros in training while evaluation (float64) still sees
 # it; beyond ~1e19 triangle areas of meshes overflow too. No real object needs more than 1e18 units.
 MAX_COORDINATE = 1e18
-
-
-def printable(text: object, limit: int = NAME_LIMIT) -> str:
-    """``text`` as an error message may show it: safe to print on any terminal and at most ``limit`` long.
-
-    File names are bytes on Linux, and those that are not UTF-8 reach Python as lone surrogates
-    (``os.fsdecode``), which ``print`` cannot encode; they are shown as ``\\udcff``-style escapes, as are
-    control characters (a newline in a name must not forge a log line). A long text keeps its start and its
-    end (a path's file name) around an ellipsis.
-    """
-    s = str(text)
-    if len(s) > limit:
-        head = (limit - 1) // 3
-        s = s[:head] + "\u2026" + s[len(s) - (limit - 1 - head) :]
-    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
-    if not s.isprintable():
-        s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
-    return s
 
 
 def decodable(path: Path, root: Path | None = None) -> bool:

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..bounded import printable
+
+PROBLEM_CHARS = 2000  # the longest problem a DataError's message shows
+
 
 class DataError(ValueError):
     """Bad input data; the message names the file (and the index inside it) and what is wrong.
@@ -17,8 +21,10 @@ class DataError(ValueError):
 
     def __init__(self, source: str, problem: str, index: int | None = None, rows: int = 1) -> None:
         self.source, self.problem, self.index, self.rows = source, problem, index, rows
-        where = source if index is None else f"{source} [index {index}]"
-        super().__init__(f"{where}: {problem}")
+        # The message is printable on any terminal and bounded, whatever the file is named (a name that is
+        # not UTF-8, a newline in it) and whatever a library said about it.
+        where = printable(source) if index is None else f"{printable(source)} [index {index}]"
+        super().__init__(f"{where}: {printable(problem, PROBLEM_CHARS)}")
 
     def __reduce__(self) -> tuple[type[DataError], tuple[str, str, int | None, int]]:
         return (type(self), (self.source, self.problem, self.index, self.rows))

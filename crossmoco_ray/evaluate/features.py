@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..bounded import printable
 from ..data.checks import MIN_POINTS, check_label, check_points
 from ..data.integrity import open_split, read_row_groups
 from ..data.manifest import MANIFEST, read_manifest
 from ..data.progress import Progress
 from ..data.readers import open_source
-from ..data.source import UpAxis, printable
+from ..data.source import UpAxis
 from ..data.types import DataError
 from ..storage import resolve
 
