@@ -11,6 +11,8 @@ import argparse
 import sys
 from typing import Any
 
+from .data.camera import MAX_SIZE, MIN_SIZE
+from .data.checks import MIN_POINTS
 from .data.variants import SCANOBJECTNN_VARIANTS
 
 PREPARE_EPILOG = """\
@@ -63,7 +65,7 @@ Each problem is printed as one line naming the file and the reason, then a summa
 2 not a prepared dataset (no manifest, or one this version cannot read).
 """
 
-RENDER_SIZES = (16, 2048)  # --render-size: smaller views are useless to an image encoder, larger a typo
+RENDER_SIZES = (MIN_SIZE, MAX_SIZE)  # --render-size: the render spec's own bounds (data/camera.py)
 POINT_SIZES = (1, 64)
 
 
@@ -212,7 +214,7 @@ def add_prepare_parser(sub: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="meshes: farthest-point sample the points (from a 4x denser area-uniform draw) for even spacing",
     )
-    p_prep.add_argument("--min-points", type=int, default=16, help="reject clouds with fewer points")
+    p_prep.add_argument("--min-points", type=int, default=MIN_POINTS, help="reject clouds with fewer points")
     p_prep.add_argument(
         "--val-fraction", type=float, default=0.0, help="carve a validation split from train, in [0, 1)"
     )

@@ -55,7 +55,7 @@ import pyarrow.fs as pafs
 from .. import __version__
 from ..bounded import printable
 from ..storage import resolve, write_json
-from .checks import check_label, check_points, check_views, resample, val_assignment
+from .checks import MIN_POINTS, check_label, check_points, check_views, resample, val_assignment
 from .integrity import check_shards
 from .manifest import (
     MANIFEST,
@@ -77,15 +77,13 @@ from .types import DataError, Sample
 from .workdir import WorkDir, exit_on_sigterm, remove_stale, terminate_as_exit
 from .writer import ShardWriter
 
-MAX_RENDER_SIZE = 2048  # pixels per side of a render (a 2048² view is 12 MiB decoded; beyond is a typo)
-
 
 @dataclass
 class PrepareOptions:
     """How ``prepare`` turns samples into shards."""
 
     num_points: int | None = None  # resample every cloud to this many points; None: keep (all must agree)
-    min_points: int = 16
+    min_points: int = MIN_POINTS
     val_fraction: float = 0.0  # carve a validation split from train (by a hash of seed and id)
     seed: int = 0
     render: RenderSpec = field(default_factory=RenderSpec)
@@ -109,8 +107,6 @@ class PrepareOptions:
                 raise ValueError(f"{name} {getattr(self, name)}: must be at least 1")
         if self.num_points is not None and self.num_points < 1:
             raise ValueError(f"num_points {self.num_points}: must be at least 1")
-        if not 1 <= self.render.size <= MAX_RENDER_SIZE:
-            raise ValueError(f"render size {self.render.size}: must be in 1..{MAX_RENDER_SIZE}")
 
     def identity(self, meshes: bool = False) -> dict[str, Any]:
         """What identifies these options' output (``meshes``: the source's views are mesh renders)."""

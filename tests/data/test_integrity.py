@@ -386,7 +386,7 @@ def test_skipped_samples_stream_to_the_work_directory(tmp_path: Path) -> None:
     [
         (["--val-fraction", "1.5"], r"--val-fraction 1\.5: must be in \[0, 1\)"),
         (["--val-fraction", "-0.1"], r"--val-fraction -0\.1: must be in \[0, 1\)"),
-        (["--render-size", "100000"], r"--render-size 100000: must be in 16\.\.2048"),
+        (["--render-size", "100000"], r"--render-size 100000: must be in 8\.\.4096"),
         (["--rows-per-shard", "0"], r"--rows-per-shard 0: must be at least 1"),
         (["--azimuths", "0,ninety"], r"--azimuths '0,ninety': not a comma-separated list of degrees"),
         (["--preview", "{tmp}/no/such/dir/p.png"], r"--preview .*p\.png: the folder .* does not exist"),
