@@ -109,9 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     from .nn.runtime import keep_freed_memory
 
-    problems = start_problems(args)
-    if problems:
-        print(f"crossmoco eval: {problems[0]}", file=sys.stderr)
+    if opt.refused("crossmoco eval", start_problems(args)):
         return 2
     keep_freed_memory()  # large feature batches: freed memory reused, not re-faulted
 
@@ -188,12 +186,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .evaluate.models import export_backbone
 
-    problems = [
+    checks = [
         opt.existing_path_problem("CHECKPOINT", args.checkpoint),
         opt.directory_problem("--out", args.out),
     ]
-    for problem in filter(None, problems):
-        print(f"crossmoco export: {problem}", file=sys.stderr)
+    if opt.refused("crossmoco export", checks):
         return 2
     try:
         out = export_backbone(args.checkpoint, args.out, with_image=args.with_image)

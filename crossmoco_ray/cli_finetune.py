@@ -65,12 +65,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )
         return 2
 
-    problems = [
+    checks = [
         opt.existing_path_problem("--checkpoint", args.checkpoint),
         opt.directory_problem("--storage", args.storage),
     ]
-    for problem in filter(None, problems):
-        print(f"crossmoco finetune {args.finetune_command}: {problem}", file=sys.stderr)
+    if opt.refused(f"crossmoco finetune {args.finetune_command}", checks):
         return 2
 
     def log(msg: str) -> None:

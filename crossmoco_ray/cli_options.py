@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from .bounded import short_repr
@@ -141,3 +143,13 @@ def device_problem(option: str, value: str) -> str | None:
     if index >= torch.cuda.device_count():
         return f"{option} {value}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
     return None
+
+
+def refused(prog: str, problems: Iterable[str | None]) -> bool:
+    """Print the first of ``problems`` (None: no problem) as ``prog: problem`` on stderr; whether there was
+    one (the command then exits 2 before it runs anything)."""
+    for problem in problems:
+        if problem:
+            print(f"{prog}: {problem}", file=sys.stderr)
+            return True
+    return False
