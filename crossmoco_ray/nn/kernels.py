@@ -35,6 +35,7 @@ import os
 import shlex
 import shutil
 import stat
+import struct
 import subprocess
 import sysconfig
 import tempfile
@@ -164,16 +165,51 @@ def _private_group(gid: int) -> bool:
 
         user = pwd.getpwuid(os.geteuid())
         group = grp.getgrgid(gid)
+        # Nobody else may have it as a primary group either (gr_mem lists only supplementary members).
+        shared = any(p.pw_gid == gid and p.pw_uid != user.pw_uid for p in pwd.getpwall())
     except (ImportError, KeyError):
         return False
-    return gid == user.pw_gid and group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
+    if shared or gid != user.pw_gid or group.gr_name != user.pw_name:
+        return False
+    return set(group.gr_mem) <= {user.pw_name}
 
 
-def others_can_write(st: os.stat_result) -> str | None:
-    """Who other than the owner may write the file or directory of ``st``, or ``None``."""
+# A POSIX access ACL as Linux stores it (system.posix_acl_access): a 4-byte version, then 8-byte entries of
+# (tag u16, permissions u16, id u32). Named users and groups are the entries the mode bits do not show.
+_ACL_XATTR = "system.posix_acl_access"
+_ACL_NAMED = {0x02: "user", 0x08: "group"}
+_ACL_WRITE = 0x02
+
+
+def acl_writers(where: str | Path | int) -> str | None:
+    """The first named user or group that an access ACL on ``where`` (a path, not followed if a link, or an
+    open file descriptor) lets write, or ``None`` (no ACL, or one the mode bits already describe).
+
+    ``ls -l`` shows such a file as mode 0664 or 0775 (the ACL mask sits in the group bits), which a check
+    of the mode bits alone takes for the owner's private group."""
+    try:
+        if isinstance(where, int):
+            blob = os.getxattr(where, _ACL_XATTR)
+        else:
+            blob = os.getxattr(where, _ACL_XATTR, follow_symlinks=False)
+    except (OSError, AttributeError):  # no ACL (ENODATA), no xattr support here or on this platform
+        return None
+    for offset in range(4, len(blob) - 7, 8):
+        tag, perm, ident = struct.unpack_from("<HHI", blob, offset)
+        if tag in _ACL_NAMED and perm & _ACL_WRITE:
+            return f"{_ACL_NAMED[tag]} {ident}"
+    return None
+
+
+def others_can_write(st: os.stat_result, where: str | Path | int | None = None) -> str | None:
+    """Who other than the owner may write the file or directory of ``st``, or ``None``; with ``where``
+    (its path or open descriptor) its access ACL is read too."""
     mode = stat.S_IMODE(st.st_mode)
     if mode & stat.S_IWOTH:
         return f"writable by others (mode {mode:o})"
+    acl = acl_writers(where) if where is not None else None
+    if acl:
+        return f"writable by {acl} through an ACL (mode {mode:o}; see getfacl)"
     if mode & stat.S_IWGRP and not _private_group(st.st_gid):
         return f"writable by group {st.st_gid} (mode {mode:o})"
     return None
@@ -191,7 +227,7 @@ def dir_problem(directory: Path) -> str | None:
         st = os.lstat(path)
         if st.st_uid not in (uid, 0):
             return f"{path} belongs to uid {st.st_uid}, not to you (uid {uid}) or root"
-        others = others_can_write(st)
+        others = others_can_write(st, path)
         if others and (path == directory or not st.st_mode & stat.S_ISVTX):
             return f"{path} is {others}"
     return None
@@ -215,7 +251,7 @@ def _read_owned(path: Path, limit: int) -> bytes:
             raise Untrusted(f"{path.name} is not a regular file")
         if st.st_uid != uid:
             raise Untrusted(f"{path.name} belongs to uid {st.st_uid}, not to you (uid {uid})")
-        others = others_can_write(st)
+        others = others_can_write(st, fd)
         if others:
             raise Untrusted(f"{path.name} is {others}")
         if st.st_size > limit:

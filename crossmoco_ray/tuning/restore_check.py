@@ -33,7 +33,7 @@ def _problem(path: Path, st: os.stat_result, *, owners: tuple[int, ...], sticky_
         return f"{path} is neither a file nor a directory"
     if st.st_uid not in owners:
         return f"{path} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()})"
-    others = others_can_write(st)  # the kernel cache's rule, group write of a user private group aside
+    others = others_can_write(st, path)  # the kernel cache's rule, group write of a user private group aside
     if others and not (sticky_ok and st.st_mode & stat.S_ISVTX):
         return f"{path} is {others}"
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 import warnings
@@ -290,9 +291,21 @@ def assert_own_build(so: Path) -> None:
 FOREIGN_UID = 65534  # nobody
 
 
+def grant_write_by_acl(path: Path, uid: int = FOREIGN_UID) -> None:
+    """What `setfacl -m u:UID:rw PATH` does (a named-user entry and a mask; `ls -l` shows mode 0664)."""
+    none = 0xFFFFFFFF
+    entries = [(0x01, 6, none), (0x02, 6, uid), (0x04, 4, none), (0x10, 6, none), (0x20, 4, none)]
+    blob = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    try:
+        os.setxattr(path, "system.posix_acl_access", blob, follow_symlinks=False)
+    except OSError as err:
+        pytest.skip(f"no POSIX ACLs on this filesystem ({err.strerror})")
+
+
 @needs_kernel
 @pytest.mark.parametrize(
-    "kind", ["foreign owner", "shared group", "world-writable", "symlink", "digest mismatch", "no digest"]
+    "kind",
+    ["foreign owner", "shared group", "world-writable", "acl", "symlink", "digest mismatch", "no digest"],
 )
 def test_a_planted_library_is_never_loaded(kind: str, fresh: Path, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
@@ -307,6 +320,8 @@ def test_a_planted_library_is_never_loaded(kind: str, fresh: Path, tmp_path: Pat
         os.chmod(fresh, 0o775)
     elif kind == "world-writable":
         os.chmod(plant(fresh, marker), 0o777)
+    elif kind == "acl":  # mode bits that look private (0664, the user's group), an ACL that is not
+        grant_write_by_acl(plant(fresh, marker))
     elif kind == "symlink":  # a link to a library elsewhere, its digest beside the link
         target = plant(tmp_path / "elsewhere" / "lib.so", marker)
         fresh.parent.mkdir(parents=True)
@@ -324,6 +339,7 @@ def test_a_planted_library_is_never_loaded(kind: str, fresh: Path, tmp_path: Pat
         "foreign owner": f"belongs to uid {FOREIGN_UID}",
         "shared group": f"writable by group {FOREIGN_UID} (mode 775)",
         "world-writable": "writable by others (mode 777)",
+        "acl": f"writable by user {FOREIGN_UID} through an ACL",
         "symlink": "is a symbolic link",
         "digest mismatch": "SHA-256 differs",
         "no digest": ".sha256 is missing",

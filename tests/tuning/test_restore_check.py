@@ -155,3 +155,11 @@ def test_tune_resume_checks_before_restoring(tmp_path: Path, monkeypatch, capsys
     assert code == 2, err
     assert f"{d / 'tuner.pkl'} is writable by others" in err
     assert "chmod -R go-w" in err
+
+
+def test_a_pickle_an_acl_lets_another_user_write_is_refused(tmp_path: Path) -> None:
+    from tests.nn.test_kernels import grant_write_by_acl
+
+    d = stored_search(tmp_path)
+    grant_write_by_acl(d / "tuner.pkl", FOREIGN)  # `ls -l` shows 0664: only the ACL says who else writes
+    assert f"{d / 'tuner.pkl'} is writable by user {FOREIGN} through an ACL" in refused(d)
