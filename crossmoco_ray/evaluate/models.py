@@ -317,6 +317,9 @@ def export_backbone(checkpoint: str | Path, out: str | Path, with_image: bool = 
         for key, v in model_state.items()
         if key.startswith("point_q.") and not key.startswith("point_q.inv_head.")
     }
+    # What is written must load: the backbone is matched against its architecture first (a checkpoint
+    # without the encoder's weights would otherwise export "successfully" and fail only when used).
+    _load_into(spec["name"], spec["kwargs"], backbone, f"{checkpoint} (its point encoder)")
     payload: dict[str, Any] = {
         "format": BACKBONE_FORMAT,
         "architecture": spec["name"],

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..bounded import first_line, short_repr
+from ..bounded import clip, first_line, short_repr
 from ..config import Config, to_yaml
 from ..nn import CrossMoCo
 
@@ -136,11 +138,42 @@ def load_torch_file(file: Path) -> Any:
     one line. A missing file is a ``FileNotFoundError``."""
     if not file.exists():
         raise FileNotFoundError(f"{file} does not exist")
+    archive_problem = _archive_problem(file)
+    if archive_problem:
+        raise ValueError(f"{file}: {archive_problem}")
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises anything from EOFError to RuntimeError for a damaged file
         reason = first_line(str(err)) or "no message"
         raise ValueError(f"{file}: not a readable PyTorch file ({type(err).__name__}: {reason})") from err
+
+
+def _archive_problem(file: Path) -> str | None:
+    """Why ``file`` must not reach ``torch.load``, or ``None``: it is not a regular file (a FIFO would block
+    forever, a device never ends), or it is a zip archive (``torch.save``'s format) with a compressed entry.
+    ``torch.save`` stores its entries uncompressed, so what a loader allocates is bounded by the file's
+    size; a compressed entry lets a 1 MB file claim a 1 GB tensor, allocated before anything is checked."""
+    try:
+        st = os.stat(file)
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a FIFO, a device or a directory): not a PyTorch file"
+    try:
+        with zipfile.ZipFile(file) as archive:
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    return (
+                        f"entry {clip(info.filename, 80)} is compressed, which torch.save never writes: "
+                        "a crafted file (it could claim any size)"
+                    )
+                if info.file_size > st.st_size:
+                    return f"entry {clip(info.filename, 80)} claims more bytes than the file holds"
+    except zipfile.BadZipFile:
+        return None  # torch's legacy (pre-1.6) format, or not a PyTorch file: torch.load says which
+    except (OSError, ValueError, EOFError) as err:
+        return f"unreadable archive ({first_line(str(err)) or type(err).__name__})"
+    return None
 
 
 def checked_state(state: Any, file: Path | str) -> dict[str, Any]:

@@ -176,3 +176,55 @@ def test_a_damaged_export_or_meta_json_is_a_named_error(
         with pytest.raises(ValueError, match=r"meta\.json") as err:
             load_point_encoder(out)
         assert len(str(err.value)) < 400
+
+
+def test_export_refuses_a_checkpoint_without_the_encoders_weights(
+    checkpoint: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    path, _ = checkpoint
+    state = checkpoint_state(path)
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("point_q.")}
+    torch.save(state, tmp_path / "no_encoder.pt")
+    with pytest.raises(ValueError, match=r"no_encoder\.pt \(its point encoder\) does not match DGCNN"):
+        export_backbone(tmp_path / "no_encoder.pt", tmp_path / "export")
+    assert not (tmp_path / "export" / "backbone.pt").exists()
+
+
+def rezip(src: Path, dst: Path, compression: int) -> None:
+    """``src`` (a torch.save archive) rewritten with every entry compressed as ``compression``."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+
+
+@pytest.mark.timeout(20)
+def test_a_compressed_archive_claiming_a_large_tensor_is_refused_before_it_is_loaded(tmp_path: Path) -> None:
+    import tracemalloc
+    import zipfile
+
+    torch.save({"model": {"w": torch.zeros(25_000_000)}}, tmp_path / "big.pt")  # 100 MB of zeros
+    rezip(tmp_path / "big.pt", tmp_path / "bomb.pt", zipfile.ZIP_DEFLATED)
+    (tmp_path / "big.pt").unlink()
+    assert (tmp_path / "bomb.pt").stat().st_size < 1_000_000
+    tracemalloc.start()
+    try:
+        for read in (load_point_encoder, lambda p: export_backbone(p, tmp_path / "export")):
+            with pytest.raises(ValueError, match=r"bomb\.pt: entry .* is compressed"):
+                read(tmp_path / "bomb.pt")
+        assert tracemalloc.get_traced_memory()[1] < 20_000_000
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.timeout(20)
+def test_a_fifo_or_device_as_a_checkpoint_is_refused_without_blocking(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "fifo.pt")
+    os.symlink("/dev/zero", tmp_path / "zero.pt")
+    for name in ("fifo.pt", "zero.pt"):
+        for read in (load_point_encoder, lambda p: export_backbone(p, tmp_path / "export")):
+            with pytest.raises(ValueError, match=rf"{name}: not a regular file"):
+                read(tmp_path / name)
