@@ -28,6 +28,7 @@ import numpy as np
 from ..bounded import printable
 from .mesh import MESH_SUFFIXES, is_mesh_file, read_mesh, surface_points
 from .ply import read_ply
+from .render import check_view_size
 from .source import Source, UpAxis, decodable, file_identity, regular_file, to_y_up
 from .types import DataError, Sample
 
@@ -117,9 +118,14 @@ class ShapeNetRenderSource(Source):
             try:
                 if png.stat().st_size > VIEW_BYTES:
                     raise DataError(printable(png), f"over {VIEW_BYTES // 1024**2} MiB: not a rendered view")
-                views.append(png.read_bytes())
+                data = png.read_bytes()
             except OSError as err:
                 raise DataError(printable(png), f"unreadable image: {printable(err)}") from err
+            try:
+                check_view_size(data)  # the header only: a view that claims too many pixels is not decoded
+            except ValueError as err:
+                raise DataError(printable(png), printable(err, 300)) from None
+            views.append(data)
         points = to_y_up(read_ply(ply), self.up_axis)
         return Sample(f"{synset}/{model}", points, views, label, printable(ply), 0, split)
 

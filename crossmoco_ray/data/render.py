@@ -15,6 +15,7 @@ The cameras (:mod:`.camera`) are the mesh renderer's: the same object gives the 
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,8 +28,10 @@ from .raster import SHADE_RANGE, estimate_normals, intensity
 __all__ = [
     "COORD_RANGE",
     "DEPTH_RANGE",
+    "MAX_VIEW_PIXELS",
     "SHADE_RANGE",
     "RenderSpec",
+    "check_view_size",
     "contact_sheet",
     "decode_png",
     "encode_png",
@@ -38,6 +41,10 @@ __all__ = [
 
 DEPTH_RANGE = (60, 255)  # grey of the farthest / nearest possible point; 0 stays the background
 COORD_RANGE = (40, 255)  # channel value of normalised coordinate -1 / +1 in "coords" mode
+# The most pixels an encoded view may decode to: 4096 x 4096 (renders are at most 4096 px a side,
+# ShapeNetRendering's views 137 x 137). A small file can claim far more (a 164 KB PNG decodes to 169 M
+# pixels), so the size in the header is checked before any pixel is decoded.
+MAX_VIEW_PIXELS = 4096 * 4096
 SHEET_GAP = 2  # pixels between the tiles of a contact sheet
 
 
@@ -124,20 +131,65 @@ def decode_png(data: bytes, size: int | None = None) -> np.ndarray:
     """Decode image bytes (PNG, or any format Pillow reads) to ``[H, W, 3]`` uint8 RGB.
 
     Any mode is converted (grey is repeated, palette expanded, alpha dropped, 16-bit scaled to 8);
-    with ``size`` the image is resized to ``[size, size]`` (bilinear).
+    with ``size`` the image is resized to ``[size, size]`` (bilinear). The size in the header is checked
+    first: an image of more than :data:`MAX_VIEW_PIXELS` pixels is refused without being decoded.
 
     Raises:
-        ValueError: the bytes are not a decodable image.
+        ValueError: the bytes are not a decodable image, or one too large to be a view.
     """
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
+    with _open_view(data) as opened:
+        try:
             opened.load()
             img = _to_rgb(opened)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot decode image ({type(e).__name__}: {e})") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot decode image ({type(e).__name__}: {e})") from None
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8).copy()
+
+
+def check_view_size(data: bytes) -> None:
+    """Refuse encoded image bytes whose header declares more than :data:`MAX_VIEW_PIXELS` pixels, reading
+    the header only (no pixel is decoded). Bytes that are not an image are left to :func:`decode_png`.
+
+    Raises:
+        ValueError: the image is too large to be a view (the message gives its size).
+    """
+    try:
+        img = _open_lazily(data)
+    except ValueError:
+        return
+    with img:
+        _check_size(img)
+
+
+def _open_view(data: bytes) -> Image.Image:
+    """The lazily opened image (header read, no pixel decoded) once its size is known to be a view's."""
+    img = _open_lazily(data)
+    try:
+        _check_size(img)
+    except ValueError:
+        img.close()
+        raise
+    return img
+
+
+def _open_lazily(data: bytes) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns past 89 M pixels; MAX_VIEW_PIXELS is far lower and names the image instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def _check_size(img: Image.Image) -> None:
+    width, height = img.size
+    if width * height > MAX_VIEW_PIXELS:
+        raise ValueError(
+            f"image of {width}x{height} pixels is over the limit of {MAX_VIEW_PIXELS} (4096x4096): not a view"
+        )
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

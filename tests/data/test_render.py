@@ -246,3 +246,50 @@ def test_contact_sheet(tmp_path: Path) -> None:
     np.testing.assert_array_equal(plain[SHEET_GAP : SHEET_GAP + 32, SHEET_GAP : SHEET_GAP + 32], rows[0][0])
     with pytest.raises(ValueError, match="labels"):
         contact_sheet(rows, path, labels=["one"])
+
+
+def bomb_png(side: int) -> bytes:
+    """A real grayscale PNG of ``side`` x ``side`` zero pixels: tiny on disk, huge once decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    squeeze = zlib.compressobj(1)
+    row = bytes(side + 1)  # filter byte 0, then the row
+    idat = b"".join(squeeze.compress(row) for _ in range(side)) + squeeze.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_decode_png_refuses_a_decompression_bomb_from_its_header(recwarn: pytest.WarningsRecorder) -> None:
+    """A 13000x13000 PNG (169 M pixels from a small file) is refused by its size, never decoded."""
+    import tracemalloc
+
+    from crossmoco_ray.data.render import MAX_VIEW_PIXELS, check_view_size
+
+    data = bomb_png(13000)
+    assert len(data) < 1024**2
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="13000x13000 pixels is over the limit"):
+            decode_png(data)
+        with pytest.raises(ValueError, match="13000x13000 pixels"):
+            check_view_size(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024**2  # decoding would take 169 MB
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    # The limit itself: 4096 x 4096 is a view, one more row is not.
+    assert MAX_VIEW_PIXELS == 4096 * 4096
+    check_view_size(encode_png(np.zeros((16, 16), np.uint8)))
+    check_view_size(b"not an image")  # left to decode_png, which names it
+
+
+def test_decode_png_at_the_pixel_limit() -> None:
+    img = np.zeros((4096, 4096), np.uint8)
+    assert decode_png(encode_png(img)).shape == (4096, 4096, 3)
+    with pytest.raises(ValueError, match="4097x4096 pixels"):
+        decode_png(encode_png(np.zeros((4096, 4097), np.uint8)))
