@@ -95,10 +95,10 @@ def check_off_claims(data: bytes, source: str) -> None:
         return
     lines = [line.split() for line in head[found.end() :].splitlines()]
     counts = next((line for line in lines if line), [])
-    try:
-        vertices, faces = int(counts[0]), int(counts[1])
-    except (IndexError, ValueError):
+    # ASCII digits only (int() takes '١٢' and '1_0'); what is not a count is left to the reader.
+    if len(counts) < 2 or not all(re.fullmatch(r"[+-]?[0-9]+", word) for word in counts[:2]):
         return
+    vertices, faces = int(counts[0]), int(counts[1])
     if vertices < 0 or faces < 0:
         raise DataError(source, f"OFF header declares {vertices} vertices and {faces} faces")
     need = 6 * vertices + 2 * faces

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,8 @@ def _parse_header(data: bytes, source: str) -> tuple[str | None, list[_Element],
                 )
             byte_order, seen_format = _FORMATS[words[1]], True
         elif key == "element":
-            if len(words) != 3 or not words[2].isdigit():
+            # ASCII digits only: the header is read as latin-1, where '²' is a digit that int() refuses.
+            if len(words) != 3 or not re.fullmatch(r"[0-9]+", words[2]):
                 raise DataError(
                     source, f"malformed element line {printable(raw.strip(), 120)!r} (header line {number})"
                 )

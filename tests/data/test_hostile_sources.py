@@ -16,6 +16,7 @@ import io
 import os
 import re
 import tracemalloc
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -509,6 +510,53 @@ def test_hostile_shapenet_render_views(tmp_path: Path) -> None:
     assert re.search("no rendered views", named["model002.ply"])
     assert re.search("truncated PLY|vertex row has", named["model003.ply"])
     assert len(errors) == 4
+
+
+def test_hostile_shapenet_render_views_that_decode_to_too_many_pixels(tmp_path: Path) -> None:
+    """A small PNG whose header claims 13000x13000 pixels is refused by its header, naming the file and the
+    size, without being decoded (bounded memory) and without Pillow's warning."""
+    from tests.data.test_render import bomb_png
+
+    root = fixtures.shapenet_render(tmp_path / "snr", objects=2, views=3)
+    bomb = bomb_png(13000)
+    rendering = root / "ShapeNetRendering" / "02691156" / "model000" / "rendering"
+    for png in rendering.glob("*.png"):
+        png.write_bytes(bomb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning would be an error here
+        with peak_memory(32 * MB):
+            good, errors = drain(str(root))
+    assert [s.id for s in good] == ["03001627/model001"]
+    [err] = errors
+    assert err.source == str(rendering / "00.png")
+    assert re.search("13000x13000 pixels is over the limit", err.problem)
+    # A shard view (bytes that prepare wrote, decoded by the pipeline) meets the same limit.
+    item = Sample("x", fixtures.clouds(1, 64, 3)[0], [bomb, bomb], 0, "s.ply", 0, "train")
+    with pytest.raises(DataError, match=r"view 0 is not a readable image: .*13000x13000 pixels"):
+        check_views(item, item.points, SPEC)
+
+
+def test_hostile_headers_with_non_ascii_digits(tmp_path: Path) -> None:
+    """Latin-1 superscripts are digits to str.isdigit but not to int(): each file is a named DataError, and
+    has_meshes (which reads PLY face counts) does not stop on them."""
+    d = tmp_path / "pf" / "chair"
+    d.mkdir(parents=True)
+    cloud = fixtures.clouds(1, 64, 3)[0]
+    write_ply(d / "good.ply", cloud, binary=False)
+    text = (d / "good.ply").read_bytes()
+    (d / "vertex.ply").write_bytes(text.replace(b"element vertex 64", b"element vertex \xb2"))
+    face = b"element face \xb9\nproperty list uchar int vertex_indices\nend_header"
+    (d / "face.ply").write_bytes(text.replace(b"end_header", face))
+    (d / "counts.off").write_bytes(b"OFF\n\xb3 \xb9 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 2\n")
+    src = open_source(str(tmp_path / "pf"))
+    assert src.has_meshes() is True  # counts.off is a mesh file
+    good, errors = drain(str(tmp_path / "pf"), num_points=64)
+    assert [Path(s.source).name for s in good] == ["good.ply"]
+    named = {Path(e.source).name: e.problem for e in errors}
+    assert sorted(named) == ["counts.off", "face.ply", "vertex.ply"]
+    assert re.search("malformed element line", named["vertex.ply"])
+    assert re.search("malformed element line", named["face.ply"])
+    assert re.search("unreadable mesh", named["counts.off"])
 
 
 def test_hostile_h5_file_names_that_are_not_utf8(tmp_path: Path) -> None:

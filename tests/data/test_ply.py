@@ -239,3 +239,22 @@ def test_element_with_rows_but_no_properties_is_named(tmp_path: Path) -> None:
     data = b"ply\nformat binary_little_endian 1.0\nelement ghost 1000000000\nend_header\n"
     with pytest.raises(DataError, match="element 'ghost' declares 1000000000 rows but no properties"):
         check_ply_claims(data, "ghost.ply")
+
+
+@pytest.mark.parametrize("count", ["\xb2", "\xb9", "\xb3"])
+@pytest.mark.parametrize("element", ["vertex", "face"])
+def test_non_ascii_digit_counts_are_named(tmp_path: Path, count: str, element: str) -> None:
+    """Latin-1 '²' is a digit to str.isdigit but not to int(): a header count of ASCII digits only."""
+    from crossmoco_ray.data.ply import ply_face_count
+
+    face = f"element face {count if element == 'face' else '1'}\nproperty list uchar int vertex_indices\n"
+    header = (
+        f"ply\nformat ascii 1.0\nelement vertex {count if element == 'vertex' else '3'}\n"
+        f"property float x\nproperty float y\nproperty float z\n{face}end_header\n"
+    )
+    path = tmp_path / "c.ply"
+    path.write_bytes(header.encode("latin-1") + b"0 0 0\n1 0 0\n0 1 0\n3 0 1 2\n")
+    for read in (read_ply, ply_face_count):
+        with pytest.raises(DataError, match="malformed element line") as info:
+            read(path)
+        assert info.value.source == str(path)
