@@ -25,7 +25,9 @@ import ray
 import psutil  # Ray's bundled copy, importable once ray is
 from crossmoco_ray.train.resources import init_ray
 
-train = types.SimpleNamespace(num_workers=1, cpus_per_worker=1.0, data_cpus=0.0)
+train = types.SimpleNamespace(
+    num_workers=1, cpus_per_worker=1.0, data_cpus=0.0, use_gpu=False, worker_resources={}
+)
 lines = []
 assert init_ray(types.SimpleNamespace(train=train), None, lines.append)
 try:
