@@ -176,7 +176,7 @@ class OptimConfig(_Section):
 class TrainConfig(_Section):
     """How training runs: size, workers, precision, checkpoints."""
 
-    epochs: int = Field(125, gt=0)
+    epochs: int = Field(125, gt=0, le=100_000)
     batch_size: int | None = Field(
         None,
         gt=0,
@@ -213,7 +213,7 @@ class TrainConfig(_Section):
         "runs); false: IEEE fp32 throughout. kNN distances, BatchNorm statistics and losses are IEEE fp32 "
         "either way",
     )
-    seed: int = 1
+    seed: int = Field(1, ge=0, le=2**31 - 1, description="seeds every generator of the run (0 … 2**31 - 1)")
     deterministic: bool = Field(
         False,
         description="seed the augmentations and use deterministic kernels only (exact reruns and resumes; "

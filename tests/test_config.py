@@ -348,3 +348,13 @@ def test_resources_and_view_angles_that_mean_nothing_are_refused_with_the_key(
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
     assert named in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("train.seed=-1", "train.seed"), ("train.seed=99999999999999999999", "train.seed"),
+     ("train.epochs=0x7fffffffffffffffffffffffff", "train.epochs")],
+)  # fmt: skip
+def test_seeds_and_epochs_generators_and_schedules_cannot_take_are_refused(override: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_config("quickstart", overrides=[override])

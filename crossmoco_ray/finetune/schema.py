@@ -97,7 +97,7 @@ class FinetuneDataConfig(_Section):
 class FinetuneTrainConfig(_Section):
     """How fine-tuning runs."""
 
-    epochs: int = Field(250, gt=0, description="DGCNN: 250")
+    epochs: int = Field(250, gt=0, le=100_000, description="DGCNN: 250")
     batch_size: int = Field(32, gt=0, description="the GLOBAL batch over all workers")
     test_batch_size: int = Field(32, gt=0)
     num_workers: int = Field(1, gt=0, description="Ray Train workers (DDP processes)")
@@ -115,7 +115,7 @@ class FinetuneTrainConfig(_Section):
         description="keep the encoder frozen (eval mode, running BN statistics) and train the head only: "
         "with model.head=linear, a linear probe by SGD",
     )
-    seed: int = 1
+    seed: int = Field(1, ge=0, le=2**31 - 1, description="seeds every generator of the run (0 … 2**31 - 1)")
     eval_every: int = Field(1, gt=0, description="epochs between test evaluations (the last always)")
     log_every: int = Field(20, gt=0, description="steps between progress lines")
     checkpoint_every_steps: int | None = Field(
