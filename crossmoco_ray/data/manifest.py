@@ -26,12 +26,13 @@ import hashlib
 import json
 import os
 import re
+import stat
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from ..bounded import printable
-from ..storage import read_bytes, resolve
+from ..storage import resolve
 from .types import DataError
 
 SCHEMA_VERSION = 1
@@ -40,7 +41,61 @@ SKIPPED = "skipped.json"
 SEAL = "manifest_sha256"
 SHARD_NAME = re.compile(r"(?P<split>[A-Za-z0-9_]+)-[0-9]{5,}\.parquet")
 CHUNK = 1 << 22
-MAX_MANIFEST_BYTES = 256 * 1024**2  # ~100x the manifest of a 100M-object dataset; beyond is not ours
+# A manifest of 2,000 shard files with per-class counts of 1,000 classes in three splits is ~1.3 MB; parsing
+# JSON costs ~25x its size in memory, so a bound well above real manifests keeps a hostile one cheap.
+MAX_MANIFEST_BYTES = 16 * 1024**2
+NOT_UTF8 = "the path is not UTF-8 (pyarrow's filesystems need UTF-8 paths): rename it"
+
+
+def utf8_problem(uri: str) -> str | None:
+    """Why ``uri`` cannot be opened through pyarrow (None: it can): a name that is not UTF-8 (it reaches
+    Python as lone surrogates, which pyarrow cannot encode)."""
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError:
+        return NOT_UTF8
+    return None
+
+
+def read_regular(fs: pafs.FileSystem, path: str, limit: int, where: str) -> bytes | None:
+    """At most ``limit + 1`` bytes of the regular file ``path`` (None when nothing is there).
+
+    Anything else at the name is a :class:`DataError` before a byte is read: a directory, a FIFO (a read
+    would wait forever), a device (``/dev/zero`` never ends), and on a local filesystem a symbolic link
+    (not followed: ``O_NOFOLLOW``; opened ``O_NONBLOCK`` and checked with ``fstat`` on the open file, so a
+    swap after the check cannot substitute a FIFO).
+    """
+    if isinstance(fs, pafs.LocalFileSystem):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return None
+        except OSError:
+            if os.path.islink(path):
+                raise DataError(where, "is a symbolic link, not a regular file") from None
+            if os.path.isdir(path):
+                raise DataError(where, "is a directory, not a regular file") from None
+            raise
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
+                raise DataError(where, f"is {kind}, not a regular file")
+            chunks, size = [], 0
+            while size <= limit and (chunk := os.read(fd, min(CHUNK, limit + 1 - size))):
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return None
+    if info.type != pafs.FileType.File:
+        raise DataError(where, "is not a regular file")
+    with fs.open_input_stream(path) as f:
+        data: bytes = f.read(limit + 1)
+    return data
 
 
 def join_uri(uri: str, name: str) -> str:
@@ -98,12 +153,17 @@ def load_manifest_json(uri: str) -> dict[str, Any]:
     """The manifest at ``uri`` parsed, with no check beyond being a JSON object (:class:`DataError` when it
     is missing or not that)."""
     where = join_uri(uri, MANIFEST)
+    problem = utf8_problem(uri)
+    if problem:
+        raise DataError(uri, problem)
     try:
         fs, path = resolve(where)
-        size = fs.get_file_info(path).size
-        if size is not None and size > MAX_MANIFEST_BYTES:
-            raise DataError(where, f"{size} bytes: too large for a manifest (not one prepare wrote)")
-        data = read_bytes(where)
+        data = read_regular(fs, path, MAX_MANIFEST_BYTES, where)
+        if data is not None and len(data) > MAX_MANIFEST_BYTES:
+            raise DataError(
+                where,
+                f"over {MAX_MANIFEST_BYTES >> 20} MiB: too large for a manifest (not one prepare wrote)",
+            )
         manifest = None if data is None else json.loads(data.decode())
     except (OSError, ValueError, RecursionError) as err:
         if isinstance(err, DataError):

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -68,6 +69,7 @@ from .manifest import (
     load_manifest_json,
     read_manifest,
     seal,
+    utf8_problem,
 )
 from .progress import Progress
 from .render import RenderSpec, contact_sheet, decode_png
@@ -198,7 +200,11 @@ def fingerprint(source: Source, opts: PrepareOptions) -> str:
 
 
 def out_problem(out: str) -> str | None:
-    """Why ``out`` cannot hold prepared shards (None: it can): it, or a folder above it, is a file."""
+    """Why ``out`` cannot hold prepared shards (None: it can): it is not UTF-8, or it, or a folder above
+    it, is a file."""
+    problem = utf8_problem(out)
+    if problem:
+        return problem
     fs, root = resolve(out)
     if fs.get_file_info(root).type == pafs.FileType.File:
         return "is a file, not a directory"
@@ -233,6 +239,7 @@ def prepare(
     if opts.preview and problem:
         raise DataError(opts.preview, problem)
     fs, root = resolve(out)
+    _check_destinations(fs, root, out, [MANIFEST, SKIPPED])
     fp = fingerprint(source, opts)
     remove_stale(fs, root, out, log)
     old_shards: list[str] = []
@@ -261,7 +268,7 @@ def prepare(
             manifest, preview = _write(source, fs, work, opts, fp, log)
             manifest = seal(json.loads(json.dumps(manifest)))  # sealed as a reader will see it
             write_json(join_uri(work.uri, MANIFEST), manifest)  # inside the work dir: not yet a dataset
-            _commit(fs, root, work.path, manifest, old_shards)
+            _commit(fs, root, work.path, manifest, old_shards, out)
         finally:
             work.remove()
     rows = sum(f["rows"] for f in manifest["files"])
@@ -474,8 +481,33 @@ def _admit(
     return item.error, num_points
 
 
+def _check_destinations(fs: pafs.FileSystem, root: str, out: str, names: list[str]) -> None:
+    """A :class:`DataError` when something at one of ``names`` in ``root`` is not a file prepare may replace:
+    a directory, a FIFO, a device, a socket (a symbolic link is fine: a move replaces the link, never what it
+    points to). Checked before anything moves, so a refusal leaves ``out`` as it was."""
+    for name in names:
+        path = f"{root}/{name}"
+        if isinstance(fs, pafs.LocalFileSystem):
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+                continue
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
+        else:
+            kind_of = fs.get_file_info(path).type
+            if kind_of in (pafs.FileType.NotFound, pafs.FileType.File):
+                continue
+            kind = "a directory" if kind_of == pafs.FileType.Directory else "not a regular file"
+        raise DataError(
+            join_uri(out, name),
+            f"is {kind}, not a regular file; prepare writes a file there: remove it or choose another --out",
+        )
+
+
 def _commit(
-    fs: pafs.FileSystem, root: str, tmp: str, manifest: dict[str, Any], old_shards: list[str]
+    fs: pafs.FileSystem, root: str, tmp: str, manifest: dict[str, Any], old_shards: list[str], out: str = ""
 ) -> None:
     """Move the new files (and the manifest, already written in ``tmp``) into ``root``; delete the old
     dataset's shards that the new one does not replace (``old_shards``: plain shard names only, so
@@ -483,9 +515,10 @@ def _commit(
 
     The manifest moves last: its presence means the dataset is complete.
     """
+    new_names = {f["path"] for f in manifest["files"]} | {SKIPPED}
+    _check_destinations(fs, root, out or root, [*sorted(new_names), MANIFEST])  # before anything moves
     if file_exists(fs, f"{root}/{MANIFEST}"):
         fs.delete_file(f"{root}/{MANIFEST}")  # from here the old dataset no longer counts as complete
-    new_names = {f["path"] for f in manifest["files"]} | {SKIPPED}
     for name in new_names:
         if file_exists(fs, f"{tmp}/{name}"):
             fs.move(f"{tmp}/{name}", f"{root}/{name}")

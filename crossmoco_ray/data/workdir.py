@@ -19,6 +19,7 @@ one are removed as links.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -32,12 +33,14 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from .manifest import is_symlink, join_uri
+from .manifest import is_symlink, join_uri, read_regular
 
 WORK_PREFIX = ".incomplete-"
 OWNER = "owner.json"
 STALE_SECONDS = 6 * 3600  # another host's run is gone after this long without a heartbeat
 HEARTBEAT_SECONDS = 300
+MAX_OWNER_BYTES = 4096
+MAX_PID = 1 << 22  # Linux's largest pid_max (/proc/sys/kernel/pid_max); a larger pid is no process
 
 
 class WorkDir:
@@ -84,19 +87,28 @@ def _alive(pid: int) -> bool:
 
 
 def _owner(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
+    """The owner file's host, pid and heartbeat; None when it is missing or malformed (an unknown owner:
+    the age rule of :func:`stale_reason`). Read only when it is a regular file (not a link, not a FIFO,
+    whose read would wait forever), at most :data:`MAX_OWNER_BYTES`."""
     try:
-        with fs.open_input_stream(f"{path}/{OWNER}") as f:
-            owner = json.loads(f.read(4096).decode())
-    except (OSError, ValueError):
+        data = read_regular(fs, f"{path}/{OWNER}", MAX_OWNER_BYTES, OWNER)
+        owner = None if data is None or len(data) > MAX_OWNER_BYTES else json.loads(data.decode())
+    except (OSError, ValueError, RecursionError):  # DataError (not a regular file) is a ValueError
         return None
-    valid = (
-        isinstance(owner, dict)
-        and isinstance(owner.get("host"), str)
-        and isinstance(owner.get("pid"), int)
-        and owner["pid"] > 0
-        and isinstance(owner.get("heartbeat"), (int, float))
-    )
-    return owner if valid else None
+    if not isinstance(owner, dict):
+        return None
+    host, pid, heartbeat = owner.get("host"), owner.get("pid"), owner.get("heartbeat")
+    if not (isinstance(host, str) and type(pid) is int and 0 < pid <= MAX_PID):
+        return None
+    if type(heartbeat) not in (int, float) or not isinstance(heartbeat, (int, float)):
+        return None
+    try:
+        beat = float(heartbeat)
+    except OverflowError:
+        return None
+    if not math.isfinite(beat):
+        return None
+    return {"host": host, "pid": pid, "heartbeat": beat}
 
 
 def stale_reason(fs: pafs.FileSystem, info: pafs.FileInfo, now: float | None = None) -> str | None:

@@ -25,8 +25,8 @@ from ..data.integrity import open_split, read_row_groups
 from ..data.manifest import MANIFEST, read_manifest
 from ..data.progress import Progress
 from ..data.readers import open_source
-from ..data.source import UpAxis
-from ..data.types import DataError
+from ..data.source import MAX_COORDINATE, UpAxis
+from ..data.types import DataError, Sample
 from ..storage import resolve
 
 
@@ -123,20 +123,52 @@ def load_split(
 
 def _load_shards(root: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """Points and labels of one split of prepared shards, every file and row group checked against the
-    manifest before it is used (as training reads them: :mod:`crossmoco_ray.data.integrity`)."""
+    manifest before it is used (as training reads them: :mod:`crossmoco_ray.data.integrity`).
+
+    The seal and digests prove only that the files match the manifest, and anyone can seal a manifest, so
+    the rows are checked as ``prepare`` checks a source (whole arrays at once; the first bad row goes through
+    :func:`~crossmoco_ray.data.checks.check_points` / :func:`~crossmoco_ray.data.checks.check_label` for
+    the same message): finite coordinates within ``MAX_COORDINATE``, labels in
+    ``0..len(class_names) - 1``, or, without class names, below the number of classes the manifest's
+    per-class counts name. A :class:`DataError` names the shard file and row.
+    """
     manifest = read_manifest(root)
     if not any(f["split"] == split for f in manifest["files"]):
         raise DataError(root, f"no {split!r} shards (has {sorted({f['split'] for f in manifest['files']})})")
     fs, shards = open_split(root, manifest, split)
+    names = manifest.get("class_names")
+    if names is None:  # as many classes as the per-class counts name (a placeholder name each)
+        counted = {
+            key
+            for count in manifest["counts"].values()
+            if isinstance(count, dict) and isinstance(count.get("per_class"), dict)
+            for key in count["per_class"]
+        }
+        bound: list[str] = [""] * len(counted)
+    else:
+        bound = names
     points, labels = [], []
     for shard in shards:
         table = read_row_groups(fs, shard, list(range(shard.metadata.num_row_groups)), ["points", "label"])
-        points.append(table.column("points").combine_chunks().to_numpy_ndarray())
-        labels.append(table.column("label").to_numpy())
-    label_arr = np.concatenate(labels).astype(np.int64)
-    if (label_arr < 0).any():
-        raise DataError(root, "the shards are unlabelled; evaluation needs labels")
-    return np.concatenate(points), label_arr, manifest.get("class_names")
+        pts = table.column("points").combine_chunks().to_numpy_ndarray()
+        labs = table.column("label").to_numpy().astype(np.int64)
+        if (labs == -1).all() and len(labs):
+            raise DataError(root, "the shards are unlabelled; evaluation needs labels")
+        bad_points = ~np.isfinite(pts).all(axis=(1, 2))
+        bad_points |= np.nan_to_num(np.abs(pts), posinf=0.0).max(axis=(1, 2), initial=0.0) > MAX_COORDINATE
+        bad_labels = (labs < 0) | (labs >= len(bound))
+        for bad, check in ((bad_points, "points"), (bad_labels, "label")):
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                sample = Sample(id="", points=pts[row], label=int(labs[row]), source=shard.where, index=row)
+                if check == "points":
+                    check_points(sample, 1)
+                else:
+                    check_label(sample, bound)
+                raise DataError(shard.where, f"row with bad {check}", row)  # not reached
+        points.append(pts)
+        labels.append(labs)
+    return np.concatenate(points), np.concatenate(labels), names
 
 
 def normalize_clouds(points: torch.Tensor) -> torch.Tensor:

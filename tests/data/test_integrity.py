@@ -18,15 +18,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from crossmoco_ray.cli import main
+from crossmoco_ray.data import manifest as manifest_module
 from crossmoco_ray.data import shards as shards_module
+from crossmoco_ray.data.integrity import file_digests
 from crossmoco_ray.data.manifest import file_digest, read_manifest, seal
 from crossmoco_ray.data.pipeline import PipelineOptions, iter_local_batches
 from crossmoco_ray.data.readers import H5Source
@@ -34,6 +38,7 @@ from crossmoco_ray.data.render import RenderSpec
 from crossmoco_ray.data.shards import PrepareOptions, prepare
 from crossmoco_ray.data.source import Source
 from crossmoco_ray.data.types import DataError, Sample
+from crossmoco_ray.data.workdir import remove_stale
 from crossmoco_ray.evaluate.features import load_split
 from crossmoco_ray.storage import resolve
 from tests.data import fixtures
@@ -509,3 +514,200 @@ def test_stale_work_directories_of_dead_runs_are_removed(tmp_path: Path) -> None
     ]
     assert (target / "data.txt").read_text() == "keep"
     assert sum("removed the stale work directory" in line for line in said) == 3, said
+
+
+# ---- issue 27: files that are not what their names say ----
+
+
+@contextmanager
+def within(seconds: int) -> Iterator[None]:
+    """Fail (instead of hanging the suite) when the body takes longer than ``seconds``."""
+
+    def expired(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_max_manifest_bytes_covers_a_large_real_manifest() -> None:
+    classes = [f"class_{c:04d}" for c in range(1000)]
+    files = [
+        {
+            "path": f"train-{i:05d}.parquet",
+            "split": "train",
+            "rows": 4096,
+            "bytes": 123456789,
+            "sha256": "f" * 64,
+            "footer_sha256": "f" * 64,
+            "row_group_sha256": ["f" * 64] * 8,
+        }
+        for i in range(2000)
+    ]
+    counts = {
+        s: {"total": 10**7, "per_class": dict.fromkeys(classes, 10**4)} for s in ("train", "val", "test")
+    }
+    size = len(json.dumps({"files": files, "class_names": classes, "counts": counts}).encode())
+    assert manifest_module.MAX_MANIFEST_BYTES == 16 * 1024**2
+    assert 4 * size < manifest_module.MAX_MANIFEST_BYTES
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "directory"])
+def test_a_manifest_that_is_not_a_regular_file_is_refused_at_once(
+    dataset: Path, tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = dataset / "manifest.json"
+    manifest.unlink()
+    if kind == "dev-zero":
+        manifest.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.mkdir()
+    with within(5):
+        with pytest.raises(DataError, match="not a regular file"):
+            read_manifest(str(dataset))
+        assert main(["verify", str(dataset)]) == 2
+        assert "not a regular file" in capsys.readouterr().err
+        source = H5Source(fixtures.modelnet_h5(tmp_path / "mn", n_train=4, n_test=2, points=32))
+        with pytest.raises(DataError, match="not a regular file"):
+            prepare(source, str(dataset), opts(), log=quiet)
+
+
+def test_a_manifest_over_the_limit_is_refused_without_reading_it_all(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manifest_module, "MAX_MANIFEST_BYTES", 100)
+    with pytest.raises(DataError, match="too large for a manifest"):
+        read_manifest(str(dataset))
+
+
+def test_an_owner_file_that_is_a_fifo_does_not_hang_prepare(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    work = out / ".incomplete-fifo"
+    work.mkdir(parents=True)
+    os.mkfifo(work / "owner.json")
+    os.utime(work, (time.time() - 2 * 86400,) * 2)
+    said: list[str] = []
+    with within(5):
+        remove_stale(*resolve(str(out)), str(out), said.append)
+    assert not work.exists()
+    assert "no owner" in said[0]
+
+
+@pytest.mark.parametrize(
+    "owner",
+    [
+        '{"host": "HOST", "pid": 99999999999999999999, "heartbeat": 0}',
+        '{"host": "HOST", "pid": 4194305, "heartbeat": 0}',
+        '{"host": "another-node", "pid": 1, "heartbeat": 1' + "0" * 400 + "}",
+        '{"host": "another-node", "pid": 1, "heartbeat": NaN}',
+        '{"host": "another-node", "pid": true, "heartbeat": 1.0}',
+    ],
+    ids=["huge-pid", "pid-over-pid-max", "huge-heartbeat", "nan-heartbeat", "bool-pid"],
+)
+def test_a_malformed_owner_file_is_an_unknown_owner(tmp_path: Path, owner: str) -> None:
+    out = tmp_path / "out"
+    old, fresh = out / ".incomplete-old", out / ".incomplete-fresh"
+    for work in (old, fresh):
+        work.mkdir(parents=True)
+        (work / "owner.json").write_text(owner.replace("HOST", socket.gethostname()))
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    said: list[str] = []
+    remove_stale(*resolve(str(out)), str(out), said.append)
+    assert not old.exists()
+    assert fresh.exists()
+    assert len(said) == 1
+    assert "no owner" in said[0]
+
+
+@pytest.mark.parametrize("name", ["skipped.json", "train-00000.parquet", "manifest.json"])
+def test_a_directory_where_prepare_writes_a_file_is_named_before_anything_moves(
+    tmp_path: Path, name: str
+) -> None:
+    out = tmp_path / "out"
+    (out / name).mkdir(parents=True)
+    (out / name / "keep.txt").write_text("keep")
+    source = H5Source(fixtures.modelnet_h5(tmp_path / "mn", n_train=4, n_test=2, points=32))
+    with pytest.raises(DataError, match=r"is a directory.*remove it or choose another --out"):
+        prepare(source, str(out), opts(overwrite=True), log=quiet)
+    assert sorted(p.name for p in out.iterdir()) == [name]
+    assert (out / name / "keep.txt").read_text() == "keep"
+
+
+def test_a_non_utf8_path_is_named_as_such(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = os.fsdecode(bytes(tmp_path) + b"/o\xff")
+    source = H5Source(fixtures.modelnet_h5(tmp_path / "mn", n_train=4, n_test=2, points=32))
+    with pytest.raises(DataError, match="not UTF-8"):
+        prepare(source, bad, opts(), log=quiet)
+    assert main(["verify", bad]) == 2
+    err = capsys.readouterr().err
+    assert "not UTF-8" in err
+    assert "unreadable manifest" not in err
+    err.encode()  # printable
+
+
+def forge(root: Path, split: str, change: Any) -> None:
+    """Rewrite ``split``'s first shard with ``change`` applied to its (points, labels) and re-seal the
+    manifest around it: what a forger who knows the format can do."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    info = next(f for f in manifest["files"] if f["split"] == split)
+    path = root / info["path"]
+    table = pq.read_table(path)
+    points = table.column("points").combine_chunks().to_numpy_ndarray().copy()
+    labels = table.column("label").to_numpy().copy()
+    change(points, labels)
+    schema = table.schema
+    columns = {n: table.column(n) for n in schema.names}
+    columns["points"] = pa.FixedShapeTensorArray.from_numpy_ndarray(points.astype(np.float32)).cast(
+        schema.field("points").type
+    )
+    columns["label"] = pa.array(labels, schema.field("label").type)
+    new = pa.table(columns, schema=schema)
+    pq.write_table(new, path, row_group_size=4, write_page_checksum=True, compression="zstd")
+    fs, _ = resolve(str(root))
+    info.update(file_digests(fs, str(path)))
+    if labels.max() > 10**6:
+        manifest["counts"][split]["per_class"] = {str(int(labels.max())): len(labels)}
+        manifest["class_names"] = None
+    manifest.pop("manifest_sha256")
+    (root / "manifest.json").write_text(json.dumps(seal(manifest)))
+
+
+def _set(
+    points: np.ndarray, labels: np.ndarray, label: int | None = None, value: float | None = None
+) -> None:
+    if label is not None:
+        labels[2] = label
+    if value is not None:
+        points[2, 5, 1] = value
+
+
+@pytest.mark.parametrize(
+    ("label", "value", "message"),
+    [
+        (2147483647, None, r"test-00000\.parquet \[index 2\]: label 2147483647 outside 0\.\.[0-9]+$"),
+        (None, float("nan"), r"test-00000\.parquet \[index 2\]: NaN or Inf at point 5"),
+        (None, 1e30, r"test-00000\.parquet \[index 2\]: coordinates reach 1e\+30"),
+        (-5, None, r"test-00000\.parquet \[index 2\]: label -5 is negative"),
+    ],
+    ids=["huge-label", "nan", "huge-coordinate", "negative-label"],
+)
+def test_evaluation_checks_the_rows_of_re_sealed_shards(
+    dataset: Path, label: int | None, value: float | None, message: str
+) -> None:
+    forge(dataset, "test", lambda p, lab: _set(p, lab, label, value))
+    with within(5), pytest.raises(DataError, match=message):
+        load_split(str(dataset), "test")
+
+
+def test_evaluation_refuses_labels_beyond_the_class_names(dataset: Path) -> None:
+    names = read_manifest(str(dataset))["class_names"]
+    forge(dataset, "train", lambda p, lab: _set(p, lab, len(names)))
+    with pytest.raises(DataError, match=rf"train-00000\.parquet \[index 2\]: label {len(names)} outside"):
+        load_split(str(dataset), "train")
