@@ -39,16 +39,16 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info  # noqa: E402
 
-from crossmoco_ray.data.manifest import read_manifest, seal  # noqa: E402
-from crossmoco_ray.data.pipeline import (  # noqa: E402
+from crossmoco_ray.data.pipeline.batches import (  # noqa: E402
     PipelineOptions,
     make_batch,
     make_dataset,
     split_files,
     window_rows,
 )
-from crossmoco_ray.data.readers import SyntheticSource  # noqa: E402
-from crossmoco_ray.data.shards import PrepareOptions, prepare  # noqa: E402
+from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare  # noqa: E402
+from crossmoco_ray.data.shards.manifest import read_manifest, seal  # noqa: E402
+from crossmoco_ray.data.sources.formats import SyntheticSource  # noqa: E402
 
 
 def row_columns(table: Any) -> dict[str, Any]:

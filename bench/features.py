@@ -28,7 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The point encoders of crossmoco_ray/configs/{modelnet40-cpu,paper}.yaml, on the SVM protocol's 1024 points.
+# The point encoders of crossmoco_ray/config/presets/{modelnet40-cpu,paper}.yaml, on the SVM protocol's
+# 1024 points.
 ENCODERS = {
     "modelnet40-cpu": dict(k=10, emb_dims=512, head_hidden=512, proj_dim=128),
     "paper": dict(k=15, emb_dims=1024, head_hidden=1024, proj_dim=256),
@@ -44,7 +45,7 @@ def child(encoder: str, clouds: int, points: int, batch: int, repeats: int, curr
     from crossmoco_ray.nn import DGCNN
 
     if current:
-        from crossmoco_ray.nn.runtime import keep_freed_memory
+        from crossmoco_ray.nn.precision import keep_freed_memory
 
         keep_freed_memory()
     torch.manual_seed(0)
@@ -109,7 +110,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from crossmoco_ray.nn.runtime import cpu_description
+    from crossmoco_ray.nn.precision import cpu_description
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="crossmoco-baseline-") as tmp:

@@ -65,7 +65,7 @@ BUDGET_S = 8 * 60
 
 
 def environment(c: Check) -> dict[str, Any]:
-    from crossmoco_ray import doctor
+    from crossmoco_ray.cli import doctor
 
     return {"software": doctor.software(), "hardware": doctor.hardware()}
 
@@ -95,7 +95,7 @@ def _sync_bn_worker(rank: int, tmp: str) -> None:
     import torch.distributed as dist
 
     from crossmoco_ray.nn import DGCNN, ImageEncoder, convert_sync_batchnorm
-    from crossmoco_ray.train.process import wrap_ddp
+    from crossmoco_ray.runs.ddp import wrap_ddp
 
     class Pair(torch.nn.Module):
         def __init__(self) -> None:
@@ -110,7 +110,7 @@ def _sync_bn_worker(rank: int, tmp: str) -> None:
                 zp, zi = self.point(points)[0], self.image(images)[0]
             return zp.float().square().mean() + zi.float().square().mean()
 
-    from crossmoco_ray.nn.runtime import configure_kernels
+    from crossmoco_ray.nn.precision import configure_kernels
 
     configure_kernels(tf32=False, deterministic=False)  # IEEE fp32 on both sides
     device = torch.device("cuda", 0)
@@ -148,7 +148,7 @@ def pretrain(c: Check) -> dict[str, Any]:
         "train.cpus_per_worker=1", "eval.final=false", *device_args,
     ]  # fmt: skip
     if missing or c.dry_run:
-        from crossmoco_ray.cli import parse_command
+        from crossmoco_ray.cli.main import parse_command
 
         if not missing:
             parse_command(run)  # the command is valid as written

@@ -88,7 +88,7 @@ def build(s: dict[str, Any], device: Any, edgeconv: str = "fast", channels_last:
     import torch
 
     from crossmoco_ray.nn import DGCNN, CrossMoCo, ImageEncoder
-    from crossmoco_ray.train.step import prepare_model
+    from crossmoco_ray.pretrain.step import prepare_model
 
     torch.manual_seed(0)
     point = DGCNN(k=s["k"], emb_dims=s["emb_dims"], head_hidden=s["point_head_hidden"],
@@ -142,8 +142,8 @@ def agreement(c: Check) -> dict[str, Any]:
     compared, not the update). Dry run: the CPU in fp32 against the CPU in fp64."""
     import torch
 
-    from crossmoco_ray.nn.runtime import configure_kernels
-    from crossmoco_ray.train.step import train_step
+    from crossmoco_ray.nn.precision import configure_kernels
+    from crossmoco_ray.pretrain.step import train_step
 
     s = dict(c.setting)
     if not c.dry_run:  # smaller than the paper's step, so that the CPU side takes seconds
@@ -206,7 +206,7 @@ def no_sync(c: Check) -> dict[str, Any]:
     """The step under CUDA's sync debug mode "error": a host synchronisation in it raises."""
     import torch
 
-    from crossmoco_ray.train.step import train_step
+    from crossmoco_ray.pretrain.step import train_step
 
     if c.device.type != "cuda":
         return {
@@ -244,8 +244,8 @@ def time_steps(
 ) -> dict[str, Any]:
     import torch
 
-    from crossmoco_ray.nn.runtime import configure_kernels
-    from crossmoco_ray.train.step import train_step
+    from crossmoco_ray.nn.precision import configure_kernels
+    from crossmoco_ray.pretrain.step import train_step
 
     edgeconv, precision, channels_last, tf32 = VARIANTS[variant]
     configure_kernels(tf32=tf32, deterministic=False)
@@ -347,8 +347,8 @@ def deterministic(c: Check) -> dict[str, Any]:
     fixed workspace; two runs of two steps from the same state give bitwise-equal losses and weights."""
     import torch
 
-    from crossmoco_ray.nn.runtime import configure_kernels
-    from crossmoco_ray.train.step import train_step
+    from crossmoco_ray.nn.precision import configure_kernels
+    from crossmoco_ray.pretrain.step import train_step
 
     s = dict(c.setting)
     if not c.dry_run:

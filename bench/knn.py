@@ -44,7 +44,7 @@ def main() -> None:
 
     from crossmoco_ray.nn import kernels
     from crossmoco_ray.nn.graph import knn, knn_reference
-    from crossmoco_ray.nn.runtime import cpu_description, keep_freed_memory
+    from crossmoco_ray.nn.precision import cpu_description, keep_freed_memory
 
     if not kernels.available():
         raise SystemExit("the compiled kNN kernel is unavailable here (see the warning above)")

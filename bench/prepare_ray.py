@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from crossmoco_ray.data.readers import open_source  # noqa: E402
-from crossmoco_ray.data.render import RenderSpec  # noqa: E402
-from crossmoco_ray.data.shards import PrepareOptions, prepare  # noqa: E402
+from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare  # noqa: E402
+from crossmoco_ray.data.render.splat import RenderSpec  # noqa: E402
+from crossmoco_ray.data.sources.formats import open_source  # noqa: E402
 
 
 def digest(root: Path) -> str:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     import ray
 
-    from crossmoco_ray.data.prepare_ray import start_ray
+    from crossmoco_ray.data.prepare.on_ray import start_ray
 
     source = open_source("synthetic", synthetic_counts={"train": args.objects}, num_points=args.points)
     work = Path(tempfile.mkdtemp(prefix="bench-prepare-"))

@@ -26,10 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import crossmoco_ray.data.raster as raster  # noqa: E402
-from crossmoco_ray.data.raster import render_mesh  # noqa: E402
-from crossmoco_ray.data.render import RenderSpec, encode_png, render_views  # noqa: E402
-from crossmoco_ray.data.synthetic import synthetic_samples  # noqa: E402
+import crossmoco_ray.data.render.raster as raster  # noqa: E402
+from crossmoco_ray.data.render.raster import render_mesh  # noqa: E402
+from crossmoco_ray.data.render.splat import RenderSpec, encode_png, render_views  # noqa: E402
+from crossmoco_ray.data.synthetic.dataset import synthetic_samples  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

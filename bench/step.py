@@ -20,7 +20,7 @@ Implementations:
 Each measurement runs in a fresh subprocess so that its peak memory is its own: on CPU the peak
 resident set size (and the part above the RSS just before the first step), on CUDA the peak
 allocated memory. The allocator: ``keep`` = freed memory kept for reuse, as training runs
-(:func:`crossmoco_ray.nn.runtime.keep_freed_memory`); ``system`` = glibc's defaults, as the original
+(:func:`crossmoco_ray.nn.precision.keep_freed_memory`); ``system`` = glibc's defaults, as the original
 code runs. The fast rows run with ``keep``; the reference step runs with both, so that the table gives
 the implementation's gain alone (same allocator) and the step as shipped against the original's way of
 running (on CUDA the allocator setting does nothing). Times are the median
@@ -47,7 +47,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# The step settings mirror crossmoco_ray/configs/{paper,quickstart}.yaml (tests/bench/test_bench.py checks
+# The step settings mirror crossmoco_ray/config/presets/{paper,quickstart}.yaml
+# (tests/bench/test_bench.py checks
 # that they agree). Batch = what one worker runs per step: the paper trains on one GPU with batch 20;
 # quickstart splits its global batch 32 over 2 workers.
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -86,7 +87,7 @@ def build(setting: str, impl: str, device: Any) -> tuple[Any, dict]:
     import torch
 
     from crossmoco_ray.nn import DGCNN, CrossMoCo, ImageEncoder
-    from crossmoco_ray.train.step import prepare_model
+    from crossmoco_ray.pretrain.step import prepare_model
 
     s = SETTINGS[setting]
     B, N = s["batch"], s["num_points"]
@@ -111,7 +112,7 @@ def saved_bytes(setting: str, impl: str, device_name: str) -> dict:
     """Bytes autograd keeps for backward, per part of one step (each storage counted once)."""
     import torch
 
-    from crossmoco_ray.train.step import to_device_batch
+    from crossmoco_ray.pretrain.step import to_device_batch
 
     torch.manual_seed(0)
     device = torch.device(device_name)
@@ -147,7 +148,7 @@ def live_peak(setting: str, impl: str, device_name: str) -> dict:
     import torch
     from torch.profiler import profile
 
-    from crossmoco_ray.train.step import train_step
+    from crossmoco_ray.pretrain.step import train_step
 
     torch.manual_seed(0)
     s = SETTINGS[setting]
@@ -178,7 +179,7 @@ def child(
     import torch
 
     from crossmoco_ray.nn import DGCNN
-    from crossmoco_ray.train.step import train_step
+    from crossmoco_ray.pretrain.step import train_step
 
     if kind == "saved":
         return saved_bytes(setting, impl, device_name)
@@ -278,7 +279,7 @@ def main() -> None:
 
     import torch
 
-    from crossmoco_ray.nn.runtime import bf16_support, cpu_description, keep_freed_memory
+    from crossmoco_ray.nn.precision import bf16_support, cpu_description, keep_freed_memory
 
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

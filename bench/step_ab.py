@@ -38,8 +38,13 @@ def child(setting: str, precision: str, warmup: int, steps: int) -> dict[str, An
     import torch
 
     from crossmoco_ray.nn import DGCNN, CrossMoCo, ImageEncoder
-    from crossmoco_ray.nn.runtime import keep_freed_memory
-    from crossmoco_ray.train.step import prepare_model, train_step
+
+    try:
+        from crossmoco_ray.nn.precision import keep_freed_memory
+        from crossmoco_ray.pretrain.step import prepare_model, train_step
+    except ImportError:  # a baseline from before issue 28 (the modules had other names)
+        from crossmoco_ray.nn.runtime import keep_freed_memory  # type: ignore[no-redef]
+        from crossmoco_ray.train.step import prepare_model, train_step  # type: ignore[no-redef]
 
     keep_freed_memory()
     s = SETTINGS[setting]
@@ -109,7 +114,7 @@ def main() -> None:
 
     import torch
 
-    from crossmoco_ray.nn.runtime import cpu_description
+    from crossmoco_ray.nn.precision import cpu_description
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="crossmoco-baseline-") as tmp:

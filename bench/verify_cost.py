@@ -1,4 +1,4 @@
-"""Benchmark: what checking the shards costs when they are read (crossmoco_ray/data/integrity.py).
+"""Benchmark: what checking the shards costs when they are read (crossmoco_ray/data/shards/integrity.py).
 
     python bench/verify_cost.py                          # 2000 objects, 512 points, 128 px renders
     python bench/verify_cost.py --objects 1000 --repeats 9
@@ -42,24 +42,24 @@ sys.path.insert(0, str(ROOT))
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from crossmoco_ray.data import pipeline  # noqa: E402
-from crossmoco_ray.data.integrity import (  # noqa: E402
-    ShardFile,
-    check_shards,
-    open_split,
-    read_footer,
-    read_row_groups,
-)
-from crossmoco_ray.data.manifest import file_digest, join_uri, read_manifest  # noqa: E402
-from crossmoco_ray.data.pipeline import (  # noqa: E402
+from crossmoco_ray.data.pipeline import batches as pipeline  # noqa: E402
+from crossmoco_ray.data.pipeline.batches import (  # noqa: E402
     COLUMNS,
     PipelineOptions,
     epoch_windows,
     iter_local_batches,
     row_groups,
 )
-from crossmoco_ray.data.readers import SyntheticSource  # noqa: E402
-from crossmoco_ray.data.shards import PrepareOptions, prepare  # noqa: E402
+from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare  # noqa: E402
+from crossmoco_ray.data.shards.integrity import (  # noqa: E402
+    ShardFile,
+    check_shards,
+    open_split,
+    read_footer,
+    read_row_groups,
+)
+from crossmoco_ray.data.shards.manifest import file_digest, join_uri, read_manifest  # noqa: E402
+from crossmoco_ray.data.sources.formats import SyntheticSource  # noqa: E402
 from crossmoco_ray.storage import resolve  # noqa: E402
 
 

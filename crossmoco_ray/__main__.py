@@ -1,3 +1,3 @@
-from .cli import main
+from crossmoco_ray.cli.main import main
 
 raise SystemExit(main())

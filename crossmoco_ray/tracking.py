@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
-from .storage import read_json
+from crossmoco_ray.errors import ConfigError
+from crossmoco_ray.storage import read_json
 
 PARAM_CHUNK = 100  # MLflow's limit of params per batch call
 PARAM_VALUE_MAX = 6000
@@ -200,7 +200,7 @@ class Tracker:
         """Log an exported backbone (``crossmoco export`` / ``<run>/export``) as an MLflow PyTorch model
         of this run, with a signature, and register it under ``register`` if given (a new version).
 
-        The model is :class:`~crossmoco_ray.evaluate.models.PointFeatures`: points ``[B, N, 3]`` float32
+        The model is :class:`~crossmoco_ray.checkpoints.encoders.PointFeatures`: points ``[B, N, 3]`` float32
         in any units → the pooled feature ``[B, F]`` float32 (F = 2·emb_dims for DGCNN: 2048 at the
         paper's width; emb_dims for PointNet), normalised as evaluation does. It is saved as ``"pt2"``
         (``torch.export``), not pickle:
@@ -224,7 +224,7 @@ class Tracker:
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
-        from .evaluate.models import META_FILE, feature_model, load_point_encoder
+        from crossmoco_ray.checkpoints.encoders import META_FILE, feature_model, load_point_encoder
 
         loaded = load_point_encoder(export_dir)
         model = feature_model(loaded)

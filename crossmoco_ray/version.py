@@ -19,7 +19,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from . import __version__
+from crossmoco_ray import __version__
 
 COMMIT_ENV = "CROSSMOCO_GIT_COMMIT"
 DISTRIBUTION = "crossmoco-ray"

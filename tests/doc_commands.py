@@ -34,8 +34,8 @@ from pathlib import Path
 
 import yaml
 
-from crossmoco_ray.cli import ParsedCommand, UsageError, build_parser, parse_command
-from crossmoco_ray.config import ConfigError
+from crossmoco_ray.cli.main import ParsedCommand, UsageError, build_parser, parse_command
+from crossmoco_ray.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACEHOLDER = "PLACEHOLDER"

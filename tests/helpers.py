@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from crossmoco_ray.nn import DGCNN, CrossMoCo, ImageEncoder
-from crossmoco_ray.train.process import FAULT_ENV
+from crossmoco_ray.runs.ddp import FAULT_ENV
 
 
 def tiny_crossmoco(queue_length: int = 16, dim: int = 8, **kwargs: object) -> CrossMoCo:

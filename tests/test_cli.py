@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from crossmoco_ray.cli import UsageError, main, parse_command
-from crossmoco_ray.config import ConfigError
-from crossmoco_ray.data.types import DataError
+from crossmoco_ray.cli.main import UsageError, main, parse_command
+from crossmoco_ray.errors import ConfigError, DataError
 
 
 def test_config_show_resolves_preset_and_overrides(capsys: pytest.CaptureFixture[str]) -> None:
@@ -90,7 +89,7 @@ def test_usage_errors_print_like_argparse(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_fewshot_k_defaults_to_crosspoints_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    from crossmoco_ray.cli import build_parser
+    from crossmoco_ray.cli.main import build_parser
 
     parser = build_parser()
     fewshot = parser.parse_args(["eval", "fewshot", "--data", "x"])
@@ -195,12 +194,12 @@ def test_paths_that_are_not_there_are_named_by_their_option_before_anything_runs
 def test_a_pretraining_storage_that_is_a_file_is_refused_before_ray_starts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import crossmoco_ray.pretrain
+    import crossmoco_ray.pretrain.driver
 
     def no_run(*args: object, **kwargs: object) -> None:
         raise AssertionError("pretraining started")
 
-    monkeypatch.setattr(crossmoco_ray.pretrain, "pretrain", no_run)
+    monkeypatch.setattr(crossmoco_ray.pretrain.driver, "pretrain", no_run)
     (tmp_path / "file").write_text("")
     assert main(["pretrain", "--storage", str(tmp_path / "file"), "--no-tracking"]) == 2
     assert f"--storage '{tmp_path / 'file'}' is a file" in one_line(capsys.readouterr().err)
@@ -217,12 +216,12 @@ def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def fail_with(monkeypatch: pytest.MonkeyPatch, err: BaseException) -> None:
     """``crossmoco config presets`` raises ``err``."""
-    import crossmoco_ray.cli
+    import crossmoco_ray.cli.main
 
     def broken(name: str) -> str:
         raise err
 
-    monkeypatch.setattr(crossmoco_ray.cli, "preset_text", broken)
+    monkeypatch.setattr(crossmoco_ray.cli.main, "preset_text", broken)
 
 
 def test_an_unexpected_exception_is_one_line_and_a_private_traceback_file(
@@ -249,7 +248,7 @@ def test_an_unexpected_exception_is_one_line_and_a_private_traceback_file(
 def test_a_crash_directory_taken_by_a_link_or_open_to_others_is_not_used(private_tmp: Path) -> None:
     import os
 
-    from crossmoco_ray.crash_report import crash_dir
+    from crossmoco_ray.cli.crash_report import crash_dir
 
     target = private_tmp / "elsewhere"
     target.mkdir()

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from crossmoco_ray.config import (
+from crossmoco_ray.config.loading import (
     Config,
-    ConfigError,
     config_hash,
     flatten,
     load_config,
@@ -19,6 +18,7 @@ from crossmoco_ray.config import (
     valid_keys,
     validate,
 )
+from crossmoco_ray.errors import ConfigError
 
 
 def test_paper_preset_is_the_crossmoco_recipe_and_the_schema_default() -> None:
@@ -177,7 +177,7 @@ def test_gpus_that_a_worker_cannot_use_are_refused(overrides: list[str], fix: st
 
 
 def test_finetuning_refuses_the_same_gpu_settings() -> None:
-    from crossmoco_ray.finetune.schema import load_finetune_config
+    from crossmoco_ray.config.finetune import load_finetune_config
 
     with pytest.raises(ConfigError, match="Duplicate GPU detected"):
         load_finetune_config(
@@ -223,7 +223,7 @@ def test_bad_inputs(tmp_path: Path) -> None:
 def test_a_config_stored_by_an_older_version_still_loads() -> None:
     """A checkpoint's config written before an option was removed (train.fault_at_step) and before the
     per-worker batch existed (only train.batch_size) loads: the removed key is dropped and named."""
-    from crossmoco_ray.config import validate_stored
+    from crossmoco_ray.config.loading import validate_stored
 
     stored = load_config("quickstart").model_dump(mode="json")
     stored["train"]["fault_at_step"] = None
@@ -261,7 +261,7 @@ def float_keys(model: type, prefix: str = "") -> list[str]:
 
 
 def _finetune_keys() -> list[str]:
-    from crossmoco_ray.finetune.schema import FinetuneConfig
+    from crossmoco_ray.config.finetune import FinetuneConfig
 
     return float_keys(FinetuneConfig)
 
@@ -288,7 +288,7 @@ def test_no_float_of_the_config_takes_inf_or_nan(key: str, number: str) -> None:
 @pytest.mark.parametrize("number", [".inf", ".nan"])
 @pytest.mark.parametrize("key", _finetune_keys())
 def test_no_float_of_the_finetuning_config_takes_inf_or_nan(key: str, number: str) -> None:
-    from crossmoco_ray.finetune.schema import load_finetune_config
+    from crossmoco_ray.config.finetune import load_finetune_config
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_finetune_config(overrides=[f"{key}={number}"])
@@ -314,7 +314,7 @@ FINETUNE_FRACTIONS = ["data.val_fraction", "model.dropout", "optim.label_smoothi
 
 @pytest.mark.parametrize("value", ["-0.1", "1.0", "1.5"])
 def test_fractions_outside_zero_to_one_are_refused(value: str) -> None:
-    from crossmoco_ray.finetune.schema import load_finetune_config
+    from crossmoco_ray.config.finetune import load_finetune_config
 
     for key in FRACTIONS:
         with pytest.raises(ConfigError, match=rf"{key}: Input should be .* \(got {value}"):

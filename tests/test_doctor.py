@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from crossmoco_ray import doctor
+from crossmoco_ray.cli import doctor
 
 
 def test_doctor_describes_this_machine_as_json_without_a_gpu_or_a_cluster() -> None:

@@ -1,5 +1,5 @@
 """Every ``crossmoco`` command written in the docs, the cluster specs, the presets' headers and the help
-texts parses and resolves exactly as ``crossmoco`` would run it (``crossmoco_ray.cli.parse_command``: the
+texts parses and resolves exactly as ``crossmoco`` would run it (``crossmoco_ray.cli.main.parse_command``: the
 same parser, the same preset ← --config ← overrides resolution, the same checks), without training,
 Ray or data. How commands are found and placeholders handled: ``tests/doc_commands.py``."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from crossmoco_ray.cli import ParsedCommand, parse_command
+from crossmoco_ray.cli.main import ParsedCommand, parse_command
 from tests.doc_commands import (
     ROOT,
     DocCommand,
@@ -96,7 +96,7 @@ def test_the_docs_are_covered() -> None:
     required = {"README.md", "docs/cluster.md", "docs/tune.md", "docs/results.md", "cluster/aws.yaml",
                 "cluster/gcp.yaml", "cluster/submit.sh", "cluster/local_head.sh",
                 "cluster/kuberay/rayjob.yaml", "cluster/kuberay/raycluster.yaml",
-                "crossmoco_ray/configs/modelnet40-gpu.yaml", "crossmoco pretrain --help",
+                "crossmoco_ray/config/presets/modelnet40-gpu.yaml", "crossmoco pretrain --help",
                 "crossmoco tune --help"}  # fmt: skip
     assert required <= where, required - where
     flagship = {

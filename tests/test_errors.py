@@ -12,8 +12,7 @@ import pickle
 
 import pytest
 
-from crossmoco_ray.config import ConfigError
-from crossmoco_ray.data.types import DataError
+from crossmoco_ray.errors import ConfigError, DataError
 from crossmoco_ray.tracking import ResumeError
 
 EXCEPTIONS = [
@@ -25,12 +24,12 @@ EXCEPTIONS = [
 
 
 def _project_exceptions() -> set[type[BaseException]]:
-    import crossmoco_ray.data.types
-    import crossmoco_ray.schema
+    import crossmoco_ray.config.schema
+    import crossmoco_ray.data.sources.sample
     import crossmoco_ray.tracking
 
     found = set()
-    for module in (crossmoco_ray.schema, crossmoco_ray.data.types, crossmoco_ray.tracking):
+    for module in (crossmoco_ray.config.schema, crossmoco_ray.data.sources.sample, crossmoco_ray.tracking):
         for value in vars(module).values():
             if (
                 isinstance(value, type)

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from crossmoco_ray.bounded import REPR_CHARS, shape_problem, short_repr
-from crossmoco_ray.cli import main
-from crossmoco_ray.config import MAX_CONFIG_BYTES, Config, ConfigError, load_config, validate_stored
+from crossmoco_ray.cli.main import main
+from crossmoco_ray.config.loading import MAX_CONFIG_BYTES, Config, load_config, validate_stored
+from crossmoco_ray.errors import ConfigError
 
 FAST_S = 2.0  # a bomb is refused well within this
 
@@ -206,7 +207,7 @@ def test_error_messages_show_a_bounded_view_of_the_bad_value(override: str) -> N
 
 def stored(config: Any, path: Path) -> Path:
     """A checkpoint without weights whose stored config is ``config``."""
-    from crossmoco_ray.train.checkpoint import FORMAT, VERSION
+    from crossmoco_ray.checkpoints.state import FORMAT, VERSION
 
     torch.save({"format": FORMAT, "version": VERSION, "config": config, "model": {}}, path)
     return path

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossmoco_ray.cli import main
+from crossmoco_ray.cli.main import main
 from tests.data.test_hostile_sources import folder_corpus, h5_huge_claim
 from tests.test_hostile_config import bomb_config, yaml_bomb
 
@@ -33,7 +33,7 @@ GB = 1 << 30
 # from: Linux keeps the pre-exec peak.)
 RUN_MEASURED = (
     "import re, sys\n"
-    "from crossmoco_ray.cli import main\n"
+    "from crossmoco_ray.cli.main import main\n"
     "code = main(sys.argv[1:])\n"
     "peak = re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)\n"
     "print('MAXRSS_KB', peak, file=sys.stderr)\n"

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from crossmoco_ray.config import ConfigError, load_config
+from crossmoco_ray.architecture import build_model, build_optimizer
+from crossmoco_ray.checkpoints.encoders import export_backbone, load_point_encoder
+from crossmoco_ray.checkpoints.state import build_state, write_checkpoint
+from crossmoco_ray.config.loading import load_config
+from crossmoco_ray.errors import ConfigError
 from crossmoco_ray.evaluate.features import extract_features
-from crossmoco_ray.evaluate.models import export_backbone, load_point_encoder
 from crossmoco_ray.tracking import ResumeError, Tracker, default_tracking_uri
-from crossmoco_ray.train.builders import build_model, build_optimizer
-from crossmoco_ray.train.checkpoint import build_state, write_checkpoint
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -98,7 +98,14 @@ def test_submit_hands_the_checkouts_commit_to_the_job(tmp_path: Path) -> None:
     commit = runtime_env["env_vars"].pop(COMMIT_ENV)
     assert re.fullmatch(re.escape(head_commit()) + "(-dirty)?", commit)
     assert runtime_env == own  # the file's settings travel unchanged
-    assert args[args.index("--") + 1 :] == ["python", "-m", "crossmoco_ray.cli", "pretrain", "--name", "x"]
+    assert args[args.index("--") + 1 :] == [
+        "python",
+        "-m",
+        "crossmoco_ray.cli",
+        "pretrain",
+        "--name",
+        "x",
+    ]
 
 
 def test_the_image_records_its_build_commit() -> None:

@@ -19,15 +19,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..bounded import printable
-from ..data.checks import MIN_POINTS, check_label, check_points
-from ..data.integrity import open_split, read_row_groups
-from ..data.manifest import MANIFEST, read_manifest
-from ..data.progress import Progress
-from ..data.readers import open_source
-from ..data.source import MAX_COORDINATE, UpAxis
-from ..data.types import DataError, Sample
-from ..storage import resolve
+from crossmoco_ray.bounded import printable
+from crossmoco_ray.data.prepare.sample_checks import MIN_POINTS, check_label, check_points
+from crossmoco_ray.data.progress import Progress
+from crossmoco_ray.data.shards.integrity import open_split, read_row_groups
+from crossmoco_ray.data.shards.manifest import MANIFEST, read_manifest
+from crossmoco_ray.data.sources.base import MAX_COORDINATE, UpAxis
+from crossmoco_ray.data.sources.formats import open_source
+from crossmoco_ray.data.sources.sample import Sample
+from crossmoco_ray.errors import DataError
+from crossmoco_ray.storage import resolve
 
 
 @dataclass
@@ -76,7 +77,8 @@ def load_split(
     The first points, not a random subset, as CrossPoint's SVM protocol does (``data[:1024]``).
 
     A source (not shards) is validated as ``prepare`` validates it, by the same checks
-    (:func:`~crossmoco_ray.data.checks.check_points`, :func:`~crossmoco_ray.data.checks.check_label`), and the
+    (:func:`~crossmoco_ray.data.prepare.sample_checks.check_points`,
+    :func:`~crossmoco_ray.data.prepare.sample_checks.check_label`), and the
     first ``num_points`` points are checked again, being what the encoder sees: a NaN cloud, a stray label or
     a degenerate cut is a :class:`DataError` naming the file and index, not an SVM error or a wrong kNN score.
     """
@@ -123,11 +125,12 @@ def load_split(
 
 def _load_shards(root: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """Points and labels of one split of prepared shards, every file and row group checked against the
-    manifest before it is used (as training reads them: :mod:`crossmoco_ray.data.integrity`).
+    manifest before it is used (as training reads them: :mod:`crossmoco_ray.data.shards.integrity`).
 
     The seal and digests prove only that the files match the manifest, and anyone can seal a manifest, so
     the rows are checked as ``prepare`` checks a source (whole arrays at once; the first bad row goes through
-    :func:`~crossmoco_ray.data.checks.check_points` / :func:`~crossmoco_ray.data.checks.check_label` for
+    :func:`~crossmoco_ray.data.prepare.sample_checks.check_points` /
+    :func:`~crossmoco_ray.data.prepare.sample_checks.check_label` for
     the same message): finite coordinates within ``MAX_COORDINATE``, labels in
     ``0..len(class_names) - 1``, or, without class names, below the number of classes the manifest's
     per-class counts name. A :class:`DataError` names the shard file and row.

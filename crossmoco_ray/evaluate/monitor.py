@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .features import EvalSplit, available_splits, extract_features, load_split
-from .knn import knn_accuracy
-from .svm import clean_svm, crosspoint_svm
+from crossmoco_ray.evaluate.features import EvalSplit, available_splits, extract_features, load_split
+from crossmoco_ray.evaluate.knn import knn_accuracy
+from crossmoco_ray.evaluate.svm import clean_svm, crosspoint_svm
 
 ACCURACIES = ("val_svm_clean", "val_knn", "val_svm_crosspoint")
 

@@ -21,11 +21,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .fewshot import fewshot_table
-from .knn import knn_predict
-from .models import LoadedEncoder
-from .run import EvalData, _features, _now
-from .svm import clean_svm, crosspoint_svm
+from crossmoco_ray.checkpoints.encoders import LoadedEncoder
+from crossmoco_ray.evaluate.fewshot import fewshot_table
+from crossmoco_ray.evaluate.knn import knn_predict
+from crossmoco_ray.evaluate.protocols import EvalData, _features, _now
+from crossmoco_ray.evaluate.svm import clean_svm, crosspoint_svm
 
 FEWSHOT_SETTINGS = ((5, 10), (5, 20), (10, 10), (10, 20))
 

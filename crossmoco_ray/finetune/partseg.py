@@ -26,8 +26,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..data.shapes import disk, tube
-from ..data.types import DataError
+from crossmoco_ray.data.synthetic.shapes import disk, tube
+from crossmoco_ray.errors import DataError
 
 SHAPENET_CATEGORIES = (
     "airplane", "bag", "cap", "car", "chair", "earphone", "guitar", "knife",

@@ -11,11 +11,10 @@ from typing import Any
 
 from torch import nn
 
-from .compat import load_checked, strip_prefixes
-from .crossmoco import CrossMoCo
-from .dgcnn import DGCNN
-from .dgcnn_seg import DGCNNSeg, PartSegmenter
-from .distributed import (
+from crossmoco_ray.nn.crossmoco import CrossMoCo
+from crossmoco_ray.nn.dgcnn import DGCNN
+from crossmoco_ray.nn.dgcnn_seg import DGCNNSeg, PartSegmenter
+from crossmoco_ray.nn.distributed import (
     batch_shuffle,
     batch_unshuffle,
     concat_all_gather,
@@ -25,13 +24,14 @@ from .distributed import (
     rank,
     world_size,
 )
-from .edgeconv import edge_conv_fast, edge_conv_reference
-from .graph import knn
-from .heads import image_head, point_head
-from .image import IMAGE_TRUNKS, ImageEncoder
-from .losses import info_nce, nt_xent
-from .pointnet import PointNet
-from .queue import MemoryQueue
+from crossmoco_ray.nn.edgeconv import edge_conv_fast, edge_conv_reference
+from crossmoco_ray.nn.foreign_weights import load_checked, strip_prefixes
+from crossmoco_ray.nn.graph import knn
+from crossmoco_ray.nn.heads import image_head, point_head
+from crossmoco_ray.nn.image import IMAGE_TRUNKS, ImageEncoder
+from crossmoco_ray.nn.losses import info_nce, nt_xent
+from crossmoco_ray.nn.pointnet import PointNet
+from crossmoco_ray.nn.queue import MemoryQueue
 
 POINT_ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "dgcnn": DGCNN,

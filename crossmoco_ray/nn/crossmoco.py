@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import batch_shuffle, batch_unshuffle
-from .losses import info_nce, nt_xent
-from .queue import MemoryQueue
-from .runtime import at_least_fp32, fp32_maths
+from crossmoco_ray.nn.distributed import batch_shuffle, batch_unshuffle
+from crossmoco_ray.nn.losses import info_nce, nt_xent
+from crossmoco_ray.nn.precision import at_least_fp32, fp32_maths
+from crossmoco_ray.nn.queue import MemoryQueue
 
 
 class CrossMoCo(nn.Module):

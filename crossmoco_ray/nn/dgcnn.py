@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .edgeconv import compute_dtype, edge_conv_fast, edge_conv_reference
-from .graph import knn, knn_reference
-from .heads import point_head
-from .pointwise import conv_bn_pool
+from crossmoco_ray.nn.edgeconv import compute_dtype, edge_conv_fast, edge_conv_reference
+from crossmoco_ray.nn.graph import knn, knn_reference
+from crossmoco_ray.nn.heads import point_head
+from crossmoco_ray.nn.pointwise import conv_bn_pool
 
 EDGE_CHANNELS = (64, 64, 128, 256)
 SLOPE = 0.2

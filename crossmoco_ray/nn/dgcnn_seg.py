@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .edgeconv import graph_feature_reference
-from .graph import knn
-from .runtime import at_least_fp32, fp32_maths
+from crossmoco_ray.nn.edgeconv import graph_feature_reference
+from crossmoco_ray.nn.graph import knn
+from crossmoco_ray.nn.precision import at_least_fp32, fp32_maths
 
 SLOPE = 0.2
 NUM_CATEGORIES = 16  # ShapeNetPart

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import NeighbourGraph, flat_neighbour_index, uses_cpu_paths
-from .runtime import fp32_maths
+from crossmoco_ray.nn.graph import NeighbourGraph, flat_neighbour_index, uses_cpu_paths
+from crossmoco_ray.nn.precision import fp32_maths
 
 # --------------------------------------------------------------------------------------------------
 # Reference: CrossPoint's formulation, every edge materialised.

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from crossmoco_ray.nn import kernels
-from crossmoco_ray.nn.runtime import fp32_maths
+from crossmoco_ray.nn.precision import fp32_maths
 
 # knn builds a [chunk, N, N] score matrix; chunking the batch bounds that transient to this many floats
 # (per device type; "cpu" is the fallback without the compiled kernel).

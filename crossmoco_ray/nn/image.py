@@ -22,8 +22,8 @@ import torchvision
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .compat import load_checked, strip_prefixes
-from .heads import image_head
+from crossmoco_ray.nn.foreign_weights import load_checked, strip_prefixes
+from crossmoco_ray.nn.heads import image_head
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

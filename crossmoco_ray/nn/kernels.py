@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from crossmoco_ray.nn.runtime import cpu_flags, cpu_name
+from crossmoco_ray.nn.precision import cpu_flags, cpu_name
 
 logger = logging.getLogger(__name__)
 

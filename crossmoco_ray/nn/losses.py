@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .distributed import gather_with_grad, rank
-from .runtime import at_least_fp32, fp32_maths
+from crossmoco_ray.nn.distributed import gather_with_grad, rank
+from crossmoco_ray.nn.precision import at_least_fp32, fp32_maths
 
 
 def info_nce(

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import point_head
+from crossmoco_ray.nn.heads import point_head
 
 
 class PointNet(nn.Module):

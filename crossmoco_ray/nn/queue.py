@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import concat_all_gather
+from crossmoco_ray.nn.distributed import concat_all_gather
 
 
 class MemoryQueue(nn.Module):

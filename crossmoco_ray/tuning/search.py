@@ -26,15 +26,16 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from ..config import Config, ConfigError, config_hash, flatten, validate
-from ..storage import read_json, write_json
-from ..tracking import Tracker, default_tracking_uri
-from ..train.resources import check_resources, init_ray
-from ..train.run import resolve_run, resolve_storage, start_tracking
-from ..train.trainer import build_trainer
-from .report import close_child_runs, fmt, trial_rows, write_outputs
-from .restore_check import check_resumable
-from .space import Space, check_space, parse_space, with_values
+from crossmoco_ray.config.loading import Config, config_hash, flatten, validate
+from crossmoco_ray.errors import ConfigError
+from crossmoco_ray.runs.identity import resolve_run, resolve_storage, start_tracking
+from crossmoco_ray.runs.launcher import build_trainer
+from crossmoco_ray.runs.resources import check_resources, init_ray
+from crossmoco_ray.storage import read_json, write_json
+from crossmoco_ray.tracking import Tracker, default_tracking_uri
+from crossmoco_ray.tuning.restore_check import check_resumable
+from crossmoco_ray.tuning.results import close_child_runs, fmt, trial_rows, write_outputs
+from crossmoco_ray.tuning.space import Space, check_space, parse_space, with_values
 
 SEARCH_FILE = "crossmoco_search.json"
 DRIVER_CPU = 0.1  # a trial is only a driver; Tune rejects {"CPU": 0}
@@ -107,7 +108,7 @@ def trial_driver(config: dict[str, Any]) -> None:
     (epoch ends and mid-epoch checkpoints) becomes a Tune result."""
     from ray import tune
 
-    from .callbacks import CarriedReport
+    from crossmoco_ray.tuning.callbacks import CarriedReport
 
     static = config["crossmoco"]
     space = parse_space(static["space"], "search space", name=static["space_name"])
@@ -204,7 +205,7 @@ def tune_search(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from .callbacks import Progress
+    from crossmoco_ray.tuning.callbacks import Progress
 
     resources = ray.cluster_resources()
     if local:

@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, ConfigError, read_config_file, set_dotted, suggest_key, valid_keys, validate
+from crossmoco_ray.config.loading import (
+    Config,
+    read_config_file,
+    set_dotted,
+    suggest_key,
+    valid_keys,
+    validate,
+)
+from crossmoco_ray.errors import ConfigError
 
 KINDS = ("uniform", "loguniform", "one_minus_loguniform", "randint", "choice", "grid")
 RANDINT_EXHAUSTIVE = 20_000  # integer ranges up to this size are checked value by value

@@ -10,7 +10,7 @@ from types import ModuleType
 
 import pytest
 
-from crossmoco_ray.config import load_config
+from crossmoco_ray.config.loading import load_config
 from crossmoco_ray.nn import kernels
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "step.py"

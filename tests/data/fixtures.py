@@ -7,8 +7,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from crossmoco_ray.data.ply import write_ply
-from crossmoco_ray.data.render import encode_png
+from crossmoco_ray.data.render.splat import encode_png
+from crossmoco_ray.data.sources.ply import write_ply
 
 
 def clouds(n: int, points: int, seed: int = 0) -> np.ndarray:

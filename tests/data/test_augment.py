@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from crossmoco_ray.data.augment import (
+from crossmoco_ray.data.pipeline.augment import (
     ImageAugment,
     PointAugment,
     adjust_brightness,

@@ -3,7 +3,7 @@
 For every reader format, files that are truncated, random bytes, empty, of the wrong type, whose headers lie,
 that hold NaN/Inf, 0 or 1 points, absurd counts or coordinates, that carry names which are not UTF-8, or
 that are directories, FIFOs and looping links where files are expected. Read through
-:func:`crossmoco_ray.data.readers.open_source` and prepare's per-sample checks, each must give only
+:func:`crossmoco_ray.data.sources.formats.open_source` and prepare's per-sample checks, each must give only
 :class:`DataError` s that name the file (and the row, inside an h5 file), count what they cost (``rows``),
 print on any terminal, and stay short; memory must stay bounded where a file claims far more than it holds.
 Any other exception fails the test by propagating.
@@ -26,13 +26,14 @@ import numpy as np
 import pytest
 import trimesh  # noqa: F401  (imported before any memory is measured: imports are not what is measured)
 
-from crossmoco_ray.data.augment import normalize_unit_sphere
-from crossmoco_ray.data.checks import MIN_POINTS, check_label, check_points, check_views
-from crossmoco_ray.data.ply import write_ply
-from crossmoco_ray.data.readers import open_source
-from crossmoco_ray.data.render import RenderSpec
-from crossmoco_ray.data.source import MAX_COORDINATE
-from crossmoco_ray.data.types import DataError, Sample
+from crossmoco_ray.data.pipeline.augment import normalize_unit_sphere
+from crossmoco_ray.data.prepare.sample_checks import MIN_POINTS, check_label, check_points, check_views
+from crossmoco_ray.data.render.splat import RenderSpec
+from crossmoco_ray.data.sources.base import MAX_COORDINATE
+from crossmoco_ray.data.sources.formats import open_source
+from crossmoco_ray.data.sources.ply import write_ply
+from crossmoco_ray.data.sources.sample import Sample
+from crossmoco_ray.errors import DataError
 from tests.data import fixtures
 
 SPEC = RenderSpec(azimuths=(0.0, 180.0), size=16, supersample=1)

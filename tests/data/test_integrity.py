@@ -27,18 +27,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from crossmoco_ray.cli import main
-from crossmoco_ray.data import manifest as manifest_module
-from crossmoco_ray.data import shards as shards_module
-from crossmoco_ray.data.integrity import file_digests
-from crossmoco_ray.data.manifest import file_digest, read_manifest, seal
-from crossmoco_ray.data.pipeline import PipelineOptions, iter_local_batches
-from crossmoco_ray.data.readers import H5Source
-from crossmoco_ray.data.render import RenderSpec
-from crossmoco_ray.data.shards import PrepareOptions, prepare
-from crossmoco_ray.data.source import Source
-from crossmoco_ray.data.types import DataError, Sample
-from crossmoco_ray.data.workdir import remove_stale
+from crossmoco_ray.cli.main import main
+from crossmoco_ray.data.pipeline.batches import PipelineOptions, iter_local_batches
+from crossmoco_ray.data.prepare import prepare as shards_module
+from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.prepare.workdir import remove_stale
+from crossmoco_ray.data.render.splat import RenderSpec
+from crossmoco_ray.data.shards import manifest as manifest_module
+from crossmoco_ray.data.shards.integrity import file_digests
+from crossmoco_ray.data.shards.manifest import file_digest, read_manifest, seal
+from crossmoco_ray.data.sources.base import Source
+from crossmoco_ray.data.sources.formats import H5Source
+from crossmoco_ray.data.sources.sample import Sample
+from crossmoco_ray.errors import DataError
 from crossmoco_ray.evaluate.features import load_split
 from crossmoco_ray.storage import resolve
 from tests.data import fixtures

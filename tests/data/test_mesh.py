@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossmoco_ray.data.camera import FILL
-from crossmoco_ray.data.mesh import farthest_points, is_mesh_file, read_mesh, surface_points
-from crossmoco_ray.data.raster import SHADE_RANGE
-from crossmoco_ray.data.readers import FolderSource, detect_format, open_source
-from crossmoco_ray.data.render import RenderSpec, decode_png
-from crossmoco_ray.data.shards import PrepareOptions, prepare
-from crossmoco_ray.data.types import DataError
+from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.render.camera import FILL
+from crossmoco_ray.data.render.raster import SHADE_RANGE
+from crossmoco_ray.data.render.splat import RenderSpec, decode_png
+from crossmoco_ray.data.sources.formats import FolderSource, detect_format, open_source
+from crossmoco_ray.data.sources.mesh import farthest_points, is_mesh_file, read_mesh, surface_points
+from crossmoco_ray.errors import DataError
 from tests.data import fixtures
 from tests.data.test_shards import read_rows
 

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from crossmoco_ray.data.augment import ImageAugment, PointAugment
-from crossmoco_ray.data.pipeline import (
+from crossmoco_ray.data.pipeline.augment import ImageAugment, PointAugment
+from crossmoco_ray.data.pipeline.batches import (
     PipelineOptions,
     RowGroup,
     epoch_windows,
@@ -22,10 +22,10 @@ from crossmoco_ray.data.pipeline import (
     make_batch,
     make_dataset,
 )
-from crossmoco_ray.data.readers import H5Source, ShapeNetRenderSource
-from crossmoco_ray.data.render import RenderSpec
-from crossmoco_ray.data.shards import PrepareOptions, prepare
-from crossmoco_ray.data.types import DataError
+from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.render.splat import RenderSpec
+from crossmoco_ray.data.sources.formats import H5Source, ShapeNetRenderSource
+from crossmoco_ray.errors import DataError
 from tests.data import fixtures
 
 PLAIN_IMAGES = ImageAugment(brightness=0.0, contrast=0.0, saturation=0.0, hflip=0.0)
@@ -251,7 +251,7 @@ def test_expected_distinct_labels() -> None:
 def test_ray_worker_batches_from_class_sorted_shards_are_mixed_every_epoch(
     class_sorted: tuple[str, list[int]], ray_session: None
 ) -> None:
-    from crossmoco_ray.data.pipeline import iter_train_batches
+    from crossmoco_ray.data.pipeline.batches import iter_train_batches
 
     root, counts = class_sorted
     splits = make_dataset(root, "train", SORTED_OPTS).streaming_split(2, equal=True)

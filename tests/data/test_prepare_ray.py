@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
-from crossmoco_ray.data.readers import open_source
-from crossmoco_ray.data.render import RenderSpec
-from crossmoco_ray.data.shards import PrepareOptions, prepare
-from crossmoco_ray.data.source import Source
-from crossmoco_ray.data.types import DataError, Sample
+from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.render.splat import RenderSpec
+from crossmoco_ray.data.sources.base import Source
+from crossmoco_ray.data.sources.formats import open_source
+from crossmoco_ray.data.sources.sample import Sample
+from crossmoco_ray.errors import DataError
 from tests.data import fixtures
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from crossmoco_ray.data.camera import FILL, RenderSpec
-from crossmoco_ray.data.raster import SHADE_RANGE, estimate_normals, render_mesh
-from crossmoco_ray.data.render import render_views
+from crossmoco_ray.data.render.camera import FILL, RenderSpec
+from crossmoco_ray.data.render.raster import SHADE_RANGE, estimate_normals, render_mesh
+from crossmoco_ray.data.render.splat import render_views
 
 
 def cube() -> tuple[np.ndarray, np.ndarray]:
@@ -88,5 +88,5 @@ def test_chunking_does_not_change_the_image(monkeypatch: pytest.MonkeyPatch) -> 
     v, f = cube()
     spec = RenderSpec(size=40)
     whole = render_mesh(v, f, spec)
-    monkeypatch.setattr("crossmoco_ray.data.raster.CHUNK", 50)
+    monkeypatch.setattr("crossmoco_ray.data.render.raster.CHUNK", 50)
     assert (render_mesh(v, f, spec) == whole).all()

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from crossmoco_ray.data.readers import (
+from crossmoco_ray.data.sources.formats import (
     H5Source,
     SyntheticSource,
     detect_format,
@@ -19,7 +19,8 @@ from crossmoco_ray.data.readers import (
     read_point_file,
     to_y_up,
 )
-from crossmoco_ray.data.types import DataError, Sample
+from crossmoco_ray.data.sources.sample import Sample
+from crossmoco_ray.errors import DataError
 from tests.conftest import MODELNET40
 from tests.data import fixtures
 
@@ -125,7 +126,7 @@ def test_real_modelnet40_counts_and_first_objects() -> None:
 
 def test_tasks_read_in_order_are_the_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What prepare --ray splits (h5 row ranges, files, built-in ranges) reads back as samples()."""
-    import crossmoco_ray.data.hdf5 as hdf5
+    import crossmoco_ray.data.sources.hdf5 as hdf5
 
     monkeypatch.setattr(hdf5, "H5_CHUNK", 5)  # 12 rows: three ranges
     h5 = fixtures.modelnet_h5(tmp_path / "mn", n_train=12)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crossmoco_ray.data.render import (
+from crossmoco_ray.data.render.splat import (
     COORD_RANGE,
     DEPTH_RANGE,
     SHEET_GAP,
@@ -267,7 +267,7 @@ def test_decode_png_refuses_a_decompression_bomb_from_its_header(recwarn: pytest
     """A 13000x13000 PNG (169 M pixels from a small file) is refused by its size, never decoded."""
     import tracemalloc
 
-    from crossmoco_ray.data.render import MAX_VIEW_PIXELS, check_view_size
+    from crossmoco_ray.data.render.splat import MAX_VIEW_PIXELS, check_view_size
 
     data = bomb_png(13000)
     assert len(data) < 1024**2

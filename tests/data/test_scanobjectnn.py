@@ -9,10 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
-from crossmoco_ray.data.hdf5 import scanobjectnn_variant
-from crossmoco_ray.data.readers import detect_format, open_source
-from crossmoco_ray.data.types import DataError
-from crossmoco_ray.data.variants import SCANOBJECTNN_VARIANTS
+from crossmoco_ray.data.sources.formats import detect_format, open_source
+from crossmoco_ray.data.sources.hdf5 import scanobjectnn_variant
+from crossmoco_ray.data.sources.variants import SCANOBJECTNN_VARIANTS
+from crossmoco_ray.errors import DataError
 
 STEMS = {"obj": "objectdataset", "pb_t50_rs": "objectdataset_augmentedrot_scale75"}
 
@@ -120,7 +120,7 @@ def test_crosspoint_renamed_files_need_no_variant(tmp_path: Path) -> None:
 def test_the_schema_knows_the_same_variants() -> None:
     from typing import get_args
 
-    from crossmoco_ray.schema import ScanObjectNNVariant
+    from crossmoco_ray.config.schema import ScanObjectNNVariant
 
     assert get_args(ScanObjectNNVariant) == SCANOBJECTNN_VARIANTS
 
@@ -130,7 +130,7 @@ def test_prepare_and_eval_take_the_variant(h5_files: Path, tmp_path: Path, capsy
     rows. `crossmoco eval svm` reads the same variant (random-init encoder, tiny sizes)."""
     import json
 
-    from crossmoco_ray.cli import main
+    from crossmoco_ray.cli.main import main
 
     split = str(h5_files / "main_split")
     assert main(["prepare", split, "--out", str(tmp_path / "mixed"), "--render-size", "16"]) == 2
@@ -152,7 +152,7 @@ def test_prepare_and_eval_take_the_variant(h5_files: Path, tmp_path: Path, capsy
 def test_eval_knn_reads_a_variant_and_reports_both_encoders(h5_files: Path, tmp_path: Path, capsys) -> None:
     import json
 
-    from crossmoco_ray.cli import main
+    from crossmoco_ray.cli.main import main
 
     args = ["eval", "knn", "--data", str(h5_files), "--variant", "pb_t50_rs", "--num-points", "64",
             "--k", "4", "--emb-dims", "16", "--knn-k", "1,3", "--device", "cpu",

@@ -11,18 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from crossmoco_ray.data.integrity import verify_shards
-from crossmoco_ray.data.manifest import read_manifest
-from crossmoco_ray.data.readers import (
+from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.render.splat import RenderSpec, decode_png
+from crossmoco_ray.data.shards.integrity import verify_shards
+from crossmoco_ray.data.shards.manifest import read_manifest
+from crossmoco_ray.data.sources.formats import (
     FolderSource,
     H5Source,
     ShapeNetRenderSource,
     SyntheticSource,
     open_source,
 )
-from crossmoco_ray.data.render import RenderSpec, decode_png
-from crossmoco_ray.data.shards import PrepareOptions, prepare
-from crossmoco_ray.data.types import DataError
+from crossmoco_ray.errors import DataError
 from tests.data import fixtures
 
 SMALL = RenderSpec(azimuths=(0.0, 120.0, 240.0), size=24)
@@ -372,7 +372,7 @@ def test_integral_float_labels_are_accepted(tmp_path: Path) -> None:
 
 def test_the_first_shuffle_pass_holds_about_bucket_rows_objects(tmp_path: Path) -> None:
     """Pass 1 buffers rows per bucket; with many buckets the buffers together stay near ``bucket_rows``."""
-    from crossmoco_ray.data.shuffle import Buckets
+    from crossmoco_ray.data.prepare.shuffle import Buckets
 
     buckets = Buckets(str(tmp_path), "train", n=64, seed=0, bucket_rows=128)
     points = np.zeros((8, 3), np.float32)
@@ -386,8 +386,8 @@ def test_the_first_shuffle_pass_holds_about_bucket_rows_objects(tmp_path: Path) 
 
 def test_the_built_in_sets_fingerprint_follows_its_generator(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shards of an older synthetic generator are never taken for the current one."""
-    from crossmoco_ray.data import readers
-    from crossmoco_ray.data.shards import fingerprint
+    from crossmoco_ray.data.prepare.prepare import fingerprint
+    from crossmoco_ray.data.sources import formats as readers
 
     src = SyntheticSource({"train": 10, "test": 4}, 64, seed=0)
     before = fingerprint(src, opts())

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sklearn.svm import SVC
 
-from crossmoco_ray.data import objects, shapes
-from crossmoco_ray.data.synthetic import (
+from crossmoco_ray.data.synthetic import objects, shapes
+from crossmoco_ray.data.synthetic.dataset import (
     SHAPE_CLASSES,
     class_names,
     rotate_about_up,

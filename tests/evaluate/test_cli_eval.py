@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from crossmoco_ray.cli import main
+from crossmoco_ray.cli.main import main
 from tests.data import fixtures
 
 

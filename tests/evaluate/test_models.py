@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossmoco_ray.evaluate.models import export_backbone, load_point_encoder
+from crossmoco_ray.checkpoints.encoders import export_backbone, load_point_encoder
 
 
 def features(encoder: torch.nn.Module, points: torch.Tensor) -> torch.Tensor:
@@ -79,10 +79,10 @@ def test_mismatched_checkpoint_lists_the_keys(
 def test_an_encoder_trained_on_raw_clouds_is_evaluated_on_raw_clouds(tmp_path: Path) -> None:
     """``data.point_augment.normalize=false`` travels with the checkpoint and the export, and the random-init
     baseline of ``eval`` is fed the same way; by default clouds are normalised."""
-    from crossmoco_ray.config import load_config
-    from crossmoco_ray.evaluate.run import encoders
-    from crossmoco_ray.train.builders import build_model, build_optimizer
-    from crossmoco_ray.train.checkpoint import build_state, write_checkpoint
+    from crossmoco_ray.architecture import build_model, build_optimizer
+    from crossmoco_ray.checkpoints.state import build_state, write_checkpoint
+    from crossmoco_ray.config.loading import load_config
+    from crossmoco_ray.evaluate.protocols import encoders
 
     from .conftest import TINY
 

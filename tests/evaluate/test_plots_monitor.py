@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from crossmoco_ray.data.readers import SyntheticSource
-from crossmoco_ray.data.render import RenderSpec
-from crossmoco_ray.data.shards import PrepareOptions, prepare
+from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.render.splat import RenderSpec
+from crossmoco_ray.data.sources.formats import SyntheticSource
 from crossmoco_ray.evaluate.features import extract_features
 from crossmoco_ray.evaluate.knn import knn_accuracy, knn_predict
 from crossmoco_ray.evaluate.monitor import Monitor, effective_rank, unit_std

@@ -113,7 +113,7 @@ def h5_source(tmp_path: Path, bad: str) -> Path:
 def test_load_split_from_a_source_validates_like_prepare(
     tmp_path: Path, bad: str, num_points: int | None, message: str
 ) -> None:
-    from crossmoco_ray.data.types import DataError
+    from crossmoco_ray.errors import DataError
     from crossmoco_ray.evaluate.features import load_split
 
     root = h5_source(tmp_path, bad)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossmoco_ray.cli import main
+from crossmoco_ray.cli.main import main
 from crossmoco_ray.nn import DGCNN
 from tests.finetune.data import class_sorted_shapes_h5
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from crossmoco_ray.data.synthetic import SHAPE_CLASSES, synthetic_samples
+from crossmoco_ray.data.synthetic.dataset import SHAPE_CLASSES, synthetic_samples
 
 
 def class_sorted_shapes_h5(

@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from crossmoco_ray.cli import main, parse_command
-from crossmoco_ray.config import ConfigError
-from crossmoco_ray.finetune.loop import (
+from crossmoco_ray.cli.main import main, parse_command
+from crossmoco_ray.config.finetune import finetune_preset_names, load_finetune_config
+from crossmoco_ray.errors import ConfigError
+from crossmoco_ray.finetune.driver import encoder_payload, load_data, load_encoder, summarize
+from crossmoco_ray.finetune.model import PointClassifier, accuracies, classifier_head, smoothed_cross_entropy
+from crossmoco_ray.finetune.worker import (
     augment_batch,
     build_classifier,
     build_optimizer,
     global_batch_indices,
     lr_at,
 )
-from crossmoco_ray.finetune.model import PointClassifier, accuracies, classifier_head, smoothed_cross_entropy
-from crossmoco_ray.finetune.run import encoder_payload, load_data, load_encoder, summarize
-from crossmoco_ray.finetune.schema import finetune_preset_names, load_finetune_config
 from crossmoco_ray.nn import DGCNN
 from tests.finetune.data import class_sorted_shapes_h5
 

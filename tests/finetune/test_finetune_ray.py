@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from crossmoco_ray.finetune.loop import STATE_FILE
-from crossmoco_ray.finetune.run import finetune_cls, finetune_partseg
-from crossmoco_ray.finetune.schema import load_finetune_config
+from crossmoco_ray.config.finetune import load_finetune_config
+from crossmoco_ray.finetune.driver import finetune_cls, finetune_partseg
+from crossmoco_ray.finetune.worker import STATE_FILE
 from tests.finetune.data import class_sorted_shapes_h5
 from tests.helpers import fault_at
 

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from crossmoco_ray.nn import MemoryQueue, batch_shuffle, batch_unshuffle, nt_xent
-from crossmoco_ray.train.process import wrap_ddp
-from crossmoco_ray.train.step import train_step
+from crossmoco_ray.pretrain.step import train_step
+from crossmoco_ray.runs.ddp import wrap_ddp
 from tests.helpers import run_gloo_ranks, tiny_batch, tiny_crossmoco
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]

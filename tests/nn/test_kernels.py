@@ -198,7 +198,7 @@ def test_the_avx2_and_portable_builds_select_alike(arch: str, tmp_path: Path, mo
     import ctypes
     from importlib import resources
 
-    from crossmoco_ray.nn.runtime import cpu_flags
+    from crossmoco_ray.nn.precision import cpu_flags
 
     if arch == "avx2" and not {"avx2", "fma"} <= cpu_flags():
         pytest.skip("this CPU cannot run an AVX2 build")

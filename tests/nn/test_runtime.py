@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from crossmoco_ray.nn import runtime
+from crossmoco_ray.nn import precision as runtime
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,7 @@ def test_cpu_description_names_the_model_and_flags(monkeypatch: pytest.MonkeyPat
 
 
 def _keeps(env: dict[str, str]) -> str:
-    code = "from crossmoco_ray.nn.runtime import keep_freed_memory; print(keep_freed_memory())"
+    code = "from crossmoco_ray.nn.precision import keep_freed_memory; print(keep_freed_memory())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return done.stdout.strip()
 
@@ -73,7 +73,7 @@ def test_fp32_maths_turns_tf32_off_inside_and_restores_it() -> None:
     """Whatever TF32 setting the process has (either of torch's two APIs), a block is IEEE fp32 inside."""
     code = """
 import torch
-from crossmoco_ray.nn.runtime import configure_kernels, fp32_maths
+from crossmoco_ray.nn.precision import configure_kernels, fp32_maths
 configure_kernels(tf32=True, deterministic=False)
 assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
 with fp32_maths("cuda"):
@@ -103,7 +103,7 @@ print("ok")
 def test_deterministic_kernels_set_the_cublas_workspace_and_refuse_nondeterministic_ops() -> None:
     code = """
 import os, torch
-from crossmoco_ray.nn.runtime import configure_kernels
+from crossmoco_ray.nn.precision import configure_kernels
 os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 configure_kernels(tf32=False, deterministic=True)
 assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from crossmoco_ray.nn import DGCNN, ImageEncoder, convert_sync_batchnorm
-from crossmoco_ray.train.process import all_ranks, wrap_ddp
+from crossmoco_ray.runs.ddp import all_ranks, wrap_ddp
 from tests.helpers import run_gloo_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]

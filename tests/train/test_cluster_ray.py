@@ -29,10 +29,10 @@ SCRIPT = r"""
 import json, sys, threading, time
 import ray, torch
 from ray.cluster_utils import Cluster
-from crossmoco_ray.config import load_config
-from crossmoco_ray.pretrain import pretrain
-from crossmoco_ray.train.checkpoint import read_checkpoint
-from crossmoco_ray.train.loop import HISTORY_FILE
+from crossmoco_ray.config.loading import load_config
+from crossmoco_ray.pretrain.driver import pretrain
+from crossmoco_ray.checkpoints.state import read_checkpoint
+from crossmoco_ray.pretrain.worker import HISTORY_FILE
 from mlflow.tracking import MlflowClient
 
 storage, overrides, every = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])

@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 import torch
 
-from crossmoco_ray.config import ConfigError, load_config
-from crossmoco_ray.data.readers import SyntheticSource
-from crossmoco_ray.data.render import RenderSpec
-from crossmoco_ray.data.shards import PrepareOptions, prepare
-from crossmoco_ray.pretrain import EXIT_FAILED, EXIT_OK, pretrain
-from crossmoco_ray.train.checkpoint import read_checkpoint
-from crossmoco_ray.train.loop import HISTORY_FILE
+from crossmoco_ray.checkpoints.state import read_checkpoint
+from crossmoco_ray.config.loading import load_config
+from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.render.splat import RenderSpec
+from crossmoco_ray.data.sources.formats import SyntheticSource
+from crossmoco_ray.errors import ConfigError
+from crossmoco_ray.pretrain.driver import EXIT_FAILED, EXIT_OK, pretrain
+from crossmoco_ray.pretrain.worker import HISTORY_FILE
 from tests.data import fixtures
 from tests.helpers import fault_at
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from crossmoco_ray.train.progress import EpochMeter, distinct_count
+from crossmoco_ray.pretrain.console import EpochMeter, distinct_count
 
 
 def step_out(loss: float, top1: float) -> dict[str, torch.Tensor]:

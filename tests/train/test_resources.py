@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from crossmoco_ray.config import ConfigError, load_config
-from crossmoco_ray.train.resources import check_resources, gpu_types, worker_env
+from crossmoco_ray.config.loading import load_config
+from crossmoco_ray.errors import ConfigError
+from crossmoco_ray.runs.resources import check_resources, gpu_types, worker_env
 
 
 def gpu_run(precision: str = "bf16") -> object:

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossmoco_ray.train.checkpoint import STATE_FILE, restore
-from crossmoco_ray.train.resume import (
+from crossmoco_ray.checkpoints.resume import (
     PROGRESS_FILE,
     ResumePoint,
     checkpoint_name,
@@ -16,6 +15,7 @@ from crossmoco_ray.train.resume import (
     step_of,
     write_progress,
 )
+from crossmoco_ray.checkpoints.state import STATE_FILE, restore
 
 SPE = 10  # steps per epoch
 
@@ -64,9 +64,9 @@ def test_the_registered_checkpoint_wins_when_newer_or_when_progress_names_a_miss
 
 def test_every_rank_gets_its_own_rng_state_back() -> None:
     """Each rank restores the RNG state it saved (not rank 0's); another world size gets fresh seeds."""
-    from crossmoco_ray.config import load_config
-    from crossmoco_ray.train.builders import build_model, build_optimizer
-    from crossmoco_ray.train.checkpoint import build_state, rng_state
+    from crossmoco_ray.architecture import build_model, build_optimizer
+    from crossmoco_ray.checkpoints.state import build_state, rng_state
+    from crossmoco_ray.config.loading import load_config
 
     cfg = load_config(
         "quickstart",
@@ -120,9 +120,9 @@ def test_a_checkpoint_written_on_an_8_gpu_node_resumes_on_a_1_gpu_node(
     """Ray gives a node's workers the same CUDA_VISIBLE_DEVICES: on an 8-GPU node each worker sees 8 GPUs
     and trains on one. Each saves its own GPU's generator only, and restores it onto the GPU it trains on
     after a restart, whatever that node shows (a spot loss onto a smaller node: 1 GPU, index 0)."""
-    from crossmoco_ray.config import load_config
-    from crossmoco_ray.train.builders import build_model, build_optimizer
-    from crossmoco_ray.train.checkpoint import build_state, rng_state
+    from crossmoco_ray.architecture import build_model, build_optimizer
+    from crossmoco_ray.checkpoints.state import build_state, rng_state
+    from crossmoco_ray.config.loading import load_config
 
     cfg = load_config(
         "quickstart",
@@ -156,7 +156,7 @@ def test_a_checkpoint_written_on_an_8_gpu_node_resumes_on_a_1_gpu_node(
 
 
 def test_checkpoints_of_version_1_still_read_and_unknown_versions_are_named(tmp_path: Path) -> None:
-    from crossmoco_ray.train.checkpoint import FORMAT, VERSION, read_checkpoint
+    from crossmoco_ray.checkpoints.state import FORMAT, VERSION, read_checkpoint
 
     assert VERSION == 2
     for version in (1, 2):

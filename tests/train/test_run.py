@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from crossmoco_ray.config import ConfigError, load_config
-from crossmoco_ray.data.readers import SyntheticSource
-from crossmoco_ray.data.render import RenderSpec
-from crossmoco_ray.data.shards import PrepareOptions, prepare
-from crossmoco_ray.train.checks import iid_batch_classes
-from crossmoco_ray.train.run import resolve_run
-from crossmoco_ray.train.trainer import monitor_spec, pipeline_options
+from crossmoco_ray.config.loading import load_config
+from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.render.splat import RenderSpec
+from crossmoco_ray.data.sources.formats import SyntheticSource
+from crossmoco_ray.errors import ConfigError
+from crossmoco_ray.pretrain.data_checks import iid_batch_classes
+from crossmoco_ray.runs.identity import resolve_run
+from crossmoco_ray.runs.launcher import monitor_spec, pipeline_options
 from tests.data import fixtures
 
 TINY = ["data.num_points=32", "eval.num_points=32", "tracking.enabled=false"]
@@ -52,7 +53,7 @@ def test_relative_paths_are_resolved_on_the_driver(shards: Path) -> None:
 
 
 def test_eval_data_that_is_missing_or_has_no_train_split_fails_before_start(shards: Path) -> None:
-    from crossmoco_ray.data.types import DataError
+    from crossmoco_ray.errors import DataError
 
     with pytest.raises(DataError, match="nowhere"):
         resolve_run(load_config("quickstart", overrides=[*TINY, "eval.data=nowhere"]), data="data/shards")
@@ -77,7 +78,7 @@ def test_chance_levels_follow_the_objective_weights() -> None:
     """Each InfoNCE at chance is ln(1 + K), NT-Xent ln(2N − 1); the total weighs them as the loss does."""
     import math
 
-    from crossmoco_ray.train.progress import chance_levels
+    from crossmoco_ray.pretrain.console import chance_levels
 
     plain = chance_levels(2048, 32)
     assert plain["chance_loss_point"] == pytest.approx(math.log(2049))
@@ -90,7 +91,7 @@ def test_chance_levels_follow_the_objective_weights() -> None:
 def test_run_name_follows_what_is_trained_not_how_it_runs() -> None:
     """Relaunching with more restarts, another checkpoint interval or a model registry resumes the run;
     another learning rate is another run."""
-    from crossmoco_ray.train.run import default_name
+    from crossmoco_ray.runs.identity import default_name
 
     base = load_config("quickstart")
     same = load_config(

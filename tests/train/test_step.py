@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from crossmoco_ray.nn import DGCNN, CrossMoCo, ImageEncoder
-from crossmoco_ray.train.step import prepare_model, train_step
+from crossmoco_ray.pretrain.step import prepare_model, train_step
 from tests.helpers import tiny_batch, tiny_crossmoco
 
 
@@ -65,8 +65,8 @@ def test_the_pipelines_uint8_images_train_as_the_same_images_converted_first(cha
 def test_lr_schedules() -> None:
     import math
 
-    from crossmoco_ray.config import load_config
-    from crossmoco_ray.train.builders import lr_at, momentum_at
+    from crossmoco_ray.architecture import lr_at, momentum_at
+    from crossmoco_ray.config.loading import load_config
 
     paper = load_config("paper", overrides=["train.epochs=4"])
     # CrossPoint: CosineAnnealingLR(T_max=4) stepped at each epoch start → epoch e at step e + 1
@@ -139,7 +139,7 @@ def test_prepare_model_makes_only_the_image_encoders_channels_last() -> None:
 def test_a_step_runs_under_deterministic_kernels_only() -> None:
     """train.deterministic=true refuses any op without a deterministic kernel: the CPU step has none (the
     CUDA step's ops are checked in test_gpu_path.py)."""
-    from crossmoco_ray.nn.runtime import configure_kernels
+    from crossmoco_ray.nn.precision import configure_kernels
 
     torch.manual_seed(0)
     model = tiny_crossmoco(queue_length=16)

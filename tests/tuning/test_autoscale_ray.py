@@ -31,7 +31,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
-from crossmoco_ray.config import load_config
+from crossmoco_ray.config.loading import load_config
 from crossmoco_ray.tuning import parse_space
 from crossmoco_ray.tuning.search import tune_search
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from crossmoco_ray.cli import main
-from crossmoco_ray.config import ConfigError
+from crossmoco_ray.cli.main import main
+from crossmoco_ray.errors import ConfigError
 from crossmoco_ray.nn import kernels
 from crossmoco_ray.tuning import restore_check, search
 from crossmoco_ray.tuning.restore_check import check_resumable, local_problems

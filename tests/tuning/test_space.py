@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from crossmoco_ray.config import ConfigError, load_config
+from crossmoco_ray.config.loading import load_config
+from crossmoco_ray.errors import ConfigError
 from crossmoco_ray.tuning import check_space, load_space, parse_space
-from crossmoco_ray.tuning.report import best_row
+from crossmoco_ray.tuning.results import best_row
 from crossmoco_ray.tuning.search import check_search, trial_concurrency, trials_that_fit
 from crossmoco_ray.tuning.space import SHIPPED_DIR, with_values
 

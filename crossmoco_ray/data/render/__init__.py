@@ -1,0 +1,1 @@
+"""Rendering: the cameras, point splatting and mesh rasterising that make the image modality."""

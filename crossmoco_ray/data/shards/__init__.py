@@ -1,0 +1,1 @@
+"""Prepared shards: the Parquet layout, the manifest and its seal, integrity checks when read, ``verify``."""
