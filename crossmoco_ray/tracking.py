@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from crossmoco_ray.errors import ConfigError
-from crossmoco_ray.storage import read_json
 
 PARAM_CHUNK = 100  # MLflow's limit of params per batch call
 PARAM_VALUE_MAX = 6000
 MODEL_NAME = "point_encoder"  # the logged model's name in its run
-EXAMPLE_BATCH = 2  # > 1, and the example's sizes differ from each other and from 3: see example_points
 
 
 def default_tracking_uri(storage_path: str, configured: str | None = None) -> str:
@@ -195,12 +193,19 @@ class Tracker:
                 self._client.log_artifact(self.run_id, str(p), artifact_path)
 
     def log_point_model(
-        self, export_dir: str | Path, register: str | None = None, name: str = MODEL_NAME
+        self,
+        model: Any,
+        example: Any,
+        metadata: Mapping[str, Any],
+        register: str | None = None,
+        name: str = MODEL_NAME,
     ) -> LoggedModel | None:
-        """Log an exported backbone (``crossmoco export`` / ``<run>/export``) as an MLflow PyTorch model
-        of this run, with a signature, and register it under ``register`` if given (a new version).
+        """Log a point-feature model (:func:`crossmoco_ray.checkpoints.encoders.exported_feature_model`
+        builds it from ``crossmoco export`` / ``<run>/export``) as an MLflow PyTorch model of this run,
+        traced on ``example`` (``[B, N, 3]`` float32), with a signature and ``metadata``; registered under
+        ``register`` if given (a new version).
 
-        The model is :class:`~crossmoco_ray.checkpoints.encoders.PointFeatures`: points ``[B, N, 3]`` float32
+        The model maps points ``[B, N, 3]`` float32
         in any units → the pooled feature ``[B, F]`` float32 (F = 2·emb_dims for DGCNN: 2048 at the
         paper's width; emb_dims for PointNet), normalised as evaluation does. It is saved as ``"pt2"``
         (``torch.export``), not pickle:
@@ -224,20 +229,13 @@ class Tracker:
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
-        from crossmoco_ray.checkpoints.encoders import META_FILE, feature_model, load_point_encoder
-
-        loaded = load_point_encoder(export_dir)
-        model = feature_model(loaded)
-        example = example_points(int(loaded.kwargs.get("k", 1)))
         with torch.no_grad():
             dim = int(model(torch.from_numpy(example)).shape[1])
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, 3))]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]),
         )
-        meta_file = Path(export_dir) / META_FILE
-        meta = read_json(str(meta_file)) or {}
-        metadata = {"crossmoco": {**meta, "feature_dim": dim, "normalize": loaded.normalize}}
+        metadata = {"crossmoco": {**metadata, "feature_dim": dim}}
         # Created here, in the run's experiment: log_model would put it in the process's active
         # experiment (MLflow's "Default" unless set globally) rather than the run's.
         run = self._client.get_run(self.run_id)
@@ -269,21 +267,6 @@ class Tracker:
         if self._client is None or self.run_id is None:
             return []
         return [(m.step, m.value) for m in self._client.get_metric_history(self.run_id, key)]
-
-
-def example_points(k: int, batch: int = EXAMPLE_BATCH) -> Any:
-    """The input example a model is traced with: ``[batch, N, 3]`` float32, N ≥ k.
-
-    ``torch.export`` treats an example size of 1 as a constant, and gives dimensions of equal example
-    size one shared symbol, so batch, N and 3 are all different here (else the model would only accept
-    clouds with N == batch).
-    """
-    import numpy as np
-
-    n = max(2 * k, 16)
-    while n in (batch, 3):
-        n += 1
-    return np.random.default_rng(0).standard_normal((batch, n, 3)).astype(np.float32)
 
 
 @contextmanager

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from crossmoco_ray.nn import DGCNN, CrossMoCo, ImageEncoder
-from crossmoco_ray.runs.ddp import FAULT_ENV
+from crossmoco_ray.runs.worker import StepInfo
 
 
 def tiny_crossmoco(queue_length: int = 16, dim: int = 8, **kwargs: object) -> CrossMoCo:
@@ -40,14 +40,35 @@ def tiny_batch(
     }
 
 
-@contextlib.contextmanager
-def fault_at(step: int) -> Iterator[None]:
-    """The last worker's process dies at ``step`` (once per run): the loop's test-only fault injection."""
-    os.environ[FAULT_ENV] = str(step)
-    try:
-        yield
-    finally:
-        del os.environ[FAULT_ENV]
+@dataclass(frozen=True)
+class KillAtStep:
+    """A step callback (:data:`crossmoco_ray.runs.worker.StepCallback`) by which the last worker's process
+    dies after ``step`` (and its checkpoint, if it has one), once per run: a marker in the run's directory
+    remembers it, so the restarted group goes on."""
+
+    step: int
+
+    def __call__(self, info: StepInfo) -> None:
+        if info.step != self.step or info.rank != info.world_size - 1:
+            return
+        marker = Path(info.run_dir) / ".fault_injected"
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"worker {info.rank} killed after step {info.step}\n")
+        print(f"[fault injection] killing worker {info.rank} after step {info.step}", flush=True)
+        os._exit(1)
+
+
+@dataclass(frozen=True)
+class RaiseAtStep:
+    """A step callback that raises after ``step`` on every rank: an error inside the workers."""
+
+    step: int
+
+    def __call__(self, info: StepInfo) -> None:
+        if info.step == self.step:
+            raise RuntimeError(f"the callback refuses step {info.step}")
 
 
 def run_gloo_ranks(

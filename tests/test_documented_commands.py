@@ -53,7 +53,7 @@ NOT_COMMANDS = {
 def doc_files() -> list[Path]:
     files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     files += sorted(p for p in (ROOT / "cluster").rglob("*") if p.is_file())
-    files += sorted((ROOT / "crossmoco_ray" / "configs").glob("*.yaml"))  # the presets' headers
+    files += sorted((ROOT / "crossmoco_ray" / "config" / "presets").glob("*.yaml"))  # the presets' headers
     files += sorted((ROOT / "tune_spaces").glob("*.yaml"))
     return [*files, ROOT / "docker" / "Dockerfile"]
 

@@ -24,12 +24,11 @@ EXCEPTIONS = [
 
 
 def _project_exceptions() -> set[type[BaseException]]:
-    import crossmoco_ray.config.schema
-    import crossmoco_ray.data.sources.sample
+    import crossmoco_ray.errors
     import crossmoco_ray.tracking
 
     found = set()
-    for module in (crossmoco_ray.config.schema, crossmoco_ray.data.sources.sample, crossmoco_ray.tracking):
+    for module in (crossmoco_ray.errors, crossmoco_ray.tracking):
         for value in vars(module).values():
             if (
                 isinstance(value, type)

@@ -20,7 +20,7 @@ import pytest
 
 from crossmoco_ray.config.loading import load_config
 from crossmoco_ray.pretrain.driver import finish
-from crossmoco_ray.runs.identity import Run, start_tracking
+from crossmoco_ray.pretrain.resolve import Run, start_tracking
 from crossmoco_ray.version import COMMIT_ENV
 from tests.test_tracking import TINY, assert_same_features, tiny_checkpoint
 

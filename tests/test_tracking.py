@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from crossmoco_ray.architecture import build_model, build_optimizer
-from crossmoco_ray.checkpoints.encoders import export_backbone, load_point_encoder
+from crossmoco_ray.architecture import build_model
+from crossmoco_ray.checkpoints.encoders import export_backbone, exported_feature_model, load_point_encoder
 from crossmoco_ray.checkpoints.state import build_state, write_checkpoint
 from crossmoco_ray.config.loading import load_config
 from crossmoco_ray.errors import ConfigError
 from crossmoco_ray.evaluate.features import extract_features
+from crossmoco_ray.pretrain.optim import build_optimizer
 from crossmoco_ray.tracking import ResumeError, Tracker, default_tracking_uri
 
 pytestmark = pytest.mark.timeout(180)
@@ -92,7 +93,7 @@ def test_logged_model_loads_back_with_the_encoders_features(
     tracker = Tracker(uri)
     run_id = tracker.start("exp", "run", {"model.k": 4}, {})
     assert run_id is not None
-    logged = tracker.log_point_model(export, register="crossmoco-tiny")
+    logged = tracker.log_point_model(*exported_feature_model(export), register="crossmoco-tiny")
     assert logged is not None
     assert logged.version == "1"
     assert logged.registered_uri == "models:/crossmoco-tiny/1"
@@ -117,7 +118,7 @@ def test_logged_model_loads_back_with_the_encoders_features(
 
 
 def test_disabled_tracker_logs_no_model(tmp_path: Path) -> None:
-    assert Tracker(None).log_point_model(tmp_path) is None
+    assert Tracker(None).log_point_model(None, None, {}) is None
 
 
 def test_resume_continues_the_same_run(tmp_path: Path) -> None:

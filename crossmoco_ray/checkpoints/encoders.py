@@ -362,3 +362,31 @@ def export_backbone(checkpoint: str | Path, out: str | Path, with_image: bool = 
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
     return out
+
+
+EXAMPLE_BATCH = 2  # > 1, and the example's sizes differ from each other and from 3: see example_points
+
+
+def example_points(k: int, batch: int = EXAMPLE_BATCH) -> Any:
+    """The input example a model is traced with: ``[batch, N, 3]`` float32, N ≥ k.
+
+    ``torch.export`` treats an example size of 1 as a constant, and gives dimensions of equal example
+    size one shared symbol, so batch, N and 3 are all different here (else the model would only accept
+    clouds with N == batch).
+    """
+    import numpy as np
+
+    n = max(2 * k, 16)
+    while n in (batch, 3):
+        n += 1
+    return np.random.default_rng(0).standard_normal((batch, n, 3)).astype(np.float32)
+
+
+def exported_feature_model(export_dir: str | Path) -> tuple[PointFeatures, Any, dict[str, Any]]:
+    """An exported backbone (``crossmoco export`` / ``<run>/export``) as what an MLflow model is logged
+    from (:meth:`crossmoco_ray.tracking.Tracker.log_point_model`): the feature model, the example it is
+    traced on, and the export's ``meta.json`` with how it normalises its input."""
+    loaded = load_point_encoder(export_dir)
+    meta = _read_meta(Path(export_dir) / META_FILE)
+    example = example_points(int(loaded.kwargs.get("k", 1)))
+    return feature_model(loaded), example, {**meta, "normalize": loaded.normalize}

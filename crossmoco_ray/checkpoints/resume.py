@@ -24,6 +24,7 @@ from crossmoco_ray import storage
 from crossmoco_ray.checkpoints.state import STATE_FILE
 
 PROGRESS_FILE = "progress.json"
+HISTORY_FILE = "history.json"  # a run's logged steps and epochs, beside its state in every checkpoint
 _NAME = re.compile(r"^(epoch|step)_(\d+)$")
 
 

@@ -1,5 +1,1 @@
-"""The ``crossmoco`` command line: one module per command group (:mod:`.main` assembles them)."""
-
-from crossmoco_ray.cli.main import main
-
-__all__ = ["main"]
+"""The ``crossmoco`` command line: one module per command group, assembled by :mod:`.main`."""

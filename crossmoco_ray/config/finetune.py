@@ -20,21 +20,14 @@ from pydantic import Field, model_validator
 
 from crossmoco_ray.bounded import short_repr
 from crossmoco_ray.config.consistency import gpu_problems
-from crossmoco_ray.config.loading import (
-    _check_keys,
-    _merge,
-    _read_yaml,
-    parse_override,
-    read_config_file,
-    validate_as,
-)
-from crossmoco_ray.config.schema import _Section
+from crossmoco_ray.config.loading import config_layers, merge_layers, validate_as
+from crossmoco_ray.config.schema import Section
 from crossmoco_ray.errors import ConfigError
 
 DEFAULT_FINETUNE_PRESET = "dgcnn"
 
 
-class FinetuneModelConfig(_Section):
+class FinetuneModelConfig(Section):
     """The encoder (from ``--checkpoint`` or random init) and the classifier head."""
 
     point_encoder: Literal["dgcnn", "dgcnn_seg", "pointnet"] = Field(
@@ -55,7 +48,7 @@ class FinetuneModelConfig(_Section):
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
 
 
-class FinetuneOptimConfig(_Section):
+class FinetuneOptimConfig(Section):
     """Optimizer, schedule and loss."""
 
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -74,7 +67,7 @@ class FinetuneOptimConfig(_Section):
     grad_clip: float | None = Field(None, gt=0.0)
 
 
-class FinetuneDataConfig(_Section):
+class FinetuneDataConfig(Section):
     """What the workers read and how training clouds are augmented."""
 
     num_points: int = Field(1024, gt=0, description="points per cloud (train: a random subset each time)")
@@ -103,7 +96,7 @@ class FinetuneDataConfig(_Section):
         return self
 
 
-class FinetuneTrainConfig(_Section):
+class FinetuneTrainConfig(Section):
     """How fine-tuning runs."""
 
     epochs: int = Field(250, gt=0, le=100_000, description="DGCNN: 250")
@@ -134,7 +127,7 @@ class FinetuneTrainConfig(_Section):
     max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint")
 
 
-class FinetuneTrackingConfig(_Section):
+class FinetuneTrackingConfig(Section):
     enabled: bool = True
     experiment: str = "crossmoco-finetune"
     tracking_uri: str | None = Field(
@@ -142,7 +135,7 @@ class FinetuneTrackingConfig(_Section):
     )
 
 
-class FinetuneConfig(_Section):
+class FinetuneConfig(Section):
     """``crossmoco finetune cls``: supervised classification from a pretrained (or random) point encoder."""
 
     model: FinetuneModelConfig = Field(default_factory=FinetuneModelConfig)
@@ -182,13 +175,12 @@ def finetune_preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _preset(name: str) -> dict[str, Any]:
+def _preset(name: str) -> tuple[str, str]:
     if name not in finetune_preset_names():
         raise ConfigError(
             f"unknown fine-tuning preset {short_repr(name)}; choose one of {finetune_preset_names()}"
         )
-    text = (resources.files("crossmoco_ray.config") / "finetune_presets" / f"{name}.yaml").read_text()
-    return _read_yaml(text, f"preset {name!r}")
+    return name, (resources.files("crossmoco_ray.config") / "finetune_presets" / f"{name}.yaml").read_text()
 
 
 def load_finetune_config(
@@ -196,18 +188,10 @@ def load_finetune_config(
     config_file: str | Path | None = None,
     overrides: Sequence[str] = (),
 ) -> FinetuneConfig:
-    """defaults ← ``preset`` ← ``config_file`` ← ``overrides``, checked (:class:`ConfigError`: the fix)."""
-    layers: list[tuple[str, dict[str, Any]]] = []
-    if preset is not None:
-        layers.append((f"preset {preset!r}", _preset(preset)))
-    if config_file is not None:
-        layers.append((str(config_file), read_config_file(config_file)))
-    layers += [(f"override {short_repr(item)}", parse_override(item)) for item in overrides]
-    data: dict[str, Any] = {}
-    for origin, layer in layers:
-        _check_keys(layer, origin, FinetuneConfig)
-        data = _merge(data, layer)
-    return validate_finetune(data)
+    """defaults ← ``preset`` ← ``config_file`` ← ``overrides``, checked (:class:`ConfigError`: the fix);
+    the layered loading of :func:`crossmoco_ray.config.loading.merge_layers`, as pretraining's."""
+    layers = config_layers(_preset(preset) if preset is not None else None, config_file, overrides)
+    return validate_finetune(merge_layers(FinetuneConfig, layers))
 
 
 def validate_finetune(data: dict[str, Any]) -> FinetuneConfig:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -137,7 +137,7 @@ def _first_leaf(key: str, value: Any) -> str:
     return key
 
 
-def _check_keys(
+def check_keys(
     data: Mapping[str, Any],
     origin: str,
     model: type[BaseModel] = Config,
@@ -164,14 +164,14 @@ def _check_keys(
                     f"{short_repr(key)} in {origin} is a section: give it a mapping of keys, "
                     f"not {short_repr(value)}"
                 )
-            _check_keys(value, origin, ann, f"{key}.", root)
+            check_keys(value, origin, ann, f"{key}.", root)
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -257,7 +257,7 @@ def _load_bounded(text: str, origin: str) -> Any:
     return data
 
 
-def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+def read_yaml_mapping(text: str, origin: str) -> dict[str, Any]:
     data = load_yaml(text, origin)
     if data is None:
         return {}
@@ -288,7 +288,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         text = blob.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not UTF-8 text: a configuration is a YAML file") from None
-    return _read_yaml(text, str(path))
+    return read_yaml_mapping(text, str(path))
 
 
 def parse_override(item: str) -> dict[str, Any]:
@@ -321,6 +321,44 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+Layer = tuple[str, Mapping[str, Any]]  # (where it comes from, for messages; its sections)
+
+
+def merge_layers(
+    model: type[BaseModel],
+    layers: Iterable[Layer],
+    adjust: Callable[[Mapping[str, Any], str], Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Layered loading, for every configuration of the project: each layer's keys checked against
+    ``model`` (an unknown key is a :class:`ConfigError` naming the layer and the closest known key), then
+    merged over the ones before it (``adjust`` may rewrite a layer first)."""
+    data: dict[str, Any] = {}
+    for origin, layer in layers:
+        check_keys(layer, origin, model)
+        data = merge(data, adjust(layer, origin) if adjust else layer)
+    return data
+
+
+def config_layers(
+    preset: tuple[str, str] | None = None,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] | Iterable[str] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> list[Layer]:
+    """The layers of a configuration, lowest first: a preset (``(name, yaml text)``) ← a YAML file ←
+    ``extra`` (values from command-line arguments) ← dotted ``section.key=value`` overrides."""
+    layers: list[Layer] = []
+    if preset is not None:
+        name, text = preset
+        layers.append((f"preset {name!r}", read_yaml_mapping(text, f"preset {name!r}")))
+    if config_file is not None:
+        layers.append((str(config_file), read_config_file(config_file)))
+    if extra:
+        layers.append(("arguments", dict(extra)))
+    layers += [(f"override {short_repr(item)}", parse_override(item)) for item in overrides]
+    return layers
+
+
 def load_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
@@ -328,26 +366,15 @@ def load_config(
     extra: Mapping[str, Any] | None = None,
 ) -> Config:
     """Resolve defaults ← ``preset`` ← ``config_file`` ← ``extra`` ← ``overrides`` into a checked Config."""
-    data: dict[str, Any] = {}
-    layers: list[tuple[str, dict[str, Any]]] = []
-    if preset is not None:
-        layers.append((f"preset {preset!r}", _read_yaml(preset_text(preset), f"preset {preset!r}")))
-    if config_file is not None:
-        layers.append((str(config_file), read_config_file(config_file)))
-    if extra:
-        layers.append(("arguments", dict(extra)))
-    for item in overrides:
-        layers.append((f"override {short_repr(item)}", parse_override(item)))
-    for origin, layer in layers:
-        _check_keys(layer, origin)
-        data = _merge(data, _batch_layer(layer, origin))
-    return validate(data)
+    shipped = (preset, preset_text(preset)) if preset is not None else None
+    layers = config_layers(shipped, config_file, overrides, extra)
+    return validate(merge_layers(Config, layers, adjust=_batch_layer))
 
 
 BATCH_KEYS = ("batch_size", "batch_size_per_worker")
 
 
-def _batch_layer(layer: dict[str, Any], origin: str) -> dict[str, Any]:
+def _batch_layer(layer: Mapping[str, Any], origin: str) -> Mapping[str, Any]:
     """A layer that sets one of the two batch keys unsets the other (a preset's "20 per worker" gives way
     to an override's global batch and vice versa); one layer setting both is an error."""
     train = layer.get("train")
@@ -420,7 +447,7 @@ def validate_as(model: type[M], data: Mapping[str, Any], what: str) -> M:
     """``model`` checked from a plain mapping: unknown keys with the nearest valid one, then pydantic's
     checks, every problem on its own line as ``dotted.key: message (got value; the default is ...)``, the
     value shown bounded (:func:`~crossmoco_ray.bounded.short_repr`)."""
-    _check_keys(data, f"the {what}", model)
+    check_keys(data, f"the {what}", model)
     try:
         return model.model_validate(data)
     except ValidationError as err:

@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 DEFAULT_PRESET = "quickstart"  # what the commands run when no preset is named
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A section of a configuration: unknown keys refused, values checked on assignment, no inf/nan."""
+
     # allow_inf_nan=False: no setting of this project means anything at inf or nan (an infinite lr or
     # temperature trains nothing, and nan passes no bound), in any float of any section, lists included
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -27,7 +29,7 @@ ResourceName = Annotated[str, Field(min_length=1, max_length=200)]
 ResourceAmount = Annotated[float, Field(ge=0.0)]
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """Encoders and heads (METHOD.md §1.1–1.5)."""
 
     point_encoder: Literal["dgcnn", "dgcnn_seg", "pointnet"] = Field(
@@ -53,7 +55,7 @@ class ModelConfig(_Section):
     )
 
 
-class ObjectiveConfig(_Section):
+class ObjectiveConfig(Section):
     """The CrossMoCo objective (METHOD.md §2.4)."""
 
     queue_length: int = Field(4000, gt=0, description="keys per queue K; a multiple of the global batch")
@@ -72,7 +74,7 @@ class ObjectiveConfig(_Section):
     )
 
 
-class PointAugmentConfig(_Section):
+class PointAugmentConfig(Section):
     """CrossPoint's point augmentation, applied to each of the two point views independently (§1.9)."""
 
     normalize: bool = Field(True, description="centre and scale to the unit sphere first")
@@ -85,7 +87,7 @@ class PointAugmentConfig(_Section):
     dropout_max: float = Field(0.875, ge=0.0, lt=1.0, description="input dropout ratio ~ U(0, max)")
 
 
-class ImageAugmentConfig(_Section):
+class ImageAugmentConfig(Section):
     """CrossPoint's image augmentation (resize, ColorJitter, horizontal flip, ImageNet normalisation)."""
 
     brightness: float = Field(0.4, ge=0.0)
@@ -95,7 +97,7 @@ class ImageAugmentConfig(_Section):
     normalize: bool = Field(True, description="ImageNet mean/std normalisation (in the training step)")
 
 
-class RenderConfig(_Section):
+class RenderConfig(Section):
     """Views rendered for sources without images (prepare time): shaded meshes where the source has them
     (the built-in set, mesh folders), else splats of the points."""
 
@@ -120,7 +122,7 @@ class RenderConfig(_Section):
     )
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """What the workers are fed."""
 
     source: str | None = Field(
@@ -147,7 +149,7 @@ class DataConfig(_Section):
     render: RenderConfig = RenderConfig()
 
 
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """Optimizer and learning-rate schedule."""
 
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
@@ -170,7 +172,7 @@ class OptimConfig(_Section):
     grad_clip: float | None = Field(None, gt=0.0, description="clip the global gradient norm; null = off")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """How training runs: size, workers, precision, checkpoints."""
 
     epochs: int = Field(125, gt=0, le=100_000)
@@ -253,7 +255,7 @@ ScanObjectNNVariant = Literal[
 ]
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     """Evaluation protocols (METHOD.md §1.11–1.12) and the in-training monitor."""
 
     data: str | None = Field(
@@ -286,7 +288,7 @@ class EvalConfig(_Section):
     final: bool = Field(True, description="after training: SVM on val and test, pretrained vs random init")
 
 
-class TuneConfig(_Section):
+class TuneConfig(Section):
     """Hyperparameter search."""
 
     num_samples: int = Field(8, gt=0)
@@ -309,7 +311,7 @@ class TuneConfig(_Section):
     )
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     """MLflow tracking."""
 
     enabled: bool = True
@@ -330,7 +332,7 @@ class TrackingConfig(_Section):
     )
 
 
-class Config(_Section):
+class Config(Section):
     """The whole configuration. Defaults are CrossMoCo's published recipe."""
 
     model: ModelConfig = ModelConfig()

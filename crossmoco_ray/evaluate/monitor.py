@@ -63,6 +63,24 @@ def carve(split: EvalSplit, fraction: float, seed: int = 0) -> tuple[EvalSplit, 
     )
 
 
+@dataclass(frozen=True)
+class MonitorSpec:
+    """What the monitor reads and how it scores (the pretraining config's ``eval`` section decides it; the
+    defaults here are the only ones)."""
+
+    root: str  # a labelled source or shards (eval.data), or the pretraining shards
+    num_points: int = 1024
+    max_samples: int = 2000  # of each split
+    C: float = 0.1  # the CrossPoint-protocol SVM's
+    up_axis: str = "y"
+    variant: str | None = None
+    val_fraction: float = 0.1  # carved from train where the data has no val split
+    knn_k: int = 20
+    crosspoint: bool = True  # also score CrossPoint's protocol
+    normalize: bool = True  # centre and scale clouds to the unit sphere, as training does
+    seed: int = 0
+
+
 @dataclass
 class Monitor:
     train: EvalSplit
@@ -77,33 +95,21 @@ class Monitor:
     baseline: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_spec(
-        cls,
-        spec: str,
-        *,
-        up_axis: str = "y",
-        num_points: int = 1024,
-        max_samples: int = 2000,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        C: float = 0.1,
-        knn_k: int = 20,
-        crosspoint: bool = True,
-        normalize: bool = True,
-        variant: str | None = None,
-    ) -> Monitor:
-        """Load the monitor's data: ``train`` and ``val`` of ``spec``, or ``val`` carved from ``train``."""
-        axis: Any = up_axis
-        train = load_split(spec, "train", up_axis=axis, num_points=num_points, variant=variant)
-        if "val" in available_splits(spec, up_axis, variant):
-            val = load_split(spec, "val", up_axis=axis, num_points=num_points, variant=variant)
-            source = f"{spec}: train → val"
+    def from_spec(cls, spec: MonitorSpec) -> Monitor:
+        """Load the monitor's data: ``train`` and ``val`` of ``spec.root``, or ``val`` carved from train."""
+        root, axis, variant, n = spec.root, spec.up_axis, spec.variant, spec.num_points
+        train = load_split(root, "train", up_axis=axis, num_points=n, variant=variant)  # type: ignore[arg-type]
+        if "val" in available_splits(root, axis, variant):
+            val = load_split(root, "val", up_axis=axis, num_points=n, variant=variant)  # type: ignore[arg-type]
+            source = f"{root}: train → val"
         else:
-            train, val = carve(train, val_fraction, seed)
-            source = f"{spec}: train minus {val_fraction:.0%} → that {val_fraction:.0%} (carved, seed {seed})"
+            f, seed = spec.val_fraction, spec.seed
+            train, val = carve(train, f, seed)
+            source = f"{root}: train minus {f:.0%} → that {f:.0%} (carved, seed {seed})"
+        m = spec.max_samples
         return cls(
-            train.subset(max_samples, seed), val.subset(max_samples, seed), source, C, knn_k, crosspoint,
-            normalize,
+            train.subset(m, spec.seed), val.subset(m, spec.seed), source, spec.C, spec.knn_k, spec.crosspoint,
+            spec.normalize,
         )  # fmt: skip
 
     def measure(self, encoder: nn.Module, prefix: str = "") -> dict[str, float]:

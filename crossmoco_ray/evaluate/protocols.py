@@ -53,9 +53,10 @@ def encoders(
     return out
 
 
-def _features(
+def encoder_features(
     enc: LoadedEncoder, splits: Sequence[EvalSplit], batch_size: int, device: str, label: str
 ) -> list[np.ndarray]:
+    """The frozen features of ``enc`` on each split (normalised as the encoder was trained), with progress."""
     return [
         extract_features(
             enc.encoder,
@@ -95,13 +96,13 @@ def run_svm(
     report: dict[str, Any] = {
         "command": "svm",
         "data": asdict(data),
-        "when": _now(),
+        "when": utc_now(),
         "results": {},
         "encoders": {},
     }
     for name, enc in encs:
         te = time.perf_counter()
-        f_train, f_test = _features(enc, (train, test), batch_size, device, name)
+        f_train, f_test = encoder_features(enc, (train, test), batch_size, device, name)
         report["encoders"][name] = {
             "source": enc.source,
             "architecture": enc.name,
@@ -161,9 +162,15 @@ def run_svm_splits(
     axis: Any = up_axis
     train = load_split(spec, "train", num_points=num_points, up_axis=axis, variant=variant)
     tests = [load_split(spec, s, num_points=num_points, up_axis=axis, variant=variant) for s in test_splits]
-    report: dict[str, Any] = {"command": "svm", "data": spec, "when": _now(), "results": {}, "encoders": {}}
+    report: dict[str, Any] = {
+        "command": "svm",
+        "data": spec,
+        "when": utc_now(),
+        "results": {},
+        "encoders": {},
+    }
     for name, enc in encs:
-        feats = _features(enc, (train, *tests), batch_size, device, name)
+        feats = encoder_features(enc, (train, *tests), batch_size, device, name)
         report["encoders"][name] = {
             "source": enc.source,
             "architecture": enc.name,
@@ -261,10 +268,10 @@ def run_fewshot(
     test = data.load(data.test_split) if "clean" in protocols else None
     sizes = f"train {len(train.labels)}" + (f" / test {len(test.labels)}" if test is not None else "")
     log(f"few-shot: {data.spec} {sizes}, {episodes} episodes, {queries} queries per class")
-    report: dict[str, Any] = {"command": "fewshot", "data": asdict(data), "when": _now(), "results": {}}
+    report: dict[str, Any] = {"command": "fewshot", "data": asdict(data), "when": utc_now(), "results": {}}
     for name, enc in encs:
         splits = (train,) if test is None else (train, test)
-        feats = _features(enc, splits, batch_size, device, name)
+        feats = encoder_features(enc, splits, batch_size, device, name)
         report["results"][name] = {}
         for protocol in protocols:
             x_test, y_test = (
@@ -298,10 +305,10 @@ def run_knn(
     t0 = time.perf_counter()
     train, test = data.load(data.train_split), data.load(data.test_split)
     log(f"kNN: {data.spec} train {len(train.labels)} / {data.test_split} {len(test.labels)}, k = {list(ks)}")
-    report: dict[str, Any] = {"command": "knn", "data": asdict(data), "when": _now(), "results": {}}
+    report: dict[str, Any] = {"command": "knn", "data": asdict(data), "when": utc_now(), "results": {}}
     report["temperature"] = temperature
     for name, enc in encs:
-        f_train, f_test = _features(enc, (train, test), batch_size, device, name)
+        f_train, f_test = encoder_features(enc, (train, test), batch_size, device, name)
         report["results"][name] = {}
         for k in ks:
             pred = knn_predict(f_train, train.labels, f_test, k, temperature)
@@ -334,5 +341,6 @@ def fewshot_table_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """When a report was made: UTC, ISO 8601, to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -24,7 +24,7 @@ from typing import Any
 from crossmoco_ray.checkpoints.encoders import LoadedEncoder
 from crossmoco_ray.evaluate.fewshot import fewshot_table
 from crossmoco_ray.evaluate.knn import knn_predict
-from crossmoco_ray.evaluate.protocols import EvalData, _features, _now
+from crossmoco_ray.evaluate.protocols import EvalData, encoder_features, utc_now
 from crossmoco_ray.evaluate.svm import clean_svm, crosspoint_svm
 
 FEWSHOT_SETTINGS = ((5, 10), (5, 20), (10, 10), (10, 20))
@@ -57,7 +57,7 @@ def run_report(
     report: dict[str, Any] = {
         "command": "report",
         "data": asdict(data),
-        "when": _now(),
+        "when": utc_now(),
         "settings": {
             "C": C,
             "knn_k": list(ks),
@@ -70,7 +70,7 @@ def run_report(
         "results": {},
     }
     for name, enc in encs:
-        f_train, f_test = _features(enc, (train, test), batch_size, device, name)
+        f_train, f_test = encoder_features(enc, (train, test), batch_size, device, name)
         info = {"source": enc.source, "architecture": enc.name, "kwargs": enc.kwargs}
         report["encoders"][name] = {**info, **enc.info}
         r: dict[str, Any] = {}

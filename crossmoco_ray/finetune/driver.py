@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +19,16 @@ import numpy as np
 
 from crossmoco_ray import storage
 from crossmoco_ray.checkpoints.encoders import LoadedEncoder, load_point_encoder, random_encoder
+from crossmoco_ray.checkpoints.resume import HISTORY_FILE
 from crossmoco_ray.config.finetune import FinetuneConfig
 from crossmoco_ray.errors import ConfigError, DataError
 from crossmoco_ray.evaluate.features import EvalSplit, load_split
-from crossmoco_ray.finetune.worker import METRIC_NAMES, METRICS, PRIORITY, finetune_loop
-from crossmoco_ray.runs.identity import absolute, resolve_storage
-from crossmoco_ray.runs.resources import check_resources, init_ray, worker_env, worker_request
-from crossmoco_ray.tracking import Tracker, default_tracking_uri
+from crossmoco_ray.finetune.worker import METRIC_NAMES, METRICS, FinetuneSpec, finetune_loop
+from crossmoco_ray.runs.identity import absolute, open_tracking, resolve_storage
+from crossmoco_ray.runs.launcher import Launch, build_trainer, fit
+from crossmoco_ray.runs.resources import check_resources, init_ray
+from crossmoco_ray.runs.worker import StepCallback
+from crossmoco_ray.tracking import default_tracking_uri
 from crossmoco_ray.version import code_version
 
 RUN_FILE = "finetune_run.json"
@@ -240,6 +243,7 @@ def finetune(
     up_axis: str = "y",
     variant: str | None = None,
     address: str | None = None,
+    step_callbacks: Sequence[StepCallback] = (),
     log: Callable[[str], None] = print,
 ) -> tuple[int, dict[str, Any]]:
     """Fine-tune (or resume) ``task`` ("cls" or "partseg"): data and encoder checked on the driver, then
@@ -266,89 +270,62 @@ def finetune(
 
     local = init_ray(cfg, address, log)
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
 
     check_resources(cfg, ray.cluster_resources(), local, log)
-    tracker = Tracker(
-        default_tracking_uri(where, cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
-    )
-    previous = storage.read_json(f"{run_dir}/{RUN_FILE}") or {}
     tags = {**code_version(), "task": f"finetune-{task}", "init": checkpoint or "random", "data": data_abs}
     params = _flat(cfg.model_dump(mode="json")) | {"checkpoint": checkpoint or "random-init"}
-    run_id = tracker.start(
-        cfg.tracking.experiment,
-        name,
-        params,
-        tags,
-        resume_id=previous.get("mlflow_run_id"),
-        record=f"{run_dir}/{RUN_FILE}",
-        recorded_uri=previous.get("tracking_uri"),
-    )
-    storage.write_json(f"{run_dir}/{RUN_FILE}", {"mlflow_run_id": run_id, "tracking_uri": tracker.uri})
+    tracking_uri = default_tracking_uri(where, cfg.tracking.tracking_uri) if cfg.tracking.enabled else None
+    tracker = open_tracking(tracking_uri, run_dir, RUN_FILE, cfg.tracking.experiment, name, params, tags)
+    run_id = tracker.run_id
     if run_id:
         log(f"MLflow run {run_id} in {tracker.uri}")
 
-    t = cfg.train
-    resources = worker_request(t)  # what check_resources counted
     payload = {**task_data.arrays, "num_classes": task_data.num_outputs, "part_counts": task_data.part_counts}
-    loop_config = {
-        "task": task,
-        "config": cfg.model_dump(mode="json"),
-        "data": ray.put(payload),
-        "encoder": ray.put(encoder_payload(loaded)),
-        "encoder_meta": {
+    spec = FinetuneSpec(
+        run_dir=run_dir,
+        run_name=name,
+        steps_per_epoch=steps_per_epoch,
+        tracking_uri=tracker.uri,
+        mlflow_run_id=run_id,
+        step_callbacks=tuple(step_callbacks),
+        cfg=cfg,
+        task=task,
+        data=ray.put(payload),
+        encoder=ray.put(encoder_payload(loaded)),
+        encoder_meta={
             "name": loaded.name,
             "kwargs": loaded.kwargs,
             "source": loaded.source,
             "checkpoint": checkpoint,
         },
-        "class_names": task_data.class_names,
-        "part_counts": task_data.part_counts,
-        "normalize": normalize,
-        "steps_per_epoch": steps_per_epoch,
-        "run_dir": run_dir,
-        "tracking_uri": tracker.uri,
-        "mlflow_run_id": run_id,
-    }
-    trainer = TorchTrainer(
-        finetune_loop,  # type: ignore[arg-type]
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=where,
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=t.keep_checkpoints,
-                checkpoint_score_attribute=PRIORITY,
-                checkpoint_score_order="max",
-            ),
-            worker_runtime_env={"env_vars": worker_env()},  # type: ignore[call-arg]
-        ),
+        class_names=task_data.class_names,
+        part_counts=task_data.part_counts,
+        normalize=normalize,
     )
+    launch = Launch(name=name, storage=where, worker=finetune_loop, spec=spec, train=cfg.train)
     report: dict[str, Any] = {
         "run_dir": run_dir,
         "mlflow_run_id": run_id,
         "init": checkpoint or "random-init",
     }
-    try:
-        result = trainer.fit()
-    except TrainingFailedError as err:
+    result = fit(build_trainer(launch), tracker, run_dir, "fine-tuning", log)
+    if result is None:
+        return 1, report
+    ret = result.return_value or {}
+    if ret.get("status") == "nonfinite":
         tracker.end("FAILED")
         log(
-            f"fine-tuning failed: {err}\nCheckpoints so far stay in {run_dir}; relaunch the same command "
-            "to resume."
+            f"stopped: the loss became NaN/Inf in epoch {ret['epoch'] + 1}, by step {ret['step']}: lower "
+            "optim.lr or set optim.grad_clip (e.g. 1.0); relaunching the same command resumes from the last "
+            "good checkpoint"
         )
-        return 1, report
+        return 3, report
     if result.checkpoint is None:
         tracker.end("FAILED")
         log("fine-tuning produced no checkpoint")
         return 1, report
     with result.checkpoint.as_directory() as ckpt:
-        history = storage.read_json(str(Path(ckpt) / "history.json")) or {}
+        history = storage.read_json(str(Path(ckpt) / HISTORY_FILE)) or {}
     report |= {
         "task": task,
         "summary": summarize(history, task),

@@ -1,4 +1,6 @@
-"""The Ray Train worker loop of ``crossmoco finetune`` (``cls`` and ``partseg``).
+"""The fine-tuning job (``crossmoco finetune cls`` and ``partseg``) in a Ray Train worker: what it plugs
+into the worker skeleton (:mod:`crossmoco_ray.runs.worker`: restore, steps, checkpoints, callbacks), and
+nothing else.
 
 Every batch is a pure function of (seed, epoch, step): the epoch's permutation of the training set is
 seeded by (seed, epoch), global batch ``s`` is its ``s``-th slice and worker ``r`` takes the ``r``-th part
@@ -15,11 +17,9 @@ or for parts the instance and class mIoU (:mod:`.partseg`).
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,22 +27,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossmoco_ray.checkpoints.resume import checkpoint_name, resume_point, write_progress
-from crossmoco_ray.checkpoints.state import load_torch_file
-from crossmoco_ray.config.finetune import FinetuneConfig, validate_finetune
+from crossmoco_ray.checkpoints.state import STATE_FILE, load_torch_file
+from crossmoco_ray.config.finetune import FinetuneConfig
 from crossmoco_ray.data.pipeline.augment import rotation_about_y
 from crossmoco_ray.evaluate.features import normalize_clouds
 from crossmoco_ray.finetune.model import PointClassifier, accuracies, classifier_head, smoothed_cross_entropy
 from crossmoco_ray.nn import build_point_encoder, load_checked
 from crossmoco_ray.nn.precision import configure_kernels, resolve_precision
-from crossmoco_ray.pretrain.step import keeps_bucket_views
-from crossmoco_ray.runs.ddp import all_ranks, gather_objects, maybe_inject_fault, start_worker, wrap_ddp
-from crossmoco_ray.tracking import Tracker
+from crossmoco_ray.runs import worker as skeleton
+from crossmoco_ray.runs.ddp import gather_objects, keeps_bucket_views, wrap_ddp
+from crossmoco_ray.runs.worker import Context, RayTrainSession, WorkerSpec, run_worker
 
 FORMAT = "crossmoco-ray/finetune-cls"
-STATE_FILE = "state.pt"  # the name train.resume looks for
-HISTORY_FILE = "history.json"
-PRIORITY = "checkpoint_priority"
 SEG_HEAD_MODULES = ("conv7", "conv8", "conv9", "conv10", "conv11")
 METRICS = {"cls": ("oa", "macc"), "partseg": ("ins_miou", "cls_miou")}  # the first one is the headline
 METRIC_NAMES = {"oa": "OA", "macc": "mAcc", "ins_miou": "instance mIoU", "cls_miou": "class mIoU"}
@@ -142,126 +138,177 @@ def build_optimizer(cfg: FinetuneConfig, model: torch.nn.Module) -> torch.optim.
 
 
 @dataclass
-class FinetuneWorker:
-    cfg: FinetuneConfig
-    config: dict[str, Any]
-    rank: int
-    world: int
-    device: torch.device
-    model: torch.nn.Module  # PointClassifier or PartSegmenter
-    net: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    tracker: Tracker
-    train: tuple[np.ndarray, ...]  # (points, labels) or (points, categories, parts)
-    eval_sets: dict[str, tuple[np.ndarray, ...]]
-    num_classes: int  # classes, or parts
-    normalize: bool
-    steps_per_epoch: int
-    run_dir: str
+class FinetuneSpec(WorkerSpec):
+    """What every fine-tuning worker is told: the config, the task, and object-store references to the data
+    arrays and the encoder's weights (zero-copy on each node)."""
+
+    cfg: FinetuneConfig | None = None
     task: str = "cls"
-    precision: str = "fp32"
-    step: int = 0
-    attempt_start_step: int = 0  # where this start of the worker group began (0, or a checkpoint's step)
-    history: dict[str, Any] = field(default_factory=lambda: {"epochs": []})
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps_per_epoch * self.cfg.train.epochs
+    data: Any = None  # ray.ObjectRef of {"train"/"val"/"test": arrays, "num_classes", "part_counts"}
+    encoder: Any = None  # ray.ObjectRef of {"name", "kwargs", "state"}
+    encoder_meta: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+    part_counts: list[int] | None = None
+    normalize: bool = True
 
 
-def build(config: dict[str, Any]) -> FinetuneWorker:
-    import ray
+class FinetuneJob:
+    """The fine-tuning job's plug-ins for the worker skeleton."""
 
-    rank, world, device = start_worker()
-    cfg = validate_finetune(config["config"])
-    configure_kernels(tf32=cfg.train.tf32, deterministic=False)  # batches are seeded; kernels may vary
-    data = ray.get(config["data"])
-    torch.manual_seed(cfg.train.seed)  # the same head on every worker
-    task = config.get("task", "cls")
-    spec = ray.get(config["encoder"])
-    if task == "partseg":
-        model = build_segmenter(spec, cfg, data["num_classes"], len(data["part_counts"])).to(device)
-        if cfg.train.freeze_backbone:
-            raise ValueError("train.freeze_backbone is for classification (a linear probe)")
-    else:
-        model = build_classifier(spec, cfg, data["num_classes"]).to(device)
-    optimizer = build_optimizer(cfg, model)
-    net = wrap_ddp(model, device, world)
-    precision, why = resolve_precision(cfg.train.precision, device)
-    if why and rank == 0:
-        print(f"warning: {why}", flush=True)
-    tracker = Tracker(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else Tracker(None)
-    return FinetuneWorker(
-        cfg=cfg,
-        config=config,
-        rank=rank,
-        world=world,
-        device=device,
-        model=model,
-        net=net,
-        optimizer=optimizer,
-        tracker=tracker,
-        train=data["train"],
-        eval_sets={k: v for k, v in data.items() if k in ("val", "test")},
-        num_classes=data["num_classes"],
-        task=task,
-        normalize=bool(config["normalize"]),
-        steps_per_epoch=int(config["steps_per_epoch"]),
-        run_dir=config["run_dir"],
-        precision=precision,
-    )
+    def __init__(
+        self, spec: FinetuneSpec, ctx: Context, data: dict[str, Any], encoder: dict[str, Any]
+    ) -> None:
+        assert spec.cfg is not None
+        cfg = self.cfg = spec.cfg
+        self.spec, self.task = spec, spec.task
+        configure_kernels(tf32=cfg.train.tf32, deterministic=False)  # batches are seeded; kernels may vary
+        torch.manual_seed(cfg.train.seed)  # the same head on every worker
+        self.num_classes = int(data["num_classes"])  # classes, or parts
+        if self.task == "partseg":
+            if cfg.train.freeze_backbone:
+                raise ValueError("train.freeze_backbone is for classification (a linear probe)")
+            model = build_segmenter(encoder, cfg, self.num_classes, len(data["part_counts"]))
+        else:
+            model = build_classifier(encoder, cfg, self.num_classes)
+        self.model = model.to(ctx.device)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.net = wrap_ddp(self.model, ctx.device, ctx.world)
+        self.precision, why = resolve_precision(cfg.train.precision, ctx.device)
+        if why:
+            ctx.say(f"warning: {why}")
+        self.train: tuple[np.ndarray, ...] = data["train"]  # (points, labels) or (points, categories, parts)
+        self.eval_sets = {k: v for k, v in data.items() if k in ("val", "test")}
+        self.pending: list[torch.Tensor] = []  # losses on the device, read once per window
+        self.losses: list[float] = []  # the epoch's losses, read
+        self.window_start = 0
+        self.t0 = time.perf_counter()
+
+    # checkpoints
+    def restore(self, ctx: Context, directory: Path) -> int:
+        state = load_torch_file(directory / STATE_FILE)  # one named error for a damaged file
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"{directory} is not a fine-tuning checkpoint of this run")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"])
+
+    def write(self, ctx: Context, directory: Path, rngs: list[dict[str, Any]], epochs_done: int) -> None:
+        state = {
+            "format": FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": ctx.step,
+            "epoch": ctx.step // ctx.steps_per_epoch,
+            "config": self.cfg.model_dump(mode="json"),
+            "encoder": dict(self.spec.encoder_meta),
+            "class_names": self.spec.class_names,
+            "task": self.task,
+            "normalize": self.spec.normalize,
+        }
+        torch.save(state, directory / STATE_FILE)
+
+    def after_restore(self, ctx: Context) -> None:
+        pass
+
+    # steps
+    def start_epoch(self, ctx: Context, epoch: int, skip: int) -> Iterator[Any]:
+        self.losses, self.pending, self.window_start = [], [], 0
+        self.t0 = time.perf_counter()
+        return iter(range(skip, ctx.steps_per_epoch))  # a batch is a pure function of (epoch, step)
+
+    def step(self, ctx: Context, epoch: int, batch: Any, wait: float) -> None:
+        self.pending.append(train_step(self, ctx, epoch, int(batch)))
+
+    def _read(self) -> None:
+        """The pending losses as numbers: one read from the device."""
+        if self.pending:
+            self.losses += torch.stack(self.pending).tolist()
+            self.pending = []
+
+    def take_window(self, ctx: Context) -> dict[str, float]:
+        self._read()
+        window = self.losses[self.window_start :]
+        self.window_start = len(self.losses)
+        rate = len(self.losses) * self.cfg.train.batch_size / max(time.perf_counter() - self.t0, 1e-9)
+        return {"loss": float(np.mean(window)) if window else math.nan, "clouds_per_s": rate}
+
+    def losses_finite(self, ctx: Context) -> bool:
+        self._read()
+        return all(math.isfinite(v) for v in self.losses)
+
+    def log_window(self, ctx: Context, epoch: int, window: dict[str, float]) -> None:
+        t, spe = self.cfg.train, ctx.steps_per_epoch
+        step_in_epoch = ctx.step - epoch * spe
+        print(
+            f"epoch {epoch + 1}/{t.epochs} step {step_in_epoch}/{spe}: loss {window['loss']:.4f}  "
+            f"{window['clouds_per_s']:.1f} clouds/s",
+            flush=True,
+        )
+        ctx.tracker.log_metrics({"loss": window["loss"]}, ctx.step)
+
+    def checkpoint_metrics(self, ctx: Context, epoch: int) -> dict[str, Any]:
+        return {}
+
+    # end of epoch
+    def end_epoch(self, ctx: Context, epoch: int) -> dict[str, Any]:
+        cfg = self.cfg
+        self._read()
+        seconds = time.perf_counter() - self.t0
+        summary: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": ctx.step,
+            "train_loss": float(np.mean(self.losses)) if self.losses else math.nan,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_seconds": seconds,
+            "attempt_start_step": ctx.attempt_start_step,
+        }
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            for split, arrays in self.eval_sets.items():
+                summary |= {f"{split}_{k}": v for k, v in evaluate(self, ctx, arrays).items()}
+        if ctx.rank == 0:
+            ctx.history["epochs"].append(summary)
+            evals = "  ".join(
+                f"{s} "
+                + " ".join(f"{METRIC_NAMES[m]} {100 * summary[f'{s}_{m}']:.2f}%" for m in METRICS[self.task])
+                for s in ("val", "test")
+                if f"{s}_{METRICS[self.task][0]}" in summary
+            )
+            print(
+                f"epoch {epoch + 1}/{cfg.train.epochs}: loss {summary['train_loss']:.4f}  "
+                f"lr {summary['lr']:.4g}  {seconds:.0f} s  {evals}",
+                flush=True,
+            )
+            ctx.tracker.log_metrics(
+                {k: v for k, v in summary.items() if k not in ("epoch", "step")}, ctx.step
+            )
+        return summary
 
 
-def restore(w: FinetuneWorker) -> None:
-    import ray.train
-
-    from crossmoco_ray import storage
-
-    registered = ray.train.get_checkpoint()
-    point = resume_point(w.run_dir, w.steps_per_epoch, registered.path if registered else None)
-    if point.checkpoint is None:
-        return
-    with tempfile.TemporaryDirectory(prefix="crossmoco-restore-") as tmp:
-        local = Path(point.checkpoint)
-        if "://" in point.checkpoint or not local.is_dir():
-            local = storage.copy_to_local(point.checkpoint, tmp)
-        state = load_torch_file(local / STATE_FILE)  # one named error for a damaged file
-        if state.get("format") != FORMAT:
-            raise ValueError(f"{point.checkpoint} is not a fine-tuning checkpoint of this run")
-        w.model.load_state_dict(state["model"])
-        w.optimizer.load_state_dict(state["optimizer"])
-        w.history = storage.read_json(str(local / HISTORY_FILE)) or {}
-    w.step = w.attempt_start_step = int(state["step"])
-    if w.rank == 0:
-        spe = w.steps_per_epoch
-        print(f"resumed from {point.checkpoint}: epoch {w.step // spe + 1}, step {w.step % spe}", flush=True)
+def _autocast(job: FinetuneJob, device: torch.device) -> Any:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.precision == "bf16")
 
 
-def _autocast(w: FinetuneWorker) -> Any:
-    return torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.precision == "bf16")
-
-
-def train_step(w: FinetuneWorker, epoch: int, step_in_epoch: int) -> torch.Tensor:
+def train_step(w: FinetuneJob, ctx: Context, epoch: int, step_in_epoch: int) -> torch.Tensor:
     """One step; returns its loss, detached, on the device (not read back: the loop reads losses once per
     log window)."""
     cfg = w.cfg
     pw = cfg.per_worker_batch
     rows = global_batch_indices(len(w.train[1]), cfg.train.batch_size, cfg.train.seed, epoch, step_in_epoch)
-    rows = np.sort(rows[w.rank * pw : (w.rank + 1) * pw])
-    rng = _seed(cfg.train.seed, epoch, step_in_epoch, w.rank)
-    x, order = augment_batch(w.train[0][rows], cfg, w.normalize, rng)
-    x = x.to(w.device)
-    y = torch.from_numpy(w.train[1][rows]).to(w.device)
+    rows = np.sort(rows[ctx.rank * pw : (ctx.rank + 1) * pw])
+    rng = _seed(cfg.train.seed, epoch, step_in_epoch, ctx.rank)
+    x, order = augment_batch(w.train[0][rows], cfg, w.spec.normalize, rng)
+    x = x.to(ctx.device)
+    y = torch.from_numpy(w.train[1][rows]).to(ctx.device)
     torch.manual_seed(int(rng.integers(2**62)))  # dropout
-    lr = lr_at(cfg, w.step, w.total_steps, w.steps_per_epoch)
+    lr = lr_at(cfg, ctx.step, ctx.total_steps, ctx.steps_per_epoch)
     for group in w.optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     w.net.train()
     w.optimizer.zero_grad(set_to_none=not keeps_bucket_views(w.net))
-    with _autocast(w):
+    with _autocast(w, ctx.device):
         if w.task == "partseg":  # per-point logits [b, parts, n] against the sampled points' parts
             picked = np.take_along_axis(w.train[2][rows], order, axis=1).astype(np.int64)
-            parts = torch.from_numpy(picked).to(w.device)
+            parts = torch.from_numpy(picked).to(ctx.device)
             logits = w.net(x, y).transpose(1, 2).reshape(-1, w.num_classes)
             y = parts.reshape(-1)
         else:
@@ -271,12 +318,11 @@ def train_step(w: FinetuneWorker, epoch: int, step_in_epoch: int) -> torch.Tenso
     if cfg.optim.grad_clip:
         torch.nn.utils.clip_grad_norm_(w.model.parameters(), cfg.optim.grad_clip)
     w.optimizer.step()
-    w.step += 1
     return loss.detach()
 
 
 @torch.no_grad()
-def evaluate(w: FinetuneWorker, split: tuple[np.ndarray, ...]) -> dict[str, float]:
+def evaluate(w: FinetuneJob, ctx: Context, split: tuple[np.ndarray, ...]) -> dict[str, float]:
     """Over the whole split, each worker predicting its slice (collective): OA and mAcc, or instance and
     class mIoU (on the first ``data.num_points`` points of each shape)."""
     from crossmoco_ray.finetune.partseg import PartScheme, miou, shape_ious
@@ -284,17 +330,17 @@ def evaluate(w: FinetuneWorker, split: tuple[np.ndarray, ...]) -> dict[str, floa
     points, labels = split[0], split[1]
     n = w.cfg.data.num_points
     model = w.model.eval()
-    mine = np.arange(w.rank, len(labels), w.world)
+    mine = np.arange(ctx.rank, len(labels), ctx.world)
     scores = []  # per shape: the predicted class, or the shape's mean IoU
     for start in range(0, len(mine), w.cfg.train.test_batch_size):
         idx = mine[start : start + w.cfg.train.test_batch_size]
-        x = torch.from_numpy(points[idx, :n]).to(w.device)
-        if w.normalize:
+        x = torch.from_numpy(points[idx, :n]).to(ctx.device)
+        if w.spec.normalize:
             x = normalize_clouds(x.double()).float()
-        with _autocast(w):
+        with _autocast(w, ctx.device):
             if w.task == "partseg":
-                pred = model(x, torch.from_numpy(labels[idx]).to(w.device)).argmax(dim=1).cpu().numpy()
-                scheme = PartScheme(tuple(map(str, w.config["class_names"])), tuple(w.config["part_counts"]))
+                pred = model(x, torch.from_numpy(labels[idx]).to(ctx.device)).argmax(dim=1).cpu().numpy()
+                scheme = PartScheme(tuple(map(str, w.spec.class_names)), tuple(w.spec.part_counts or []))
                 scores.append(shape_ious(pred, split[2][idx, :n], labels[idx], scheme))
             else:
                 scores.append(model(x).argmax(dim=1).cpu().numpy())
@@ -310,104 +356,18 @@ def evaluate(w: FinetuneWorker, split: tuple[np.ndarray, ...]) -> dict[str, floa
     return {"oa": oa, "macc": macc}
 
 
-def save(w: FinetuneWorker, metrics: dict[str, Any]) -> None:
-    """A checkpoint (collective: every rank reports; rank 0 writes)."""
-    import ray.train
-    from ray.train import Checkpoint
-
-    name = checkpoint_name(w.step, w.steps_per_epoch)
-    if w.rank != 0:
-        ray.train.report(metrics)
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="crossmoco-ft-ckpt-"))
-    try:
-        state = {
-            "format": FORMAT,
-            "model": w.model.state_dict(),
-            "optimizer": w.optimizer.state_dict(),
-            "step": w.step,
-            "epoch": w.step // w.steps_per_epoch,
-            "config": w.cfg.model_dump(mode="json"),
-            "encoder": {k: v for k, v in w.config["encoder_meta"].items()},
-            "class_names": w.config["class_names"],
-            "task": w.task,
-            "normalize": w.normalize,
-        }
-        torch.save(state, tmp / STATE_FILE)
-        (tmp / HISTORY_FILE).write_text(json.dumps(w.history))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    write_progress(w.run_dir, name, w.step, w.step // w.steps_per_epoch)
-
-
-def _read_losses(w: FinetuneWorker, losses: list[torch.Tensor], epoch: int) -> list[float]:
-    """The losses as numbers (one read from the device), checked finite on every rank (collective)."""
-    values = torch.stack(losses).tolist() if losses else []
-    if not all_ranks(all(math.isfinite(v) for v in values), w.device):
-        raise FloatingPointError(
-            f"the loss became NaN/Inf in epoch {epoch + 1}, by step {w.step}: lower optim.lr or set "
-            "optim.grad_clip (e.g. 1.0)"
-        )
-    return values
-
-
-def end_epoch(w: FinetuneWorker, epoch: int, losses: list[float], seconds: float) -> None:
-    cfg = w.cfg
-    summary: dict[str, Any] = {
-        "epoch": epoch + 1,
-        "step": w.step,
-        "train_loss": float(np.mean(losses)) if losses else math.nan,
-        "lr": w.optimizer.param_groups[0]["lr"],
-        "epoch_seconds": seconds,
-        "attempt_start_step": w.attempt_start_step,
-    }
-    if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-        for split, arrays in w.eval_sets.items():
-            summary |= {f"{split}_{k}": v for k, v in evaluate(w, arrays).items()}
-    if w.rank == 0:
-        w.history["epochs"].append(summary)
-        evals = "  ".join(
-            f"{s} " + " ".join(f"{METRIC_NAMES[m]} {100 * summary[f'{s}_{m}']:.2f}%" for m in METRICS[w.task])
-            for s in ("val", "test")
-            if f"{s}_{METRICS[w.task][0]}" in summary
-        )
-        print(
-            f"epoch {epoch + 1}/{cfg.train.epochs}: loss {summary['train_loss']:.4f}  "
-            f"lr {summary['lr']:.4g}  {seconds:.0f} s  {evals}",
-            flush=True,
-        )
-        w.tracker.log_metrics({k: v for k, v in summary.items() if k not in ("epoch", "step")}, w.step)
-    save(w, {**summary, PRIORITY: epoch + 1})
-
-
 def finetune_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """Entry point of every Ray Train worker of ``crossmoco finetune cls``."""
-    w = build(config)
-    restore(w)
-    t, spe = w.cfg.train, w.steps_per_epoch
-    for epoch in range(w.step // spe, t.epochs):
-        losses: list[float] = []  # read back once per log window, before a checkpoint and at the end
-        pending: list[torch.Tensor] = []
-        t0 = time.perf_counter()
-        for step_in_epoch in range(w.step % spe, spe):
-            maybe_inject_fault(w.rank, w.world, w.step, w.run_dir)
-            pending.append(train_step(w, epoch, step_in_epoch))
-            every = t.checkpoint_every_steps
-            checkpoint_now = every is not None and w.step % every == 0 and w.step % spe != 0
-            if w.step % t.log_every == 0 or checkpoint_now:
-                losses += _read_losses(w, pending, epoch)
-                pending = []
-            if w.rank == 0 and w.step % t.log_every == 0:
-                rate = len(losses) * w.cfg.train.batch_size / (time.perf_counter() - t0)
-                print(
-                    f"epoch {epoch + 1}/{t.epochs} step {step_in_epoch + 1}/{spe}: loss "
-                    f"{np.mean(losses[-t.log_every :]):.4f}  {rate:.1f} clouds/s",
-                    flush=True,
-                )
-                w.tracker.log_metrics({"loss": float(np.mean(losses[-t.log_every :]))}, w.step)
-            if checkpoint_now:
-                save(w, {"epoch": epoch, "step": w.step, PRIORITY: -1})
-        losses += _read_losses(w, pending, epoch)
-        end_epoch(w, epoch, losses, time.perf_counter() - t0)
-    return {"status": "finished", "step": w.step}
+    """Entry point of every fine-tuning Ray Train worker (``cls`` and ``partseg``)."""
+    import ray
+
+    spec: FinetuneSpec = config["spec"]
+    assert spec.cfg is not None
+    t = spec.cfg.train
+    ctx = skeleton.start(
+        spec,
+        RayTrainSession(),
+        epochs=t.epochs,
+        log_every=t.log_every,
+        checkpoint_every=t.checkpoint_every_steps,
+    )
+    return run_worker(ctx, FinetuneJob(spec, ctx, ray.get(spec.data), ray.get(spec.encoder)))

@@ -1,8 +1,9 @@
 """The main job: ``crossmoco pretrain`` from a configuration to a trained, evaluated, exported encoder.
 
-1. resolve and check the run (:mod:`crossmoco_ray.train.launcher`): data, steps, resources;
+1. resolve and check the run (:mod:`crossmoco_ray.pretrain.resolve`): data, steps, resources;
 2. join or start Ray, open or resume the MLflow run;
-3. ``TorchTrainer.fit()`` (workers: :mod:`crossmoco_ray.pretrain.worker`);
+3. ``TorchTrainer.fit()`` (:mod:`crossmoco_ray.pretrain.launch`; workers: :mod:`crossmoco_ray.pretrain.worker`
+   on the skeleton of :mod:`crossmoco_ray.runs.worker`);
 4. after training: linear SVM on the validation and test splits for the pretrained encoder and a
    random-init one of the same architecture, the exported backbone, curves, artifacts, a summary.
 """
@@ -11,20 +12,22 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from crossmoco_ray.checkpoints.encoders import export_backbone
+from crossmoco_ray.checkpoints.encoders import export_backbone, exported_feature_model
+from crossmoco_ray.checkpoints.resume import HISTORY_FILE
 from crossmoco_ray.config.loading import Config
 from crossmoco_ray.evaluate.features import available_splits
 from crossmoco_ray.evaluate.monitor import measured_epochs
 from crossmoco_ray.evaluate.plots import curves_plot
 from crossmoco_ray.evaluate.protocols import encoders, final_metrics, gain_lines, run_svm_splits, svm_table
-from crossmoco_ray.pretrain.worker import HISTORY_FILE
-from crossmoco_ray.runs.identity import Run, resolve_run, start_tracking, write_resolved_config
-from crossmoco_ray.runs.launcher import build_trainer
+from crossmoco_ray.pretrain.launch import pretrain_trainer
+from crossmoco_ray.pretrain.resolve import Run, resolve_run, start_tracking, write_resolved_config
+from crossmoco_ray.runs.launcher import fit
 from crossmoco_ray.runs.resources import check_resources, init_ray
+from crossmoco_ray.runs.worker import StepCallback
 from crossmoco_ray.storage import publish_dir, read_json
 from crossmoco_ray.tracking import Tracker
 
@@ -40,13 +43,16 @@ def pretrain(
     data: str | None = None,
     address: str | None = None,
     callbacks: list[Any] | None = None,
+    step_callbacks: Sequence[StepCallback] = (),
     log: Callable[[str], None] = print,
 ) -> tuple[int, dict[str, Any]]:
-    """Run (or resume) a pretraining run; returns (exit code, summary)."""
+    """Run (or resume) a pretraining run; returns (exit code, summary).
+
+    ``callbacks``: Ray Train callbacks (on the driver); ``step_callbacks``: called in every worker after
+    every step (:class:`~crossmoco_ray.runs.worker.StepInfo`; log a custom metric, or stop early)."""
     run = resolve_run(cfg, name=name, storage=storage, data=data, log=log)
     local = init_ray(run.cfg, address, log)
     import ray
-    from ray.train import TrainingFailedError
 
     check_resources(run.cfg, ray.cluster_resources(), local, log)
     tracker = start_tracking(run, preset)
@@ -60,14 +66,8 @@ def pretrain(
     if run.mlflow_run_id:
         log(f"MLflow run {run.mlflow_run_id} in {run.tracking_uri}")
     summary: dict[str, Any] = {"run_dir": run.run_dir, "mlflow_run_id": run.mlflow_run_id}
-    try:
-        result = build_trainer(run, callbacks).fit()
-    except TrainingFailedError as err:
-        tracker.end("FAILED")
-        log(
-            f"training failed: {err}\n"
-            f"Checkpoints so far stay in {run.run_dir}; relaunch the same command to resume."
-        )
+    result = fit(pretrain_trainer(run, callbacks, step_callbacks), tracker, run.run_dir, "training", log)
+    if result is None:
         return EXIT_FAILED, summary
     ret = result.return_value or {}
     summary.update(result=result, metrics=result.metrics or {})
@@ -82,6 +82,10 @@ def pretrain(
             "check the data; relaunching the same command resumes from that checkpoint."
         )
         return EXIT_NONFINITE, summary
+    if ret.get("status") == "stopped":
+        log(
+            f"stopped by a step callback in epoch {ret['epoch'] + 1}, at step {ret['step']} (checkpoint kept)"
+        )
     if result.checkpoint is None:
         tracker.end("FAILED")
         log("training produced no checkpoint")
@@ -143,7 +147,10 @@ def finish(run: Run, ckpt_dir: Path, tracker: Tracker, log: Callable[[str], None
             # The backbone as a loadable MLflow model (+ a registry version). Training is over and the
             # files are stored and logged above, so a model that cannot be logged is reported, not fatal.
             try:
-                out["model"] = tracker.log_point_model(work / "export", register=cfg.tracking.register_model)
+                model, example, meta = exported_feature_model(work / "export")
+                out["model"] = tracker.log_point_model(
+                    model, example, meta, register=cfg.tracking.register_model
+                )
             except Exception as err:
                 out["model_error"] = f"{type(err).__name__}: {err}"
                 tracker.set_tags({"model_error": out["model_error"][:500]})

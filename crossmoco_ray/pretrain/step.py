@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from crossmoco_ray.nn.image import ImageEncoder
+from crossmoco_ray.runs.ddp import keeps_bucket_views
 
 Precision = Literal["fp32", "bf16"]
 
@@ -54,13 +55,6 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool = 
             if isinstance(module, ImageEncoder):
                 module.to(memory_format=torch.channels_last)
     return model
-
-
-def keeps_bucket_views(model: nn.Module) -> bool:
-    """Whether ``model`` is DDP with its gradients as views into its all-reduce buckets: they are then
-    zeroed in place, since gradients set to None would be allocated afresh and copied into the buckets
-    at every step."""
-    return bool(getattr(model, "gradient_as_bucket_view", False))
 
 
 def train_step(

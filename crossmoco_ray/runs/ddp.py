@@ -1,21 +1,17 @@
-"""What a Train worker process needs besides the maths: DDP options, collectives of Python objects, quiet
-logs, and the test-only fault injection (an environment variable, not part of the user's configuration)."""
+"""What a Train worker process needs besides the maths: its rank and device, DDP (options, wrapping, gradient
+buckets), collectives of Python objects, quiet logs."""
 
 from __future__ import annotations
 
 import inspect
 import logging
-import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-
-FAULT_ENV = "CROSSMOCO_FAULT_AT_STEP"  # tests only: the last rank's process dies at this step, once per run
-FAULT_MARKER = ".fault_injected"
 
 
 def ddp_kwargs() -> dict[str, bool]:
@@ -61,7 +57,7 @@ def start_worker() -> tuple[int, int, torch.device]:
 def wrap_ddp(model: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
     """``model`` in DDP when there is more than one worker (buffers synced at construction only; the
     gradients are views into DDP's all-reduce buckets, kept and zeroed in place by the step,
-    :func:`~crossmoco_ray.pretrain.step.keeps_bucket_views`: no second copy of them, no copy into the
+    :func:`~crossmoco_ray.runs.ddp.keeps_bucket_views`: no second copy of them, no copy into the
     buckets)."""
     if world == 1:
         return model
@@ -84,16 +80,8 @@ def quiet_worker_logs() -> None:
         pass
 
 
-def maybe_inject_fault(rank: int, world: int, step: int, run_dir: str) -> None:
-    """Tests only (``CROSSMOCO_FAULT_AT_STEP``): the last rank's process dies at that step, once per run
-    (a marker in the local run directory remembers it), so that the restart can be tested in-process."""
-    at = os.environ.get(FAULT_ENV)
-    if not at or step != int(at) or rank != world - 1:
-        return
-    marker = Path(run_dir) / FAULT_MARKER
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"worker {rank} killed at step {step}\n")
-    print(f"[fault injection] killing worker {rank} at step {step}", flush=True)
-    os._exit(1)
+def keeps_bucket_views(model: nn.Module) -> bool:
+    """Whether ``model`` is DDP with its gradients as views into its all-reduce buckets: they are then
+    zeroed in place, since gradients set to None would be allocated afresh and copied into the buckets
+    at every step."""
+    return bool(getattr(model, "gradient_as_bucket_view", False))

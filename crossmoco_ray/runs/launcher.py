@@ -1,138 +1,88 @@
-"""Assembling the ``TorchTrainer`` of a resolved run (Train V2): scaling, storage, failures, checkpoints,
-the training dataset and what each worker is told.
+"""Assembling and fitting the ``TorchTrainer`` of a run (Ray Train V2), whatever the job: scaling, storage,
+failures, checkpoint retention, datasets, what each worker is told, and what a failed fit tells the user.
 
-The training dataset is given to Ray Train as a *factory*: Train calls it every time it starts the worker
-group, the first start and every restart after a failure. It builds the pipeline at the data epoch the
-run resumes at
-(:func:`crossmoco_ray.checkpoints.resume.resume_point`, the same decision the workers make), so a
-seeded run sees the same batches after a restart as an uninterrupted run would. With
-``train.deterministic`` the split over workers is made independent of where blocks were computed (no
-shard locality), so each worker gets the same rows in every run.
+A run is ``RunConfig(storage_path, name)``: relaunching the same name resumes from its latest checkpoint,
+and ``FailureConfig(max_failures)`` restarts a failed worker group from it. Ray keeps the latest checkpoint
+plus the best ``keep_checkpoints`` by :data:`~crossmoco_ray.runs.worker.CHECKPOINT_PRIORITY` (epochs done;
+a mid-epoch checkpoint scores -1, so it goes as soon as a newer one exists).
 """
 
 from __future__ import annotations
 
-import copy
-from functools import partial
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from crossmoco_ray.checkpoints.resume import registered_checkpoint, resume_point
-from crossmoco_ray.config.loading import Config
-from crossmoco_ray.data.pipeline.augment import ImageAugment, PointAugment
-from crossmoco_ray.data.pipeline.batches import (
-    PipelineOptions,
-    bound_streaming_memory,
-    make_dataset,
-    window_rows,
-)
-from crossmoco_ray.pretrain.data_checks import iid_batch_classes
-from crossmoco_ray.pretrain.worker import CHECKPOINT_PRIORITY, train_loop_per_worker
-from crossmoco_ray.runs.identity import Run
 from crossmoco_ray.runs.resources import worker_env, worker_request
+from crossmoco_ray.runs.worker import CHECKPOINT_PRIORITY, WorkerSpec
+from crossmoco_ray.tracking import Tracker
 
 
-def pipeline_options(cfg: Config, manifest: dict[str, Any] | None = None) -> PipelineOptions:
-    """The pipeline's options from the config (the data epoch to start at is set by :func:`train_dataset`)."""
-    d = cfg.data
-    window = (
-        window_rows(d.shuffle_window_mb, manifest, "train") if manifest else PipelineOptions.shuffle_window
-    )
-    return PipelineOptions(
-        num_points=d.num_points,
-        image_size=d.image_size,
-        views=d.views_per_sample,
-        point_augment=PointAugment(**d.point_augment.model_dump()),
-        image_augment=ImageAugment(**d.image_augment.model_dump(exclude={"normalize"})),
-        read_batch=d.read_batch,
-        seed=cfg.train.seed if cfg.train.deterministic else None,
-        object_store_mb=d.object_store_mb,
-        shuffle_window=window,
-    )
+@dataclass
+class Launch:
+    """What a job hands the launcher: its worker function and spec, and how the run is operated."""
+
+    name: str
+    storage: str
+    worker: Callable[[dict[str, Any]], dict[str, Any]]
+    spec: WorkerSpec
+    train: Any  # the config's train section: num_workers, use_gpu, max_failures, keep_checkpoints, ...
+    datasets: dict[str, Any] | None = None
+    dataset_config: Any = None
+    callbacks: list[Any] = field(default_factory=list)
+    deterministic: bool = False
 
 
-def train_dataset(root: str, opts: PipelineOptions, run_dir: str, steps_per_epoch: int) -> Any:
-    """The training pipeline starting at the data epoch the run resumes at (called by Ray Train at every
-    start of the worker group)."""
-    from dataclasses import replace
-
-    point = resume_point(run_dir, steps_per_epoch, registered_checkpoint(run_dir))
-    return make_dataset(root, "train", replace(opts, epoch_offset=point.epoch(steps_per_epoch)))
-
-
-def monitor_spec(run: Run) -> dict[str, Any] | None:
-    """What the rank-0 monitor reads: ``eval.data`` if set (any labelled source or shards; a 'val' split
-    is carved from its train split when it has none), else the pretraining shards' val split."""
-    cfg = run.cfg
-    e = cfg.eval
-    if e.data is None and "val" not in run.manifest["counts"]:
-        return None
-    return {
-        "root": e.data or run.data_root,
-        "up_axis": e.up_axis,
-        "variant": e.variant,
-        "num_points": e.num_points if e.data else min(e.num_points, run.manifest["num_points"]),
-        "max_samples": e.monitor_samples,
-        "val_fraction": e.val_fraction,
-        "C": e.svm_c,
-        "knn_k": e.knn_k,
-        "crosspoint": e.monitor_crosspoint,
-        "normalize": cfg.data.point_augment.normalize,
-    }
-
-
-def build_trainer(run: Run, callbacks: list[Any] | None = None) -> Any:
-    """The ``TorchTrainer`` of a resolved run."""
-    from ray.data import DataContext
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+def build_trainer(launch: Launch) -> Any:
+    """The ``TorchTrainer`` of ``launch``."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cfg, t = run.cfg, run.cfg.train
-    opts = pipeline_options(cfg, run.manifest)
-    # how the split executes (DataConfig gives these to the dataset the factory builds)
-    options = bound_streaming_memory(copy.deepcopy(DataContext.get_current()), opts.object_store_mb)
-    options.preserve_order = t.deterministic
-    resources = worker_request(t)  # what check_resources counted
-    monitor = monitor_spec(run)
-    loop_config = {
-        "config": cfg.model_dump(mode="json"),
-        "steps_per_epoch": run.steps_per_epoch,
-        "run_dir": run.run_dir,
-        "run_name": run.name,
-        "tracking_uri": run.tracking_uri,
-        "mlflow_run_id": run.mlflow_run_id,
-        "monitor": monitor,
-        "iid_batch_classes": iid_batch_classes(cfg, run.manifest),
-    }
-    factory = partial(train_dataset, run.data_root, opts, run.run_dir, run.steps_per_epoch)
-    return TorchTrainer(
-        train_loop_per_worker,  # type: ignore[arg-type]
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers,
-            use_gpu=t.use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=t.placement_strategy,
-        ),
-        run_config=RunConfig(
-            name=run.name,
-            storage_path=run.storage,
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            # Ray keeps the latest checkpoint plus the best `num_to_keep` by this score: the newest epoch
-            # ends (a mid-epoch checkpoint scores -1, so it goes as soon as a newer one exists)
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=t.keep_checkpoints,
-                checkpoint_score_attribute=CHECKPOINT_PRIORITY,
-                checkpoint_score_order="max",
-            ),
-            callbacks=callbacks or [],
-            logging_config=LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={"env_vars": worker_env(t.deterministic)},  # type: ignore[call-arg]
-        ),
-        datasets={"train": factory},
-        dataset_config=DataConfig(
-            datasets_to_split=["train"],
-            execution_options={"train": options},
-            # block placement depends on timing across nodes; a seeded run must not depend on it
-            enable_shard_locality=not t.deterministic,
-        ),
+    t = launch.train
+    scaling = ScalingConfig(
+        num_workers=t.num_workers,
+        use_gpu=t.use_gpu,
+        resources_per_worker=worker_request(t),  # what check_resources counted
+        placement_strategy=getattr(t, "placement_strategy", "PACK"),
     )
+    run_config = RunConfig(
+        name=launch.name,
+        storage_path=launch.storage,
+        failure_config=FailureConfig(max_failures=t.max_failures),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=t.keep_checkpoints,
+            checkpoint_score_attribute=CHECKPOINT_PRIORITY,
+            checkpoint_score_order="max",
+        ),
+        callbacks=launch.callbacks,
+        logging_config=LoggingConfig(log_level="WARNING"),
+        worker_runtime_env={"env_vars": worker_env(launch.deterministic)},  # type: ignore[call-arg]
+    )
+    kwargs: dict[str, Any] = {}
+    if launch.datasets is not None:
+        kwargs["datasets"] = launch.datasets
+    if launch.dataset_config is not None:
+        kwargs["dataset_config"] = launch.dataset_config
+    return TorchTrainer(
+        launch.worker,  # type: ignore[arg-type]
+        train_loop_config={"spec": launch.spec},
+        scaling_config=scaling,
+        run_config=run_config,
+        **kwargs,
+    )
+
+
+def fit(trainer: Any, tracker: Tracker, run_dir: str, what: str, log: Callable[[str], None]) -> Any | None:
+    """``trainer.fit()``; a failed fit (the worker's error, after ``max_failures`` restarts) closes the MLflow
+    run as failed and tells the user that the checkpoints stay and how to resume (→ ``None``)."""
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as err:
+        tracker.end("FAILED")
+        log(
+            f"{what} failed: {err}\n"
+            f"Checkpoints so far stay in {run_dir}; relaunch the same command to resume."
+        )
+        return None

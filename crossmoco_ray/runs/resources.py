@@ -18,8 +18,8 @@ from crossmoco_ray.errors import ConfigError
 from crossmoco_ray.nn.precision import cuda_bf16_support
 from crossmoco_ray.ray_session import RAY_ENV, join_or_start
 
-# Passed on to the Train workers when the driver has them (code version, a test's fault injection).
-FORWARDED_ENV = ("CROSSMOCO_GIT_COMMIT", "CROSSMOCO_FAULT_AT_STEP")
+# Passed on to the Train workers when the driver has them (the code version of a tree without .git).
+FORWARDED_ENV = ("CROSSMOCO_GIT_COMMIT",)
 
 # Ray's accelerator_type names (the `accelerator_type:<name>` resource of a GPU node) of NVIDIA GPUs that
 # emulate bf16 (compute capability below 8.0), with their capability. Names not listed are not judged

@@ -28,8 +28,9 @@ from typing import Any
 
 from crossmoco_ray.config.loading import Config, config_hash, flatten, validate
 from crossmoco_ray.errors import ConfigError
-from crossmoco_ray.runs.identity import resolve_run, resolve_storage, start_tracking
-from crossmoco_ray.runs.launcher import build_trainer
+from crossmoco_ray.pretrain.launch import pretrain_trainer
+from crossmoco_ray.pretrain.resolve import resolve_run, start_tracking
+from crossmoco_ray.runs.identity import resolve_storage
 from crossmoco_ray.runs.resources import check_resources, init_ray
 from crossmoco_ray.storage import read_json, write_json
 from crossmoco_ray.tracking import Tracker, default_tracking_uri
@@ -130,7 +131,7 @@ def trial_driver(config: dict[str, Any]) -> None:
     # A Train run whose workers do not fit yet waits for them (the autoscaler's cue), retrying its
     # worker-group start without limit; every report becomes a Tune result carrying epoch and the metric.
     report = CarriedReport(("epoch", cfg.tune.metric))
-    result = build_trainer(run, callbacks=[report]).fit()
+    result = pretrain_trainer(run, callbacks=[report]).fit()
     ret = result.return_value or {}
     if ret.get("status") == "nonfinite":
         tracker.set_tags({"tune_status": "nonfinite"})

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossmoco_ray.architecture import build_model, build_optimizer
+from crossmoco_ray.architecture import build_model
 from crossmoco_ray.checkpoints.state import build_state, write_checkpoint
 from crossmoco_ray.config.loading import load_config
+from crossmoco_ray.pretrain.optim import build_optimizer
 
 TINY = [
     "model.k=4", "model.emb_dims=16", "model.point_head_hidden=16", "model.proj_dim=8",

@@ -79,10 +79,11 @@ def test_mismatched_checkpoint_lists_the_keys(
 def test_an_encoder_trained_on_raw_clouds_is_evaluated_on_raw_clouds(tmp_path: Path) -> None:
     """``data.point_augment.normalize=false`` travels with the checkpoint and the export, and the random-init
     baseline of ``eval`` is fed the same way; by default clouds are normalised."""
-    from crossmoco_ray.architecture import build_model, build_optimizer
+    from crossmoco_ray.architecture import build_model
     from crossmoco_ray.checkpoints.state import build_state, write_checkpoint
     from crossmoco_ray.config.loading import load_config
     from crossmoco_ray.evaluate.protocols import encoders
+    from crossmoco_ray.pretrain.optim import build_optimizer
 
     from .conftest import TINY
 

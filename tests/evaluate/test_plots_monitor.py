@@ -15,7 +15,7 @@ from crossmoco_ray.data.render.splat import RenderSpec
 from crossmoco_ray.data.sources.formats import SyntheticSource
 from crossmoco_ray.evaluate.features import extract_features
 from crossmoco_ray.evaluate.knn import knn_accuracy, knn_predict
-from crossmoco_ray.evaluate.monitor import Monitor, effective_rank, unit_std
+from crossmoco_ray.evaluate.monitor import Monitor, MonitorSpec, effective_rank, unit_std
 from crossmoco_ray.evaluate.plots import confusion_plot, curves_plot, tsne_plot
 from crossmoco_ray.nn import DGCNN
 
@@ -38,7 +38,7 @@ def test_plots_are_written_and_not_blank(tmp_path: Path) -> None:
 def test_monitor_reports_every_protocol_and_the_gain_over_random_init(tmp_path: Path) -> None:
     src = SyntheticSource({"train": 52, "test": 13}, num_points=64, seed=1)
     prepare(src, str(tmp_path / "shards"), PrepareOptions(val_fraction=0.3, render=RenderSpec(size=16)))
-    monitor = Monitor.from_spec(str(tmp_path / "shards"), num_points=48, max_samples=30)
+    monitor = Monitor.from_spec(MonitorSpec(str(tmp_path / "shards"), num_points=48, max_samples=30))
     assert len(monitor.train.labels) == 30  # bounded
     assert monitor.train.points.shape[1] == 48
     assert "train → val" in monitor.source
@@ -62,7 +62,7 @@ def test_monitor_on_a_source_without_val_carves_one(tmp_path: Path) -> None:
     from tests.data import fixtures
 
     root = fixtures.modelnet_h5(tmp_path / "mn", n_train=40, n_test=10, classes=4)
-    monitor = Monitor.from_spec(str(root), num_points=32, max_samples=100, val_fraction=0.25)
+    monitor = Monitor.from_spec(MonitorSpec(str(root), num_points=32, max_samples=100, val_fraction=0.25))
     assert len(monitor.val.labels) == 10
     assert len(monitor.train.labels) == 30
     assert "carved" in monitor.source

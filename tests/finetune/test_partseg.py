@@ -193,12 +193,13 @@ def test_the_synthetic_part_set(tmp_path: Path) -> None:
 def test_dgcnn_seg_pretrains_in_crossmoco_and_its_checkpoint_loads_for_segmentation(tmp_path: Path) -> None:
     """``model.point_encoder=dgcnn_seg``: a CrossMoCo step trains it (the loss is finite and its weights
     move), and the checkpoint's encoder is what `finetune partseg` starts from."""
-    from crossmoco_ray.architecture import build_model, build_optimizer
+    from crossmoco_ray.architecture import build_model
     from crossmoco_ray.checkpoints.state import build_state, write_checkpoint
     from crossmoco_ray.config.finetune import load_finetune_config
     from crossmoco_ray.config.loading import load_config
     from crossmoco_ray.finetune.driver import encoder_payload, load_encoder
     from crossmoco_ray.finetune.worker import build_segmenter
+    from crossmoco_ray.pretrain.optim import build_optimizer
     from crossmoco_ray.pretrain.step import train_step
     from tests.helpers import tiny_batch
 

@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import DynamicOutputShapeException
 
-from crossmoco_ray.architecture import build_model, build_optimizer
+from crossmoco_ray.architecture import build_model
 from crossmoco_ray.config.loading import load_config
 from crossmoco_ray.pretrain.console import EpochMeter
+from crossmoco_ray.pretrain.optim import build_optimizer
 from crossmoco_ray.pretrain.step import prepare_model, train_step
 from tests.fake_cuda import DeviceWatch, backward, fake_cuda, h100, to_fake_cuda
 from tests.helpers import tiny_batch, tiny_crossmoco

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from crossmoco_ray.checkpoints.resume import HISTORY_FILE
 from crossmoco_ray.checkpoints.state import read_checkpoint
 from crossmoco_ray.config.loading import load_config
 from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
@@ -21,9 +22,8 @@ from crossmoco_ray.data.render.splat import RenderSpec
 from crossmoco_ray.data.sources.formats import SyntheticSource
 from crossmoco_ray.errors import ConfigError
 from crossmoco_ray.pretrain.driver import EXIT_FAILED, EXIT_OK, pretrain
-from crossmoco_ray.pretrain.worker import HISTORY_FILE
 from tests.data import fixtures
-from tests.helpers import fault_at
+from tests.helpers import KillAtStep
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -57,8 +57,8 @@ def two_workers(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> 
     and the group restarts from the checkpoint of step 16, mid-epoch."""
     storage = tmp_path_factory.mktemp("runs")
     cfg = tiny("train.epochs=3", "train.num_workers=2", f"train.checkpoint_every_steps={CHECKPOINT_EVERY}")
-    with fault_at(FAULT_STEP):
-        code, summary = pretrain(cfg, name="two", storage=str(storage), log=lambda m: None)
+    kill = [KillAtStep(FAULT_STEP)]
+    code, summary = pretrain(cfg, name="two", storage=str(storage), step_callbacks=kill, log=lambda m: None)
     return {"code": code, "summary": summary, "run_dir": storage / "two", "storage": storage, "cfg": cfg}
 
 
@@ -160,8 +160,8 @@ def test_exact_resume_equals_a_straight_run(ray_session: None, tmp_path: Path) -
     every = 3
     fault = 2 * steps - 1
     broken = tiny(*base)
-    with fault_at(fault):
-        code, first = pretrain(broken, name="resumed", storage=str(tmp_path), log=lambda m: None)
+    kill = [KillAtStep(fault)]
+    code, first = pretrain(broken, name="resumed", storage=str(tmp_path), step_callbacks=kill, log=print)
     assert code == EXIT_FAILED
     assert len(checkpoints(tmp_path / "resumed")) == 1
     code, second = pretrain(broken, name="resumed", storage=str(tmp_path), log=lambda m: None)

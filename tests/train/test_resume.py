@@ -64,9 +64,10 @@ def test_the_registered_checkpoint_wins_when_newer_or_when_progress_names_a_miss
 
 def test_every_rank_gets_its_own_rng_state_back() -> None:
     """Each rank restores the RNG state it saved (not rank 0's); another world size gets fresh seeds."""
-    from crossmoco_ray.architecture import build_model, build_optimizer
+    from crossmoco_ray.architecture import build_model
     from crossmoco_ray.checkpoints.state import build_state, rng_state
     from crossmoco_ray.config.loading import load_config
+    from crossmoco_ray.pretrain.optim import build_optimizer
 
     cfg = load_config(
         "quickstart",
@@ -120,9 +121,10 @@ def test_a_checkpoint_written_on_an_8_gpu_node_resumes_on_a_1_gpu_node(
     """Ray gives a node's workers the same CUDA_VISIBLE_DEVICES: on an 8-GPU node each worker sees 8 GPUs
     and trains on one. Each saves its own GPU's generator only, and restores it onto the GPU it trains on
     after a restart, whatever that node shows (a spot loss onto a smaller node: 1 GPU, index 0)."""
-    from crossmoco_ray.architecture import build_model, build_optimizer
+    from crossmoco_ray.architecture import build_model
     from crossmoco_ray.checkpoints.state import build_state, rng_state
     from crossmoco_ray.config.loading import load_config
+    from crossmoco_ray.pretrain.optim import build_optimizer
 
     cfg = load_config(
         "quickstart",

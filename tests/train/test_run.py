@@ -12,8 +12,8 @@ from crossmoco_ray.data.render.splat import RenderSpec
 from crossmoco_ray.data.sources.formats import SyntheticSource
 from crossmoco_ray.errors import ConfigError
 from crossmoco_ray.pretrain.data_checks import iid_batch_classes
-from crossmoco_ray.runs.identity import resolve_run
-from crossmoco_ray.runs.launcher import monitor_spec, pipeline_options
+from crossmoco_ray.pretrain.launch import monitor_spec, pipeline_options
+from crossmoco_ray.pretrain.resolve import resolve_run
 from tests.data import fixtures
 
 TINY = ["data.num_points=32", "eval.num_points=32", "tracking.enabled=false"]
@@ -42,14 +42,14 @@ def test_relative_paths_are_resolved_on_the_driver(shards: Path) -> None:
     assert run.storage == str(shards.parent.parent / "runs")
     spec = monitor_spec(run)
     assert spec is not None
-    assert spec["root"] == run.cfg.eval.data
-    assert Path(spec["root"]).is_absolute()
+    assert spec.root == run.cfg.eval.data
+    assert Path(spec.root).is_absolute()
     # the same from a config file's data.source
     from_cfg = resolve_run(
         load_config("quickstart", overrides=[*TINY, "data.source=data/shards"]), storage="runs", log=print
     )
     assert from_cfg.data_root == str(shards)
-    assert monitor_spec(from_cfg)["root"] == str(shards)  # type: ignore[index]
+    assert monitor_spec(from_cfg).root == str(shards)  # type: ignore[union-attr]
 
 
 def test_eval_data_that_is_missing_or_has_no_train_split_fails_before_start(shards: Path) -> None:
@@ -91,7 +91,7 @@ def test_chance_levels_follow_the_objective_weights() -> None:
 def test_run_name_follows_what_is_trained_not_how_it_runs() -> None:
     """Relaunching with more restarts, another checkpoint interval or a model registry resumes the run;
     another learning rate is another run."""
-    from crossmoco_ray.runs.identity import default_name
+    from crossmoco_ray.pretrain.resolve import default_name
 
     base = load_config("quickstart")
     same = load_config(

@@ -65,8 +65,8 @@ def test_the_pipelines_uint8_images_train_as_the_same_images_converted_first(cha
 def test_lr_schedules() -> None:
     import math
 
-    from crossmoco_ray.architecture import lr_at, momentum_at
     from crossmoco_ray.config.loading import load_config
+    from crossmoco_ray.pretrain.optim import lr_at, momentum_at
 
     paper = load_config("paper", overrides=["train.epochs=4"])
     # CrossPoint: CosineAnnealingLR(T_max=4) stepped at each epoch start → epoch e at step e + 1

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
+from crossmoco_ray.checkpoints.resume import HISTORY_FILE
 from crossmoco_ray.config.loading import load_config
 from crossmoco_ray.pretrain.driver import EXIT_OK, pretrain
-from crossmoco_ray.pretrain.worker import HISTORY_FILE
 from crossmoco_ray.tuning import parse_space
 from crossmoco_ray.tuning.search import tune_search
 from tests.data import fixtures

@@ -1,0 +1,53 @@
+"""The pretraining optimizer and its schedules: what is optimised, the learning rate per epoch (or step)
+and the key encoders' momentum per step (METHOD.md §2.2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from crossmoco_ray.config.loading import Config
+from crossmoco_ray.nn import CrossMoCo
+
+
+def build_optimizer(cfg: Config, model: CrossMoCo) -> torch.optim.Optimizer:
+    """Only the online encoders (and their heads) are optimised, as in CrossMoCo.
+
+    On CUDA the fused implementations (one kernel for all parameters, the step count kept on the device:
+    no host reads), elsewhere torch's default; the same update either way.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    o, lr = cfg.optim, cfg.base_lr
+    fused = True if params and all(p.is_cuda for p in params) else None
+    if o.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=o.weight_decay, fused=fused)
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=lr, momentum=o.sgd_momentum, weight_decay=o.weight_decay, fused=fused)
+
+
+def lr_at(cfg: Config, epoch: int, frac: float = 0.0) -> float:
+    """The learning rate at ``epoch`` (0-based) plus ``frac`` of it.
+
+    ``cosine`` is CrossPoint/CrossMoCo's ``CosineAnnealingLR(T_max=epochs)`` stepped once at the start of
+    every epoch: epoch e runs at the cosine value of step e + 1 (so the last epoch runs at ``min_lr``; kept
+    for faithfulness). ``cosine_smooth`` follows the cosine per step. Warm-up rises linearly first. The peak
+    is ``cfg.base_lr``: ``optim.lr``, scaled with the global batch when ``optim.lr_scaling`` says so.
+    """
+    o, epochs, peak = cfg.optim, cfg.train.epochs, cfg.base_lr
+    if epoch < o.warmup_epochs:
+        return peak * (epoch + (frac if o.schedule == "cosine_smooth" else 1.0)) / o.warmup_epochs
+    if o.schedule == "constant":
+        return peak
+    span = max(epochs - o.warmup_epochs, 1)
+    t = epoch - o.warmup_epochs + (frac if o.schedule == "cosine_smooth" else 1.0)
+    return o.min_lr + (peak - o.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, span) / span))
+
+
+def momentum_at(cfg: Config, step: int, total_steps: int) -> float:
+    """Key-encoder momentum at ``step``: constant, or BYOL's cosine rise from ``momentum`` to 1."""
+    m = cfg.objective.momentum
+    if cfg.objective.momentum_schedule == "constant" or total_steps <= 0:
+        return m
+    return 1 - (1 - m) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))

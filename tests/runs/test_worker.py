@@ -1,0 +1,266 @@
+"""The worker skeleton's phases without Ray: restore, the mid-epoch skip, save, callbacks, stops.
+
+A :class:`LocalSession` stands in for Ray Train (one process; a reported checkpoint is copied to
+``<run_dir>/<name>`` and registered, as Ray Train's storage does), so the real pretraining and fine-tuning
+jobs run through the real skeleton here in seconds; the Ray fits (tests/pretrain, tests/finetune) then only
+need to prove what Ray adds (several workers, killed processes, the dataset factory).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from crossmoco_ray.checkpoints.resume import HISTORY_FILE, PROGRESS_FILE, resume_point
+from crossmoco_ray.checkpoints.state import read_checkpoint
+from crossmoco_ray.config.loading import load_config
+from crossmoco_ray.data.pipeline.batches import iter_local_batches
+from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.render.splat import RenderSpec
+from crossmoco_ray.data.sources.formats import SyntheticSource
+from crossmoco_ray.pretrain.launch import pipeline_options
+from crossmoco_ray.pretrain.resolve import resolve_run
+from crossmoco_ray.pretrain.worker import PretrainJob, PretrainSpec
+from crossmoco_ray.runs.worker import Context, StepInfo, WorkerSpec, run_worker, start
+from crossmoco_ray.tracking import Tracker
+
+TINY = [
+    "model.k=4", "model.emb_dims=16", "model.point_head_hidden=16", "model.proj_dim=8",
+    "model.image_encoder=resnet18", "model.image_head_hidden=16",
+    "data.num_points=32", "data.image_size=16", "data.read_batch=8", "objective.queue_length=16",
+    "train.batch_size=4", "train.num_workers=1", "train.epochs=2", "train.log_every=2",
+    "train.checkpoint_every_steps=3", "train.deterministic=true", "tracking.enabled=false",
+    "eval.num_points=32", "eval.final=false",
+]  # fmt: skip
+
+
+@dataclass
+class LocalSession:
+    """Ray Train's part, in this process: rank 0 of 1 on the CPU; reported checkpoints land in the run."""
+
+    run_dir: Path
+    registered: str | None = None
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+    def context(self) -> tuple[int, int, torch.device]:
+        return 0, 1, torch.device("cpu")
+
+    def registered_checkpoint(self) -> str | None:
+        return self.registered
+
+    def report(
+        self, metrics: dict[str, Any], checkpoint: Path | None = None, name: str | None = None
+    ) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint is not None:
+            assert name is not None
+            shutil.copytree(checkpoint, self.run_dir / name)
+            self.registered = str(self.run_dir / name)
+
+
+class LocalShard:
+    """A worker's dataset shard without Ray: the pipeline's own batches (:func:`iter_local_batches`), one
+    data epoch per call of ``iter_torch_batches``, from ``first_epoch`` (as the dataset factory starts a
+    resumed run at its epoch)."""
+
+    def __init__(self, root: str, opts: Any, first_epoch: int = 0) -> None:
+        self.root, self.opts, self.epoch = root, opts, first_epoch
+
+    def iter_torch_batches(self, batch_size: int, **_: Any) -> Iterator[dict[str, torch.Tensor]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        for batch in iter_local_batches(self.root, "train", self.opts, batch_size, epoch=epoch):
+            yield {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+
+
+class Died(Exception):
+    """A worker process dying, as far as this process can tell."""
+
+
+@dataclass(frozen=True)
+class DieAfter:
+    step: int
+
+    def __call__(self, info: StepInfo) -> None:
+        if info.step == self.step:
+            raise Died(f"after step {info.step}")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "shards"
+    source = SyntheticSource({"train": 30, "test": 6}, num_points=32)
+    prepare(
+        source, str(root), PrepareOptions(val_fraction=0.2, render=RenderSpec(size=16)), log=lambda _: None
+    )
+    return root
+
+
+def pretrain_worker(
+    shards: Path, storage: Path, name: str, callbacks: tuple[Any, ...] = (), registered: str | None = None
+) -> tuple[Context, PretrainJob, LocalSession]:
+    """A pretraining worker of run ``name`` on the skeleton, as ``train_loop_per_worker`` builds it."""
+    cfg = load_config("quickstart", overrides=TINY)
+    run = resolve_run(cfg, data=str(shards), storage=str(storage), name=name, log=lambda _: None)
+    spec = PretrainSpec(
+        run_dir=run.run_dir, run_name=name, steps_per_epoch=run.steps_per_epoch, step_callbacks=callbacks,
+        cfg=run.cfg,
+    )  # fmt: skip
+    session = LocalSession(Path(run.run_dir), registered)
+    Path(run.run_dir).mkdir(parents=True, exist_ok=True)
+    t = run.cfg.train
+    ctx = start(
+        spec, session, epochs=t.epochs, log_every=t.log_every, checkpoint_every=t.checkpoint_every_steps
+    )
+    ctx.history = {"steps": [], "epochs": []}
+    job = PretrainJob(spec, ctx)
+    return ctx, job, session
+
+
+def run(
+    shards: Path, storage: Path, name: str, callbacks: tuple[Any, ...] = (), registered: str | None = None
+) -> Any:
+    ctx, job, session = pretrain_worker(shards, storage, name, callbacks, registered)
+    # the shard starts at the epoch the run resumes at, as the dataset factory decides before the workers do
+    point = resume_point(ctx.spec.run_dir, ctx.steps_per_epoch, registered)
+    job.shard = LocalShard(
+        str(shards), pipeline_options(job.cfg), first_epoch=point.epoch(ctx.steps_per_epoch)
+    )
+    out = run_worker(ctx, job)
+    return out, ctx, job, session
+
+
+def test_checkpoints_and_a_run_killed_mid_epoch_that_resumes_to_the_same_weights_and_queues(
+    shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, ctx, _, session = run(shards, tmp_path, "straight")
+    spe = ctx.steps_per_epoch
+    assert out == {"status": "finished", "epoch": 2, "step": 2 * spe}
+    assert spe >= 5  # so that a checkpoint (every 3 steps) falls inside epoch 2
+    straight = read_checkpoint(tmp_path / "straight" / "epoch_0002")
+    # checkpoints named by what they hold, mid-epoch ones scored below every epoch end (what Ray drops)
+    names = sorted(p.name for p in (tmp_path / "straight").iterdir() if p.is_dir())
+    mid = [f"step_{s:08d}" for s in range(3, 2 * spe, 3) if s % spe]
+    assert names == sorted(["epoch_0001", "epoch_0002", *mid])
+    priorities = [r["checkpoint_priority"] for r in session.reports if "checkpoint_priority" in r]
+    assert sorted(set(priorities)) == [-1, 1, 2]
+    assert session.reports[-1]["queue_checksums"] == [session.reports[-1]["queue_checksum"]]
+
+    die = spe + 4  # in epoch 2, one step after its checkpoint at step spe + 3 (or later ones)
+    last_ckpt = (die // 3) * 3
+    with pytest.raises(Died):
+        run(shards, tmp_path, "resumed", (DieAfter(die),))
+    progress = json.loads((tmp_path / "resumed" / PROGRESS_FILE).read_text())
+    assert progress["step"] == last_ckpt  # written after the checkpoint was reported
+    capsys.readouterr()
+    # a restart that Ray registered nothing for finds the checkpoint through progress.json
+    out, ctx, _, _ = run(shards, tmp_path, "resumed")
+    printed = capsys.readouterr().out
+    assert f"resumed from {tmp_path / 'resumed'}/step_{last_ckpt:08d}" in printed
+    assert f"skipping the {last_ckpt - spe} batches trained on before the restart" in printed
+    assert out["status"] == "finished"
+    assert ctx.attempt_start_step == last_ckpt
+    resumed = read_checkpoint(tmp_path / "resumed" / "epoch_0002")
+    for key, value in straight["model"].items():  # queues and pointer included
+        assert torch.equal(value, resumed["model"][key]), key
+    history = json.loads((tmp_path / "resumed" / "epoch_0002" / HISTORY_FILE).read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]  # the first epoch's record came back
+    assert [s["step"] for s in history["steps"]] == list(range(2, 2 * spe + 1, 2))  # no step logged twice
+
+
+# A job of one scalar parameter: the skeleton's decisions, step by step, with scripted losses.
+class ScriptedJob:
+    def __init__(self, losses: list[float]) -> None:
+        self.losses = losses
+        self.weight = torch.zeros(())
+        self.pending: list[float] = []
+        self.seen: list[int] = []
+
+    def restore(self, ctx: Context, directory: Path) -> int:
+        state = torch.load(directory / "state.pt", weights_only=True)
+        self.weight = state["weight"]
+        return int(state["step"])
+
+    def write(self, ctx: Context, directory: Path, rngs: list[dict[str, Any]], epochs_done: int) -> None:
+        torch.save({"weight": self.weight, "step": ctx.step}, directory / "state.pt")
+
+    def after_restore(self, ctx: Context) -> None:
+        pass
+
+    def start_epoch(self, ctx: Context, epoch: int, skip: int) -> Iterator[Any]:
+        return iter(range(epoch * ctx.steps_per_epoch + skip, (epoch + 1) * ctx.steps_per_epoch))
+
+    def step(self, ctx: Context, epoch: int, batch: Any, wait: float) -> None:
+        self.seen.append(batch)
+        self.weight = self.weight + 1
+        self.pending.append(self.losses[batch])
+
+    def take_window(self, ctx: Context) -> dict[str, float]:
+        window, self.pending = self.pending, []
+        return {"loss": float(np.mean(window)) if window else math.nan}
+
+    def losses_finite(self, ctx: Context) -> bool:
+        return all(math.isfinite(v) for v in self.pending)
+
+    def log_window(self, ctx: Context, epoch: int, window: dict[str, float]) -> None:
+        pass
+
+    def checkpoint_metrics(self, ctx: Context, epoch: int) -> dict[str, Any]:
+        return {}
+
+    def end_epoch(self, ctx: Context, epoch: int) -> dict[str, Any]:
+        ctx.history["epochs"].append({"epoch": epoch + 1})
+        return {}
+
+
+def scripted(
+    tmp_path: Path, losses: list[float], callbacks: tuple[Any, ...] = ()
+) -> tuple[Any, Context, LocalSession]:
+    spec = WorkerSpec(run_dir=str(tmp_path), run_name="s", steps_per_epoch=4, step_callbacks=callbacks)
+    session = LocalSession(tmp_path)
+    ctx = start(spec, session, epochs=3, log_every=2, checkpoint_every=3)
+    assert isinstance(ctx.tracker, Tracker)
+    job = ScriptedJob(losses)
+    return run_worker(ctx, job), ctx, session
+
+
+def test_a_nan_loss_stops_the_run_before_any_checkpoint_keeps_it(tmp_path: Path) -> None:
+    losses = [1.0] * 12
+    losses[6] = math.nan  # step 7: in the window of steps 7-8, after the checkpoint of step 6
+    out, _ctx, session = scripted(tmp_path, losses)
+    assert out["status"] == "nonfinite"
+    assert out["epoch"] == 1
+    assert out["step"] == 8
+    assert math.isnan(out["loss"])
+    assert session.registered == str(tmp_path / "step_00000006")  # the last good state
+    assert session.reports[-1]["nonfinite"] == 1.0
+
+
+def test_a_nan_between_windows_is_caught_before_the_checkpoint(tmp_path: Path) -> None:
+    losses = [1.0] * 12
+    losses[8] = math.nan  # step 9, the first of epoch 3: a checkpoint is due at 9, the window at 10
+    out, _, session = scripted(tmp_path, losses)
+    assert out["status"] == "nonfinite"
+    assert out["step"] == 9
+    assert session.registered == str(tmp_path / "epoch_0002")  # step 8's
+
+
+def test_a_callback_sees_every_step_and_can_stop_the_run(tmp_path: Path) -> None:
+    seen: list[tuple[int, int, bool]] = []
+
+    def watch(info: StepInfo) -> bool:
+        seen.append((info.epoch, info.step_in_epoch, info.window is not None))
+        return info.step == 5  # asks to stop; agreed at the next log window (step 6)
+
+    out, _ctx, session = scripted(tmp_path, [1.0] * 12, (watch,))
+    assert out == {"status": "stopped", "epoch": 1, "step": 6}
+    assert seen == [(0, 1, False), (0, 2, True), (0, 3, False), (0, 4, True), (1, 1, False), (1, 2, True)]
+    assert session.registered == str(tmp_path / "step_00000006")  # the state it stopped at is kept
