@@ -52,11 +52,6 @@ def top_level_modules() -> set[str]:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the restructuring of issue 28 is under way: checkpoints -> evaluate, finetune -> pretrain, runs "
-    "-> pretrain and errors -> bounded still go against the layers (remove this mark once they are gone)",
-)
 def test_the_package_keeps_its_import_contracts() -> None:
     done = run_lint(ROOT)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]

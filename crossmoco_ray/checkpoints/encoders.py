@@ -42,8 +42,8 @@ from crossmoco_ray.checkpoints.state import (
     read_checkpoint,
 )
 from crossmoco_ray.config.loading import config_hash, validate_stored
-from crossmoco_ray.evaluate.features import normalize_clouds
 from crossmoco_ray.nn import POINT_ENCODERS, build_point_encoder, load_checked, strip_prefixes
+from crossmoco_ray.nn.normalize import normalize_clouds
 
 BACKBONE_FORMAT = "crossmoco-ray/backbone"
 BACKBONE_FILE = "backbone.pt"

@@ -28,6 +28,7 @@ from crossmoco_ray.data.sources.base import MAX_COORDINATE, UpAxis
 from crossmoco_ray.data.sources.formats import open_source
 from crossmoco_ray.data.sources.sample import Sample
 from crossmoco_ray.errors import DataError
+from crossmoco_ray.nn.normalize import normalize_clouds
 from crossmoco_ray.storage import resolve
 
 
@@ -172,13 +173,6 @@ def _load_shards(root: str, split: str) -> tuple[np.ndarray, np.ndarray, list[st
         points.append(pts)
         labels.append(labs)
     return np.concatenate(points), np.concatenate(labels), names
-
-
-def normalize_clouds(points: torch.Tensor) -> torch.Tensor:
-    """Centre each cloud ``[B, N, 3]`` on its centroid and scale it to unit max radius (as training does)."""
-    centred = points - points.mean(dim=1, keepdim=True)
-    radius = centred.norm(dim=2).amax(dim=1).clamp_min(1e-12)
-    return centred / radius[:, None, None]
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -30,9 +30,9 @@ import torch
 from crossmoco_ray.checkpoints.state import STATE_FILE, load_torch_file
 from crossmoco_ray.config.finetune import FinetuneConfig
 from crossmoco_ray.data.pipeline.augment import rotation_about_y
-from crossmoco_ray.evaluate.features import normalize_clouds
 from crossmoco_ray.finetune.model import PointClassifier, accuracies, classifier_head, smoothed_cross_entropy
 from crossmoco_ray.nn import build_point_encoder, load_checked
+from crossmoco_ray.nn.normalize import normalize_clouds
 from crossmoco_ray.nn.precision import configure_kernels, resolve_precision
 from crossmoco_ray.runs import worker as skeleton
 from crossmoco_ray.runs.ddp import gather_objects, keeps_bucket_views, wrap_ddp
