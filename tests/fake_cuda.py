@@ -7,7 +7,7 @@
   the engine asks the CUDA driver about every CUDA device a backward touches, which fails on fake devices;
   calling each node's backward directly does what the engine does for a single-threaded backward (sum the
   incoming gradients, reduce and cast them to the input's shape and dtype, no hooks run).
-  ``tests/train/test_gpu_path.py`` checks it against torch's engine on a real CPU model first.
+  ``tests/pretrain/test_gpu_path.py`` checks it against torch's engine on a real CPU model first.
 - :class:`DeviceWatch`: a dispatch mode that records what the code asks of the device: every read back to
   the host (``.item()``, ``bool(t)``, ``.tolist()``, and ops whose output size depends on the data, which
   the real CUDA kernels would have to read back), every copy from host memory onto the device, and every

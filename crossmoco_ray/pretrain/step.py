@@ -7,7 +7,7 @@ clipping, optimizer step. bf16 autocast and channels-last image tensors are opti
 distances, BatchNorm statistics, losses and queues stay fp32.
 
 On a GPU the step never waits for the device: nothing in it reads a value back to the host
-(``tests/train/test_gpu_path.py`` traces it on fake CUDA tensors and fails on any such read). Whether the
+(``tests/pretrain/test_gpu_path.py`` traces it on fake CUDA tensors and fails on any such read). Whether the
 loss stayed finite is the caller's to check, from the returned tensors, where it reads them anyway (the
 training loop: once per log window and before every checkpoint).
 """

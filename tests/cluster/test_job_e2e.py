@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.test_pretrain_ray import TINY
+from tests.pretrain.test_pretrain_ray import TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

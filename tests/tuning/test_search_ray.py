@@ -21,7 +21,7 @@ from crossmoco_ray.pretrain.driver import EXIT_OK, pretrain
 from crossmoco_ray.tuning import parse_space
 from crossmoco_ray.tuning.search import tune_search
 from tests.data import fixtures
-from tests.train.test_pretrain_ray import TINY
+from tests.pretrain.test_pretrain_ray import TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.train.test_pretrain_ray import TINY
+from tests.pretrain.test_pretrain_ray import TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(720)]
 
