@@ -27,8 +27,10 @@ the rest:
 - ``sync_bn``: SyncBN across 2 processes sharing the GPU (gloo; NCCL refuses two ranks on one GPU)
   against BatchNorm on the global batch in one process.
 - ``pretrain``: ``crossmoco pretrain --preset quickstart train.use_gpu=true`` on Ray Train (NCCL), its
-  worker killed mid-epoch, the run resumed from its last checkpoint and finished; then ``crossmoco eval
-  svm`` of its checkpoint on the GPU. Needs Ray, MLflow and pydantic (skipped, and said, where missing).
+  worker killed mid-epoch by a step callback (bench/fault_callback.py, which runs the command in a fresh
+  process with it), the run resumed from its last checkpoint and finished; then ``crossmoco eval svm`` of
+  its checkpoint on the GPU (``--cpu --only pretrain``: all of it on the CPU). Needs Ray, MLflow and
+  pydantic (skipped, and said, where missing).
 
 Output: ``OUT/gpu_check.json`` (``{"meta": {...}, "sections": {name: {"status", "seconds", ...}}}``) and
 ``OUT/gpu_check.md``, a block to paste into bench/RESULTS.md (also printed). ``--dry-run`` runs every
@@ -62,6 +64,7 @@ from gpu_sections import (
 )
 
 BUDGET_S = 8 * 60
+FAULT_AT_STEP = 15  # the pretrain section's kill: after step 15, its checkpoint at step 10
 
 
 def environment(c: Check) -> dict[str, Any]:
@@ -139,6 +142,9 @@ def _sync_bn_worker(rank: int, tmp: str) -> None:
 
 
 def pretrain(c: Check) -> dict[str, Any]:
+    """``crossmoco pretrain`` in a fresh process (bench/fault_callback.py: the command as ``crossmoco``
+    reads it, run with a step callback that kills the last worker after step ``FAULT_AT_STEP``, once),
+    resumed by Ray Train from its step-10 checkpoint; then ``crossmoco eval svm`` of its checkpoint."""
     missing = [m for m in ("ray", "mlflow", "pydantic") if importlib.util.find_spec(m) is None]
     storage = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     device_args = ["train.use_gpu=true"] if c.device.type == "cuda" else []
@@ -147,25 +153,31 @@ def pretrain(c: Check) -> dict[str, Any]:
         "--no-tracking", "train.num_workers=1", "train.epochs=2", "train.checkpoint_every_steps=10",
         "train.cpus_per_worker=1", "eval.final=false", *device_args,
     ]  # fmt: skip
+    fault = ["--at-step", str(FAULT_AT_STEP)]
+    command = (f"crossmoco {' '.join(run)} (the fault: a step callback killing the last worker after step "
+               f"{FAULT_AT_STEP}, bench/fault_callback.py)")  # fmt: skip
     if missing or c.dry_run:
-        from crossmoco_ray.cli.main import parse_command
-
         if not missing:
-            parse_command(run)  # the command is valid as written
+            import fault_callback
+
+            fault_callback.parse([*fault, *run])  # the command is valid as written
         why = f"{', '.join(missing)} not installed" if missing else "dry run: the command is checked, not run"
-        return {"status": "skipped", "why": why, "command": "crossmoco " + " ".join(run)}
-    env = {**os.environ, "CROSSMOCO_FAULT_AT_STEP": "15", "RAY_USAGE_STATS_ENABLED": "0"}
+        return {"status": "skipped", "why": why, "command": command}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "crossmoco_ray", *run], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=max(60, c.deadline - time.monotonic() - 60))  # fmt: skip
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "fault_callback.py"), *fault, *run],
+                          capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=max(60, c.deadline - time.monotonic() - 60))  # fmt: skip
     log = done.stdout + done.stderr
     if done.returncode != 0:
         raise RuntimeError(f"pretrain exited {done.returncode}:\n{log[-3000:]}")
-    resumed = "resumed from" in log and "[fault injection]" in log
+    marker = storage / "gpu-check" / ".fault_injected"  # what the callback leaves
+    killed = "[fault injection] killing worker" in log and marker.exists()
+    resumed = killed and "resumed from" in log
     checkpoint = sorted((storage / "gpu-check").glob("epoch_*"))[-1]
     builtin = next((storage / "_builtin").glob("synthetic-*"))
-    evaluate = ["eval", "svm", "--data", str(builtin), "--checkpoint", str(checkpoint), "--device", "cuda",
-                "--num-points", "256", "--no-plots"]  # fmt: skip
+    evaluate = ["eval", "svm", "--data", str(builtin), "--checkpoint", str(checkpoint),
+                "--device", c.device.type, "--num-points", "256", "--no-plots"]  # fmt: skip
     t1 = time.monotonic()
     ev = subprocess.run([sys.executable, "-m", "crossmoco_ray", *evaluate], capture_output=True, text=True,
                         cwd=ROOT, timeout=max(60, c.deadline - time.monotonic()))  # fmt: skip
@@ -174,7 +186,7 @@ def pretrain(c: Check) -> dict[str, Any]:
     if not resumed:
         raise AssertionError(f"the worker was not killed and resumed:\n{log[-3000:]}")
     lines = [ln for ln in log.splitlines() if "samples/s" in ln][-3:]
-    return {"command": "crossmoco " + " ".join(run), "fault_at_step": 15, "resumed": resumed,
+    return {"command": command, "fault_at_step": FAULT_AT_STEP, "resumed": resumed,
             "pretrain_s": round(t1 - t0, 1), "eval_s": round(time.monotonic() - t1, 1),
             "last_progress": lines, "eval": (ev.stdout.strip().splitlines() or [""])[-8:]}  # fmt: skip
 
