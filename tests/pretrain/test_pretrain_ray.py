@@ -54,12 +54,20 @@ CHECKPOINT_EVERY = 4
 @pytest.fixture(scope="module")
 def two_workers(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """3 epochs on 2 workers, a checkpoint every 4 steps; the last worker is killed at step 17 (in epoch 2)
-    and the group restarts from the checkpoint of step 16, mid-epoch."""
+    and the group restarts from the checkpoint of step 16, mid-epoch. The run ends as the README's does
+    (``eval.final=true``: the final SVMs on val and test, and the gains over random init)."""
     storage = tmp_path_factory.mktemp("runs")
-    cfg = tiny("train.epochs=3", "train.num_workers=2", f"train.checkpoint_every_steps={CHECKPOINT_EVERY}")
+    cfg = tiny(
+        "train.epochs=3", "train.num_workers=2", f"train.checkpoint_every_steps={CHECKPOINT_EVERY}",
+        "eval.final=true",
+    )  # fmt: skip
     kill = [KillAtStep(FAULT_STEP)]
-    code, summary = pretrain(cfg, name="two", storage=str(storage), step_callbacks=kill, log=lambda m: None)
-    return {"code": code, "summary": summary, "run_dir": storage / "two", "storage": storage, "cfg": cfg}
+    lines: list[str] = []
+    code, summary = pretrain(cfg, name="two", storage=str(storage), step_callbacks=kill, log=lines.append)
+    return {
+        "code": code, "summary": summary, "run_dir": storage / "two", "storage": storage, "cfg": cfg,
+        "log": lines,
+    }  # fmt: skip
 
 
 def test_two_worker_run_completes_through_a_killed_worker(two_workers: dict[str, Any]) -> None:
@@ -67,6 +75,29 @@ def test_two_worker_run_completes_through_a_killed_worker(two_workers: dict[str,
     metrics = two_workers["summary"]["metrics"]
     assert metrics["epoch"] == 3
     assert (two_workers["run_dir"] / ".fault_injected").is_file()  # the fault did happen
+
+
+def test_the_run_ends_with_the_final_svm_and_its_gains_over_random_init(two_workers: dict[str, Any]) -> None:
+    """The headline ending (``pretrain.finish`` with ``eval.final=true``): both protocols on val and test for
+    the pretrained encoder and its random-init twin, one gain line per split and protocol, the numbers in
+    MLflow and in the run's eval/ directory."""
+    log = "\n".join(two_workers["log"])
+    assert "final linear SVM on" in log
+    report = two_workers["summary"]["report"]
+    assert set(report["results"]) == {
+        f"{e} / {s}" for e in ("pretrained", "random-init") for s in ("val", "test")
+    }
+    for split in ("val", "test"):
+        for protocol in ("clean protocol", "CrossPoint protocol"):
+            line = next(ln for ln in two_workers["log"] if ln.startswith(f"{split}, {protocol}: pretrained "))
+            assert " vs random init " in line
+            assert "points; pretrained is" in line
+    assert (two_workers["run_dir"] / "eval").is_dir()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{two_workers['storage'] / 'mlflow.db'}")
+    metrics = client.get_run(two_workers["summary"]["mlflow_run_id"]).data.metrics
+    assert {"final_val_svm_clean", "final_random_test_svm_crosspoint"} <= set(metrics)
 
 
 def test_restart_resumes_mid_epoch_from_the_last_checkpoint(two_workers: dict[str, Any]) -> None:
