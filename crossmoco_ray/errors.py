@@ -30,3 +30,7 @@ class DataError(ValueError):
 
     def __reduce__(self) -> tuple[type[DataError], tuple[str, str, int | None, int]]:
         return (type(self), (self.source, self.problem, self.index, self.rows))
+
+
+class ResumeError(ConfigError):
+    """A previous launch's MLflow run cannot be continued (gone from this store, deleted, unreachable)."""

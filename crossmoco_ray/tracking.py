@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crossmoco_ray.errors import ConfigError
+from crossmoco_ray.errors import ConfigError, ResumeError
 
 PARAM_CHUNK = 100  # MLflow's limit of params per batch call
 PARAM_VALUE_MAX = 6000
@@ -48,10 +48,6 @@ def default_tracking_uri(storage_path: str, configured: str | None = None) -> st
     root = Path(storage_path.removeprefix("file://")).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
-
-
-class ResumeError(ConfigError):
-    """A previous launch's MLflow run cannot be continued (gone from this store, deleted, unreachable)."""
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from crossmoco_ray.architecture import build_model
 from crossmoco_ray.checkpoints.encoders import export_backbone, exported_feature_model, load_point_encoder
 from crossmoco_ray.checkpoints.state import build_state, write_checkpoint
 from crossmoco_ray.config.loading import load_config
-from crossmoco_ray.errors import ConfigError
+from crossmoco_ray.errors import ConfigError, ResumeError
 from crossmoco_ray.evaluate.features import extract_features
 from crossmoco_ray.pretrain.optim import build_optimizer
-from crossmoco_ray.tracking import ResumeError, Tracker, default_tracking_uri
+from crossmoco_ray.tracking import Tracker, default_tracking_uri
 
 pytestmark = pytest.mark.timeout(180)
 
