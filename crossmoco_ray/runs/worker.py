@@ -2,16 +2,17 @@
 
 Phases, in order (:func:`run_worker`):
 
-1. **start**: rank, world size and device from Ray Train, quiet logs, MLflow on rank 0; the job builds its
-   model, optimizer and data (:meth:`Job.build` is the job's factory, called before this module's loop);
+1. **start** (:func:`start`): rank, world size and device from the session, MLflow on rank 0; then the job
+   is constructed (its model, optimizer, DDP and data: the job's ``__init__``, given the :class:`Context`);
 2. **restore**: the newest complete checkpoint (:func:`crossmoco_ray.checkpoints.resume.resume_point`: Ray's
    registered one or a newer one named by ``progress.json``), copied here when it is remote; the job reads
    its state (:meth:`Job.restore`), this skeleton the history; the step to go on from, mid-epoch included;
-3. **steps**: :meth:`Job.batches` from the epoch's first untrained batch, :meth:`Job.step` on each, the
-   step callbacks after each (:class:`StepInfo`; a callback may ask the run to stop), the log window every
-   ``log_every`` steps (the job's one read from the device, :meth:`Job.take_window`: a NaN/Inf loss on any
-   rank stops the run there, before any checkpoint could keep it), a checkpoint every
-   ``checkpoint_every_steps``;
+   then :meth:`Job.after_restore`;
+3. **steps**: :meth:`Job.start_epoch`'s batches from the epoch's first untrained one, :meth:`Job.step` on
+   each; the log window every ``log_every`` steps (the job's one read from the device,
+   :meth:`Job.take_window`: a NaN/Inf loss on any rank stops the run there, before any checkpoint could keep
+   it); a checkpoint every ``checkpoint_every_steps``; then the step callbacks (:class:`StepInfo`; a
+   callback may ask the run to stop, agreed at the next log window);
 4. **end of epoch**: :meth:`Job.end_epoch` (evaluation, the epoch's line) and the epoch's checkpoint.
 
 Every checkpoint is a collective (:func:`save`): all ranks gather their RNG states to rank 0 and report
