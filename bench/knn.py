@@ -31,14 +31,14 @@ CHANNELS = (3, 64, 64, 128)
 SHAPES = {"train": (20, 2048, 15), "eval": (32, 1024, 15), "smoke": (2, 100, 5)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import torch
 

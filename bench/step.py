@@ -5,6 +5,7 @@ Torch only (no Ray, MLflow or pydantic), so it runs on this CPU and on a bare GP
     python bench/step.py                      # everything, on CUDA when available
     python bench/step.py --device cpu --repeats 5 --json bench/out/step.json
     python bench/step.py --smoke              # tiny sizes: checks that the script runs
+    python bench/step.py --smoke --in-process # the same in one process (what the tests run)
 
 Implementations:
 
@@ -25,10 +26,12 @@ code runs. The fast rows run with ``keep``; the reference step runs with both, s
 the implementation's gain alone (same allocator) and the step as shipped against the original's way of
 running (on CUDA the allocator setting does nothing). Times are the median
 of ``--repeats`` steps after ``--warmup`` steps; every comparison is a ratio between two measurements of
-the same run. ``saved`` rows give what each part of the step keeps for backward (bytes of the tensors
-autograd saves, each storage counted once). On CPU, ``live`` is the peak of the bytes held by tensors
-during one step above what was held before it (from the profiler's allocation events: independent of
-the allocator, the counterpart of CUDA's peak allocated memory), after one warm-up step.
+the same run (``--in-process`` measures every row in the script's own process instead: quick, for smoke
+runs; its memory figures and allocator are then shared by all rows). ``saved`` rows give what each part of
+the step keeps for backward (bytes of the tensors autograd saves, each storage counted once). On CPU,
+``live`` is the peak of the bytes held by tensors during one step above what was held before it (from the
+profiler's allocation events: independent of the allocator, the counterpart of CUDA's peak allocated
+memory), after one warm-up step.
 """
 
 from __future__ import annotations
@@ -243,6 +246,8 @@ def child(
 
 
 def measure(args: argparse.Namespace, kind: str, setting: str, impl: str, malloc: str = "keep") -> dict:
+    if args.in_process:  # no fresh process: the allocator is this one's, the memory figures not the row's own
+        return child(kind, setting, impl, args.device, args.warmup, args.repeats, malloc)
     cmd = [sys.executable, __file__, "--child", kind, setting, impl, "--device", args.device,
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--malloc", malloc]  # fmt: skip
     print(f"... {kind} {setting} {impl} (malloc {malloc})", file=sys.stderr, flush=True)
@@ -259,7 +264,7 @@ def memory_mb(r: dict) -> float:
     return max(0.0, r["peak_rss_mb"] - r["before_rss_mb"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -272,10 +277,11 @@ def main() -> None:
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                         help="bf16 rows: auto = where the device has native bf16")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repeat: checks the script runs")
+    parser.add_argument("--in-process", action="store_true", help="every row in this process (smoke runs)")
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "SETTING", "IMPL"), help=argparse.SUPPRESS)
     parser.add_argument("--malloc", choices=("keep", "system"), default="keep", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import torch
 
@@ -309,7 +315,8 @@ def main() -> None:
     saved = [measure(args, "saved", args.dgcnn_setting, impl) for impl in impls]
     live = []
     if args.device == "cpu":
-        live = [measure(args, "live", args.settings.split(",")[0], impl) for impl in impls]
+        live_impls = impls[:2] if args.smoke else impls  # smoke: the slow profiler pass for reference, fast
+        live = [measure(args, "live", args.settings.split(",")[0], impl) for impl in live_impls]
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_description()
     mem_name = "peak CUDA alloc MiB" if args.device == "cuda" else "step peak RSS MiB"

@@ -92,7 +92,7 @@ def measure(args: argparse.Namespace, code: Path, precision: str) -> dict[str, A
     return r
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", nargs=2, metavar=("SETTING", "PRECISION"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args.warmup, args.steps)))
         return

@@ -1,10 +1,16 @@
-"""The benchmarks measure what the presets describe, and the scripts run (no timing asserted)."""
+"""The benchmarks measure what the presets describe, and the scripts run (no timing asserted).
+
+Cheap by design (the file takes seconds, not minutes): each script's smallest setting, called in this
+process through its ``main(argv)`` where it has one; subprocesses only where the script needs its own
+process (a baseline commit's package beside this one, process-wide torch settings)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -16,13 +22,26 @@ from crossmoco_ray.nn import kernels
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "step.py"
 
 
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
+def load_bench(name: str = "step") -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH.parent / f"{name}.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def bench_script(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleType]]:
+    """Loads ``bench/<name>.py`` into this process; undoes what the scripts do to ``sys.path`` (bench/
+    first; step_ab.py takes the checkout off it, for its children) and drops the bench modules they import
+    by their bare names (``features``, ``step``)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield load_bench
+    for name in set(sys.modules) - before:
+        if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(BENCH.parent)):
+            del sys.modules[name]
 
 
 @pytest.mark.parametrize("preset", ["paper", "quickstart"])
@@ -39,63 +58,78 @@ def test_bench_settings_match_the_presets(preset: str) -> None:
     assert load_bench().SETTINGS[preset] == expected
 
 
-def test_bench_smoke_run_prints_the_table() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--smoke", "--device", "cpu"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "| DGCNN fwd+bwd | smoke | fast | keep |" in done.stdout
-    assert "| CrossMoCo step | smoke | reference | system |" in done.stdout
-    assert "fast vs reference (malloc system): speed" in done.stdout
-    assert "fast-ckpt vs reference (malloc keep): speed" in done.stdout
+def test_bench_smoke_run_prints_the_table(
+    bench_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every kind of row of the step benchmark, each implementation and allocator, at the smoke sizes and in
+    this process (``--in-process``: a fresh process per row, ~20 of them, is what a real run pays for)."""
+    bench_script("step").main(["--smoke", "--device", "cpu", "--in-process"])
+    out = capsys.readouterr().out
+    assert "| DGCNN fwd+bwd | smoke | fast | keep |" in out
+    assert "| CrossMoCo step | smoke | reference | system |" in out
+    assert "| | smoke | fast-ckpt |" in out  # the saved-for-backward table
+    assert "fast vs reference (malloc system): speed" in out
+    assert "fast-ckpt vs reference (malloc keep): speed" in out
+
+
+def test_bench_child_measures_one_row(
+    bench_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What each row of a real run is: ``--child`` prints one measurement as JSON (``system`` malloc: this
+    process's allocator is left as it is)."""
+    args = ["--child", "dgcnn", "smoke", "fast", "--device", "cpu", "--warmup", "0", "--repeats", "1"]
+    bench_script("step").main([*args, "--malloc", "system"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row | {"kind": "dgcnn", "setting": "smoke", "edgeconv": "fast", "malloc": "system"} == row
+    assert row["median_s"] > 0
+    assert len(row["times"]) == 1
 
 
 @pytest.mark.skipif(not kernels.available(), reason="no C compiler here: bench/knn.py measures the kernel")
-def test_knn_bench_smoke_run_prints_the_table() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH.parent / "knn.py"), "--smoke"], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    assert "| smoke 2x100 k=5 | 4 (128) |" in done.stdout
-    assert "| smoke: all four layers |" in done.stdout
-    assert "| False |" not in done.stdout  # the three implementations selected the same distances
+def test_knn_bench_smoke_run_prints_the_table(
+    bench_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench_script("knn").main(["--smoke"])
+    out = capsys.readouterr().out
+    assert "| smoke 2x100 k=5 | 4 (128) |" in out
+    assert "| smoke: all four layers |" in out
+    assert "| False |" not in out  # the three implementations selected the same distances
 
 
-def test_features_bench_smoke_run_compares_with_the_baseline_commit() -> None:
+def has_commit(commit: str) -> bool:
     root = BENCH.parents[1]
-    if subprocess.run(["git", "-C", str(root), "cat-file", "-e", "76a316d"], check=False).returncode != 0:
+    return subprocess.run(["git", "-C", str(root), "cat-file", "-e", commit], check=False).returncode == 0
+
+
+def test_features_bench_smoke_run_compares_with_the_baseline_commit(
+    bench_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The script in this process; its two measurements (the baseline commit's package, this one) each in
+    its own process, as they must be."""
+    if not has_commit("76a316d"):
         pytest.skip("not a clone with the baseline commit in its history")
-    script = BENCH.parent / "features.py"
-    cmd = [sys.executable, str(script), "--smoke"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    row = next(line for line in done.stdout.splitlines() if line.startswith("| smoke |"))
+    bench_script("features").main(["--smoke"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| smoke |"))
     baseline_sum, current_sum = row.rstrip(" |").split("|")[-1].split(" / ")
     assert float(baseline_sum) == float(current_sum)  # the same features as the code before issue 14
 
 
-def test_step_ab_smoke_run_compares_with_the_code_before_issue_26() -> None:
-    root = BENCH.parents[1]
-    if subprocess.run(["git", "-C", str(root), "cat-file", "-e", "21c23ad"], check=False).returncode != 0:
+def test_step_ab_smoke_run_compares_with_the_code_before_issue_26(
+    bench_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not has_commit("21c23ad"):
         pytest.skip("not a clone with the baseline commit in its history")
-    cmd = [sys.executable, str(BENCH.parent / "step_ab.py"), "--smoke", "--precisions", "fp32"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    row = next(line for line in done.stdout.splitlines() if line.startswith("| fp32 |"))
+    bench_script("step_ab").main(["--smoke", "--precisions", "fp32"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| fp32 |"))
     baseline_loss, current_loss = row.rstrip(" |").split("|")[-1].split(" / ")
     assert float(baseline_loss) == float(current_loss)  # the same step, fp32, as before issue 26
 
 
-def test_the_render_benchmark_runs() -> None:
-    spec = importlib.util.spec_from_file_location("bench_render", BENCH.parent / "render.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rates = module.main(["--size", "16", "--objects", "2", "--repeats", "1", "--points", "64"])
+def test_the_render_benchmark_runs(bench_script: Callable[[str], ModuleType]) -> None:
+    args = ["--size", "16", "--objects", "2", "--repeats", "1", "--points", "64"]
+    rates = bench_script("render").main(args)
     assert set(rates) == {
         f"{kind}{png}" for kind in ("mesh", "depth splats", "shaded splats") for png in ("", " + PNG")
     } | {"mesh, 4M-candidate chunks"}
@@ -104,14 +138,13 @@ def test_the_render_benchmark_runs() -> None:
 
 def test_the_device_check_runs_dry_on_cpu(tmp_path: Path) -> None:
     """bench/gpu_check.py --dry-run: every section's code on CPU at toy sizes, so the script cannot rot
-    before a GPU runs it; the GPU-only sections say they were skipped and why."""
+    before a GPU runs it; the GPU-only sections say they were skipped and why. In its own process: the
+    sections set process-wide torch settings (deterministic kernels, TF32)."""
     done = subprocess.run(
         [sys.executable, str(BENCH.parent / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    import json
-
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     sections = report["sections"]
     names = ["environment", "agreement", "no_sync", "deterministic", "step", "largest_batch", "sync_bn"]
