@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from crossmoco_ray.config.loading import Config, ModelConfig
+from crossmoco_ray.config.schema import Config, ModelConfig
 from crossmoco_ray.nn import CrossMoCo, ImageEncoder, build_point_encoder
 
 

@@ -7,17 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from crossmoco_ray.config.loading import (
-    Config,
-    config_hash,
-    flatten,
-    load_config,
-    parse_override,
-    preset_names,
-    to_yaml,
-    valid_keys,
-    validate,
-)
+from crossmoco_ray.config.keys import valid_keys
+from crossmoco_ray.config.loading import load_config, parse_override, preset_names
+from crossmoco_ray.config.schema import Config
+from crossmoco_ray.config.serialized import config_hash, flatten, to_yaml
+from crossmoco_ray.config.validation import validate
 from crossmoco_ray.errors import ConfigError
 
 
@@ -223,7 +217,7 @@ def test_bad_inputs(tmp_path: Path) -> None:
 def test_a_config_stored_by_an_older_version_still_loads() -> None:
     """A checkpoint's config written before an option was removed (train.fault_at_step) and before the
     per-worker batch existed (only train.batch_size) loads: the removed key is dropped and named."""
-    from crossmoco_ray.config.loading import validate_stored
+    from crossmoco_ray.config.validation import validate_stored
 
     stored = load_config("quickstart").model_dump(mode="json")
     stored["train"]["fault_at_step"] = None

@@ -20,7 +20,10 @@ import torch
 
 from crossmoco_ray.bounded import REPR_CHARS, shape_problem, short_repr
 from crossmoco_ray.cli.main import main
-from crossmoco_ray.config.loading import MAX_CONFIG_BYTES, Config, load_config, validate_stored
+from crossmoco_ray.config.loading import load_config
+from crossmoco_ray.config.schema import Config
+from crossmoco_ray.config.validation import validate_stored
+from crossmoco_ray.config.yaml_files import MAX_CONFIG_BYTES
 from crossmoco_ray.errors import ConfigError
 
 FAST_S = 2.0  # a bomb is refused well within this

@@ -41,7 +41,8 @@ from crossmoco_ray.checkpoints.state import (
     model_and_config,
     read_checkpoint,
 )
-from crossmoco_ray.config.loading import config_hash, validate_stored
+from crossmoco_ray.config.serialized import config_hash
+from crossmoco_ray.config.validation import validate_stored
 from crossmoco_ray.nn import POINT_ENCODERS, build_point_encoder, load_checked, strip_prefixes
 from crossmoco_ray.nn.normalize import normalize_clouds
 

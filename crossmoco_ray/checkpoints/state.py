@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from crossmoco_ray.bounded import clip, first_line, short_repr
-from crossmoco_ray.config.loading import Config, to_yaml
+from crossmoco_ray.config.schema import Config
+from crossmoco_ray.config.serialized import to_yaml
 from crossmoco_ray.nn import CrossMoCo
 
 FORMAT = "crossmoco-ray/checkpoint"

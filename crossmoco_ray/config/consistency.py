@@ -1,9 +1,7 @@
 """The cross-field checks of a :class:`~crossmoco_ray.config.schema.Config`: inconsistencies between sections
 (batch vs workers, queue length vs global batch, ...), each reported with its fix before anything is built.
 
-:class:`~crossmoco_ray.config.schema.Config` runs them in its validator;
-:mod:`crossmoco_ray.config.loading` re-exports
-:func:`cross_field_problems`.
+:class:`~crossmoco_ray.config.schema.Config` runs them in its validator.
 """
 
 from __future__ import annotations

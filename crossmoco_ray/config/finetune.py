@@ -20,8 +20,9 @@ from pydantic import Field, model_validator
 
 from crossmoco_ray.bounded import short_repr
 from crossmoco_ray.config.consistency import gpu_problems
-from crossmoco_ray.config.loading import config_layers, merge_layers, validate_as
+from crossmoco_ray.config.loading import config_layers, merge_layers
 from crossmoco_ray.config.schema import Section
+from crossmoco_ray.config.validation import validate_as
 from crossmoco_ray.errors import ConfigError
 
 DEFAULT_FINETUNE_PRESET = "dgcnn"

@@ -2,9 +2,9 @@
 The cross-field checks that run before anything is built, each naming its fix, are in
 :mod:`crossmoco_ray.config.consistency`.
 
-Loading (presets, files, dotted overrides, unknown-key suggestions) lives in
-:mod:`crossmoco_ray.config.loading`,
-which re-exports everything here. This module imports only pydantic.
+Loading (presets, files, dotted overrides) lives in :mod:`crossmoco_ray.config.loading`, unknown-key
+suggestions in :mod:`crossmoco_ray.config.keys`, validation with messages that say the fix in
+:mod:`crossmoco_ray.config.validation`. This module imports only pydantic.
 """
 
 from __future__ import annotations
@@ -237,6 +237,11 @@ class TrainConfig(Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how Ray places the workers on nodes"
     )
+
+
+# The two ways to give train's batch (global, per worker): a layer of the configuration that sets one unsets
+# the other, and a stored configuration that has only one is read that way.
+BATCH_KEYS = ("batch_size", "batch_size_per_worker")
 
 
 # ScanObjectNN's variants (crossmoco_ray/data/sources/hdf5.py: SCANOBJECTNN_VARIANTS; a test keeps them

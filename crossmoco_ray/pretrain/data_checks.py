@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from crossmoco_ray import storage
-from crossmoco_ray.config.loading import Config
+from crossmoco_ray.config.schema import Config
 from crossmoco_ray.data.pipeline.batches import expected_distinct_labels
 from crossmoco_ray.data.shards.manifest import MANIFEST, read_manifest
 from crossmoco_ray.errors import ConfigError

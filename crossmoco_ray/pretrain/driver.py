@@ -18,7 +18,7 @@ from typing import Any
 
 from crossmoco_ray.checkpoints.encoders import export_backbone, exported_feature_model
 from crossmoco_ray.checkpoints.resume import HISTORY_FILE
-from crossmoco_ray.config.loading import Config
+from crossmoco_ray.config.schema import Config
 from crossmoco_ray.evaluate.features import available_splits
 from crossmoco_ray.evaluate.monitor import measured_epochs
 from crossmoco_ray.evaluate.plots import curves_plot

@@ -17,7 +17,7 @@ from functools import partial
 from typing import Any
 
 from crossmoco_ray.checkpoints.resume import registered_checkpoint, resume_point
-from crossmoco_ray.config.loading import Config
+from crossmoco_ray.config.schema import Config
 from crossmoco_ray.data.pipeline.augment import ImageAugment, PointAugment
 from crossmoco_ray.data.pipeline.batches import (
     PipelineOptions,

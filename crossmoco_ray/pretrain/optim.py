@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from crossmoco_ray.config.loading import Config
+from crossmoco_ray.config.schema import Config
 from crossmoco_ray.nn import CrossMoCo
 
 

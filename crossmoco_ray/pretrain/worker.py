@@ -31,7 +31,7 @@ import torch
 from crossmoco_ray.architecture import build_model
 from crossmoco_ray.checkpoints.state import build_state, read_checkpoint, unwrap, write_checkpoint
 from crossmoco_ray.checkpoints.state import restore as restore_state
-from crossmoco_ray.config.loading import Config
+from crossmoco_ray.config.schema import Config
 from crossmoco_ray.data.pipeline.batches import iter_train_batches
 from crossmoco_ray.evaluate.monitor import Monitor, MonitorSpec
 from crossmoco_ray.nn import convert_sync_batchnorm

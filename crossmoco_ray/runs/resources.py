@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from crossmoco_ray.bounded import clip, short_repr
-from crossmoco_ray.config.loading import Config
+from crossmoco_ray.config.schema import Config
 from crossmoco_ray.errors import ConfigError
 from crossmoco_ray.nn.precision import cuda_bf16_support
 from crossmoco_ray.ray_session import RAY_ENV, join_or_start

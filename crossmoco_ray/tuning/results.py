@@ -12,7 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from crossmoco_ray.config.loading import Config, to_yaml, validate
+from crossmoco_ray.config.schema import Config
+from crossmoco_ray.config.serialized import to_yaml
+from crossmoco_ray.config.validation import validate
 from crossmoco_ray.tracking import Tracker
 from crossmoco_ray.tuning.space import Space, with_values
 

@@ -26,7 +26,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from crossmoco_ray.config.loading import Config, config_hash, flatten, validate
+from crossmoco_ray.config.schema import Config
+from crossmoco_ray.config.serialized import config_hash, flatten
+from crossmoco_ray.config.validation import validate
 from crossmoco_ray.errors import ConfigError
 from crossmoco_ray.pretrain.launch import pretrain_trainer
 from crossmoco_ray.pretrain.resolve import resolve_run, start_tracking

@@ -23,14 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crossmoco_ray.config.loading import (
-    Config,
-    read_config_file,
-    set_dotted,
-    suggest_key,
-    valid_keys,
-    validate,
-)
+from crossmoco_ray.config.keys import suggest_key, valid_keys
+from crossmoco_ray.config.loading import set_dotted
+from crossmoco_ray.config.schema import Config
+from crossmoco_ray.config.validation import validate
+from crossmoco_ray.config.yaml_files import read_config_file
 from crossmoco_ray.errors import ConfigError
 
 KINDS = ("uniform", "loguniform", "one_minus_loguniform", "randint", "choice", "grid")
