@@ -16,10 +16,10 @@ The C file has no Python or torch headers, so it builds in well under a second w
 flags, so nodes of different CPU types that share a home directory each get their own build. That key can
 be computed by anyone, so a cached library is loaded only if no other user could have written it: a regular
 file (not a link) of the current user that nobody else may write (a user private group aside), in a
-directory chain that nobody else may change (:func:`dir_problem`), matching the SHA-256 recorded beside it
+directory chain that nobody else may change, matching the SHA-256 recorded beside it
 when it was built (``.so.sha256``). A bad file in a safe cache is rebuilt in place; a cache others can write
 to is left alone and the library is built in a private temporary directory (one warning naming the path
-and the reason, either way).
+and the reason, either way). Those checks are in :mod:`crossmoco_ray.nn.trusted_files`.
 Without a compiler, if the build fails or if the library lacks a kernel, the graph falls back to
 ``torch.topk`` and CSR products with one warning per process (same results, slower);
 ``CROSSMOCO_KNN=torch`` forces the fallback.
@@ -28,14 +28,11 @@ Without a compiler, if the build fails or if the library lacks a kernel, the gra
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import logging
 import os
 import shlex
 import shutil
-import stat
-import struct
 import subprocess
 import sysconfig
 import tempfile
@@ -50,6 +47,7 @@ from pathlib import Path
 import torch
 
 from crossmoco_ray.nn.precision import cpu_flags, cpu_name
+from crossmoco_ray.nn.trusted_files import Untrusted, digest_path, dir_problem, verify_recorded
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +89,6 @@ def _library_name(cc: list[str], src: Path) -> str:
     return f"knn-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.so"
 
 
-def _digest_path(so: Path) -> Path:
-    """Where the SHA-256 of ``so`` is recorded when it is built (``sha256sum`` format)."""
-    return so.with_name(so.name + ".sha256")
-
-
 def _sync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -128,7 +121,7 @@ def _compile(
                     digest = hashlib.sha256(f.read()).hexdigest()
                     os.fsync(f.fileno())
                 os.replace(tmp, out)
-                record = _digest_path(out)
+                record = digest_path(out)
                 dfd, dtmp = tempfile.mkstemp(suffix=".sha256", dir=out.parent)
                 try:
                     with os.fdopen(dfd, "wb") as f:
@@ -148,135 +141,19 @@ def _compile(
     return "; ".join(errors)
 
 
-class Untrusted(Exception):
-    """A cached library (or its directory) that another user could have written: never loaded."""
-
-
 _MAX_LIBRARY_BYTES = 64 << 20
 
 
-@functools.lru_cache(maxsize=64)
-def _private_group(gid: int) -> bool:
-    """Whether ``gid`` is your user private group (your primary group, named after you, no other members:
-    Debian and Ubuntu give each user one, with umask 002), whose write permission is yours alone."""
-    try:
-        import grp
-        import pwd
-
-        user = pwd.getpwuid(os.geteuid())
-        group = grp.getgrgid(gid)
-        # Nobody else may have it as a primary group either (gr_mem lists only supplementary members).
-        shared = any(p.pw_gid == gid and p.pw_uid != user.pw_uid for p in pwd.getpwall())
-    except (ImportError, KeyError):
-        return False
-    if shared or gid != user.pw_gid or group.gr_name != user.pw_name:
-        return False
-    return set(group.gr_mem) <= {user.pw_name}
-
-
-# A POSIX access ACL as Linux stores it (system.posix_acl_access): a 4-byte version, then 8-byte entries of
-# (tag u16, permissions u16, id u32). Named users and groups are the entries the mode bits do not show.
-_ACL_XATTR = "system.posix_acl_access"
-_ACL_NAMED = {0x02: "user", 0x08: "group"}
-_ACL_WRITE = 0x02
-
-
-def acl_writers(where: str | Path | int) -> str | None:
-    """The first named user or group that an access ACL on ``where`` (a path, not followed if a link, or an
-    open file descriptor) lets write, or ``None`` (no ACL, or one the mode bits already describe).
-
-    ``ls -l`` shows such a file as mode 0664 or 0775 (the ACL mask sits in the group bits), which a check
-    of the mode bits alone takes for the owner's private group."""
-    try:
-        if isinstance(where, int):
-            blob = os.getxattr(where, _ACL_XATTR)
-        else:
-            blob = os.getxattr(where, _ACL_XATTR, follow_symlinks=False)
-    except (OSError, AttributeError):  # no ACL (ENODATA), no xattr support here or on this platform
-        return None
-    for offset in range(4, len(blob) - 7, 8):
-        tag, perm, ident = struct.unpack_from("<HHI", blob, offset)
-        if tag in _ACL_NAMED and perm & _ACL_WRITE:
-            return f"{_ACL_NAMED[tag]} {ident}"
-    return None
-
-
-def others_can_write(st: os.stat_result, where: str | Path | int | None = None) -> str | None:
-    """Who other than the owner may write the file or directory of ``st``, or ``None``; with ``where``
-    (its path or open descriptor) its access ACL is read too."""
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & stat.S_IWOTH:
-        return f"writable by others (mode {mode:o})"
-    acl = acl_writers(where) if where is not None else None
-    if acl:
-        return f"writable by {acl} through an ACL (mode {mode:o}; see getfacl)"
-    if mode & stat.S_IWGRP and not _private_group(st.st_gid):
-        return f"writable by group {st.st_gid} (mode {mode:o})"
-    return None
-
-
-def dir_problem(directory: Path) -> str | None:
-    """Why another user could replace a file in ``directory`` (a resolved path), or ``None``.
-
-    It and every directory above it must belong to you or root; it must not be writable by others (a group
-    of yours alone aside), and neither may those above, unless they have the sticky bit (like ``/tmp``:
-    nobody may rename or remove an entry there that is not theirs).
-    """
-    uid = os.geteuid()
-    for path in (directory, *directory.parents):
-        st = os.lstat(path)
-        if st.st_uid not in (uid, 0):
-            return f"{path} belongs to uid {st.st_uid}, not to you (uid {uid}) or root"
-        others = others_can_write(st, path)
-        if others and (path == directory or not st.st_mode & stat.S_ISVTX):
-            return f"{path} is {others}"
-    return None
-
-
-def _read_owned(path: Path, limit: int) -> bytes:
-    """The bytes of ``path``, a regular file (not a link) that belongs to you and that nobody else may
-    write; raises :class:`Untrusted` otherwise. The checks are of the opened file itself."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise Untrusted(f"{path.name} is missing") from None
-    except OSError as err:
-        if os.path.islink(path):
-            raise Untrusted(f"{path.name} is a symbolic link") from None
-        raise Untrusted(f"{path.name} cannot be opened ({err.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        uid = os.geteuid()
-        if not stat.S_ISREG(st.st_mode):
-            raise Untrusted(f"{path.name} is not a regular file")
-        if st.st_uid != uid:
-            raise Untrusted(f"{path.name} belongs to uid {st.st_uid}, not to you (uid {uid})")
-        others = others_can_write(st, fd)
-        if others:
-            raise Untrusted(f"{path.name} is {others}")
-        if st.st_size > limit:
-            raise Untrusted(f"{path.name} is larger than {limit} bytes")
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 def open_library(so: Path) -> ctypes.CDLL:
-    """Load ``so`` if it and the SHA-256 recorded beside it at build time pass :func:`_read_owned` and
-    agree; raises :class:`Untrusted` otherwise.
+    """Load ``so`` if it and the SHA-256 recorded beside it at build time pass
+    :func:`~crossmoco_ray.nn.trusted_files.verify_recorded`; raises :class:`Untrusted` otherwise.
 
-    ``so`` lies in a directory that passed :func:`dir_problem`, so once checked only its owner can change
-    it, and it is loaded by its path. (Not through the checked descriptor, ``/proc/self/fd/N``: the dynamic
-    loader knows libraries by name and would hand back an earlier one opened under the same number.)
+    ``so`` lies in a directory that passed :func:`~crossmoco_ray.nn.trusted_files.dir_problem`, so once
+    checked only its owner can change it, and it is loaded by its path. (Not through the checked descriptor,
+    ``/proc/self/fd/N``: the dynamic loader knows libraries by name and would hand back an earlier one opened
+    under the same number.)
     """
-    data = _read_owned(so, _MAX_LIBRARY_BYTES)
-    record = _digest_path(so)
-    recorded = _read_owned(record, 4096).decode(errors="replace").split()
-    if not recorded or hashlib.sha256(data).hexdigest() != recorded[0]:
-        raise Untrusted(f"its SHA-256 differs from the one recorded in {record.name}")
+    verify_recorded(so, _MAX_LIBRARY_BYTES)
     return ctypes.CDLL(str(so))
 
 

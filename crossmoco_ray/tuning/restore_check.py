@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from crossmoco_ray.errors import ConfigError
-from crossmoco_ray.nn.kernels import others_can_write
+from crossmoco_ray.nn.trusted_files import others_can_write
 
 TRAIN_RUNS = "trials"  # the search's Train runs (search.py): checkpoints of tensors, not descended into
 MAX_LISTED = 5

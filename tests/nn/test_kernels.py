@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossmoco_ray.nn import kernels
+from crossmoco_ray.nn import kernels, trusted_files
 from crossmoco_ray.nn.graph import knn
 
 needs_kernel = pytest.mark.skipif(
@@ -378,7 +378,7 @@ def test_a_cache_a_shared_group_can_write_to_is_not_used(fresh: Path, tmp_path: 
 
 
 @needs_kernel
-@pytest.mark.skipif(not kernels._private_group(os.getegid()), reason="no user private group here")
+@pytest.mark.skipif(not trusted_files.private_group(os.getegid()), reason="no user private group here")
 def test_write_by_your_private_group_is_accepted(fresh: Path) -> None:
     """What umask 002 leaves on Debian and Ubuntu: the group is the user alone."""
     assert kernels.available()

@@ -10,7 +10,7 @@ import pytest
 
 from crossmoco_ray.cli.main import main
 from crossmoco_ray.errors import ConfigError
-from crossmoco_ray.nn import kernels
+from crossmoco_ray.nn import trusted_files
 from crossmoco_ray.tuning import restore_check, search
 from crossmoco_ray.tuning.restore_check import check_resumable, local_problems
 
@@ -100,7 +100,7 @@ def test_write_by_a_shared_group_is_refused(tmp_path: Path) -> None:
     assert f"{d / 'tuner.pkl'} is writable by group {FOREIGN}" in refused(d)
 
 
-@pytest.mark.skipif(not kernels._private_group(os.getegid()), reason="no user private group here")
+@pytest.mark.skipif(not trusted_files.private_group(os.getegid()), reason="no user private group here")
 def test_write_by_your_private_group_is_accepted(tmp_path: Path) -> None:
     d = stored_search(tmp_path)  # as umask 002 leaves it on Debian and Ubuntu
     for p in (d, d / TRIAL, d / "tuner.pkl"):
