@@ -212,7 +212,7 @@ def test_counts_claiming_more_than_the_file_holds(tmp_path: Path, fmt: str, befo
     import time
     import tracemalloc
 
-    from crossmoco_ray.data.sources.ply import check_ply_claims
+    from crossmoco_ray.data.sources.ply_header import check_ply_claims
 
     header = f"ply\nformat {fmt} 1.0\n{before}element vertex {HUGE}\n"
     header += "property float x\nproperty float y\nproperty float z\nend_header\n"
@@ -234,7 +234,7 @@ def test_counts_claiming_more_than_the_file_holds(tmp_path: Path, fmt: str, befo
 
 
 def test_element_with_rows_but_no_properties_is_named(tmp_path: Path) -> None:
-    from crossmoco_ray.data.sources.ply import check_ply_claims
+    from crossmoco_ray.data.sources.ply_header import check_ply_claims
 
     data = b"ply\nformat binary_little_endian 1.0\nelement ghost 1000000000\nend_header\n"
     with pytest.raises(DataError, match="element 'ghost' declares 1000000000 rows but no properties"):
@@ -245,7 +245,7 @@ def test_element_with_rows_but_no_properties_is_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize("element", ["vertex", "face"])
 def test_non_ascii_digit_counts_are_named(tmp_path: Path, count: str, element: str) -> None:
     """Latin-1 '²' is a digit to str.isdigit but not to int(): a header count of ASCII digits only."""
-    from crossmoco_ray.data.sources.ply import ply_face_count
+    from crossmoco_ray.data.sources.ply_header import ply_face_count
 
     face = f"element face {count if element == 'face' else '1'}\nproperty list uchar int vertex_indices\n"
     header = (

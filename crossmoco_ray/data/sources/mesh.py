@@ -28,7 +28,7 @@ import numpy as np
 
 from crossmoco_ray.bounded import printable
 from crossmoco_ray.data.sources.base import MAX_COORDINATE
-from crossmoco_ray.data.sources.ply import check_ply_claims, ply_face_count
+from crossmoco_ray.data.sources.ply_header import check_ply_claims, ply_face_count
 from crossmoco_ray.data.synthetic.shapes import sample_mesh
 from crossmoco_ray.errors import DataError
 

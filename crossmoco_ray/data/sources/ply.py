@@ -1,9 +1,8 @@
 """Read the vertex positions of a PLY file; write simple PLY point clouds (tests and fixtures).
 
-- Formats: ``ascii 1.0``, ``binary_little_endian 1.0`` and ``binary_big_endian 1.0``.
-- Any numeric property type, under its classic name (``uchar``, ``float``...) or its sized alias
-  (``uint8``, ``float32``...). The vertex element may carry further properties (normals, colours) in
-  any order; only ``x``, ``y`` and ``z`` are returned.
+- The header (formats ascii and binary of either byte order, numeric property types under their classic
+  or sized names) is parsed by :mod:`.ply_header`. The vertex element may carry further properties
+  (normals, colours) in any order; only ``x``, ``y`` and ``z`` are returned.
 - Elements other than ``vertex`` (faces, edges...) may come before or after it. Those before it are
   skipped, list properties included: fixed-size rows in one jump, list rows with one vectorised check
   when every row has the same counts (triangle meshes) and a row-by-row walk only otherwise.
@@ -12,127 +11,19 @@
 
 from __future__ import annotations
 
-import re
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from crossmoco_ray.bounded import printable
+from crossmoco_ray.data.sources.ply_header import Element, parse_header
 from crossmoco_ray.errors import DataError
 
-# PLY type name -> numpy type code (without byte order); the sized aliases come from later PLY writers.
-_TYPES: dict[str, str] = {
-    "char": "i1",
-    "int8": "i1",
-    "uchar": "u1",
-    "uint8": "u1",
-    "short": "i2",
-    "int16": "i2",
-    "ushort": "u2",
-    "uint16": "u2",
-    "int": "i4",
-    "int32": "i4",
-    "uint": "u4",
-    "uint32": "u4",
-    "float": "f4",
-    "float32": "f4",
-    "double": "f8",
-    "float64": "f8",
-}
-_FORMATS: dict[str, str | None] = {"ascii": None, "binary_little_endian": "<", "binary_big_endian": ">"}
 _STRUCT_CODES: dict[str, str] = {"i1": "b", "u1": "B", "i2": "h", "u2": "H", "i4": "i", "u4": "I"}
 
 
-@dataclass(frozen=True)
-class _Property:
-    name: str
-    type: str  # numpy code of the value, or of the list items for a list property
-    count_type: str | None = None  # numpy code of a list's length prefix; None for a scalar property
-
-
-@dataclass(frozen=True)
-class _Element:
-    name: str
-    count: int
-    properties: tuple[_Property, ...]
-
-    @property
-    def has_lists(self) -> bool:
-        return any(p.count_type is not None for p in self.properties)
-
-
-def _parse_header(data: bytes, source: str) -> tuple[str | None, list[_Element], int]:
-    """The byte order (``None`` for ascii), the elements in file order and the offset of the body."""
-    first = data[:4]
-    if first != b"ply\n" and data[:5] != b"ply\r\n":
-        raise DataError(source, "not a PLY file (it does not start with the 'ply' magic line)")
-    end = data.find(b"end_header")
-    if end < 0:
-        raise DataError(source, "PLY header has no 'end_header' line")
-    body = end + len(b"end_header")
-    # The terminator of the last header line; checking the byte right after 'end_header' cannot
-    # mistake the first binary byte for part of it.
-    if data[body : body + 2] == b"\r\n":
-        body += 2
-    elif data[body : body + 1] == b"\n":
-        body += 1
-    else:
-        raise DataError(source, "PLY header line 'end_header' is not followed by a newline")
-
-    byte_order: str | None = None
-    seen_format = False
-    elements: list[tuple[str, int, list[_Property]]] = []
-    for number, raw in enumerate(data[:end].decode("latin-1").splitlines()[1:], start=2):
-        words = raw.split()
-        if not words or words[0] in ("comment", "obj_info"):
-            continue
-        key = words[0]
-        if key == "format":
-            if len(words) != 3 or words[1] not in _FORMATS:
-                raise DataError(
-                    source, f"unsupported PLY format {printable(raw.strip(), 120)!r} (header line {number})"
-                )
-            if words[2] not in ("1.0", "1"):
-                raise DataError(
-                    source, f"unsupported PLY version {printable(words[2], 60)!r} (header line {number})"
-                )
-            byte_order, seen_format = _FORMATS[words[1]], True
-        elif key == "element":
-            # ASCII digits only: the header is read as latin-1, where '²' is a digit that int() refuses.
-            if len(words) != 3 or not re.fullmatch(r"[0-9]+", words[2]):
-                raise DataError(
-                    source, f"malformed element line {printable(raw.strip(), 120)!r} (header line {number})"
-                )
-            elements.append((words[1], int(words[2]), []))
-        elif key == "property":
-            if not elements:
-                raise DataError(source, f"property before any element (header line {number})")
-            elements[-1][2].append(_parse_property(words, raw, number, source))
-        else:
-            raise DataError(
-                source, f"unknown PLY header keyword {printable(key, 60)!r} (header line {number})"
-            )
-    if not seen_format:
-        raise DataError(source, "PLY header has no 'format' line")
-    return byte_order, [_Element(n, c, tuple(p)) for n, c, p in elements], body
-
-
-def _parse_property(words: list[str], raw: str, number: int, source: str) -> _Property:
-    if len(words) == 5 and words[1] == "list":
-        count_type, item_type = _TYPES.get(words[2]), _TYPES.get(words[3])
-        if count_type is None or item_type is None or count_type[0] == "f":
-            raise DataError(
-                source, f"unsupported list property {printable(raw.strip(), 120)!r} (header line {number})"
-            )
-        return _Property(words[4], item_type, count_type)
-    if len(words) == 3 and words[1] in _TYPES:
-        return _Property(words[2], _TYPES[words[1]])
-    raise DataError(source, f"unsupported property {printable(raw.strip(), 120)!r} (header line {number})")
-
-
-def _xyz_indices(vertex: _Element, source: str) -> list[int]:
+def _xyz_indices(vertex: Element, source: str) -> list[int]:
     names = [p.name for p in vertex.properties]
     missing = [axis for axis in "xyz" if axis not in names]
     if missing:
@@ -160,7 +51,7 @@ def _list_length(data: bytes, pos: int, order: str, count_type: str) -> int:
     return int(n)
 
 
-def _row_dtype(element: _Element, order: str, counts: list[int] | None = None) -> np.dtype:
+def _row_dtype(element: Element, order: str, counts: list[int] | None = None) -> np.dtype:
     """Structured dtype of one row; list properties take ``counts[i]`` items (the i-th list)."""
     fields: list[tuple[str, str] | tuple[str, str, tuple[int]]] = []
     lists = 0
@@ -175,7 +66,7 @@ def _row_dtype(element: _Element, order: str, counts: list[int] | None = None) -
     return np.dtype(fields)
 
 
-def _walk_rows(data: bytes, offset: int, element: _Element, order: str) -> tuple[int, int]:
+def _walk_rows(data: bytes, offset: int, element: Element, order: str) -> tuple[int, int]:
     """Walk the rows of an element whose list lengths vary, one row at a time.
 
     Returns the offset after the element and the number of complete rows (less than ``element.count``
@@ -200,7 +91,7 @@ def _walk_rows(data: bytes, offset: int, element: _Element, order: str) -> tuple
     return offset, element.count
 
 
-def _first_row_counts(data: bytes, offset: int, element: _Element, order: str) -> list[int] | None:
+def _first_row_counts(data: bytes, offset: int, element: Element, order: str) -> list[int] | None:
     """The list lengths of the row at ``offset``, or ``None`` when the file ends inside it."""
     counts: list[int] = []
     pos = offset
@@ -218,7 +109,7 @@ def _first_row_counts(data: bytes, offset: int, element: _Element, order: str) -
 
 
 def _read_binary_element(
-    data: bytes, offset: int, element: _Element, order: str
+    data: bytes, offset: int, element: Element, order: str
 ) -> tuple[np.ndarray | None, int, int]:
     """One binary element: its rows (``None`` if list lengths vary), the end offset, the rows found."""
     available = len(data) - offset
@@ -241,7 +132,7 @@ def _read_binary_element(
     return None, end, found
 
 
-def _binary_vertices(data: bytes, offset: int, vertex: _Element, order: str, source: str) -> np.ndarray:
+def _binary_vertices(data: bytes, offset: int, vertex: Element, order: str, source: str) -> np.ndarray:
     xyz = _xyz_indices(vertex, source)
     rows, _, found = _read_binary_element(data, offset, vertex, order)
     if found < vertex.count:
@@ -251,7 +142,7 @@ def _binary_vertices(data: bytes, offset: int, vertex: _Element, order: str, sou
     return np.stack([rows[f"p{i}"] for i in xyz], axis=-1).astype(np.float32)
 
 
-def _walk_vertices(data: bytes, offset: int, vertex: _Element, order: str, xyz: list[int]) -> np.ndarray:
+def _walk_vertices(data: bytes, offset: int, vertex: Element, order: str, xyz: list[int]) -> np.ndarray:
     """x/y/z of vertex rows that hold lists of varying length (rare): one row at a time."""
     out = np.empty((vertex.count, 3), dtype=np.float32)
     column = {index: axis for axis, index in enumerate(xyz)}
@@ -271,7 +162,7 @@ def _walk_vertices(data: bytes, offset: int, vertex: _Element, order: str, xyz: 
 # ------------------------------------------------------------------------------------------------ ascii
 
 
-def _ascii_vertices(data: bytes, offset: int, elements: list[_Element], source: str) -> np.ndarray:
+def _ascii_vertices(data: bytes, offset: int, elements: list[Element], source: str) -> np.ndarray:
     # One row per line (as every ascii PLY writer does); blank lines carry nothing and are dropped.
     lines = [line for line in data[offset:].decode("latin-1").splitlines() if line.strip()]
     start = 0
@@ -304,7 +195,7 @@ def _ascii_vertices(data: bytes, offset: int, elements: list[_Element], source: 
     return out
 
 
-def _ascii_row_xyz(tokens: list[str], vertex: _Element, xyz: list[int], source: str, row: int) -> list[float]:
+def _ascii_row_xyz(tokens: list[str], vertex: Element, xyz: list[int], source: str, row: int) -> list[float]:
     """x/y/z of one ascii vertex row that holds list properties."""
     values: dict[int, float] = {}
     pos = 0
@@ -348,7 +239,7 @@ def read_ply(path: str | Path) -> np.ndarray:
         data = Path(path).read_bytes()
     except OSError as e:
         raise DataError(source, f"cannot read file ({e.strerror or e})") from None
-    order, elements, offset = _parse_header(data, source)
+    order, elements, offset = parse_header(data, source)
     vertex_index = next((i for i, e in enumerate(elements) if e.name == "vertex"), None)
     if vertex_index is None:
         raise DataError(
@@ -395,44 +286,3 @@ def write_ply(path: str | Path, points: np.ndarray, binary: bool = True) -> None
     else:
         body = "".join(f"{x:.9g} {y:.9g} {z:.9g}\n" for x, y, z in pts.tolist()).encode("ascii")
     Path(path).write_bytes(header + body)
-
-
-def check_ply_claims(data: bytes, source: str) -> None:
-    """Raise a :class:`DataError` when the element counts of a PLY file's header need more bytes than the file
-    holds: checked before a reader that trusts the header (a mesh library) allocates what it declares.
-
-    Each row takes at least its fixed-size properties and list length prefixes (binary), or two characters
-    per property (ascii: a digit and a separator).
-    """
-    order, elements, offset = _parse_header(data, source)
-    body = len(data) - offset
-    need = 0
-    for e in elements:
-        if e.count and not e.properties:
-            raise DataError(
-                source, f"PLY element {printable(e.name, 60)!r} declares {e.count} rows but no properties"
-            )
-        if order is None:
-            row = 2 * len(e.properties)
-        else:
-            row = sum(np.dtype(p.count_type or p.type).itemsize for p in e.properties)
-        need += e.count * row
-    if need > body + 1:  # + 1: the last ascii line may lack its newline
-        declared = ", ".join(f"{e.count} {printable(e.name, 60)!r}" for e in elements[:4])
-        raise DataError(
-            source,
-            f"PLY header declares {declared} rows, which need at least {need} bytes, but only {body} follow "
-            "the header (truncated, or a header that lies)",
-        )
-
-
-def ply_face_count(path: str | Path, header_bytes: int = 1 << 16) -> int:
-    """How many faces a PLY file's header declares (0 for point clouds), reading only the header."""
-    source = printable(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(header_bytes)
-    except OSError as e:
-        raise DataError(source, f"cannot read file ({e.strerror or e})") from None
-    _, elements, _ = _parse_header(head, source)
-    return sum(e.count for e in elements if e.name == "face")
