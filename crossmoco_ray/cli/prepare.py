@@ -278,7 +278,7 @@ def add_prepare_parser(sub: argparse._SubParsersAction[Any]) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     """``crossmoco verify``: every problem on its own line, a summary; exit 0 clean, 1 damaged, 2 not a
     dataset."""
-    from crossmoco_ray.data.shards.integrity import verify_dataset
+    from crossmoco_ray.data.shards.verify import verify_dataset
     from crossmoco_ray.errors import DataError
 
     try:

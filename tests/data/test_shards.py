@@ -13,8 +13,8 @@ from PIL import Image
 
 from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
 from crossmoco_ray.data.render.splat import RenderSpec, decode_png
-from crossmoco_ray.data.shards.integrity import verify_shards
 from crossmoco_ray.data.shards.manifest import read_manifest
+from crossmoco_ray.data.shards.verify import verify_shards
 from crossmoco_ray.data.sources.formats import (
     FolderSource,
     H5Source,

@@ -1,4 +1,4 @@
-"""Shard files read back checked against their manifest, and ``crossmoco verify``'s full check.
+"""Shard files read back checked against their manifest (and the digests the manifest records of them).
 
 **Every byte of a shard lies in exactly one digested range**: the file is cut into its row groups (row group
 ``i`` from the end of row group ``i − 1``, byte 0 for the first, to the end of its last column chunk) and
@@ -22,21 +22,19 @@ Files prepared before these digests existed (a manifest with size + sha256 per f
 each file is checked whole against its sha256 when it is opened, once per dataset. Every failure is a
 :class:`~.types.DataError` naming the file and the reason.
 
-:func:`verify_dataset` is ``crossmoco verify``: all of the above for every file and row group, plus
-Parquet's page checksums, the whole file's sha256, the labels against the per-class counts, and every
-problem reported instead of the first.
+:func:`check_shards` is the quick look ``prepare`` takes before it calls a dataset up to date;
+``crossmoco verify``'s full check is :mod:`.verify`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -44,14 +42,10 @@ from crossmoco_ray.bounded import printable
 from crossmoco_ray.data.shards.manifest import (
     CHUNK,
     MANIFEST,
-    check_form,
     failure_text,
     file_digest,
-    is_shard_name,
     is_symlink,
     join_uri,
-    load_manifest_json,
-    manifest_problems,
     sha256_hex,
 )
 from crossmoco_ray.errors import DataError
@@ -340,7 +334,7 @@ def open_split(uri: str, manifest: dict[str, Any], split: str) -> tuple[pafs.Fil
     return fs, shards
 
 
-# ---- checks of a whole dataset ----
+# ---- the quick check of a whole dataset ----
 
 
 def check_shards(uri: str, manifest: dict[str, Any]) -> DataError | None:
@@ -353,122 +347,3 @@ def check_shards(uri: str, manifest: dict[str, Any]) -> DataError | None:
         except DataError as err:
             return err
     return None
-
-
-@dataclass
-class VerifyReport:
-    """What :func:`verify_dataset` found: ``problems`` empty means no damage."""
-
-    files: int = 0
-    rows: int = 0
-    bytes: int = 0
-    damaged_files: set[str] = field(default_factory=set)
-    problems: list[DataError] = field(default_factory=list)
-
-
-def verify_dataset(uri: str, progress: Callable[[str], None] | None = None) -> VerifyReport:
-    """The full check of ``crossmoco verify``: the manifest (form, seal, paths, counts), then every file
-    (size, footer, metadata against the manifest, every row group's digest, Parquet's page checksums,
-    the whole file's sha256, the labels against the per-class counts, the views per object).
-
-    Raises :class:`DataError` only when ``uri`` is not a dataset at all (no manifest, not one this version
-    reads); every damage found is in the report.
-    """
-    manifest = load_manifest_json(uri)
-    check_form(manifest, join_uri(uri, MANIFEST))
-    report = VerifyReport(files=len(manifest["files"]))
-    report.problems += manifest_problems(manifest, uri)
-    fs, _ = resolve(uri)
-    labels: dict[str, dict[int, int]] = {}
-    held: dict[str, int] = {}
-    broken_splits: set[str] = set()
-    seen: set[str] = set()
-    for entry in manifest["files"]:
-        if not isinstance(entry["split"], str) or not is_shard_name(entry["path"], entry["split"]):
-            continue  # reported by manifest_problems; never opened
-        if entry["path"] in seen:
-            continue  # listed twice: reported by manifest_problems
-        seen.add(entry["path"])
-        if progress:
-            progress(entry["path"])
-        found = _verify_file(fs, uri, entry, manifest, labels)
-        if found:
-            report.problems += found
-            report.damaged_files.add(entry["path"])
-            broken_splits.add(entry["split"])
-        else:
-            held[entry["split"]] = held.get(entry["split"], 0) + entry["rows"]
-            report.rows += entry["rows"]
-            report.bytes += entry.get("bytes") or 0
-    where = join_uri(uri, MANIFEST)
-    for split, count in manifest["counts"].items() if isinstance(manifest["counts"], dict) else []:
-        if split in broken_splits or not isinstance(count, dict):
-            continue
-        if count.get("total") != held.get(split, 0):
-            report.problems.append(
-                DataError(
-                    where,
-                    f"split {printable(split, 40)!r} counts {printable(count.get('total'), 40)} rows, "
-                    f"its files hold {held.get(split, 0)}",
-                )
-            )
-        names = manifest["class_names"]
-        in_files = {
-            (names[k] if isinstance(names, list) and 0 <= k < len(names) else str(k)): v
-            for k, v in sorted(labels.get(split, {}).items())
-        }
-        if isinstance(count.get("per_class"), dict) and in_files != count["per_class"]:
-            report.problems.append(
-                DataError(
-                    where,
-                    f"split {printable(split, 40)!r}: its files' labels differ from the per-class counts",
-                )
-            )
-    return report
-
-
-def _verify_file(
-    fs: pafs.FileSystem,
-    uri: str,
-    entry: dict[str, Any],
-    manifest: dict[str, Any],
-    labels: dict[str, dict[int, int]],
-) -> list[DataError]:
-    """The problems of one listed file (at most one per kind; none: sound), counting its labels into
-    ``labels`` when it is sound."""
-    try:
-        shard = open_shard(fs, uri, entry, manifest["num_points"], whole=False)
-    except DataError as err:
-        return [err]
-    out: list[DataError] = []
-    views, fewest = manifest["views_per_object"], None
-    counts: dict[int, int] = {}
-    for g in range(shard.metadata.num_row_groups):  # one row group in memory at a time
-        try:
-            table = read_row_groups(fs, shard, [g], page_checksums=True)  # decodes every page
-        except DataError as err:
-            out.append(err)
-            continue
-        if table.num_rows:
-            least = pc.min(pc.list_value_length(table.column("views"))).as_py()
-            fewest = least if fewest is None else min(fewest, least)
-        for label in table.column("label").to_pylist():
-            counts[label] = counts.get(label, 0) + 1
-    if not out and file_digest(fs, shard.path)[1] != entry.get("sha256"):
-        out.append(DataError(shard.where, "sha256 differs from the manifest (damaged or changed)"))
-    if not out and views is not None and fewest is not None and fewest < views:
-        out.append(
-            DataError(shard.where, f"a row holds {fewest} views, the manifest says {views} per object")
-        )
-    if not out:
-        split = labels.setdefault(entry["split"], {})
-        for label, n in counts.items():
-            split[label] = split.get(label, 0) + n
-    return out
-
-
-def verify_shards(uri: str) -> None:
-    """:func:`verify_dataset`, raising the first problem it finds as a :class:`DataError`."""
-    report = verify_dataset(uri)
-    if report.problems:
-        raise report.problems[0]
