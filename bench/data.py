@@ -46,7 +46,8 @@ from crossmoco_ray.data.pipeline.batches import (  # noqa: E402
     split_files,
     window_rows,
 )
-from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare  # noqa: E402
+from crossmoco_ray.data.prepare.options import PrepareOptions  # noqa: E402
+from crossmoco_ray.data.prepare.prepare import prepare  # noqa: E402
 from crossmoco_ray.data.shards.manifest import read_manifest, seal  # noqa: E402
 from crossmoco_ray.data.sources.formats import SyntheticSource  # noqa: E402
 

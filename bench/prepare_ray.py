@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare  # noqa: E402
+from crossmoco_ray.data.prepare.options import PrepareOptions  # noqa: E402
+from crossmoco_ray.data.prepare.prepare import prepare  # noqa: E402
 from crossmoco_ray.data.render.splat import RenderSpec  # noqa: E402
 from crossmoco_ray.data.sources.formats import open_source  # noqa: E402
 

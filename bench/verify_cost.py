@@ -50,7 +50,8 @@ from crossmoco_ray.data.pipeline.batches import (  # noqa: E402
     iter_local_batches,
     row_groups,
 )
-from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare  # noqa: E402
+from crossmoco_ray.data.prepare.options import PrepareOptions  # noqa: E402
+from crossmoco_ray.data.prepare.prepare import prepare  # noqa: E402
 from crossmoco_ray.data.shards.integrity import (  # noqa: E402
     ShardFile,
     check_shards,

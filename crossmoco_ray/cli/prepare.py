@@ -86,7 +86,7 @@ def option_problem(args: argparse.Namespace) -> str | None:
     Checked before any work: the value ranges, the list options, and the paths (an --out that is a file, a
     --preview whose folder is missing or that is a directory), so nothing fails after hours of rendering.
     """
-    from crossmoco_ray.data.prepare.prepare import out_problem, preview_problem
+    from crossmoco_ray.data.prepare.destination import out_problem, preview_problem
 
     lo, hi = RENDER_SIZES
     checks = [
@@ -131,7 +131,8 @@ def option_problem(args: argparse.Namespace) -> str | None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     import os
 
-    from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+    from crossmoco_ray.data.prepare.options import PrepareOptions
+    from crossmoco_ray.data.prepare.prepare import prepare
     from crossmoco_ray.data.render.splat import RenderSpec
     from crossmoco_ray.data.sources.formats import open_source
     from crossmoco_ray.errors import DataError

@@ -11,7 +11,8 @@ from typing import Any
 from crossmoco_ray import storage
 from crossmoco_ray.config.schema import Config
 from crossmoco_ray.config.serialized import config_hash, flatten, to_yaml
-from crossmoco_ray.data.prepare.prepare import PrepareOptions, fingerprint, prepare
+from crossmoco_ray.data.prepare.options import PrepareOptions, fingerprint
+from crossmoco_ray.data.prepare.prepare import prepare
 from crossmoco_ray.data.render.splat import RenderSpec
 from crossmoco_ray.data.shards.manifest import read_manifest
 from crossmoco_ray.data.sources.formats import SyntheticSource

@@ -30,7 +30,8 @@ import pytest
 from crossmoco_ray.cli.main import main
 from crossmoco_ray.data.pipeline.batches import PipelineOptions, iter_local_batches
 from crossmoco_ray.data.prepare import prepare as shards_module
-from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.prepare.options import PrepareOptions
+from crossmoco_ray.data.prepare.prepare import prepare
 from crossmoco_ray.data.prepare.workdir import remove_stale
 from crossmoco_ray.data.render.splat import RenderSpec
 from crossmoco_ray.data.shards import manifest as manifest_module

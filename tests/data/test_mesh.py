@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.prepare.options import PrepareOptions
+from crossmoco_ray.data.prepare.prepare import prepare
 from crossmoco_ray.data.render.camera import FILL
 from crossmoco_ray.data.render.raster import SHADE_RANGE
 from crossmoco_ray.data.render.splat import RenderSpec, decode_png

@@ -22,7 +22,8 @@ from crossmoco_ray.data.pipeline.batches import (
     make_batch,
     make_dataset,
 )
-from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.prepare.options import PrepareOptions
+from crossmoco_ray.data.prepare.prepare import prepare
 from crossmoco_ray.data.render.splat import RenderSpec
 from crossmoco_ray.data.sources.formats import H5Source, ShapeNetRenderSource
 from crossmoco_ray.errors import DataError

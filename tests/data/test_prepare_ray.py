@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.prepare.options import PrepareOptions
+from crossmoco_ray.data.prepare.prepare import prepare
 from crossmoco_ray.data.render.splat import RenderSpec
 from crossmoco_ray.data.sources.base import Source
 from crossmoco_ray.data.sources.formats import open_source

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.prepare.options import PrepareOptions
+from crossmoco_ray.data.prepare.prepare import prepare
 from crossmoco_ray.data.render.splat import RenderSpec, decode_png
 from crossmoco_ray.data.shards.manifest import read_manifest
 from crossmoco_ray.data.shards.verify import verify_shards
@@ -386,7 +387,7 @@ def test_the_first_shuffle_pass_holds_about_bucket_rows_objects(tmp_path: Path) 
 
 def test_the_built_in_sets_fingerprint_follows_its_generator(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shards of an older synthetic generator are never taken for the current one."""
-    from crossmoco_ray.data.prepare.prepare import fingerprint
+    from crossmoco_ray.data.prepare.options import fingerprint
     from crossmoco_ray.data.sources import formats as readers
 
     src = SyntheticSource({"train": 10, "test": 4}, 64, seed=0)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.prepare.options import PrepareOptions
+from crossmoco_ray.data.prepare.prepare import prepare
 from crossmoco_ray.data.render.splat import RenderSpec
 from crossmoco_ray.data.sources.formats import SyntheticSource
 from crossmoco_ray.evaluate.features import extract_features

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from crossmoco_ray.config.loading import load_config
-from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.prepare.options import PrepareOptions
+from crossmoco_ray.data.prepare.prepare import prepare
 from crossmoco_ray.data.render.splat import RenderSpec
 from crossmoco_ray.data.sources.formats import SyntheticSource
 from crossmoco_ray.errors import ConfigError

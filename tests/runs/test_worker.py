@@ -24,7 +24,8 @@ from crossmoco_ray.checkpoints.resume import HISTORY_FILE, PROGRESS_FILE, resume
 from crossmoco_ray.checkpoints.state import read_checkpoint
 from crossmoco_ray.config.loading import load_config
 from crossmoco_ray.data.pipeline.batches import iter_local_batches
-from crossmoco_ray.data.prepare.prepare import PrepareOptions, prepare
+from crossmoco_ray.data.prepare.options import PrepareOptions
+from crossmoco_ray.data.prepare.prepare import prepare
 from crossmoco_ray.data.render.splat import RenderSpec
 from crossmoco_ray.data.sources.formats import SyntheticSource
 from crossmoco_ray.pretrain.launch import pipeline_options

@@ -1,7 +1,7 @@
 """``prepare --ray``: prepare's per-sample work (read, check, resample, render) as a Ray Data pipeline.
 
 The source's :meth:`~.source.Source.tasks` (files, row ranges of an h5 file, ranges of the built-in set)
-become the rows of a dataset; ``map_batches`` runs :func:`.shards.process` on the samples of a few tasks
+become the rows of a dataset; ``map_batches`` runs :func:`.per_sample.process` on the samples of a few tasks
 per Ray task, on every CPU of the cluster, and sends each processed sample back pickled. The driver
 consumes them **in order** (``preserve_order``) and does what depends on the samples before: duplicate ids,
 one point count, the validation carve, the seeded bucket shuffle and the Parquet writer. So the shards,
@@ -26,7 +26,8 @@ import numpy as np
 from crossmoco_ray.data.sources.base import Source
 
 if TYPE_CHECKING:
-    from crossmoco_ray.data.prepare.prepare import PrepareOptions, Processed
+    from crossmoco_ray.data.prepare.options import PrepareOptions
+    from crossmoco_ray.data.prepare.per_sample import Processed
 
 TASKS_PER_BATCH = 8  # source tasks per Ray task, at most (fewer when a split has few tasks per CPU)
 
@@ -47,8 +48,8 @@ def _process_tasks(
     class_names: list[str] | None,
     hint: str,
 ) -> dict[str, np.ndarray]:
-    """The ``map_batches`` function: pickled tasks in, pickled :class:`~.shards.Processed` samples out."""
-    from crossmoco_ray.data.prepare.prepare import process
+    """The ``map_batches`` function: pickled tasks in, pickled :class:`~.per_sample.Processed` samples out."""
+    from crossmoco_ray.data.prepare.per_sample import process
 
     out = [
         pickle.dumps(process(item, opts, class_names, hint))
@@ -61,7 +62,8 @@ def _process_tasks(
 def processed_on_ray(
     source: Source, split: str, opts: PrepareOptions, class_names: list[str] | None, hint: str
 ) -> Iterator[Processed]:
-    """:func:`.shards.process` over every task of ``split``, on Ray Data, yielded in the source's order."""
+    """:func:`.per_sample.process` over every task of ``split``, on Ray Data, yielded in the source's
+    order."""
     import ray
     from ray.data import DataContext
 

@@ -28,26 +28,25 @@ prepared again. A different dataset in the same place needs ``overwrite``, which
 prepare writes (shard-named files and its own reports inside ``out``), whatever the old manifest lists.
 Bad samples skipped with ``skip_bad`` stream to ``skipped.json`` as they come (memory holds counts).
 
-This module orchestrates; the pieces live beside it: :mod:`.checks` (per-sample validation, resampling,
-views), :mod:`.writer` (rows → Parquet files), :mod:`.manifest` (reading the manifest back checked),
-:mod:`.integrity` (reading the shards back checked), :mod:`.workdir` (the work directory) and
-:mod:`crossmoco_ray.storage` (paths and URIs).
+This module is the driver: it runs both passes in order and decides what depends on more than one
+sample. The pieces live beside it: :mod:`.options` (the options and the fingerprint), :mod:`.per_sample`
+(read, check, resample, render one sample; :mod:`.sample_checks` holds the checks), :mod:`.on_ray` (that
+work on Ray Data), :mod:`.shuffle`, :mod:`.skip_report` (``skipped.json``), :mod:`.destination` (what may
+be written where; the commit into ``out``), :mod:`.workdir` (the work directory), and in
+:mod:`crossmoco_ray.data.shards` the writer (rows → Parquet files), the manifest and the integrity checks
+(reading the shards back checked); :mod:`crossmoco_ray.storage` (paths and URIs).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import shutil
-import stat
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,185 +54,35 @@ import pyarrow.fs as pafs
 
 from crossmoco_ray import __version__
 from crossmoco_ray.bounded import printable
-from crossmoco_ray.data.prepare.sample_checks import (
-    MIN_POINTS,
-    check_label,
-    check_points,
-    check_views,
-    resample,
-    val_assignment,
+from crossmoco_ray.data.prepare.destination import (
+    check_destinations,
+    commit_dataset,
+    listed_shards,
+    out_problem,
+    preview_problem,
 )
+from crossmoco_ray.data.prepare.options import PrepareOptions, fingerprint
+from crossmoco_ray.data.prepare.per_sample import Processed, processed_locally
+from crossmoco_ray.data.prepare.sample_checks import val_assignment
 from crossmoco_ray.data.prepare.shuffle import Buckets, bucket_count
+from crossmoco_ray.data.prepare.skip_report import SkipReport
 from crossmoco_ray.data.prepare.workdir import WorkDir, exit_on_sigterm, remove_stale, terminate_as_exit
 from crossmoco_ray.data.progress import Progress
-from crossmoco_ray.data.render.splat import RenderSpec, contact_sheet, decode_png
+from crossmoco_ray.data.render.splat import contact_sheet, decode_png
 from crossmoco_ray.data.shards.integrity import check_shards
 from crossmoco_ray.data.shards.manifest import (
     MANIFEST,
     SCHEMA_VERSION,
     SKIPPED,
     file_exists,
-    is_shard_name,
-    is_symlink,
     join_uri,
-    load_manifest_json,
     read_manifest,
     seal,
-    utf8_problem,
 )
 from crossmoco_ray.data.shards.writer import ShardWriter
 from crossmoco_ray.data.sources.base import Source
-from crossmoco_ray.data.sources.sample import Sample
 from crossmoco_ray.errors import DataError
 from crossmoco_ray.storage import resolve, write_json
-
-
-@dataclass
-class PrepareOptions:
-    """How ``prepare`` turns samples into shards."""
-
-    num_points: int | None = None  # resample every cloud to this many points; None: keep (all must agree)
-    min_points: int = MIN_POINTS
-    val_fraction: float = 0.0  # carve a validation split from train (by a hash of seed and id)
-    seed: int = 0
-    render: RenderSpec = field(default_factory=RenderSpec)
-    rows_per_shard: int = 2048
-    row_group_rows: int = 256
-    skip_bad: bool = False
-    overwrite: bool = False
-    preview: str | None = None  # path of a contact sheet PNG
-    preview_objects: int = 8
-    shuffle: bool = True  # rows in a seeded random order per split (False: the source's order)
-    bucket_rows: int = 1024  # objects per temporary bucket of the shuffle (what pass 2 holds in memory)
-    max_buckets: int = 256  # open bucket files in pass 1, at most
-    ray: bool = False  # read, check and render on Ray Data across the cluster (:mod:`.prepare_ray`)
-    ray_cpus: int | None = None  # CPUs of the local Ray started for it (None: all); ignored on a cluster
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction {self.val_fraction}: must be in [0, 1)")
-        for name in ("rows_per_shard", "row_group_rows", "bucket_rows", "max_buckets"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} {getattr(self, name)}: must be at least 1")
-        if self.num_points is not None and self.num_points < 1:
-            raise ValueError(f"num_points {self.num_points}: must be at least 1")
-
-    def identity(self, meshes: bool = False) -> dict[str, Any]:
-        """What identifies these options' output (``meshes``: the source's views are mesh renders)."""
-        keep = (
-            "num_points",
-            "min_points",
-            "val_fraction",
-            "seed",
-            "rows_per_shard",
-            "row_group_rows",
-            "shuffle",
-            "bucket_rows",
-            "max_buckets",
-        )
-        render = asdict(self.render)
-        meshes = meshes and not self.render.points_only
-        if not self.render.points_only:
-            render.pop("points_only")  # the fingerprints of datasets prepared before the option hold
-        if self.render.mode != "shaded" and not meshes:
-            # Lighting only shapes shaded views (and every mesh render): leaving it out keeps the fingerprints
-            # of datasets prepared before it existed, so re-running their prepare command stays a no-op.
-            for key in ("light", "ambient", "supersample", "normal_neighbours"):
-                render.pop(key)
-        return {**{k: getattr(self, k) for k in keep}, "render": render}
-
-
-@dataclass
-class Processed:
-    """One sample after prepare's per-sample work (read, check, resample, render), ready to be placed.
-
-    The work is a pure function of the sample and the options, so it can run anywhere (a Ray Data task);
-    what depends on other samples (duplicate ids, one point count, the shuffle) is decided in order by
-    the driver. Two error slots keep the local path's precedence: ``points_error`` (reading, the points)
-    comes before the point-count agreement, ``error`` (label, views) after it.
-    """
-
-    id: str | None  # None: the item was a reading error
-    source: str = ""
-    index: int = 0
-    label: int = -1
-    points: np.ndarray | None = None
-    views: list[bytes] | None = None
-    points_error: DataError | None = None
-    error: DataError | None = None
-
-
-def process(
-    item: Sample | DataError, opts: PrepareOptions, class_names: list[str] | None, hint: str
-) -> Processed:
-    """The per-sample work of prepare on one item of a source (never raises :class:`DataError`)."""
-    if isinstance(item, DataError):
-        return Processed(None, item.source, item.index or 0, points_error=item)
-    out = Processed(item.id, item.source, item.index)
-    try:
-        pts = check_points(item, opts.min_points)
-        if opts.num_points is not None:
-            pts = resample(pts, opts.num_points, item.id, opts.seed)
-    except DataError as err:
-        out.points_error = err
-        return out
-    out.points = pts
-    try:
-        out.label = check_label(item, class_names, hint)
-        out.views, _ = check_views(item, pts, opts.render)
-    except DataError as err:
-        out.error = err
-    return out
-
-
-def processed_locally(
-    source: Source, split: str, opts: PrepareOptions, class_names: list[str] | None, hint: str
-) -> Iterator[Processed]:
-    """:func:`process` over every task of ``split`` in order, in this process."""
-    for task in source.tasks(split):
-        for item in source.read_task(split, task):
-            yield process(item, opts, class_names, hint)
-
-
-def fingerprint(source: Source, opts: PrepareOptions) -> str:
-    blob = json.dumps(
-        {
-            "schema": SCHEMA_VERSION,
-            "source": source.identity(),
-            "options": opts.identity(meshes=source.has_meshes()),
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def out_problem(out: str) -> str | None:
-    """Why ``out`` cannot hold prepared shards (None: it can): it is not UTF-8, or it, or a folder above
-    it, is a file."""
-    problem = utf8_problem(out)
-    if problem:
-        return problem
-    fs, root = resolve(out)
-    if fs.get_file_info(root).type == pafs.FileType.File:
-        return "is a file, not a directory"
-    if isinstance(fs, pafs.LocalFileSystem):
-        for parent in Path(root).parents:
-            if parent.exists() or parent.is_symlink():
-                return None if parent.is_dir() else f"{printable(parent)} is a file, not a directory"
-    return None
-
-
-def preview_problem(path: str) -> str | None:
-    """Why a contact sheet cannot be written to ``path`` (None: it can), checked before any work."""
-    p = Path(path)
-    parent = p.parent
-    if p.is_dir():
-        return "is a directory"
-    if not parent.is_dir():
-        return f"the folder {printable(parent)} does not exist"
-    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        return "is not writable"
-    return None
 
 
 def prepare(
@@ -247,7 +96,7 @@ def prepare(
     if opts.preview and problem:
         raise DataError(opts.preview, problem)
     fs, root = resolve(out)
-    _check_destinations(fs, root, out, [MANIFEST, SKIPPED])
+    check_destinations(fs, root, out, [MANIFEST, SKIPPED])
     fp = fingerprint(source, opts)
     remove_stale(fs, root, out, log)
     old_shards: list[str] = []
@@ -269,14 +118,14 @@ def prepare(
             log(f"{out}: the prepared dataset is damaged ({damage}); preparing it again")
         elif not opts.overwrite:
             raise DataError(out, "holds a different prepared dataset; pass --overwrite to replace it")
-        old_shards = _listed_shards(out)
+        old_shards = listed_shards(out)
     with terminate_as_exit():
         work = WorkDir(fs, root, out)
         try:
             manifest, preview = _write(source, fs, work, opts, fp, log)
             manifest = seal(json.loads(json.dumps(manifest)))  # sealed as a reader will see it
             write_json(join_uri(work.uri, MANIFEST), manifest)  # inside the work dir: not yet a dataset
-            _commit(fs, root, work.path, manifest, old_shards, out)
+            commit_dataset(fs, root, work.path, manifest, old_shards, out)
         finally:
             work.remove()
     rows = sum(f["rows"] for f in manifest["files"])
@@ -291,41 +140,6 @@ def prepare(
                 "the shards are written"
             )
     return manifest
-
-
-def _listed_shards(out: str) -> list[str]:
-    """The shard file names an existing manifest lists (whatever else it lists is not prepare's to delete)."""
-    try:
-        files = load_manifest_json(out).get("files")
-    except DataError:
-        return []
-    names = [f.get("path") for f in files if isinstance(f, dict)] if isinstance(files, list) else []
-    return [n for n in names if isinstance(n, str) and is_shard_name(n)]
-
-
-class _SkipReport:
-    """``skipped.json`` written as samples are skipped (a JSON array, one problem per line): memory holds
-    only the counts."""
-
-    def __init__(self, fs: pafs.FileSystem, path: str) -> None:
-        self.fs, self.path = fs, path
-        self.stream: Any = None
-        self.problems = self.rows = 0
-
-    def add(self, err: DataError) -> None:
-        entry = {"source": err.source, "index": err.index, "rows": err.rows, "problem": err.problem}
-        if self.stream is None:
-            self.stream = self.fs.open_output_stream(self.path)
-        self.stream.write(("[\n " if self.problems == 0 else ",\n ").encode() + json.dumps(entry).encode())
-        self.stream.flush()
-        self.problems += 1
-        self.rows += err.rows
-
-    def close(self) -> None:
-        if self.stream is not None:
-            self.stream.write(b"\n]\n")
-            self.stream.close()
-            self.stream = None
 
 
 def _write(
@@ -345,7 +159,7 @@ def _write(
     buckets: dict[str, Buckets] = {}
     counts: dict[str, Counter[int]] = {}
     seen: set[str] = set()
-    skipped = _SkipReport(fs, f"{tmp}/{SKIPPED}")
+    skipped = SkipReport(fs, f"{tmp}/{SKIPPED}")
     num_points, num_views = opts.num_points, None
     preview: list[tuple[int, list[np.ndarray]]] = []
     local = isinstance(fs, pafs.LocalFileSystem)
@@ -487,54 +301,3 @@ def _admit(
             )
             return DataError(item.source, problem, item.index), num_points
     return item.error, num_points
-
-
-def _check_destinations(fs: pafs.FileSystem, root: str, out: str, names: list[str]) -> None:
-    """A :class:`DataError` when something at one of ``names`` in ``root`` is not a file prepare may replace:
-    a directory, a FIFO, a device, a socket (a symbolic link is fine: a move replaces the link, never what it
-    points to). Checked before anything moves, so a refusal leaves ``out`` as it was."""
-    for name in names:
-        path = f"{root}/{name}"
-        if isinstance(fs, pafs.LocalFileSystem):
-            try:
-                mode = os.lstat(path).st_mode
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
-                continue
-            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
-        else:
-            kind_of = fs.get_file_info(path).type
-            if kind_of in (pafs.FileType.NotFound, pafs.FileType.File):
-                continue
-            kind = "a directory" if kind_of == pafs.FileType.Directory else "not a regular file"
-        raise DataError(
-            join_uri(out, name),
-            f"is {kind}, not a regular file; prepare writes a file there: remove it or choose another --out",
-        )
-
-
-def _commit(
-    fs: pafs.FileSystem, root: str, tmp: str, manifest: dict[str, Any], old_shards: list[str], out: str = ""
-) -> None:
-    """Move the new files (and the manifest, already written in ``tmp``) into ``root``; delete the old
-    dataset's shards that the new one does not replace (``old_shards``: plain shard names only, so
-    nothing outside ``root`` and nothing prepare did not write; symbolic links are left alone).
-
-    The manifest moves last: its presence means the dataset is complete.
-    """
-    new_names = {f["path"] for f in manifest["files"]} | {SKIPPED}
-    _check_destinations(fs, root, out or root, [*sorted(new_names), MANIFEST])  # before anything moves
-    if file_exists(fs, f"{root}/{MANIFEST}"):
-        fs.delete_file(f"{root}/{MANIFEST}")  # from here the old dataset no longer counts as complete
-    for name in new_names:
-        if file_exists(fs, f"{tmp}/{name}"):
-            fs.move(f"{tmp}/{name}", f"{root}/{name}")
-        elif file_exists(fs, f"{root}/{name}") and not is_symlink(fs, f"{root}/{name}"):
-            fs.delete_file(f"{root}/{name}")  # a stale skipped report
-    for name in old_shards:
-        path = f"{root}/{name}"
-        ours = is_shard_name(name) and name not in new_names and not is_symlink(fs, path)
-        if ours and fs.get_file_info(path).type == pafs.FileType.File:
-            fs.delete_file(path)
-    fs.move(f"{tmp}/{MANIFEST}", f"{root}/{MANIFEST}")
