@@ -23,14 +23,9 @@ from crossmoco_ray.cli.crash_report import exception_line, save_traceback
 from crossmoco_ray.cli.eval import add_eval_parsers
 from crossmoco_ray.cli.finetune import add_finetune_parsers
 from crossmoco_ray.cli.prepare import add_prepare_parser, add_verify_parser
-from crossmoco_ray.config.loading import (
-    DEFAULT_PRESET,
-    Config,
-    load_config,
-    preset_names,
-    preset_text,
-    to_yaml,
-)
+from crossmoco_ray.config.loading import load_config, preset_names, preset_text
+from crossmoco_ray.config.schema import DEFAULT_PRESET, Config
+from crossmoco_ray.config.serialized import to_yaml
 from crossmoco_ray.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
