@@ -216,12 +216,12 @@ def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def fail_with(monkeypatch: pytest.MonkeyPatch, err: BaseException) -> None:
     """``crossmoco config presets`` raises ``err``."""
-    import crossmoco_ray.cli.main
+    import crossmoco_ray.cli.config
 
     def broken(name: str) -> str:
         raise err
 
-    monkeypatch.setattr(crossmoco_ray.cli.main, "preset_text", broken)
+    monkeypatch.setattr(crossmoco_ray.cli.config, "preset_text", broken)
 
 
 def test_an_unexpected_exception_is_one_line_and_a_private_traceback_file(

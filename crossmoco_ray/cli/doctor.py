@@ -8,10 +8,14 @@ they load), the environment variables that change how a run behaves, and, when c
 cluster (``--address`` or ``RAY_ADDRESS``), its nodes, resources and GPU types. It never starts a Ray
 of its own, and prints no secret (tokens and passwords are named, their values left out; credentials and
 query strings in URIs are hidden).
+
+Also the command's parser and handler (:func:`add_doctor_parser`, registered on the top-level parser by
+:func:`crossmoco_ray.cli.main.build_parser`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,6 +24,8 @@ import sys
 from importlib import metadata
 from typing import Any
 
+from crossmoco_ray.cli.common import add_command
+
 PACKAGES = (
     "torch", "torchvision", "ray", "mlflow", "numpy", "pyarrow", "h5py", "trimesh", "pydantic",
     "scikit-learn", "pillow",
@@ -27,6 +33,15 @@ PACKAGES = (
 # environment variables that change a run; values of names containing these words are never printed
 ENV_PREFIXES = ("CUDA_", "NCCL_", "TORCH_NCCL_", "CUBLAS_", "CROSSMOCO_", "RAY_", "MLFLOW_", "OMP_", "GLOO_")
 SECRET_WORDS = ("TOKEN", "PASSWORD", "SECRET", "KEY", "CREDENTIAL")
+
+DOCTOR_EPILOG = """\
+examples:
+  crossmoco doctor                                  # this machine: paste the output into a bug report
+  crossmoco doctor --json > doctor.json
+  RAY_ADDRESS=127.0.0.1:6379 crossmoco doctor       # and the Ray cluster it would join
+
+Never starts a Ray of its own; secrets among the environment variables are named, not shown.
+"""
 
 
 def _version(name: str) -> str:
@@ -219,3 +234,21 @@ def main(address: str | None, as_json: bool) -> int:
     r = report(address)
     print(json.dumps(r, indent=2, default=str) if as_json else to_text(r))
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    return main(args.address, args.json)
+
+
+def add_doctor_parser(sub: argparse._SubParsersAction[Any]) -> None:
+    """Add ``doctor`` to the top-level subparsers ``sub``."""
+    p = add_command(
+        sub,
+        "doctor",
+        help="versions, GPUs, native bf16, compiled kernels, the Ray cluster: what a bug report needs",
+        description="Print what this machine and install are (and the Ray cluster, when connected).",
+        epilog=DOCTOR_EPILOG,
+    )
+    p.add_argument("--address", help="a Ray cluster to describe (default: RAY_ADDRESS, else none)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)

@@ -12,6 +12,7 @@ from typing import Any
 
 from crossmoco_ray.bounded import clip, short_repr
 from crossmoco_ray.cli import options as opt
+from crossmoco_ray.cli.common import add_command, add_up_axis
 from crossmoco_ray.data.sources.variants import SCANOBJECTNN_VARIANTS
 
 EVAL_EPILOG = """\
@@ -35,9 +36,7 @@ from pretraining is visible. Protocols: 'crosspoint' (the original code, exactly
 
 def _protocol_parser(sub: Any, name: str, help: str, k: int, k_source: str) -> argparse.ArgumentParser:
     """``crossmoco eval NAME``: the common options, ``--k`` with the default the protocol's source used."""
-    p: argparse.ArgumentParser = sub.add_parser(
-        name, help=help, epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = add_command(sub, name, help=help, epilog=EVAL_EPILOG)
     _eval_common(p)
     p.add_argument(
         "--k",
@@ -53,7 +52,7 @@ def _protocol_parser(sub: Any, name: str, help: str, k: int, k_source: str) -> a
 def _eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="h5 file/dir/glob, a folder source, or prepared shards")
     p.add_argument("--format", default="auto", help="source format (auto-detected)")
-    p.add_argument("--up-axis", default="y", choices=["x", "y", "z"], help="the source's up axis")
+    add_up_axis(p)
     p.add_argument(
         "--variant",
         choices=SCANOBJECTNN_VARIANTS,
@@ -73,6 +72,19 @@ def _eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=opt.device, default="auto", help="cpu, cuda, cuda:1, or auto")
     p.add_argument("--seed", type=opt.seed, default=0)
     p.add_argument("--out", help="write report.json (and plots) here")
+
+
+def add_num_points(p: argparse.ArgumentParser) -> None:
+    """``--num-points`` of ``eval svm``, ``knn`` and ``report``: the first 1024 points by default."""
+    p.add_argument(
+        "--num-points", type=opt.positive_int, default=1024, help="first N points of each cloud (1024)"
+    )
+
+
+def add_fewshot_settings(p: argparse.ArgumentParser) -> None:
+    """``--ways`` and ``--shots`` of ``eval fewshot`` and ``report``: the N-way K-shot settings."""
+    p.add_argument("--ways", type=opt.positive_ints, default="5,10")
+    p.add_argument("--shots", type=opt.positive_ints, default="10,20")
 
 
 def _protocols(args: argparse.Namespace) -> tuple[str, ...]:
@@ -202,21 +214,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_eval_parsers(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add ``eval`` (with ``svm`` and ``fewshot``) and ``export`` to the top-level subparsers ``sub``."""
-    p_eval = sub.add_parser(
+    """Add ``eval`` (with ``svm``, ``knn``, ``fewshot`` and ``report``) and ``export`` to the top-level
+    subparsers ``sub``."""
+    p_eval = add_command(
+        sub,
         "eval",
         help="linear SVM, kNN and few-shot on frozen features (CrossPoint protocols + clean ones)",
         description="Evaluate a point encoder's frozen features as in the papers.",
         epilog=EVAL_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     eval_sub = p_eval.add_subparsers(dest="eval_command", metavar="PROTOCOL", required=True)
     p_svm = _protocol_parser(
         eval_sub, "svm", "linear SVM: overall and mean class accuracy", 15, "CrossPoint's SVM notebook"
     )
-    p_svm.add_argument(
-        "--num-points", type=opt.positive_int, default=1024, help="first N points of each cloud (1024)"
-    )
+    add_num_points(p_svm)
     p_svm.add_argument(
         "--c", type=opt.positive_float, default=0.01, help="C of the crosspoint protocol (notebook: 0.01)"
     )
@@ -228,9 +239,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction[Any]) -> None:
         15,
         "the SVM",
     )
-    p_knn.add_argument(
-        "--num-points", type=opt.positive_int, default=1024, help="first N points of each cloud (1024)"
-    )
+    add_num_points(p_knn)
     p_knn.add_argument(
         "--knn-k", type=opt.positive_ints, default="20,200", help="neighbours that vote, one or more (20,200)"
     )
@@ -247,8 +256,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     p_fs.add_argument(
         "--num-points", type=opt.positive_int, default=None, help="first N points (default: all)"
     )
-    p_fs.add_argument("--ways", type=opt.positive_ints, default="5,10")
-    p_fs.add_argument("--shots", type=opt.positive_ints, default="10,20")
+    add_fewshot_settings(p_fs)
     p_fs.add_argument("--queries", type=opt.positive_int, default=20, help="queries per class")
     p_fs.add_argument(
         "--episodes", type=opt.positive_int, default=10, help="episodes per setting (CrossPoint script: 50)"
@@ -261,9 +269,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction[Any]) -> None:
         15,
         "the SVM",
     )
-    p_rep.add_argument(
-        "--num-points", type=opt.positive_int, default=1024, help="first N points of each cloud (1024)"
-    )
+    add_num_points(p_rep)
     p_rep.add_argument(
         "--c", type=opt.positive_float, default=0.01, help="C of the papers' SVM (notebook: 0.01)"
     )
@@ -273,12 +279,12 @@ def add_eval_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     p_rep.add_argument(
         "--temperature", type=opt.positive_float, default=0.07, help="kNN vote weight exp(cos / T)"
     )
-    p_rep.add_argument("--ways", type=opt.positive_ints, default="5,10")
-    p_rep.add_argument("--shots", type=opt.positive_ints, default="10,20")
+    add_fewshot_settings(p_rep)
     p_rep.add_argument("--queries", type=opt.positive_int, default=20, help="few-shot queries per class")
     p_rep.add_argument("--episodes", type=opt.positive_int, default=10, help="few-shot episodes per setting")
 
-    p_export = sub.add_parser(
+    p_export = add_command(
+        sub,
         "export",
         help="write a checkpoint's point backbone (state dict + meta.json) for evaluation or fine-tuning",
         description="Export the online point encoder (without projection head) of a pretraining checkpoint.",

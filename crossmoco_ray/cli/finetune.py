@@ -1,4 +1,5 @@
-"""``crossmoco finetune cls``: supervised fine-tuning on Ray Train (registered by ``cli.build_parser``).
+"""``crossmoco finetune {cls,partseg}``: supervised fine-tuning on Ray Train, its parsers and handler
+(registered on the top-level parser by :func:`crossmoco_ray.cli.main.build_parser`).
 
 The fine-tuning configuration (:mod:`crossmoco_ray.config.finetune`) resolves like pretraining's:
 defaults ← ``--preset`` ← ``--config`` ← ``KEY=VALUE`` overrides, checked by ``parse_command`` before
@@ -13,6 +14,7 @@ from typing import Any
 
 from crossmoco_ray.bounded import clip
 from crossmoco_ray.cli import options as opt
+from crossmoco_ray.cli.common import add_command, add_config_file, add_run_options, add_up_axis
 from crossmoco_ray.data.sources.variants import SCANOBJECTNN_VARIANTS
 
 FINETUNE_EPILOG = """\
@@ -115,24 +117,16 @@ def _task_parser(
 ) -> argparse.ArgumentParser:
     from crossmoco_ray.config.finetune import finetune_preset_names
 
-    c: argparse.ArgumentParser = sub.add_parser(
-        task,
-        help=help,
-        description=description,
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    c = add_command(sub, task, help=help, description=description, epilog=epilog)
     c.add_argument("--checkpoint", help="the encoder to start from; omitted: random init")
     c.add_argument(
         "--preset",
         default=preset,
         help=f"a shipped fine-tuning preset ({', '.join(finetune_preset_names())}); default: {preset}",
     )
-    c.add_argument("--config", metavar="FILE", help="a YAML file of overrides, applied after the preset")
+    add_config_file(c)
     c.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=0.05")
-    c.add_argument("--name", type=opt.run_name, help="run name (relaunch the same name to resume)")
-    c.add_argument("--storage", help="checkpoints and results (path or URI); default ./crossmoco_runs")
-    c.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    add_run_options(c)
     c.add_argument("--show-config", action="store_true", help="print the resolved configuration and exit")
     c.set_defaults(func=cmd_finetune, check=_resolve, up_axis="y", variant=None)
     return c
@@ -141,7 +135,8 @@ def _task_parser(
 def add_finetune_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     from crossmoco_ray.config.finetune import DEFAULT_FINETUNE_PRESET
 
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "finetune",
         help="supervised fine-tuning of a pretrained (or random-init) point encoder on Ray Train",
         description="Fine-tune a point encoder with a task head: classification (cls), part segmentation "
@@ -157,7 +152,7 @@ def add_finetune_parsers(sub: argparse._SubParsersAction[Any]) -> None:
         DEFAULT_FINETUNE_PRESET,
     )
     c.add_argument("--data", help="labelled source with train and test splits (h5, folders, shards)")
-    c.add_argument("--up-axis", default="y", choices=["x", "y", "z"], help="the source's up axis")
+    add_up_axis(c)
     c.add_argument("--variant", choices=SCANOBJECTNN_VARIANTS, metavar="VARIANT", help="ScanObjectNN variant")
     s = _task_parser(
         fsub,

@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Any
 
+from crossmoco_ray.cli.common import add_command
 from crossmoco_ray.data.prepare.sample_checks import MIN_POINTS
 from crossmoco_ray.data.render.camera import MAX_SIZE, MIN_SIZE
 from crossmoco_ray.data.sources.variants import SCANOBJECTNN_VARIANTS
@@ -182,12 +183,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def add_prepare_parser(sub: argparse._SubParsersAction[Any]) -> None:
     """Add ``prepare`` to the top-level subparsers ``sub``."""
-    p_prep = sub.add_parser(
+    p_prep = add_command(
+        sub,
         "prepare",
         help="turn a dataset into validated Parquet shards (+ renders) for training",
         description="Convert a source into Parquet shards with a manifest, validating every object.",
         epilog=PREPARE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p_prep.add_argument("source", help="a directory, an .h5 file or glob, or 'synthetic'")
     p_prep.add_argument("--out", required=True, help="output directory or URI (s3://, gs://, file://)")
@@ -303,13 +304,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def add_verify_parser(sub: argparse._SubParsersAction[Any]) -> None:
     """Add ``verify`` to the top-level subparsers ``sub``."""
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "verify",
         help="check prepared shards completely: manifest, paths, sizes, checksums, counts",
         description="The full integrity check of a prepared dataset: every byte of every shard against the "
         "manifest's digests, the manifest against its seal and against the files' own metadata.",
         epilog=VERIFY_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("shards", help="a prepared dataset: the directory or URI given to `prepare --out`")
     p.set_defaults(func=cmd_verify)
