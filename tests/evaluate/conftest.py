@@ -1,4 +1,4 @@
-"""The evaluation tests use the checkpoint fixture of tests/checkpoints ."""
+"""The evaluation tests use the checkpoint fixture of tests/checkpoints: a real checkpoint of a tiny model."""
 
 from tests.checkpoints.conftest import checkpoint
 
