@@ -14,8 +14,8 @@ Loading is strict: every key must match in name and shape; the only keys allowed
 projection head's, and only when the file has no head at all (exported backbones).
 
 Every file read here may be damaged or hostile: a checkpoint's stored config is bounded and validated
-like ``--config`` (:func:`~crossmoco_ray.config.loading.validate_stored`), ``meta.json`` is read up to a size,
-every tensor must hold the data its shape claims, and the encoder is first built on the ``meta`` device
+like ``--config`` (:func:`~crossmoco_ray.config.validation.validate_stored`), ``meta.json`` is read up to a
+size, every tensor must hold the data its shape claims, and the encoder is first built on the ``meta`` device
 and matched against the file's shapes, so that no size written in a file is allocated before the file's
 own tensors confirm it. Each problem is a ``ValueError`` (or ``ConfigError``) naming the file.
 """
