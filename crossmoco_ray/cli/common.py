@@ -1,7 +1,7 @@
 """What several ``crossmoco`` command groups share: the shape of a subcommand's parser, the configuration
 arguments and their resolution (``pretrain``, ``tune``, ``config show``; ``--config`` also ``finetune``), the
 options of a run (``--data``, ``--name``, ``--storage``, ``--no-tracking``, ``--up-axis``) and the start of
-a Ray job (``pretrain``, ``tune``).
+a Ray job (``pretrain``, ``tune``); and :class:`ParsedCommand`, a command line as read.
 
 Each helper adds its options under one definition (name, type, default, help), so that the commands that
 share an option cannot drift apart; options that differ between commands stay with their command.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from crossmoco_ray.cli import options as opt
@@ -19,7 +20,29 @@ from crossmoco_ray.config.loading import load_config, preset_names
 from crossmoco_ray.config.schema import DEFAULT_PRESET, Config
 
 if TYPE_CHECKING:
-    from crossmoco_ray.cli.main import ParsedCommand
+    from crossmoco_ray.tuning.space import Space
+
+
+@dataclass(frozen=True)
+class ParsedCommand:
+    """A command line as ``crossmoco`` reads it, before anything runs.
+
+    ``form`` is the subcommand path ("pretrain", "eval svm", "config show"; "" for a bare ``crossmoco``).
+    ``config`` is the resolved, checked configuration of the commands that take one (``pretrain``, ``tune``,
+    ``config show``) and None for the others; ``space`` is ``tune``'s search space, checked against it.
+    """
+
+    form: str
+    args: argparse.Namespace
+    config: Config | None = None
+    space: Space | None = None
+
+    def run(self) -> int:
+        if self.config is not None:
+            code: int = self.args.configured(self)
+        else:
+            code = self.args.func(self.args)
+        return code
 
 
 def add_command(

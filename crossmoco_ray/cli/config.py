@@ -15,7 +15,7 @@ from crossmoco_ray.config.loading import preset_names, preset_text
 from crossmoco_ray.config.serialized import to_yaml
 
 if TYPE_CHECKING:
-    from crossmoco_ray.cli.main import ParsedCommand
+    from crossmoco_ray.cli.common import ParsedCommand
 
 CONFIG_EPILOG = """\
 examples:

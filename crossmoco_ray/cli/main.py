@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 from crossmoco_ray import __version__
 from crossmoco_ray.bounded import clip
-from crossmoco_ray.cli.common import resolve_config
+from crossmoco_ray.cli.common import ParsedCommand, resolve_config
 from crossmoco_ray.cli.config import CONFIG_EPILOG, add_config_parsers
 from crossmoco_ray.cli.crash_report import exception_line, save_traceback
 from crossmoco_ray.cli.doctor import add_doctor_parser
@@ -33,8 +32,7 @@ from crossmoco_ray.cli.tune import add_tune_parser
 from crossmoco_ray.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from crossmoco_ray.config.schema import Config
-    from crossmoco_ray.tuning import Space
+    pass
 
 
 class UsageError(Exception):
@@ -55,28 +53,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(self, message)
-
-
-@dataclass(frozen=True)
-class ParsedCommand:
-    """A command line as ``crossmoco`` reads it, before anything runs.
-
-    ``form`` is the subcommand path ("pretrain", "eval svm", "config show"; "" for a bare ``crossmoco``).
-    ``config`` is the resolved, checked configuration of the commands that take one (``pretrain``, ``tune``,
-    ``config show``) and None for the others; ``space`` is ``tune``'s search space, checked against it.
-    """
-
-    form: str
-    args: argparse.Namespace
-    config: Config | None = None
-    space: Space | None = None
-
-    def run(self) -> int:
-        if self.config is not None:
-            code: int = self.args.configured(self)
-        else:
-            code = self.args.func(self.args)
-        return code
 
 
 def _form(args: argparse.Namespace) -> str:

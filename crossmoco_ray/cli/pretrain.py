@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from crossmoco_ray.cli.common import add_command, add_config_args, add_run_options, add_shards_data, launch
 
 if TYPE_CHECKING:
-    from crossmoco_ray.cli.main import ParsedCommand
+    from crossmoco_ray.cli.common import ParsedCommand
     from crossmoco_ray.config.schema import Config
 
 PRETRAIN_EPILOG = """\

@@ -14,7 +14,7 @@ from crossmoco_ray.cli import options as opt
 from crossmoco_ray.cli.common import add_command, add_config_args, add_no_tracking, add_shards_data, launch
 
 if TYPE_CHECKING:
-    from crossmoco_ray.cli.main import ParsedCommand
+    from crossmoco_ray.cli.common import ParsedCommand
     from crossmoco_ray.config.schema import Config
     from crossmoco_ray.tuning import Space
 

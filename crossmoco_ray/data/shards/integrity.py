@@ -47,6 +47,7 @@ from crossmoco_ray.data.shards.manifest import (
     is_symlink,
     join_uri,
     sha256_hex,
+    shard_schema,
 )
 from crossmoco_ray.errors import DataError
 from crossmoco_ray.storage import resolve
@@ -124,8 +125,6 @@ def file_digests(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
 
 def check_schema(schema: pa.Schema, num_points: int) -> None:
     """The columns the readers use, of the shard schema's types, and points of ``[num_points, 3]``."""
-    from crossmoco_ray.data.shards.writer import shard_schema
-
     want = shard_schema(num_points)
     points = schema.field("points").type if "points" in schema.names else None
     shape = getattr(points, "shape", None)

@@ -29,6 +29,7 @@ import re
 import stat
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from crossmoco_ray.bounded import printable
@@ -291,3 +292,16 @@ def failure_text(err: BaseException) -> str:
     """A library's error as one bounded line."""
     text = " ".join(str(err).split()) or type(err).__name__
     return printable(text, 300)
+
+
+def shard_schema(num_points: int) -> pa.Schema:
+    """The Arrow schema of a shard whose clouds have ``num_points`` points each."""
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("label", pa.int32()),
+            ("split", pa.string()),
+            ("points", pa.fixed_shape_tensor(pa.float32(), [num_points, 3])),
+            ("views", pa.list_(pa.binary())),
+        ]
+    )

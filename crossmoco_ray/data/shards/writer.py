@@ -1,4 +1,4 @@
-"""Rows of one split → ``<split>-<nnnnn>.parquet`` shard files (the shard schema of :mod:`.shards`).
+"""Rows of one split → ``<split>-<nnnnn>.parquet`` shards (the columns of :func:`.manifest.shard_schema`).
 
 Rows are buffered into row groups of ``row_group_rows`` and files of at most ``rows_per_shard`` rows, zstd
 compressed, with Parquet's page checksums (so any Parquet reader can check the pages);
@@ -16,19 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from crossmoco_ray.data.shards.integrity import file_digests
-
-
-def shard_schema(num_points: int) -> pa.Schema:
-    """The Arrow schema of a shard whose clouds have ``num_points`` points each."""
-    return pa.schema(
-        [
-            ("id", pa.string()),
-            ("label", pa.int32()),
-            ("split", pa.string()),
-            ("points", pa.fixed_shape_tensor(pa.float32(), [num_points, 3])),
-            ("views", pa.list_(pa.binary())),
-        ]
-    )
+from crossmoco_ray.data.shards.manifest import shard_schema
 
 
 class ShardWriter:
