@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,30 @@ class RaiseAtStep:
     def __call__(self, info: StepInfo) -> None:
         if info.step == self.step:
             raise RuntimeError(f"the callback refuses step {info.step}")
+
+
+@dataclass
+class LocalSession:
+    """Ray Train's part, in this process: rank 0 of 1 on the CPU; reported checkpoints land in the run."""
+
+    run_dir: Path
+    registered: str | None = None
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+    def context(self) -> tuple[int, int, torch.device]:
+        return 0, 1, torch.device("cpu")
+
+    def registered_checkpoint(self) -> str | None:
+        return self.registered
+
+    def report(
+        self, metrics: dict[str, Any], checkpoint: Path | None = None, name: str | None = None
+    ) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint is not None:
+            assert name is not None
+            shutil.copytree(checkpoint, self.run_dir / name)
+            self.registered = str(self.run_dir / name)
 
 
 def run_gloo_ranks(

@@ -244,7 +244,7 @@ class TrainConfig(Section):
 BATCH_KEYS = ("batch_size", "batch_size_per_worker")
 
 
-# ScanObjectNN's variants (crossmoco_ray/data/sources/hdf5.py: SCANOBJECTNN_VARIANTS; a test keeps them
+# ScanObjectNN's variants (crossmoco_ray/data/sources/variants.py: SCANOBJECTNN_VARIANTS; a test keeps them
 # equal).
 ScanObjectNNVariant = Literal[
     "obj_bg",

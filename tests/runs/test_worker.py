@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from crossmoco_ray.pretrain.resolve import resolve_run
 from crossmoco_ray.pretrain.worker import PretrainJob, PretrainSpec
 from crossmoco_ray.runs.worker import Context, StepInfo, WorkerSpec, run_worker, start
 from crossmoco_ray.tracking import Tracker
+from tests.helpers import LocalSession
 
 TINY = [
     "model.k=4", "model.emb_dims=16", "model.point_head_hidden=16", "model.proj_dim=8",
@@ -42,30 +42,6 @@ TINY = [
     "train.checkpoint_every_steps=3", "train.deterministic=true", "tracking.enabled=false",
     "eval.num_points=32", "eval.final=false",
 ]  # fmt: skip
-
-
-@dataclass
-class LocalSession:
-    """Ray Train's part, in this process: rank 0 of 1 on the CPU; reported checkpoints land in the run."""
-
-    run_dir: Path
-    registered: str | None = None
-    reports: list[dict[str, Any]] = field(default_factory=list)
-
-    def context(self) -> tuple[int, int, torch.device]:
-        return 0, 1, torch.device("cpu")
-
-    def registered_checkpoint(self) -> str | None:
-        return self.registered
-
-    def report(
-        self, metrics: dict[str, Any], checkpoint: Path | None = None, name: str | None = None
-    ) -> None:
-        self.reports.append(dict(metrics))
-        if checkpoint is not None:
-            assert name is not None
-            shutil.copytree(checkpoint, self.run_dir / name)
-            self.registered = str(self.run_dir / name)
 
 
 class LocalShard:
