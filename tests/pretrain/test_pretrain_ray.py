@@ -17,11 +17,6 @@ import torch
 from crossmoco_ray.checkpoints.resume import HISTORY_FILE
 from crossmoco_ray.checkpoints.state import read_checkpoint
 from crossmoco_ray.config.loading import load_config
-from crossmoco_ray.data.prepare.options import PrepareOptions
-from crossmoco_ray.data.prepare.prepare import prepare
-from crossmoco_ray.data.render.splat import RenderSpec
-from crossmoco_ray.data.sources.formats import SyntheticSource
-from crossmoco_ray.errors import ConfigError
 from crossmoco_ray.pretrain.driver import EXIT_FAILED, EXIT_OK, pretrain
 from tests.data import fixtures
 from tests.helpers import KillAtStep
@@ -219,21 +214,3 @@ def test_exact_resume_equals_a_straight_run(ray_session: None, tmp_path: Path) -
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert len(client.get_metric_history(second["mlflow_run_id"], "random_val_svm_clean")) == 1
     assert len(client.get_metric_history(second["mlflow_run_id"], "val_svm_clean")) == 2
-
-
-def test_invalid_config_fails_before_any_worker_starts(tmp_path: Path) -> None:
-    import ray
-
-    with pytest.raises(ConfigError, match=r"use objective\.queue_length=4080 or 4100"):
-        tiny("objective.queue_length=4096", "train.batch_size=20", "train.num_workers=2")
-    shards = tmp_path / "shards"
-    prepare(
-        SyntheticSource({"train": 30}, num_points=64), str(shards), PrepareOptions(render=RenderSpec(size=16))
-    )
-    was_running = ray.is_initialized()
-    with pytest.raises(
-        ConfigError, match=r"data\.num_points=128 but the shards hold 64 .* data\.num_points=64"
-    ):
-        pretrain(tiny("data.num_points=128"), name="bad", storage=str(tmp_path), data=str(shards), log=print)
-    assert ray.is_initialized() == was_running  # nothing was started for it
-    assert not (tmp_path / "bad").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,9 +14,11 @@ from crossmoco_ray.data.render.splat import RenderSpec
 from crossmoco_ray.data.sources.formats import SyntheticSource
 from crossmoco_ray.errors import ConfigError
 from crossmoco_ray.pretrain.data_checks import iid_batch_classes
+from crossmoco_ray.pretrain.driver import pretrain
 from crossmoco_ray.pretrain.launch import monitor_spec, pipeline_options
 from crossmoco_ray.pretrain.resolve import resolve_run
 from tests.data import fixtures
+from tests.pretrain.test_pretrain_ray import TINY as RUN_TINY
 
 TINY = ["data.num_points=32", "eval.num_points=32", "tracking.enabled=false"]
 
@@ -103,3 +106,28 @@ def test_run_name_follows_what_is_trained_not_how_it_runs() -> None:
     assert default_name(same) == default_name(base)
     assert default_name(load_config("quickstart", overrides=["optim.lr=0.002"])) != default_name(base)
     assert default_name(load_config("quickstart", overrides=["train.precision=bf16"])) != default_name(base)
+
+
+def test_invalid_config_fails_before_any_worker_starts(tmp_path: Path) -> None:
+    """``pretrain`` refuses a bad config and a config that does not fit the data before Ray starts."""
+    import ray
+
+    with pytest.raises(ConfigError, match=r"use objective\.queue_length=4080 or 4100"):
+        tiny_config("objective.queue_length=4096", "train.batch_size=20", "train.num_workers=2")
+    shards = tmp_path / "shards"
+    prepare(
+        SyntheticSource({"train": 30}, num_points=64), str(shards), PrepareOptions(render=RenderSpec(size=16))
+    )
+    was_running = ray.is_initialized()
+    with pytest.raises(
+        ConfigError, match=r"data\.num_points=128 but the shards hold 64 .* data\.num_points=64"
+    ):
+        pretrain(
+            tiny_config("data.num_points=128"), name="bad", storage=str(tmp_path), data=str(shards), log=print
+        )
+    assert ray.is_initialized() == was_running  # nothing was started for it
+    assert not (tmp_path / "bad").exists()
+
+
+def tiny_config(*overrides: str) -> Any:
+    return load_config("quickstart", overrides=[*RUN_TINY, *overrides])
