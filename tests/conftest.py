@@ -29,3 +29,24 @@ def ray_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     ray.init(address="local", num_cpus=4, object_store_memory=300 * 1024**2, include_dashboard=True)
     yield
     ray.shutdown()
+
+
+# Seconds per test file (setup, call and teardown, module fixtures included), printed at the end of every run
+# beside --durations' slowest tests: CI time is budgeted, and a file's Ray fits hide in its fixtures.
+_FILE_SECONDS: dict[str, float] = {}
+FILES_SHOWN = 15
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    path = report.nodeid.split("::", 1)[0]
+    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _FILE_SECONDS:
+        return
+    total = sum(_FILE_SECONDS.values())
+    slowest = sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1])[:FILES_SHOWN]
+    terminalreporter.write_sep("=", f"slowest {len(slowest)} test files (of {total:.0f} s in tests)")
+    for path, seconds in slowest:
+        terminalreporter.write_line(f"{seconds:8.1f}s  {100 * seconds / total:4.1f}%  {path}")
