@@ -14,7 +14,7 @@ the rest:
   autocast, against the stated tolerances (``TOLERANCES`` in bench/gpu_sections.py, which holds the
   single-process sections).
 - ``no_sync``: the paper step under ``torch.cuda.set_sync_debug_mode("error")``: any host
-  synchronisation in it raises (what tests/train/test_gpu_path.py proves on fake tensors, on the real
+  synchronisation in it raises (what tests/pretrain/test_gpu_path.py proves on fake tensors, on the real
   kernels).
 - ``step``: the paper's step (DGCNN k=15, emb 1024, 2048 points; ResNet-50 at 224 px; 2 views; batch 20;
   K=4000) as samples/s and peak ``torch.cuda.max_memory_allocated``: the reference EdgeConv (every edge

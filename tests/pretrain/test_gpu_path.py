@@ -31,9 +31,9 @@ CUDA = torch.device("cuda", 0)
 PER_RANK = 4
 # The loop's named reads of the device, once per log window or checkpoint: nothing else may read.
 NAMED_READS = (
-    "train/progress.py:take_window",
-    "train/progress.py:loss_finite",
-    "train/progress.py:epoch_summary",
+    "pretrain/console.py:take_window",
+    "pretrain/console.py:loss_finite",
+    "pretrain/console.py:epoch_summary",
 )
 # Ops that torch.use_deterministic_algorithms(True) refuses on CUDA (no deterministic kernel): with
 # train.deterministic=true a GPU run would stop at the first one (torch's docs list them).
