@@ -32,7 +32,7 @@ from ray.cluster_utils import Cluster
 from crossmoco_ray.config.loading import load_config
 from crossmoco_ray.pretrain.driver import pretrain
 from crossmoco_ray.checkpoints.state import read_checkpoint
-from crossmoco_ray.pretrain.worker import HISTORY_FILE
+from crossmoco_ray.checkpoints.resume import HISTORY_FILE
 from mlflow.tracking import MlflowClient
 
 storage, overrides, every = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
