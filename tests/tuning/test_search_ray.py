@@ -17,7 +17,7 @@ import yaml
 
 from crossmoco_ray.checkpoints.resume import HISTORY_FILE
 from crossmoco_ray.config.loading import load_config
-from crossmoco_ray.pretrain.driver import EXIT_OK, pretrain
+from crossmoco_ray.pretrain.resolve import resolve_run
 from crossmoco_ray.tuning import parse_space
 from crossmoco_ray.tuning.search import tune_search
 from tests.data import fixtures
@@ -109,7 +109,9 @@ def test_mlflow_holds_a_parent_and_a_child_per_trial(search: dict[str, Any]) -> 
     assert {"trials.md", "trials.csv", "best.yaml", "loss_vs_params.png"} <= artifacts
 
 
-def test_best_preset_loads_and_runs(search: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_best_preset_loads_and_resolves(search: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search's best.yaml is a configuration a run starts from: it loads, and resolves against its data
+    (the trials already trained on these values)."""
     monkeypatch.chdir(search["storage"])  # best.yaml keeps the user's relative eval.data
     best = Path(search["summary"]["best_config"])
     assert best.is_file()
@@ -117,9 +119,10 @@ def test_best_preset_loads_and_runs(search: dict[str, Any], monkeypatch: pytest.
     cfg = load_config(config_file=best, overrides=["train.epochs=1", "tracking.enabled=false"])
     assert cfg.objective.weight_point == 1.0
     assert cfg.objective.momentum == pytest.approx(search["summary"]["best"]["objective.momentum"])
-    code, summary = pretrain(cfg, name="from-best", storage=str(search["storage"]), log=lambda m: None)
-    assert code == EXIT_OK
-    assert summary["metrics"]["epoch"] == 1
+    run = resolve_run(cfg, name="from-best", storage=str(search["storage"]), log=lambda m: None)
+    assert run.steps_per_epoch > 0
+    assert run.cfg.eval.data is not None
+    assert Path(run.cfg.eval.data).is_absolute()  # resolved here, as the workers need it
 
 
 # The interruption test runs the CLI in its own process (its own local Ray), stops it with SIGINT once the
@@ -128,8 +131,8 @@ def test_interrupted_search_resumes(tmp_path: Path) -> None:
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({k: v for k, v in SPACE.items() if k != "objective.weight_point"}))
     storage = tmp_path / "runs"
-    overrides = [*SEARCH, "train.epochs=3", "tune.scheduler=fifo"]
-    cmd = [sys.executable, "-m", "crossmoco_ray.cli", "tune", "--space", str(space), "--trials", "2",
+    overrides = [*SEARCH, "train.epochs=2", "tune.scheduler=fifo"]
+    cmd = [sys.executable, "-m", "crossmoco_ray.cli", "tune", "--space", str(space), "--trials", "1",
            "--name", "s", "--storage", str(storage), *overrides]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(_short_tmp())}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -145,7 +148,7 @@ def test_interrupted_search_resumes(tmp_path: Path) -> None:
     assert proc.returncode == 130, out[-3000:]
     assert "--resume" in out
     started = {p.parents[1].name for p in trials.glob("*/epoch_0001/state.pt")}
-    unfinished = started - {p.parents[1].name for p in trials.glob("*/epoch_0003/state.pt")}
+    unfinished = started - {p.parents[1].name for p in trials.glob("*/epoch_0002/state.pt")}
     assert unfinished, out[-3000:]  # a trial was interrupted after a checkpoint and before its end
 
     resumed = subprocess.run(
@@ -155,12 +158,12 @@ def test_interrupted_search_resumes(tmp_path: Path) -> None:
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-4000:]
     assert "resuming search s" in log
-    assert len(list(trials.glob("*/epoch_0003/state.pt"))) == 2, log[-3000:]
+    assert len(list(trials.glob("*/epoch_0002/state.pt"))) == 1, log[-3000:]
     summary = (storage / "s" / "summary" / "trials.md").read_text()
-    assert summary.count("| completed |") == 2
+    assert summary.count("| completed |") == 1
     # The interrupted trial went on from its checkpoint, not from scratch.
     for trial in unfinished:
-        history = json.loads((trials / trial / "epoch_0003" / HISTORY_FILE).read_text())
+        history = json.loads((trials / trial / "epoch_0002" / HISTORY_FILE).read_text())
         assert history["epochs"][-1]["attempt_start_step"] > 0, history["epochs"]
 
 
