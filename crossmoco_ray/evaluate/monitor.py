@@ -85,11 +85,11 @@ class MonitorSpec:
 class Monitor:
     train: EvalSplit
     val: EvalSplit
-    source: str = ""
-    C: float = 0.1
-    knn_k: int = 20
-    crosspoint: bool = True
-    normalize: bool = True  # clouds centred and scaled as training prepared them
+    source: str
+    C: float  # these four from the MonitorSpec (its defaults are the only ones)
+    knn_k: int
+    crosspoint: bool
+    normalize: bool  # clouds centred and scaled as training prepared them
     batch_size: int = 32
     device: str = "auto"
     baseline: dict[str, float] = field(default_factory=dict)
