@@ -74,7 +74,8 @@ class StepInfo:
 StepCallback = Callable[[StepInfo], Any]
 """Called on every rank after every step (and after the step's log window and checkpoint, where it has
 them); a true return value asks the run to stop (agreed on all ranks at the next log window: the run then
-saves a checkpoint and ends with status ``stopped``). Must pickle: it travels to the workers in their spec."""
+saves a checkpoint — at an epoch's last step, after that epoch's evaluation — and ends with status
+``stopped``). Must pickle: it travels to the workers in their spec."""
 
 
 @dataclass
@@ -145,6 +146,7 @@ class Context:
     step: int = 0
     attempt_start_step: int = 0  # where this start of the worker group began (0, or a checkpoint's step)
     history: dict[str, Any] = field(default_factory=lambda: {"epochs": []})
+    stop_after_epoch: bool = False  # a callback asked to stop on the epoch's last step
 
     @property
     def steps_per_epoch(self) -> int:
@@ -289,6 +291,9 @@ def run_epoch(ctx: Context, job: Job, epoch: int, skip: int) -> dict[str, Any] |
         for callback in ctx.spec.step_callbacks:
             stop_asked = bool(callback(info)) or stop_asked
         if window is not None and ctx.spec.step_callbacks and not all_ranks(not stop_asked, ctx.device):
+            if ctx.step % spe == 0:  # the epoch's last step: its evaluation and checkpoint come first
+                ctx.stop_after_epoch = True
+                break
             if not checkpoint_now:
                 save(ctx, job, epoch, _mid_epoch_metrics(ctx, job, epoch))
             return _stop(ctx, epoch, "stopped", {})
@@ -319,4 +324,6 @@ def run_worker(ctx: Context, job: Job) -> dict[str, Any]:
         metrics = job.end_epoch(ctx, epoch)
         metrics |= {"epoch": epoch + 1, "step": ctx.step, "attempt_start_step": ctx.attempt_start_step}
         save(ctx, job, epoch + 1, {**metrics, CHECKPOINT_PRIORITY: epoch + 1})
+        if ctx.stop_after_epoch:
+            return _stop(ctx, epoch, "stopped", {})
     return {"status": "finished", "epoch": ctx.epochs, "step": ctx.step}

@@ -241,3 +241,12 @@ def test_a_callback_sees_every_step_and_can_stop_the_run(tmp_path: Path) -> None
     assert out == {"status": "stopped", "epoch": 1, "step": 6}
     assert seen == [(0, 1, False), (0, 2, True), (0, 3, False), (0, 4, True), (1, 1, False), (1, 2, True)]
     assert session.registered == str(tmp_path / "step_00000006")  # the state it stopped at is kept
+
+
+def test_a_stop_asked_at_an_epochs_last_step_comes_after_its_evaluation_and_checkpoint(
+    tmp_path: Path,
+) -> None:
+    out, ctx, session = scripted(tmp_path, [1.0] * 12, (lambda info: info.step == 4,))
+    assert out == {"status": "stopped", "epoch": 0, "step": 4}
+    assert ctx.history["epochs"] == [{"epoch": 1}]  # the epoch's end ran
+    assert session.registered == str(tmp_path / "epoch_0001")
