@@ -64,6 +64,8 @@ class PrepareOptions:
         meshes = meshes and not self.render.points_only
         if not self.render.points_only:
             render.pop("points_only")  # the fingerprints of datasets prepared before the option hold
+        if self.render.zoom == 1.0:
+            render.pop("zoom")  # likewise
         if self.render.mode != "shaded" and not meshes:
             # Lighting only shapes shaded views (and every mesh render): leaving it out keeps the fingerprints
             # of datasets prepared before it existed, so re-running their prepare command stays a no-op.

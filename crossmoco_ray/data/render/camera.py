@@ -21,6 +21,7 @@ FILL = 0.9  # fraction of the image side spanned by the unit sphere the cloud is
 MIN_SIZE, MAX_SIZE = 8, 4096
 MAX_SUPERSAMPLED = 8192
 MAX_VIEWS = 256
+MIN_ZOOM, MAX_ZOOM = 0.25, 4.0
 
 # Proper rotations taking the named up axis of the data to +y, so one camera convention serves all.
 TO_Y_UP: dict[str, np.ndarray] = {
@@ -50,6 +51,8 @@ class RenderSpec:
         normal_neighbours: shaded points: neighbours per point for the normal estimate.
         points_only: render splats of the points (in ``mode``) even for objects that come with a mesh
             (what every source got before meshes were read; for A/B comparisons of the renders).
+        zoom: scale of the object in the image: the unit sphere spans ``FILL · zoom`` of the side (the
+            orthographic camera's "distance"; fresh viewpoints jitter it, :mod:`.viewpoints`).
     """
 
     azimuths: tuple[float, ...] = (0.0, 60.0, 120.0, 180.0, 240.0, 300.0)
@@ -63,6 +66,7 @@ class RenderSpec:
     supersample: int = 2
     normal_neighbours: int = 16
     points_only: bool = False
+    zoom: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("azimuths", "elevations"):
@@ -100,12 +104,18 @@ class RenderSpec:
             )
         if self.normal_neighbours < 3:
             raise ValueError(f"RenderSpec.normal_neighbours must be at least 3, got {self.normal_neighbours}")
+        if not (np.isfinite(self.zoom) and MIN_ZOOM <= self.zoom <= MAX_ZOOM):
+            raise ValueError(f"RenderSpec.zoom must lie in [{MIN_ZOOM}, {MAX_ZOOM}], got {self.zoom!r:.50}")
         if self.up_axis not in TO_Y_UP:
             raise ValueError(f"RenderSpec.up_axis must be 'x', 'y' or 'z', got {self.up_axis!r}")
 
     @property
     def num_views(self) -> int:
         return len(self.azimuths) * len(self.elevations)
+
+    def pixels_per_unit(self, size: int | None = None) -> float:
+        """Pixels per unit of the normalised object along an image axis at ``size`` (default: ``size``)."""
+        return FILL * self.zoom * (self.size if size is None else size) / 2
 
 
 def camera_rotations(spec: RenderSpec) -> np.ndarray:

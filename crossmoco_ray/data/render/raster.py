@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from crossmoco_ray.data.render.camera import FILL, RenderSpec, camera_rotations, normalise
+from crossmoco_ray.data.render.camera import RenderSpec, camera_rotations, normalise
 
 SHADE_RANGE = (30, 255)  # grey of intensity 0 and 1; the background stays 0
 CHUNK = 1 << 13  # (triangle, pixel) candidates at once: 64 KB temporaries, in cache and not mmapped
@@ -74,7 +74,7 @@ def render_mesh(vertices: np.ndarray, faces: np.ndarray, spec: RenderSpec) -> np
 
 def _rasterise(cam: np.ndarray, faces: np.ndarray, size: int, spec: RenderSpec) -> np.ndarray:
     """One view: ``cam [V, 3]`` vertices (camera frame) → ``[size, size]`` grey levels (0 = background)."""
-    scale = FILL * size / 2
+    scale = spec.pixels_per_unit(size)
     # Pixel coordinates: column x grows to the right, row y downwards; pixel (r, c) has its centre at
     # (c + 0.5, r + 0.5).
     px = size / 2 + cam[:, 0] * scale

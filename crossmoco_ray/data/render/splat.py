@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from crossmoco_ray.data.render.camera import FILL, TO_Y_UP, RenderSpec, camera_rotations, normalise
+from crossmoco_ray.data.render.camera import TO_Y_UP, RenderSpec, camera_rotations, normalise
 from crossmoco_ray.data.render.raster import SHADE_RANGE, estimate_normals, intensity
 
 __all__ = [
@@ -70,7 +70,7 @@ def render_views(points: np.ndarray, spec: RenderSpec | None = None) -> np.ndarr
 
     # Continuous pixel coordinates (the unit sphere spans FILL of the side, centred); a splat of side k
     # covers the k pixels whose centres are nearest the point along each axis.
-    scale = FILL * S / 2
+    scale = spec.pixels_per_unit()
     col0 = np.floor(S / 2 + cam[..., 0] * scale - (k - 1) / 2).astype(np.int64)  # [V, N]
     row0 = np.floor(S / 2 - cam[..., 1] * scale - (k - 1) / 2).astype(np.int64)
     depth = cam[..., 2]  # larger is nearer
