@@ -9,17 +9,11 @@
   (:func:`neighbour_max_backward`), for the fused EdgeConv: torch's CSR max product records its arg-max
   as int64 and only through autograd.
 
-The C file has no Python or torch headers, so it builds in well under a second with ``cc -O3
--march=native`` and is loaded with :mod:`ctypes`; work is split over ``torch.get_num_threads()`` threads
-(ctypes releases the GIL during a call). The library is cached under ``$CROSSMOCO_CACHE`` (default
-``~/.cache/crossmoco-ray``) in ``kernels/``, keyed by the source, the compiler and the CPU's model and
-flags, so nodes of different CPU types that share a home directory each get their own build. That key can
-be computed by anyone, so a cached library is loaded only if no other user could have written it: a regular
-file (not a link) of the current user that nobody else may write (a user private group aside), in a
-directory chain that nobody else may change, matching the SHA-256 recorded beside it
-when it was built (``.so.sha256``). A bad file in a safe cache is rebuilt in place; a cache others can write
-to is left alone and the library is built in a private temporary directory (one warning naming the path
-and the reason, either way). Those checks are in :mod:`crossmoco_ray.nn.trusted_files`.
+The C file has no Python or torch headers; it is built with ``cc -O3 -march=native`` at first use, checked,
+cached and loaded by :mod:`crossmoco_ray.nn.native` (the cache under ``$CROSSMOCO_CACHE``, default
+``~/.cache/crossmoco-ray``, in ``kernels/``, keyed by the source, the compiler and the CPU; a cached library
+is loaded only if no other user could have written it). Work is split over ``torch.get_num_threads()``
+threads (ctypes releases the GIL during a call).
 Without a compiler, if the build fails or if the library lacks a kernel, the graph falls back to
 ``torch.topk`` and CSR products with one warning per process (same results, slower);
 ``CROSSMOCO_KNN=torch`` forces the fallback.
@@ -28,223 +22,22 @@ Without a compiler, if the build fails or if the library lacks a kernel, the gra
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import shlex
-import shutil
-import subprocess
-import sysconfig
-import tempfile
-import threading
-import warnings
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from importlib import resources
-from pathlib import Path
 
 import torch
 
-from crossmoco_ray.nn.precision import cpu_flags, cpu_name
-from crossmoco_ray.nn.trusted_files import Untrusted, digest_path, dir_problem, verify_recorded
+from crossmoco_ray.nn.native import NativeLibrary, open_library
 
-logger = logging.getLogger(__name__)
-
-_SOURCE = "_knn.c"
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": the CDLL or None once tried; "pool": (threads, executor)
-
-
-def _after_fork() -> None:  # a forked child has none of the parent's pool threads, and maybe a held lock
-    global _lock
-    _lock = threading.Lock()
-    _state.pop("pool", None)
-
-
-os.register_at_fork(after_in_child=_after_fork)
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("CROSSMOCO_CACHE")
-    if root:
-        return Path(root).expanduser() / "kernels"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "crossmoco-ray" / "kernels"
-
-
-def _compiler() -> list[str] | None:
-    for candidate in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
-        if candidate:
-            argv = shlex.split(str(candidate))
-            if argv and shutil.which(argv[0]):
-                return argv
-    return None
-
-
-def _library_name(cc: list[str], src: Path) -> str:
-    """``knn-<key>.so``, keyed by the source, the compiler and the CPU's model and flags."""
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=False).stdout
-    parts = [src.read_text(), shlex.join(cc), version, cpu_name(), *sorted(cpu_flags())]
-    return f"knn-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.so"
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _compile(
-    cc: list[str], src: Path, out: Path, archs: tuple[list[str], ...] = (["-march=native"], [])
-) -> str | None:
-    """Build ``out`` with the first of ``archs`` that compiles, and record its SHA-256 beside it; ``None``
-    on success, else the complaints.
-
-    ``-march=native`` first (the vector kernels); a compiler that does not know it gets a portable build.
-    Both files are written under temporary names, synced and renamed into place, so a reader never sees
-    half a file.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    errors = []
-    try:
-        for arch in archs:
-            cmd = [*cc, "-O3", *arch, "-std=c11", "-fPIC", "-shared", "-o", tmp, str(src)]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if done.returncode == 0:
-                os.chmod(tmp, 0o755)  # the linker's mode follows the umask, which may let the group write
-                with open(tmp, "rb") as f:
-                    digest = hashlib.sha256(f.read()).hexdigest()
-                    os.fsync(f.fileno())
-                os.replace(tmp, out)
-                record = digest_path(out)
-                dfd, dtmp = tempfile.mkstemp(suffix=".sha256", dir=out.parent)
-                try:
-                    with os.fdopen(dfd, "wb") as f:
-                        f.write(f"{digest}  {out.name}\n".encode())
-                        f.flush()
-                        os.fchmod(f.fileno(), 0o644)
-                        os.fsync(f.fileno())
-                    os.replace(dtmp, record)
-                except BaseException:
-                    Path(dtmp).unlink(missing_ok=True)
-                    raise
-                _sync_dir(out.parent)
-                return None
-            errors.append(f"{shlex.join(cmd)}: {done.stderr.strip()[-500:]}")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return "; ".join(errors)
-
-
-_MAX_LIBRARY_BYTES = 64 << 20
-
-
-def open_library(so: Path) -> ctypes.CDLL:
-    """Load ``so`` if it and the SHA-256 recorded beside it at build time pass
-    :func:`~crossmoco_ray.nn.trusted_files.verify_recorded`; raises :class:`Untrusted` otherwise.
-
-    ``so`` lies in a directory that passed :func:`~crossmoco_ray.nn.trusted_files.dir_problem`, so once
-    checked only its owner can change it, and it is loaded by its path. (Not through the checked descriptor,
-    ``/proc/self/fd/N``: the dynamic loader knows libraries by name and would hand back an earlier one opened
-    under the same number.)
-    """
-    verify_recorded(so, _MAX_LIBRARY_BYTES)
-    return ctypes.CDLL(str(so))
-
-
-@contextmanager
-def _dir_lock(directory: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``directory``: processes building the same library take turns."""
-    try:
-        import fcntl
-    except ImportError:  # not on POSIX: no lock (a concurrent build still installs whole files)
-        yield
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _untrusted_warning(path: Path, reason: str, action: str) -> None:
-    warnings.warn(
-        f"crossmoco: not loading the kNN kernels from {path}: {reason}; {action}", RuntimeWarning, 4
-    )
-
-
-def _build_and_load(cc: list[str], src: Path) -> tuple[ctypes.CDLL | None, str, str]:
-    """``(library, where it came from, why not)``: the cached build if it can be trusted, else a fresh one.
-
-    The cache is shared by processes (and maybe users), and the key of a library is computable from public
-    inputs, so a file there is loaded only if its directory and itself are safe from other users and it
-    matches the SHA-256 recorded when it was built. A bad file in a safe cache is rebuilt in place; a cache
-    that another user could write to is not used: the library is built in a private temporary directory.
-    """
-    name = _library_name(cc, src)
-    cache = _cache_dir()
-    try:
-        for missing in reversed([d for d in (cache, *cache.parents) if not d.exists()]):
-            missing.mkdir(mode=0o700, exist_ok=True)  # each its user's alone, whatever the umask
-        cache = Path(os.path.realpath(cache))  # from here on, no link on the way can be swapped
-        problem = dir_problem(cache)
-        if problem is None:
-            with _dir_lock(cache):
-                so = cache / name
-                if os.path.lexists(so):
-                    try:
-                        return open_library(so), str(so), ""
-                    except Untrusted as err:
-                        _untrusted_warning(so, str(err), "rebuilding it")
-                why = _compile(cc, src, so)
-                return (open_library(so), str(so), "") if why is None else (None, "", why)
-    except OSError as err:  # an unwritable or missing cache
-        problem = f"it cannot be used ({err.strerror or err})"
-    _untrusted_warning(cache, problem, "building a private copy")
-    with tempfile.TemporaryDirectory(prefix="crossmoco-knn-") as private:  # mode 0700, this process's
-        so = Path(private) / name
-        why = _compile(cc, src, so)
-        # loaded, then removed with its directory: the process keeps its mapping
-        return (open_library(so), f"{so} (private, removed)", "") if why is None else (None, "", why)
-
-
-def _load() -> ctypes.CDLL | None:
-    if os.environ.get("CROSSMOCO_KNN", "").lower() == "torch":
-        return None
-    with _lock:
-        if "lib" in _state:
-            return _state["lib"]  # type: ignore[return-value]
-        lib, where, why = None, "", ""
-        try:
-            cc = _compiler()
-            if cc is None:
-                why = "no C compiler found (set CC, or install gcc or clang)"
-            else:
-                with resources.as_file(resources.files("crossmoco_ray.nn").joinpath(_SOURCE)) as src:
-                    lib, where, why = _build_and_load(cc, src)
-            if lib is not None:
-                _bind(lib)
-        except (OSError, Untrusted) as err:  # a library that does not load, or fails its checks
-            lib, why = None, str(err)[-500:]
-        except AttributeError as err:  # a library without one of the kernels
-            lib, why = None, f"{where} lacks a kernel function ({str(err)[-300:]})"
-        if lib is not None:
-            logger.debug("compiled kNN kernel: %s", where)
-        else:
-            warnings.warn(
-                f"crossmoco: the compiled kNN kernels are unavailable ({why}); the kNN graph uses torch.topk "
-                "and CSR products, which are slower on CPU. Results are the same.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        _state["lib"], _state["why"], _state["where"] = lib, why, where
-        return lib
+__all__ = [
+    "available",
+    "knn_direct",
+    "max_k",
+    "neighbour_max",
+    "neighbour_max_backward",
+    "neighbour_max_supported",
+    "open_library",  # checked loading of a cached build, here since before the builder was shared
+    "status",
+    "topk_rows",
+]
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -265,6 +58,23 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+_LIBRARY = NativeLibrary(
+    package="crossmoco_ray.nn",
+    source="_knn.c",
+    name="knn",
+    what="kNN kernels",
+    fallback="the kNN graph uses torch.topk and CSR products, which are slower on CPU. Results are the same.",
+    bind=_bind,
+    force_env="CROSSMOCO_KNN",
+    force_value="torch",
+)
+_state = _LIBRARY.state  # "lib": the CDLL or None once tried, "why", "where"; "pool": (threads, executor)
+
+
+def _load() -> ctypes.CDLL | None:
+    return _LIBRARY.load()
+
+
 def available() -> bool:
     """Whether the compiled kernels are built and loaded (building them if need be)."""
     return _load() is not None
@@ -273,15 +83,7 @@ def available() -> bool:
 def status() -> dict[str, str | bool]:
     """What a bug report needs: the compiler, the cache, whether the kernels load (building them if need
     be) and, if not, why."""
-    lib = _load()
-    cc = _compiler()
-    return {
-        "compiler": shlex.join(cc) if cc else "none",
-        "cache": str(_cache_dir()),
-        "loaded": lib is not None,
-        "library": str(_state.get("where") or "") if lib is not None else "",
-        "why_not": "" if lib is not None else str(_state.get("why") or "CROSSMOCO_KNN=torch"),
-    }
+    return _LIBRARY.status()
 
 
 def max_k() -> int:
@@ -294,17 +96,8 @@ def _run(fn: ctypes._CFuncPtr, total: int, before: tuple, after: tuple, grain: i
     threads = max(1, min(torch.get_num_threads(), total // grain or 1))
     ranges = [(total * t // threads, total * (t + 1) // threads) for t in range(threads)]
     call = lambda r: fn(*before, r[0], r[1], *after)  # noqa: E731
-    if threads == 1:
-        results = [call(ranges[0])]
-    else:
-        with _lock:
-            have = _state.get("pool")
-            if not isinstance(have, tuple) or have[0] != threads:
-                if isinstance(have, tuple):
-                    have[1].shutdown(wait=False)  # the thread count changed (torch.set_num_threads)
-                have = (threads, ThreadPoolExecutor(threads, thread_name_prefix="crossmoco-knn"))
-                _state["pool"] = have
-        results = list(have[1].map(call, ranges))
+    pool = _LIBRARY.executor(threads) if threads > 1 else None
+    results = list(pool.map(call, ranges)) if pool is not None else [call(ranges[0])]
     if any(r is not None and r != 0 for r in results):
         raise MemoryError("knn: the compiled kernel could not allocate its row buffer")
 

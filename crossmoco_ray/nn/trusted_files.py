@@ -3,9 +3,10 @@
 A file is trusted only if it is a regular file (not a link) of the current user that nobody else may write
 (:func:`others_can_write`: the mode bits, a POSIX access ACL, group write only from a user private group),
 in a directory chain that nobody else may change (:func:`dir_problem`); :func:`verify_recorded` also
-requires it to match the SHA-256 recorded beside it when it was written (:func:`digest_path`). The compiled
-kNN kernels' cache (:mod:`crossmoco_ray.nn.kernels`) loads a library only if it passes them, and
-``tune --resume`` checks a search's pickled state with :func:`others_can_write` before unpickling it.
+requires it to match the SHA-256 recorded beside it when it was written (:func:`digest_path`). The cache of
+compiled libraries (:mod:`crossmoco_ray.nn.native`: the kNN kernels, the mesh rasteriser) loads a library
+only if it passes them, and ``tune --resume`` checks a search's pickled state with :func:`others_can_write`
+before unpickling it.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossmoco_ray.nn import kernels, trusted_files
+from crossmoco_ray.nn import kernels, native, trusted_files
 from crossmoco_ray.nn.graph import knn
 
 needs_kernel = pytest.mark.skipif(
@@ -202,11 +202,12 @@ def test_the_avx2_and_portable_builds_select_alike(arch: str, tmp_path: Path, mo
 
     if arch == "avx2" and not {"avx2", "fma"} <= cpu_flags():
         pytest.skip("this CPU cannot run an AVX2 build")
-    cc = kernels._compiler()
+    cc = native.compiler()
     assert cc is not None
     so = tmp_path / f"knn-{arch}.so"
     with resources.as_file(resources.files("crossmoco_ray.nn").joinpath("_knn.c")) as src:
-        assert kernels._compile(cc, src, so, archs=(["-mavx2", "-mfma"] if arch == "avx2" else [],)) is None
+        archs = (["-mavx2", "-mfma"] if arch == "avx2" else [],)
+        assert native.compile_library(cc, src, so, archs=archs) is None
     monkeypatch.setitem(kernels._state, "lib", kernels._bind(ctypes.CDLL(str(so))))
     torch.manual_seed(7)
     scores = torch.cat([torch.randn(6, 333), torch.zeros(1, 333), torch.arange(333.0).unsqueeze(0)])
@@ -254,7 +255,7 @@ def fresh(tmp_path: Path, monkeypatch) -> Path:
 
 def plant(at: Path, marker: Path) -> Path:
     """A library at ``at`` whose load writes ``marker``, with a correct digest beside it."""
-    cc = kernels._compiler()
+    cc = native.compiler()
     assert cc is not None
     src = at.parent / "planted.c"
     at.parent.mkdir(parents=True, exist_ok=True)
