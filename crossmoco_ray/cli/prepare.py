@@ -15,6 +15,7 @@ from typing import Any
 from crossmoco_ray.cli.common import add_command
 from crossmoco_ray.data.prepare.sample_checks import MIN_POINTS
 from crossmoco_ray.data.render.camera import MAX_SIZE, MIN_SIZE
+from crossmoco_ray.data.shards.meshes import MAX_MESH_FACES
 from crossmoco_ray.data.sources.variants import SCANOBJECTNN_VARIANTS
 
 PREPARE_EPILOG = """\
@@ -93,6 +94,12 @@ def option_problem(args: argparse.Namespace) -> str | None:
     checks = [
         ("--val-fraction", args.val_fraction, 0.0 <= args.val_fraction < 1.0, "must be in [0, 1)"),
         ("--render-size", args.render_size, lo <= args.render_size <= hi, f"must be in {lo}..{hi}"),
+        (
+            "--mesh-faces",
+            args.mesh_faces,
+            4 <= args.mesh_faces <= MAX_MESH_FACES,
+            f"must be in 4..{MAX_MESH_FACES}",
+        ),
         (
             "--point-size",
             args.point_size,
@@ -173,6 +180,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             shuffle=not args.no_shuffle,
             ray=args.ray or bool(os.environ.get("RAY_ADDRESS")),
             ray_cpus=args.ray_cpus,
+            store=args.store,
+            mesh_faces=args.mesh_faces,
         )
         prepare(source, args.out, opts, log=lambda msg: print(msg, file=sys.stderr))
     except (DataError, ValueError) as err:
@@ -262,6 +271,20 @@ def add_prepare_parser(sub: argparse._SubParsersAction[Any]) -> None:
         "--render-points-only",
         action="store_true",
         help="render: splats of the points even where the source has meshes (to compare renders)",
+    )
+    p_prep.add_argument(
+        "--store",
+        default="renders",
+        choices=["renders", "meshes", "both"],
+        help="the image modality as stored: renders (PNG views, rendered now where the source has none), "
+        "meshes (the triangle meshes, decimated to --mesh-faces, no renders: training renders fresh "
+        "viewpoints every epoch; point-only objects keep their points, whose splats training renders), both",
+    )
+    p_prep.add_argument(
+        "--mesh-faces",
+        type=int,
+        default=20_000,
+        help="--store meshes|both: meshes with more faces are decimated to this many (default: 20000)",
     )
     p_prep.add_argument(
         "--ray",

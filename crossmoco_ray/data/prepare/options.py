@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from crossmoco_ray.data.prepare.sample_checks import MIN_POINTS
 from crossmoco_ray.data.render.splat import RenderSpec
 from crossmoco_ray.data.shards.manifest import SCHEMA_VERSION
+from crossmoco_ray.data.shards.meshes import MAX_MESH_FACES
 from crossmoco_ray.data.sources.base import Source
 
 
@@ -37,6 +38,11 @@ class PrepareOptions:
     max_buckets: int = 256  # open bucket files in pass 1, at most
     ray: bool = False  # read, check and render on Ray Data across the cluster (:mod:`.on_ray`)
     ray_cpus: int | None = None  # CPUs of the local Ray started for it (None: all); ignored on a cluster
+    # What the image modality is stored as: "renders" (PNG views, rendered here where the source has none),
+    # "meshes" (the triangle mesh, decimated to mesh_faces, no renders: training renders fresh viewpoints;
+    # point-only objects keep only their points, whose splats training renders) or "both".
+    store: Literal["renders", "meshes", "both"] = "renders"
+    mesh_faces: int = 20_000  # stored meshes with more faces are decimated to this many
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -46,6 +52,20 @@ class PrepareOptions:
                 raise ValueError(f"{name} {getattr(self, name)}: must be at least 1")
         if self.num_points is not None and self.num_points < 1:
             raise ValueError(f"num_points {self.num_points}: must be at least 1")
+        if self.store not in ("renders", "meshes", "both"):
+            raise ValueError(f"store {self.store!r}: must be 'renders', 'meshes' or 'both'")
+        if not 4 <= self.mesh_faces <= MAX_MESH_FACES:
+            raise ValueError(f"mesh_faces {self.mesh_faces}: must be at least 4 and at most {MAX_MESH_FACES}")
+
+    @property
+    def renders(self) -> bool:
+        """Whether views are rendered here for sources without images."""
+        return self.store != "meshes"
+
+    @property
+    def meshes(self) -> bool:
+        """Whether meshes are stored."""
+        return self.store != "renders"
 
     def identity(self, meshes: bool = False) -> dict[str, Any]:
         """What identifies these options' output (``meshes``: the source's views are mesh renders)."""
@@ -71,7 +91,8 @@ class PrepareOptions:
             # of datasets prepared before it existed, so re-running their prepare command stays a no-op.
             for key in ("light", "ambient", "supersample", "normal_neighbours"):
                 render.pop(key)
-        return {**{k: getattr(self, k) for k in keep}, "render": render}
+        stored = {"store": self.store, "mesh_faces": self.mesh_faces} if self.meshes else {}
+        return {**{k: getattr(self, k) for k in keep}, "render": render, **stored}
 
 
 def fingerprint(source: Source, opts: PrepareOptions) -> str:

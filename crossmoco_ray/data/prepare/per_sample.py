@@ -12,8 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from crossmoco_ray.data.prepare.decimate import decimated
 from crossmoco_ray.data.prepare.options import PrepareOptions
 from crossmoco_ray.data.prepare.sample_checks import check_label, check_points, check_views, resample
+from crossmoco_ray.data.render.camera import RenderSpec
+from crossmoco_ray.data.render.raster import render_mesh
+from crossmoco_ray.data.render.splat import decode_png, render_views
+from crossmoco_ray.data.shards.meshes import decode_mesh, encode_mesh
 from crossmoco_ray.data.sources.base import Source
 from crossmoco_ray.data.sources.sample import Sample
 from crossmoco_ray.errors import DataError
@@ -35,6 +40,7 @@ class Processed:
     label: int = -1
     points: np.ndarray | None = None
     views: list[bytes] | None = None
+    mesh: bytes | None = None  # a .meshes cell (prepare --store meshes|both), decimated to the budget
     points_error: DataError | None = None
     error: DataError | None = None
 
@@ -56,7 +62,12 @@ def process(
     out.points = pts
     try:
         out.label = check_label(item, class_names, hint)
-        out.views, _ = check_views(item, pts, opts.render)
+        if opts.renders or item.views is not None:
+            out.views, _ = check_views(item, pts, opts.render)
+        else:
+            out.views = []  # rendered while training, from fresh viewpoints
+        if opts.meshes and item.mesh is not None and not opts.render.points_only:
+            out.mesh = encode_mesh(*decimated(item.mesh, opts.mesh_faces, item.source, item.index))
     except DataError as err:
         out.error = err
     return out
@@ -69,3 +80,14 @@ def processed_locally(
     for task in source.tasks(split):
         for item in source.read_task(split, task):
             yield process(item, opts, class_names, hint)
+
+
+def preview_views(item: Processed, render: RenderSpec) -> list[np.ndarray]:
+    """The views of an admitted ``item`` for the preview contact sheet: its stored views decoded, or, when
+    only its mesh (or points) is stored, rendered from it as training's fixed viewpoints would be."""
+    if item.views:
+        return [decode_png(v) for v in item.views]
+    if item.mesh is not None:
+        return list(render_mesh(*decode_mesh(item.mesh, item.id or item.source), render))
+    assert item.points is not None
+    return list(render_views(item.points, render))

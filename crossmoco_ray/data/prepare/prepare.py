@@ -62,13 +62,13 @@ from crossmoco_ray.data.prepare.destination import (
     preview_problem,
 )
 from crossmoco_ray.data.prepare.options import PrepareOptions, fingerprint
-from crossmoco_ray.data.prepare.per_sample import Processed, processed_locally
+from crossmoco_ray.data.prepare.per_sample import Processed, preview_views, processed_locally
 from crossmoco_ray.data.prepare.sample_checks import val_assignment
 from crossmoco_ray.data.prepare.shuffle import Buckets, bucket_count
 from crossmoco_ray.data.prepare.skip_report import SkipReport
 from crossmoco_ray.data.prepare.workdir import WorkDir, exit_on_sigterm, remove_stale, terminate_as_exit
 from crossmoco_ray.data.progress import Progress
-from crossmoco_ray.data.render.splat import contact_sheet, decode_png
+from crossmoco_ray.data.render.splat import contact_sheet
 from crossmoco_ray.data.shards.integrity import check_shards
 from crossmoco_ray.data.shards.manifest import (
     MANIFEST,
@@ -163,6 +163,7 @@ def _write(
     num_points, num_views = opts.num_points, None
     preview: list[tuple[int, list[np.ndarray]]] = []
     local = isinstance(fs, pafs.LocalFileSystem)
+    meshes = opts.meshes and source.has_meshes() and not opts.render.points_only  # a mesh column is written
     scratch = f"{tmp}/.buckets" if local else tempfile.mkdtemp(prefix="crossmoco-prepare-")
     if local:
         fs.create_dir(scratch, recursive=True)
@@ -186,7 +187,7 @@ def _write(
         if out_split not in writers:
             assert num_points is not None
             writers[out_split] = ShardWriter(
-                fs, tmp, out_split, num_points, opts.rows_per_shard, opts.row_group_rows
+                fs, tmp, out_split, num_points, opts.rows_per_shard, opts.row_group_rows, meshes
             )
         return writers[out_split]
 
@@ -224,17 +225,17 @@ def _write(
                     expected = math.ceil(total * opts.val_fraction)
                 else:
                     expected = total if split != "train" else math.ceil(total * (1 - opts.val_fraction))
-                sink(out_split, expected).add(item.id, label, pts, views)
+                sink(out_split, expected).add(item.id, label, pts, views, item.mesh)
                 counts.setdefault(out_split, Counter())[label] += 1
                 new_class = label not in {lab for lab, _ in preview}
                 if opts.preview and len(preview) < opts.preview_objects and new_class:
-                    preview.append((label, [decode_png(v) for v in views]))
+                    preview.append((label, preview_views(item, opts.render)))
             progress.close()
         if not counts or num_points is None:
             raise DataError(f"{source.format} source", "no valid samples to write")
         for out_split, bucket in buckets.items():  # pass 2
             writers[out_split] = ShardWriter(
-                fs, tmp, out_split, num_points, opts.rows_per_shard, opts.row_group_rows
+                fs, tmp, out_split, num_points, opts.rows_per_shard, opts.row_group_rows, meshes
             )
             progress = Progress(f"write {out_split} in shuffled order", bucket.rows)
             bucket.drain(writers[out_split], num_points, progress)
@@ -269,6 +270,8 @@ def _write(
         if source.has_views()
         else ("meshes" if source.has_meshes() and not opts.render.points_only else "points"),
         "render": asdict(opts.render) if not source.has_views() else None,
+        "store": opts.store,
+        "meshes": meshes,
         "class_names": class_names,
         "counts": {s: {"total": sum(c.values()), "per_class": per_class(c)} for s, c in counts.items()},
         "val": {"fraction": opts.val_fraction, "seed": opts.seed},

@@ -21,7 +21,9 @@ from crossmoco_ray.data.progress import Progress
 class RowSink(Protocol):
     """Where pass 2 puts the rows (prepare's shard writer)."""
 
-    def add(self, sid: str, label: int, points: np.ndarray, views: list[bytes]) -> Any: ...
+    def add(
+        self, sid: str, label: int, points: np.ndarray, views: list[bytes], mesh: bytes | None = None
+    ) -> Any: ...
 
 
 class Buckets:
@@ -37,6 +39,7 @@ class Buckets:
             ("label", pa.int32()),
             ("points", pa.binary()),  # float32 [N, 3], raw bytes
             ("views", pa.list_(pa.binary())),
+            ("mesh", pa.binary()),  # a .meshes cell or null
         ]
     )
 
@@ -45,16 +48,18 @@ class Buckets:
         self.flush = max(1, min(16, bucket_rows // n))
         self.rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 0xB0C])
         self.seed = seed
-        self.buffers: list[list[tuple[str, int, bytes, list[bytes]]]] = [[] for _ in range(n)]
+        self.buffers: list[list[tuple[str, int, bytes, list[bytes], bytes | None]]] = [[] for _ in range(n)]
         self.writers: list[Any] = [None] * n
         self.rows = 0
 
     def path(self, b: int) -> str:
         return f"{self.folder}/{self.split}-{b:04d}.arrow"
 
-    def add(self, sid: str, label: int, points: np.ndarray, views: list[bytes]) -> None:
+    def add(
+        self, sid: str, label: int, points: np.ndarray, views: list[bytes], mesh: bytes | None = None
+    ) -> None:
         b = int(self.rng.integers(self.n))
-        self.buffers[b].append((sid, label, np.ascontiguousarray(points, np.float32).tobytes(), views))
+        self.buffers[b].append((sid, label, np.ascontiguousarray(points, np.float32).tobytes(), views, mesh))
         self.rows += 1
         if len(self.buffers[b]) >= self.flush:
             self._flush(b)
@@ -71,6 +76,7 @@ class Buckets:
                 pa.array([r[1] for r in rows], pa.int32()),
                 pa.array([r[2] for r in rows], pa.binary()),
                 pa.array([r[3] for r in rows], pa.list_(pa.binary())),
+                pa.array([r[4] for r in rows], pa.binary()),
             ],
             schema=self.SCHEMA,
         )
@@ -93,10 +99,11 @@ class Buckets:
             )
             ids, labels = table.column("id").to_pylist(), table.column("label").to_pylist()
             points, views = table.column("points").to_pylist(), table.column("views").to_pylist()
+            meshes = table.column("mesh").to_pylist()
             del table
             for i in order.tolist():
                 pts = np.frombuffer(points[i], dtype=np.float32).reshape(num_points, 3)
-                writer.add(ids[i], labels[i], pts, views[i])
+                writer.add(ids[i], labels[i], pts, views[i], meshes[i])
                 progress.update()
 
 

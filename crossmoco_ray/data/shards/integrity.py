@@ -48,6 +48,7 @@ from crossmoco_ray.data.shards.manifest import (
     join_uri,
     sha256_hex,
     shard_schema,
+    stores_meshes,
 )
 from crossmoco_ray.errors import DataError
 from crossmoco_ray.storage import resolve
@@ -123,14 +124,15 @@ def file_digests(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
     }
 
 
-def check_schema(schema: pa.Schema, num_points: int) -> None:
-    """The columns the readers use, of the shard schema's types, and points of ``[num_points, 3]``."""
-    want = shard_schema(num_points)
+def check_schema(schema: pa.Schema, num_points: int, meshes: bool = False) -> None:
+    """The columns the readers use, of the shard schema's types, and points of ``[num_points, 3]``
+    (with ``meshes``, the ``mesh`` column too)."""
+    want = shard_schema(num_points, meshes=True)
     points = schema.field("points").type if "points" in schema.names else None
     shape = getattr(points, "shape", None)
     if shape is not None and list(shape) != [num_points, 3]:
         raise ValueError(f"points are {list(shape)} in the file, the manifest says {num_points} points")
-    for name in ("id", "label", "points", "views"):
+    for name in ("id", "label", "points", "views", *(("mesh",) if meshes else ())):
         if name not in schema.names:
             raise ValueError(f"no {name!r} column")
         if schema.field(name).type != want.field(name).type:
@@ -167,7 +169,12 @@ class ShardFile:
 
 
 def open_shard(
-    fs: pafs.FileSystem, uri: str, entry: dict[str, Any], num_points: int, whole: bool = True
+    fs: pafs.FileSystem,
+    uri: str,
+    entry: dict[str, Any],
+    num_points: int,
+    whole: bool = True,
+    meshes: bool = False,
 ) -> ShardFile:
     """Open the shard of a manifest entry (of the manifest at ``uri``, read by :func:`read_manifest`) and
     check it: it exists, has the listed size, its footer matches the manifest's digest, and its metadata
@@ -198,7 +205,7 @@ def open_shard(
         meta = shard.metadata
         if meta.num_rows != entry["rows"]:
             raise DataError(where, f"the manifest says {entry['rows']} rows, the file holds {meta.num_rows}")
-        check_schema(meta.schema.to_arrow_schema(), num_points)
+        check_schema(meta.schema.to_arrow_schema(), num_points, meshes)
         if shard.digested:
             shard.ranges = row_group_ranges(meta, start)
             if len(entry["row_group_sha256"]) != len(shard.ranges):
@@ -322,7 +329,9 @@ def open_split(uri: str, manifest: dict[str, Any], split: str) -> tuple[pafs.Fil
     split's count."""
     fs, _ = resolve(uri)
     shards = [
-        open_shard(fs, uri, f, manifest["num_points"]) for f in manifest["files"] if f["split"] == split
+        open_shard(fs, uri, f, manifest["num_points"], meshes=stores_meshes(manifest))
+        for f in manifest["files"]
+        if f["split"] == split
     ]
     held = sum(s.metadata.num_rows for s in shards)
     total = manifest["counts"].get(split, {}).get("total")
@@ -342,7 +351,7 @@ def check_shards(uri: str, manifest: dict[str, Any]) -> DataError | None:
     fs, _ = resolve(uri)
     for entry in manifest["files"]:
         try:
-            open_shard(fs, uri, entry, manifest["num_points"], whole=False)
+            open_shard(fs, uri, entry, manifest["num_points"], whole=False, meshes=stores_meshes(manifest))
         except DataError as err:
             return err
     return None

@@ -270,6 +270,8 @@ def _count_problems(manifest: dict[str, Any], where: str) -> list[DataError]:
         out.append(DataError(where, f"views_per_object {printable(views, 40)} is not a count"))
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         out.append(DataError(where, "class_names is not a list of names"))
+    if "meshes" in manifest and not isinstance(manifest["meshes"], bool):
+        out.append(DataError(where, f"meshes {printable(manifest['meshes'], 40)} is not true or false"))
     return out
 
 
@@ -294,8 +296,9 @@ def failure_text(err: BaseException) -> str:
     return printable(text, 300)
 
 
-def shard_schema(num_points: int) -> pa.Schema:
-    """The Arrow schema of a shard whose clouds have ``num_points`` points each."""
+def shard_schema(num_points: int, meshes: bool = False) -> pa.Schema:
+    """The Arrow schema of a shard whose clouds have ``num_points`` points each; with ``meshes``, a ``mesh``
+    column of :mod:`.meshes` cells (null for objects without one)."""
     return pa.schema(
         [
             ("id", pa.string()),
@@ -303,5 +306,11 @@ def shard_schema(num_points: int) -> pa.Schema:
             ("split", pa.string()),
             ("points", pa.fixed_shape_tensor(pa.float32(), [num_points, 3])),
             ("views", pa.list_(pa.binary())),
+            *([("mesh", pa.binary())] if meshes else []),
         ]
     )
+
+
+def stores_meshes(manifest: dict[str, Any]) -> bool:
+    """Whether the dataset's shards hold a ``mesh`` column (``prepare --store meshes|both``)."""
+    return manifest.get("meshes") is True

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
@@ -24,7 +25,9 @@ from crossmoco_ray.data.shards.manifest import (
     join_uri,
     load_manifest_json,
     manifest_problems,
+    stores_meshes,
 )
+from crossmoco_ray.data.shards.meshes import decode_mesh
 from crossmoco_ray.errors import DataError
 from crossmoco_ray.storage import resolve
 
@@ -111,7 +114,9 @@ def _verify_file(
     """The problems of one listed file (at most one per kind; none: sound), counting its labels into
     ``labels`` when it is sound."""
     try:
-        shard = open_shard(fs, uri, entry, manifest["num_points"], whole=False)
+        shard = open_shard(
+            fs, uri, entry, manifest["num_points"], whole=False, meshes=stores_meshes(manifest)
+        )
     except DataError as err:
         return [err]
     out: list[DataError] = []
@@ -128,6 +133,8 @@ def _verify_file(
             fewest = least if fewest is None else min(fewest, least)
         for label in table.column("label").to_pylist():
             counts[label] = counts.get(label, 0) + 1
+        if stores_meshes(manifest) and not out:
+            out.extend(_mesh_problems(table, shard.where))
     if not out and file_digest(fs, shard.path)[1] != entry.get("sha256"):
         out.append(DataError(shard.where, "sha256 differs from the manifest (damaged or changed)"))
     if not out and views is not None and fewest is not None and fewest < views:
@@ -139,6 +146,17 @@ def _verify_file(
         for label, n in counts.items():
             split[label] = split.get(label, 0) + n
     return out
+
+
+def _mesh_problems(table: pa.Table, where: str) -> list[DataError]:
+    """The first mesh cell of a row group that does not decode (none: all do)."""
+    for sid, cell in zip(table.column("id").to_pylist(), table.column("mesh").to_pylist(), strict=True):
+        if cell is not None:
+            try:
+                decode_mesh(cell, f"{where}: object {printable(sid, 80)}")
+            except DataError as err:
+                return [err]
+    return []
 
 
 def verify_shards(uri: str) -> None:

@@ -30,19 +30,24 @@ class ShardWriter:
         num_points: int,
         rows_per_shard: int,
         row_group_rows: int,
+        meshes: bool = False,
     ) -> None:
         self.fs, self.folder, self.split = fs, folder, split
         self.rows_per_shard, self.row_group_rows = rows_per_shard, row_group_rows
-        self.schema = shard_schema(num_points)
-        self.rows: list[tuple[str, int, np.ndarray, list[bytes]]] = []
+        self.schema = shard_schema(num_points, meshes)
+        self.meshes = meshes
+        self.rows: list[tuple[str, int, np.ndarray, list[bytes], bytes | None]] = []
         self.files: list[dict[str, Any]] = []
         self.writer: pq.ParquetWriter | None = None
         self.sink: Any = None
         self.in_file = 0
 
-    def add(self, sid: str, label: int, points: np.ndarray, views: list[bytes]) -> None:
-        """Queue one row: ``points`` is ``[num_points, 3]`` float32, ``views`` PNG bytes."""
-        self.rows.append((sid, label, points, views))
+    def add(
+        self, sid: str, label: int, points: np.ndarray, views: list[bytes], mesh: bytes | None = None
+    ) -> None:
+        """Queue one row: ``points`` is ``[num_points, 3]`` float32, ``views`` PNG bytes, ``mesh`` a
+        :mod:`.meshes` cell (kept only by a writer of ``meshes``)."""
+        self.rows.append((sid, label, points, views, mesh))
         if len(self.rows) >= self.row_group_rows:
             self._flush()
 
@@ -60,16 +65,16 @@ class ShardWriter:
             self.in_file = 0
         take = self.rows[: self.rows_per_shard - self.in_file]
         self.rows = self.rows[len(take) :]
-        table = pa.table(
-            {
-                "id": pa.array([r[0] for r in take], pa.string()),
-                "label": pa.array([r[1] for r in take], pa.int32()),
-                "split": pa.array([self.split] * len(take), pa.string()),
-                "points": pa.FixedShapeTensorArray.from_numpy_ndarray(np.stack([r[2] for r in take])),
-                "views": pa.array([r[3] for r in take], pa.list_(pa.binary())),
-            },
-            schema=self.schema,
-        )
+        columns = {
+            "id": pa.array([r[0] for r in take], pa.string()),
+            "label": pa.array([r[1] for r in take], pa.int32()),
+            "split": pa.array([self.split] * len(take), pa.string()),
+            "points": pa.FixedShapeTensorArray.from_numpy_ndarray(np.stack([r[2] for r in take])),
+            "views": pa.array([r[3] for r in take], pa.list_(pa.binary())),
+        }
+        if self.meshes:
+            columns["mesh"] = pa.array([r[4] for r in take], pa.binary())
+        table = pa.table(columns, schema=self.schema)
         assert self.writer is not None
         self.writer.write_table(table, row_group_size=self.row_group_rows)
         self.in_file += len(take)
