@@ -133,6 +133,12 @@ class DataConfig(Section):
     views_per_sample: int = Field(2, ge=2, description="distinct rendered views per object per step")
     synthetic_train: int = Field(2000, gt=0, description="built-in set: training objects")
     synthetic_test: int = Field(500, gt=0, description="built-in set: test objects")
+    synthetic_val: int = Field(
+        0,
+        ge=0,
+        description="built-in set: validation objects drawn apart from train (data.val_fraction then carves "
+        "none); 0 = carve data.val_fraction of train",
+    )
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="validation split carved from train")
     read_batch: int = Field(64, gt=0, description="rows per decode/augment task in the Ray Data pipeline")
     shuffle_window_mb: float = Field(
