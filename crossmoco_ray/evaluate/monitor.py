@@ -6,7 +6,8 @@ same labelled data: a bounded, seeded subset of a train split (to fit) and of a 
 score), from the pretraining shards or from another labelled dataset (``eval.data``; the papers pretrain
 on ShapeNet renders and monitor on ModelNet40). Model selection happens on validation data, never on test.
 
-Numbers, each for the encoder and for random init (``random_…``), and their differences (``gain_…``):
+Numbers, each for the encoder and for random init (``random_…``), and their differences (``gain_…``,
+each with its standard error ``gain_…_se``, paired on the same validation objects: :mod:`.paired`):
 
 - ``val_svm_clean``: the clean protocol — standardised features, linear SVM, C by cross-validation on
   the train subset (the demanding protocol: an untrained DGCNN's standardised features are strong);
@@ -15,6 +16,10 @@ Numbers, each for the encoder and for random init (``random_…``), and their di
   flatters any encoder whose raw features are better scaled than an untrained one's;
 - ``val_feature_rank`` / ``val_feature_std``: effective rank of the validation features and the mean
   per-dimension std of their unit vectors (× √F: about 1 when spread, → 0 on collapse).
+
+The standard errors need random init's per-object results, which :meth:`Monitor.set_baseline` keeps in
+``baseline_correct`` (beside the numbers of ``baseline``); a baseline restored as numbers alone gives
+``gain_…_se`` NaN (read as "SE unknown").
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import numpy as np
 from torch import nn
 
 from crossmoco_ray.evaluate.features import EvalSplit, available_splits, extract_features, load_split
-from crossmoco_ray.evaluate.knn import knn_accuracy
+from crossmoco_ray.evaluate.knn import knn_predict
+from crossmoco_ray.evaluate.paired import paired_gain
 from crossmoco_ray.evaluate.svm import clean_svm, crosspoint_svm
 
 ACCURACIES = ("val_svm_clean", "val_knn", "val_svm_crosspoint")
@@ -93,6 +99,8 @@ class Monitor:
     batch_size: int = 32
     device: str = "auto"
     baseline: dict[str, float] = field(default_factory=dict)
+    # random init's per-object results (1 correct, 0 not) on ``val``, per accuracy key: for the gains' SEs
+    baseline_correct: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
     def from_spec(cls, spec: MonitorSpec) -> Monitor:
@@ -114,6 +122,11 @@ class Monitor:
 
     def measure(self, encoder: nn.Module, prefix: str = "") -> dict[str, float]:
         """Every monitor number of ``encoder`` (keys prefixed with ``prefix``)."""
+        return self._measure(encoder, prefix)[0]
+
+    def _measure(self, encoder: nn.Module, prefix: str = "") -> tuple[dict[str, float], dict[str, list[int]]]:
+        """Every monitor number of ``encoder`` (keys prefixed with ``prefix``) and, per accuracy, which
+        validation objects it got right."""
         t0 = time.perf_counter()
         f_train, f_val = (
             extract_features(
@@ -122,27 +135,43 @@ class Monitor:
             for s in (self.train, self.val)
         )
         y_train, y_val = self.train.labels, self.val.labels
-        out = {
-            "val_svm_clean": clean_svm(f_train, y_train, f_val, y_val, cv_samples=len(y_train)).overall_acc,
-            "val_knn": knn_accuracy(f_train, y_train, f_val, y_val, k=self.knn_k),
-            "val_feature_rank": effective_rank(f_val),
-            "val_feature_std": unit_std(f_val),
+        correct = {
+            "val_svm_clean": clean_svm(f_train, y_train, f_val, y_val, cv_samples=len(y_train)).correct(
+                y_val
+            ),
+            "val_knn": (knn_predict(f_train, y_train, f_val, k=self.knn_k) == y_val).astype(np.int8),
         }
         if self.crosspoint:
-            out["val_svm_crosspoint"] = crosspoint_svm(f_train, y_train, f_val, y_val, C=self.C).overall_acc
+            correct["val_svm_crosspoint"] = crosspoint_svm(f_train, y_train, f_val, y_val, C=self.C).correct(
+                y_val
+            )
+        out = {k: float(c.mean()) if len(c) else float("nan") for k, c in correct.items()}
+        out["val_feature_rank"] = effective_rank(f_val)
+        out["val_feature_std"] = unit_std(f_val)
         out["monitor_seconds"] = time.perf_counter() - t0
-        return {f"{prefix}{k}": v for k, v in out.items()}
+        numbers = {f"{prefix}{k}": v for k, v in out.items()}
+        return numbers, {k: [int(x) for x in c] for k, c in correct.items()}
 
     def set_baseline(self, encoder: nn.Module) -> dict[str, float]:
-        """Measure the random-init encoder once; later calls report gains against it."""
-        self.baseline = self.measure(encoder, prefix="random_")
+        """Measure the random-init encoder once; later calls report gains (and their SEs) against it."""
+        self.baseline, self.baseline_correct = self._measure(encoder, prefix="random_")
         return self.baseline
 
     def __call__(self, encoder: nn.Module) -> dict[str, float]:
-        out = self.measure(encoder)
+        """The numbers of ``encoder`` and, per accuracy, ``gain_<key>`` over random init with its standard
+        error ``gain_<key>_se`` (``std(d, ddof=1) / sqrt(n)`` of the per-object differences ``d``; NaN
+        when random init's per-object results were not kept)."""
+        out, correct = self._measure(encoder)
         for key in ACCURACIES:
             if key in out and f"random_{key}" in self.baseline:
                 out[f"gain_{key}"] = out[key] - self.baseline[f"random_{key}"]
+                base = self.baseline_correct.get(key)
+                paired = (
+                    paired_gain(correct[key], base)
+                    if base is not None and len(base) == len(correct[key])
+                    else None
+                )
+                out[f"gain_{key}_se"] = paired.se if paired is not None else float("nan")
         return out
 
     def collapse_warning(self, result: dict[str, float]) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -15,6 +16,7 @@ import numpy as np
 from crossmoco_ray.checkpoints.encoders import LoadedEncoder, load_point_encoder, random_encoder
 from crossmoco_ray.evaluate.features import EvalSplit, extract_features, load_split
 from crossmoco_ray.evaluate.fewshot import fewshot_table
+from crossmoco_ray.evaluate.paired import gain_text, paired_gain
 from crossmoco_ray.evaluate.plots import confusion_plot, tsne_plot
 from crossmoco_ray.evaluate.svm import clean_svm, crosspoint_svm
 
@@ -156,7 +158,9 @@ def run_svm_splits(
     """Both SVM protocols on several evaluation splits (of shards or a source); train features once.
 
     Results are keyed ``"<encoder> / <split>"`` (e.g. ``"pretrained / test"``), so :func:`svm_table` prints
-    them. The t-SNE and confusion plots are of the last split (normally test).
+    them. With both a ``pretrained`` and a ``random-init`` encoder, ``report["gains"][split][protocol]``
+    holds the gain and its standard error, paired on the split's objects (:mod:`.paired`). The t-SNE and
+    confusion plots are of the last split (normally test).
     """
     t0 = time.perf_counter()
     axis: Any = up_axis
@@ -169,6 +173,7 @@ def run_svm_splits(
         "results": {},
         "encoders": {},
     }
+    correct: dict[tuple[str, str, str], np.ndarray] = {}  # (encoder, split, protocol) → per object
     for name, enc in encs:
         feats = encoder_features(enc, (train, *tests), batch_size, device, name)
         report["encoders"][name] = {
@@ -183,6 +188,7 @@ def run_svm_splits(
                 "clean": clean_svm(feats[0], train.labels, f_test, split.labels, seed=seed),
             }
             report["results"][f"{name} / {split.name}"] = {p: r.summary() for p, r in res.items()}
+            correct.update({(name, split.name, p): r.correct(split.labels) for p, r in res.items()})
             if out is not None and split is tests[-1]:
                 confusion_plot(
                     res["clean"].confusion,
@@ -199,15 +205,28 @@ def run_svm_splits(
                     seed=seed,
                 )
         log(f"evaluated {name}")
+    report["gains"] = {
+        split.name: {
+            p: paired_gain(
+                correct[("pretrained", split.name, p)], correct[("random-init", split.name, p)]
+            ).as_dict()
+            for p in ("crosspoint", "clean")
+        }
+        for split in tests
+        if ("pretrained", split.name, "clean") in correct and ("random-init", split.name, "clean") in correct
+    }
     report["seconds"] = time.perf_counter() - t0
     _write_report(out, report)
     return report
 
 
 def gain_lines(report: dict[str, Any]) -> list[str]:
-    """One line per split and protocol: pretrained vs random init, with the gain (clean protocol first)."""
+    """One line per split and protocol: pretrained vs random init, the gain ± its standard error (paired on
+    the split's objects) and the verdict: above / below random init only when ``|gain| ≥ 2·SE``, else
+    within noise (clean protocol first). E.g. ``test, clean protocol: pretrained 88.75% vs random init
+    85.00%, gain +3.75 ± 1.50 points; above random init``."""
     lines = []
-    results = report["results"]
+    results, gains = report["results"], report.get("gains", {})
     splits = [key.split(" / ", 1)[1] for key in results if key.startswith("pretrained / ")]
     for split in splits:
         pre, rnd = results.get(f"pretrained / {split}"), results.get(f"random-init / {split}")
@@ -216,22 +235,28 @@ def gain_lines(report: dict[str, Any]) -> list[str]:
         for protocol, label in (("clean", "clean protocol"), ("crosspoint", "CrossPoint protocol")):
             if protocol in pre and protocol in rnd:
                 a, b = pre[protocol]["overall_acc"], rnd[protocol]["overall_acc"]
-                verdict = "above" if a > b else "NOT above"
+                g = gains.get(split, {}).get(protocol, {})
+                gain, se = float(g.get("gain", a - b)), float(g.get("se", math.nan))
                 lines.append(
-                    f"{split}, {label}: pretrained {100 * a:.2f}% vs random init {100 * b:.2f}% "
-                    f"({100 * (a - b):+.2f} points; pretrained is {verdict} random init)"
+                    f"{split}, {label}: pretrained {100 * a:.2f}% vs random init {100 * b:.2f}%, "
+                    f"gain {gain_text(gain, se)}"
                 )
     return lines
 
 
 def final_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """``final_<split>_<protocol>`` (and ``final_random_…``) accuracies for MLflow."""
+    """``final_<split>_svm_<protocol>`` (and ``final_random_…``) accuracies for MLflow, and where both
+    encoders were scored ``final_gain_<split>_svm_<protocol>`` with its standard error (``…_se``)."""
     out = {}
     for key, results in report["results"].items():
         encoder, split = key.split(" / ", 1) if " / " in key else (key, "test")
         prefix = "final_" if encoder == "pretrained" else "final_random_"
         for protocol, r in results.items():
             out[f"{prefix}{split}_svm_{protocol}"] = float(r["overall_acc"])
+    for split, by_protocol in report.get("gains", {}).items():
+        for protocol, g in by_protocol.items():
+            out[f"final_gain_{split}_svm_{protocol}"] = float(g["gain"])
+            out[f"final_gain_{split}_svm_{protocol}_se"] = float(g["se"])
     return out
 
 

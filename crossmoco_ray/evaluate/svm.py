@@ -5,7 +5,8 @@
 - ``clean``: standardised features and C chosen by stratified cross-validation **on train only** (on a
   bounded subsample for speed), then fit on all of train and scored on test.
 
-Both report overall accuracy and mean per-class accuracy.
+Both report overall accuracy and mean per-class accuracy, and keep each test object's prediction (so two
+encoders' results on the same objects give a paired gain and its standard error: :mod:`.paired`).
 """
 
 from __future__ import annotations
@@ -41,11 +42,17 @@ class SvmResult:
     converged: bool = True
     cv: dict[str, float] = field(default_factory=dict)  # C → mean CV accuracy (clean protocol)
     confusion: list[list[int]] = field(default_factory=list)
+    predictions: list[int] = field(default_factory=list)  # per test object, in the test split's order
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("confusion")
+        out.pop("predictions")
         return out
+
+    def correct(self, y_test: np.ndarray) -> np.ndarray:
+        """Per test object: 1 where the prediction is right, 0 where not."""
+        return (np.asarray(self.predictions) == np.asarray(y_test)).astype(np.int8)
 
 
 def _fit(model: Any, x: np.ndarray, y: np.ndarray) -> tuple[Any, bool]:
@@ -56,14 +63,16 @@ def _fit(model: Any, x: np.ndarray, y: np.ndarray) -> tuple[Any, bool]:
     return model, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
 
-def _score(model: Any, x_test: np.ndarray, y_test: np.ndarray) -> tuple[float, float, list[list[int]]]:
+def _score(
+    model: Any, x_test: np.ndarray, y_test: np.ndarray
+) -> tuple[float, float, list[list[int]], list[int]]:
     pred = model.predict(x_test)
     labels = np.unique(np.concatenate([y_test, pred]))
     cm = confusion_matrix(y_test, pred, labels=labels).tolist()
     with warnings.catch_warnings():  # small validation subsets may lack classes the model predicts
         warnings.simplefilter("ignore", UserWarning)
         mean_class = float(balanced_accuracy_score(y_test, pred))
-    return float((pred == y_test).mean()), mean_class, cm
+    return float((pred == y_test).mean()), mean_class, cm, [int(p) for p in pred]
 
 
 def crosspoint_svm(
@@ -72,9 +81,20 @@ def crosspoint_svm(
     """CrossPoint's linear SVM: raw features, the given C."""
     t0 = time.perf_counter()
     model, converged = _fit(SVC(kernel="linear", C=C, max_iter=MAX_ITER), x_train, y_train)
-    acc, macc, cm = _score(model, x_test, y_test)
+    acc, macc, cm, pred = _score(model, x_test, y_test)
     seconds = time.perf_counter() - t0
-    return SvmResult("crosspoint", C, acc, macc, len(y_train), len(y_test), seconds, converged, confusion=cm)
+    return SvmResult(
+        "crosspoint",
+        C,
+        acc,
+        macc,
+        len(y_train),
+        len(y_test),
+        seconds,
+        converged,
+        confusion=cm,
+        predictions=pred,
+    )
 
 
 def clean_svm(
@@ -102,6 +122,8 @@ def clean_svm(
     best = max(Cs, key=lambda c: scores[f"{c:g}"])
     pipe = make_pipeline(StandardScaler(), SVC(kernel="linear", C=best, max_iter=MAX_ITER))
     model, converged = _fit(pipe, x_train, y_train)
-    acc, macc, cm = _score(model, x_test, y_test)
+    acc, macc, cm, pred = _score(model, x_test, y_test)
     seconds = time.perf_counter() - t0
-    return SvmResult("clean", best, acc, macc, len(y_train), len(y_test), seconds, converged, scores, cm)
+    return SvmResult(
+        "clean", best, acc, macc, len(y_train), len(y_test), seconds, converged, scores, cm, pred
+    )

@@ -3,6 +3,7 @@ encoder as it was; kNN votes as InstDisc; evaluation normalises clouds as traini
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from crossmoco_ray.evaluate.features import extract_features
 from crossmoco_ray.evaluate.knn import knn_accuracy, knn_predict
 from crossmoco_ray.evaluate.monitor import Monitor, MonitorSpec, effective_rank, unit_std
 from crossmoco_ray.evaluate.plots import confusion_plot, curves_plot, tsne_plot
+from crossmoco_ray.evaluate.svm import clean_svm, crosspoint_svm
 from crossmoco_ray.nn import DGCNN
 
 
@@ -52,11 +54,35 @@ def test_monitor_reports_every_protocol_and_the_gain_over_random_init(tmp_path: 
     for key in ("val_svm_clean", "val_knn", "val_svm_crosspoint"):
         assert 0.0 <= out[key] <= 1.0
         assert out[f"gain_{key}"] == pytest.approx(out[key] - base[f"random_{key}"])
+        # its SE, paired on the same validation objects (the per-object results of random init kept)
+        d = np.subtract(
+            np.equal(monitor_predictions(monitor, encoder, key), monitor.val.labels),
+            monitor.baseline_correct[key],
+        )
+        assert out[f"gain_{key}"] == pytest.approx(d.mean())
+        assert out[f"gain_{key}_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
     assert out["monitor_seconds"] > 0
     assert 1.0 <= out["val_feature_rank"] <= 32
     assert encoder.training  # restored
-    again = monitor(random)  # the baseline encoder itself: no gain
+    again = monitor(random)  # the baseline encoder itself: no gain, and no noise in it
     assert again["gain_val_knn"] == pytest.approx(0.0)
+    assert again["gain_val_knn_se"] == pytest.approx(0.0)
+    monitor.baseline_correct = {}  # a baseline restored as numbers alone: the SE is not known
+    assert math.isnan(monitor(encoder)["gain_val_knn_se"])
+
+
+def monitor_predictions(monitor: Monitor, encoder: torch.nn.Module, key: str) -> np.ndarray:
+    """The monitor's predictions on its validation objects, made again by hand."""
+    f_train, f_val = (
+        extract_features(encoder, s.points, 32, "cpu", progress=False, normalize=monitor.normalize)
+        for s in (monitor.train, monitor.val)
+    )
+    y = monitor.train.labels
+    if key == "val_knn":
+        return knn_predict(f_train, y, f_val, k=monitor.knn_k)
+    if key == "val_svm_clean":
+        return np.asarray(clean_svm(f_train, y, f_val, monitor.val.labels, cv_samples=len(y)).predictions)
+    return np.asarray(crosspoint_svm(f_train, y, f_val, monitor.val.labels, C=monitor.C).predictions)
 
 
 def test_monitor_on_a_source_without_val_carves_one(tmp_path: Path) -> None:

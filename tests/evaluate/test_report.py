@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,11 @@ def test_the_table_has_both_protocol_families_both_encoders_and_the_gain(reporte
     names = [line.split("|")[1].strip() for line in rows]
     assert names.count("pretrained") == 2
     assert names.count("random-init") == 2
-    assert names.count("gain over random init") == 2
+    assert names.count("gain over random init ± SE") == 2
+    assert names.count("verdict (±2 SE)") == 2
+    verdicts = {c.strip() for ln in rows if ln.startswith("| verdict") for c in ln.split("|")[2:-1]}
+    assert verdicts <= {"above", "below", "within noise", "—"}  # "—": mean class accuracy, no SE
+    assert "only when |gain| ≥ 2 SE" in md
 
 
 def test_the_json_holds_every_number_and_the_gain_row_is_their_difference(reported: tuple[Path, str]) -> None:
@@ -58,8 +63,18 @@ def test_the_json_holds_every_number_and_the_gain_row_is_their_difference(report
         assert 0.0 <= r["svm_clean"]["overall_acc"] <= 1.0
         assert set(r["fewshot_clean"]) == {"5w5s", "5w10s"}
     demanding = [line for line in md.splitlines() if line.startswith("| gain")][-1]  # the second table's
-    first_gain = float(demanding.split("|")[2])
+    first_gain, first_se = (float(x) for x in demanding.split("|")[2].split("±"))
     expected = 100 * (pre["svm_clean"]["overall_acc"] - rnd["svm_clean"]["overall_acc"])
     assert first_gain == pytest.approx(expected, abs=0.006)
+    gain = report["gains"]["svm_clean"]["overall_acc"]  # paired on the 60 test objects
+    assert gain["n"] == 60
+    assert 100 * gain["se"] == pytest.approx(first_se, abs=0.006)
+    assert 0 <= gain["se"] <= math.sqrt(1 / 60)  # |d| ≤ 1: its std is at most about 1
+    assert "(no SE)" in demanding.split("|")[3]  # mean class accuracy: the gain alone
+    fewshot = report["gains"]["fewshot_clean"]["5w5s"]  # paired on the 3 episodes, in %
+    assert fewshot["n"] == 3
+    assert fewshot["gain"] == pytest.approx(
+        pre["fewshot_clean"]["5w5s"]["mean"] - rnd["fewshot_clean"]["5w5s"]["mean"]
+    )
     assert report["encoders"]["pretrained"]["source"] == "crosspoint"
     assert report["markdown"] == md.rstrip("\n")

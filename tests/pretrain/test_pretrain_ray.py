@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +90,20 @@ def test_the_run_ends_with_the_final_svm_and_its_gains_over_random_init(two_work
         for protocol in ("clean protocol", "CrossPoint protocol"):
             line = next(ln for ln in two_workers["log"] if ln.startswith(f"{split}, {protocol}: pretrained "))
             assert " vs random init " in line
-            assert "points; pretrained is" in line
+            # the gain ± its paired SE, and a verdict that calls it only beyond two SEs
+            assert re.search(r", gain [+-]\d+\.\d\d ± \d+\.\d\d points; ", line), line
+            assert line.endswith(("; above random init", "; below random init", "; within noise (±2 SE)"))
+            key = protocol.split()[0].lower()
+            assert (
+                report["gains"][split][key]["n"] == report["results"][f"pretrained / {split}"][key]["n_test"]
+            )
     assert (two_workers["run_dir"] / "eval").is_dir()
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{two_workers['storage'] / 'mlflow.db'}")
     metrics = client.get_run(two_workers["summary"]["mlflow_run_id"]).data.metrics
     assert {"final_val_svm_clean", "final_random_test_svm_crosspoint"} <= set(metrics)
+    assert {"final_gain_val_svm_clean", "final_gain_val_svm_clean_se"} <= set(metrics)
 
 
 def test_restart_resumes_mid_epoch_from_the_last_checkpoint(two_workers: dict[str, Any]) -> None:
