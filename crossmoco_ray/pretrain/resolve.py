@@ -82,12 +82,18 @@ def builtin_dataset(cfg: Config, root_storage: str, log: Callable[[str], None]) 
         mode=d.render.mode,
         points_only=d.render.points_only,
     )
-    opts = PrepareOptions(val_fraction=d.val_fraction, seed=0, render=spec)
-    source = SyntheticSource({"train": d.synthetic_train, "test": d.synthetic_test}, points, seed=0)
+    # data.synthetic_val > 0: a validation split of its own (class-balanced like the others, and as large as
+    # asked: the final gains' standard errors shrink with its size); 0: data.val_fraction carved from train
+    counts = {"train": d.synthetic_train, "val": d.synthetic_val, "test": d.synthetic_test}
+    if not d.synthetic_val:
+        del counts["val"]
+    opts = PrepareOptions(val_fraction=0.0 if d.synthetic_val else d.val_fraction, seed=0, render=spec)
+    source = SyntheticSource(counts, points, seed=0)
     # Cached by prepare's fingerprint (the generator's version, sizes, every prepare option), so a changed
     # option or a newer generator never meets shards it would have to overwrite.
     digest = fingerprint(source, opts)[:8]
-    sizes = f"{d.synthetic_train}-{d.synthetic_test}-{points}-{spec.size}"
+    val = f"-val{d.synthetic_val}" if d.synthetic_val else ""
+    sizes = f"{d.synthetic_train}{val}-{d.synthetic_test}-{points}-{spec.size}"
     root = f"{root_storage}/_builtin/synthetic-{sizes}-{digest}"
     log(f"built-in dataset: {root}")
     prepare(source, root, opts, log=log)

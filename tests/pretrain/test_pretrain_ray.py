@@ -29,6 +29,7 @@ TINY = [
     "model.k=4", "model.emb_dims=32", "model.point_head_hidden=32", "model.proj_dim=16",
     "model.image_encoder=resnet18", "model.image_head_hidden=16",
     "data.num_points=64", "data.image_size=32", "data.synthetic_train=120", "data.synthetic_test=26",
+    "data.synthetic_val=0",  # val carved from train (data.val_fraction), not the quickstart's 1600 of its own
     "data.render.size=32", "data.render.azimuths=[0,120,240]", "data.read_batch=16",
     "objective.queue_length=64", "train.batch_size=8", "train.log_every=4",
     "eval.num_points=64", "eval.monitor_samples=40", "eval.final=false",
