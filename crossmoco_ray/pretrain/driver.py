@@ -129,9 +129,10 @@ def finish(run: Run, ckpt_dir: Path, tracker: Tracker, log: Callable[[str], None
             out["report"] = report
             out["eval"] = publish_dir(work / "eval", f"{run.run_dir}/eval")
             log(
-                f"final linear SVM on {spec} (fit on train; 'val': the split carved from train; 'test': the "
-                "test split). 'clean' is the demanding protocol (standardised features, C by CV on train); "
-                "'crosspoint' is the papers' (raw features, fixed C):"
+                f"final linear SVM on {spec} (fit on train; scored on the 'val' and 'test' splits). 'clean' "
+                "is the demanding protocol (standardised features, C by CV on train); 'crosspoint' is the "
+                "papers' (raw features, fixed C). Each gain ± one standard error, paired on the split's "
+                "objects; above/below random init only when |gain| >= 2 SE:"
             )
             log(svm_table(report))
             for line in gain_lines(report):

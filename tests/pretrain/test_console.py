@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from crossmoco_ray.pretrain.console import EpochMeter, distinct_count
+from crossmoco_ray.pretrain.console import EpochMeter, distinct_count, monitor_line
 
 
 def step_out(loss: float, top1: float) -> dict[str, torch.Tensor]:
@@ -66,3 +66,19 @@ def test_distinct_count_without_reading_the_labels_back() -> None:
     assert int(distinct_count(torch.tensor([4, 4, 9, -1, 9]))) == 3
     assert int(distinct_count(torch.tensor([[1, 2], [2, 1]]))) == 2
     assert int(distinct_count(torch.tensor([7]))) == 1
+
+
+def test_the_monitor_line_reads_each_gain_with_its_standard_error() -> None:
+    base = {"random_val_svm_clean": 0.85, "random_val_knn": 0.50, "random_val_svm_crosspoint": 0.10}
+    s = {
+        "val_svm_clean": 0.88, "gain_val_svm_clean": 0.03, "gain_val_svm_clean_se": 0.012,
+        "val_knn": 0.49, "gain_val_knn": -0.01, "gain_val_knn_se": 0.016,
+        "val_svm_crosspoint": 0.60, "gain_val_svm_crosspoint": 0.50, "gain_val_svm_crosspoint_se": math.nan,
+        "val_feature_rank": 90.0,
+    }  # fmt: skip
+    line = monitor_line(s, {**base, "random_val_feature_rank": 110.0})
+    assert "clean SVM 88.0% (random init 85.0%, +3.0 ± 1.2, above)" in line
+    assert "kNN 49.0% (random init 50.0%, -1.0 ± 1.6, within noise)" in line
+    assert "CrossPoint SVM 60.0% (random init 10.0%, +50.0 ± ?, SE unknown)" in line  # a restored baseline
+    below = monitor_line({"val_knn": 0.40, "gain_val_knn": -0.10, "gain_val_knn_se": 0.02}, base)
+    assert "(random init 50.0%, -10.0 ± 2.0, below)" in below
