@@ -262,9 +262,9 @@ def _finetune_keys() -> list[str]:
 
 def bad_value(key: str, number: str) -> str:
     """An override giving ``key`` the YAML float ``number`` in the shape the key holds."""
-    if key.endswith(("azimuths", "elevations")):
+    if key.endswith(("azimuths", "elevations", "fresh.azimuth", "fresh.elevation", "fresh.zoom")):
         return f"{key}=[0.0, {number}]"
-    if key.endswith("worker_resources"):
+    if key.endswith(("worker_resources", "render.resources")):
         return f"{key}={{trainer_slot: {number}}}"
     return f"{key}={number}"
 

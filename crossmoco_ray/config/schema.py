@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 DEFAULT_PRESET = "quickstart"  # what the commands run when no preset is named
 
@@ -97,6 +97,28 @@ class ImageAugmentConfig(Section):
     normalize: bool = Field(True, description="ImageNet mean/std normalisation (in the training step)")
 
 
+class FreshViewsConfig(Section):
+    """Fresh viewpoints (``data.render.viewpoints=fresh``): the ranges each view's camera is drawn from, per
+    object and epoch (seeded by seed, epoch and object id under ``train.deterministic``)."""
+
+    azimuth: tuple[float, float] = Field((0.0, 360.0), description="degrees about the up axis [low, high]")
+    elevation: tuple[float, float] = Field((0.0, 40.0), description="degrees above the horizon [low, high]")
+    zoom: tuple[float, float] = Field(
+        (0.9, 1.1), description="object scale in the image [low, high] (the camera's distance; 1 = stored)"
+    )
+    light_jitter: float = Field(15.0, ge=0.0, le=90.0, description="the light turns by up to this (degrees)")
+
+    @field_validator("azimuth", "elevation", "zoom")
+    @classmethod
+    def _range(cls, value: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
+        lo, hi = {"azimuth": (-720.0, 720.0), "elevation": (-90.0, 90.0), "zoom": (0.25, 4.0)}[
+            str(info.field_name)
+        ]
+        if not lo <= value[0] <= value[1] <= hi:
+            raise ValueError(f"a range [low, high] with {lo:g} <= low <= high <= {hi:g}, got {list(value)}")
+        return value
+
+
 class RenderConfig(Section):
     """Views rendered for sources without images (prepare time): shaded meshes where the source has them
     (the built-in set, mesh folders), else splats of the points."""
@@ -119,6 +141,22 @@ class RenderConfig(Section):
     )
     points_only: bool = Field(
         False, description="render splats of the points even where the source has meshes (renders A/B)"
+    )
+    viewpoints: Literal["auto", "stored", "fresh", "fixed"] = Field(
+        "auto",
+        description="the views a step sees: stored: decoded from the shards' renders; fresh: rendered in "
+        "the pipeline from new random viewpoints every epoch (meshes of prepare --store meshes, else splats "
+        "of the points); fixed: rendered in the pipeline from the azimuths x elevations grid; auto: stored "
+        "where the shards hold renders, else fresh",
+    )
+    fresh: FreshViewsConfig = FreshViewsConfig()
+    num_cpus: float = Field(
+        1.0, gt=0.0, description="CPUs per rendering task of the pipeline (viewpoints fresh or fixed)"
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources per rendering task, e.g. {cpu_render: 1} to render on the nodes "
+        "that advertise it (CPU-only nodes) and not on the GPU nodes",
     )
 
 

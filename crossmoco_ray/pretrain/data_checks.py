@@ -23,9 +23,19 @@ def check_data(cfg: Config, root: str, manifest: dict[str, Any]) -> int:
             f"cloud; set data.num_points={manifest['num_points']} (or prepare with more points)"
         )
     views = manifest.get("views_per_object") or 0
-    if cfg.data.views_per_sample > views:
+    kind, wanted = viewpoints_kind(cfg, manifest), cfg.data.views_per_sample
+    if kind == "stored" and wanted > views:
+        fix = (
+            "set data.render.viewpoints=fresh (rendered in the pipeline) or prepare with more views"
+            if views == 0
+            else f"set data.views_per_sample={views} or data.render.viewpoints=fresh"
+        )
+        problems.append(f"data.views_per_sample={wanted} but the shards have {views} views per object; {fix}")
+    grid = len(cfg.data.render.azimuths) * len(cfg.data.render.elevations)
+    if kind == "fixed" and wanted > grid:
         problems.append(
-            f"data.views_per_sample={cfg.data.views_per_sample} but the shards have {views} views"
+            f"data.views_per_sample={wanted} but data.render.viewpoints=fixed has a grid of {grid} "
+            "(data.render.azimuths x elevations); add azimuths or use viewpoints=fresh"
         )
     if problems:
         raise ConfigError("\n".join(problems))
@@ -39,6 +49,16 @@ def check_data(cfg: Config, root: str, manifest: dict[str, Any]) -> int:
             "or use more data"
         )
     return steps
+
+
+def viewpoints_kind(cfg: Config, manifest: dict[str, Any] | None) -> str:
+    """``data.render.viewpoints`` with ``auto`` decided: stored where the shards hold enough renders per
+    object for a step, else fresh (rendered in the pipeline)."""
+    kind = cfg.data.render.viewpoints
+    if kind != "auto":
+        return kind
+    stored = (manifest or {}).get("views_per_object")
+    return "stored" if manifest is None or stored is None or stored >= cfg.data.views_per_sample else "fresh"
 
 
 def check_eval_data(spec: str, up_axis: str, variant: str | None = None) -> None:

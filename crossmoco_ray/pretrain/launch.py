@@ -25,8 +25,10 @@ from crossmoco_ray.data.pipeline.batches import (
     make_dataset,
     window_rows,
 )
+from crossmoco_ray.data.render.camera import RenderSpec
+from crossmoco_ray.data.render.viewpoints import Viewpoints
 from crossmoco_ray.evaluate.monitor import MonitorSpec
-from crossmoco_ray.pretrain.data_checks import iid_batch_classes
+from crossmoco_ray.pretrain.data_checks import iid_batch_classes, viewpoints_kind
 from crossmoco_ray.pretrain.resolve import Run
 from crossmoco_ray.pretrain.worker import PretrainSpec, train_loop_per_worker
 from crossmoco_ray.runs.launcher import Launch, build_trainer
@@ -49,6 +51,35 @@ def pipeline_options(cfg: Config, manifest: dict[str, Any] | None = None) -> Pip
         seed=cfg.train.seed if cfg.train.deterministic else None,
         object_store_mb=d.object_store_mb,
         shuffle_window=window,
+        viewpoints=pipeline_viewpoints(cfg, manifest),
+        render_cpus=d.render.num_cpus,
+        render_resources=tuple(sorted(d.render.resources.items())),
+    )
+
+
+def pipeline_viewpoints(cfg: Config, manifest: dict[str, Any] | None) -> Viewpoints | None:
+    """What the pipeline renders (None: it decodes the stored views): the render spec of ``data.render``
+    (the grid, size, splat look) with its fresh ranges."""
+    kind = viewpoints_kind(cfg, manifest)
+    if kind == "stored":
+        return None
+    r = cfg.data.render
+    spec = RenderSpec(
+        azimuths=tuple(r.azimuths),
+        elevations=tuple(r.elevations),
+        size=r.size,
+        point_size=r.point_size,
+        mode=r.mode,
+        points_only=r.points_only,
+    )
+    f = r.fresh
+    return Viewpoints(
+        kind="fixed" if kind == "fixed" else "fresh",
+        spec=spec,
+        azimuth=f.azimuth,
+        elevation=f.elevation,
+        zoom=f.zoom,
+        light_jitter=f.light_jitter,
     )
 
 

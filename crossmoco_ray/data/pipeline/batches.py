@@ -48,8 +48,10 @@ import pyarrow as pa
 
 from crossmoco_ray.data.pipeline.augment import ImageAugment, PointAugment, augment_images, augment_points
 from crossmoco_ray.data.render.splat import decode_png
+from crossmoco_ray.data.render.viewpoints import Viewpoints, object_rng, render_object
 from crossmoco_ray.data.shards.integrity import ShardFile, open_split, read_row_groups
-from crossmoco_ray.data.shards.manifest import read_manifest
+from crossmoco_ray.data.shards.manifest import read_manifest, stores_meshes
+from crossmoco_ray.data.shards.meshes import decode_mesh
 from crossmoco_ray.errors import DataError
 from crossmoco_ray.storage import resolve
 
@@ -72,6 +74,17 @@ class PipelineOptions:
     object_store_mb: int = 1024
     shuffle_window: int = 8192  # rows (whole row groups from random places) mixed together per read task
     order_seed: int | None = None  # the row-group order's seed when ``seed`` is None (drawn per dataset)
+    # Views rendered in the pipeline (:mod:`.viewpoints`) instead of decoded from the stored ones; what the
+    # render stage asks of a node (CPUs per task, custom resources: CPU-only nodes can render for GPU ones).
+    viewpoints: Viewpoints | None = None
+    render_cpus: float = 1.0
+    render_resources: tuple[tuple[str, float], ...] = ()
+    meshes: bool = False  # the shards hold a mesh column (set by open_shards from the manifest)
+
+    @property
+    def columns(self) -> list[str]:
+        """The shard columns the pipeline reads."""
+        return [*COLUMNS, "mesh"] if self.meshes and self.viewpoints is not None else COLUMNS
 
 
 COLUMNS = ["id", "label", "points", "views"]
@@ -135,7 +148,7 @@ def read_window(
     for g in window:
         by_file.setdefault(g.file, []).append(g.index)
     for f, indices in by_file.items():
-        tables.append(read_row_groups(fs, shards[f], indices, COLUMNS))
+        tables.append(read_row_groups(fs, shards[f], indices, opts.columns))
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     order = np.random.default_rng([_order_seed(opts), epoch, slot, 0x0DE]).permutation(table.num_rows)
     for start in range(0, table.num_rows, opts.read_batch):
@@ -144,12 +157,15 @@ def read_window(
 
 def _arrow_columns(table: pa.Table) -> dict[str, Any]:
     """A window's columns as ``make_batch`` takes them."""
-    return {
+    cols = {
         "id": table.column("id").to_pylist(),
         "label": table.column("label").to_numpy(),
         "points": table.column("points").combine_chunks().to_numpy_ndarray(),
         "views": table.column("views").to_pylist(),
     }
+    if "mesh" in table.column_names:
+        cols["mesh"] = table.column("mesh").to_pylist()
+    return cols
 
 
 def batch_rng(opts: PipelineOptions, ids: Any, epoch: int) -> np.random.Generator:
@@ -176,6 +192,9 @@ def make_batch(batch: dict[str, Any], opts: PipelineOptions, epoch: int = 0) -> 
         points = np.take_along_axis(points, keep[..., None], axis=1)
     images = np.empty((B, opts.views, opts.image_size, opts.image_size, 3), dtype=np.uint8)
     for row, src in enumerate(order):
+        if opts.viewpoints is not None:
+            images[row] = _rendered(batch, int(src), opts, epoch, rng)
+            continue
         views = batch["views"][src]
         chosen = rng.choice(len(views), size=opts.views, replace=False)  # distinct views
         for v, idx in enumerate(chosen):
@@ -190,6 +209,21 @@ def make_batch(batch: dict[str, Any], opts: PipelineOptions, epoch: int = 0) -> 
         "images": flat.reshape(B, opts.views, opts.image_size, opts.image_size, 3),
         "label": np.asarray(batch["label"], dtype=np.int64)[order],
     }
+
+
+def _rendered(
+    batch: dict[str, Any], row: int, opts: PipelineOptions, epoch: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``[views, H, W, 3]``: row ``row``'s views rendered from its viewpoints of this epoch (seeded: drawn
+    from ``(seed, epoch, id)``; else from the batch's fresh generator)."""
+    assert opts.viewpoints is not None
+    sid = batch["id"][row]
+    sid = sid.decode() if isinstance(sid, bytes) else str(sid)
+    own = object_rng(opts.seed, epoch, sid) if opts.seed is not None else rng
+    cell = batch["mesh"][row] if "mesh" in batch else None
+    mesh = decode_mesh(bytes(cell), sid) if cell is not None else None
+    specs = opts.viewpoints.specs(own, opts.views)
+    return render_object(specs, np.asarray(batch["points"][row]), mesh, opts.image_size)
 
 
 def _data_epoch(opts: PipelineOptions) -> int:
@@ -223,10 +257,14 @@ def split_files(root: str, split: str, opts: PipelineOptions) -> tuple[Any, list
             f"the shards hold {manifest['num_points']} points per cloud but {opts.num_points} are asked for; "
             f"set data.num_points={manifest['num_points']} or lower",
         )
-    if manifest["views_per_object"] is not None and opts.views > manifest["views_per_object"]:
-        raise DataError(
-            root, f"{opts.views} views per sample asked, the shards have {manifest['views_per_object']}"
-        )
+    stored = manifest["views_per_object"]
+    if opts.viewpoints is None and stored is not None and opts.views > stored:
+        hint = "" if stored else ": they were prepared with --store meshes; set data.render.viewpoints=fresh"
+        raise DataError(root, f"{opts.views} views per sample asked, the shards have {stored}{hint}")
+    if opts.viewpoints is not None and opts.viewpoints.kind == "fixed":
+        grid = opts.viewpoints.spec.num_views
+        if opts.views > grid:
+            raise DataError(root, f"{opts.views} views per sample asked of a fixed grid of {grid} viewpoints")
     fs, base = resolve(root)
     paths = [f"{base}/{f['path']}" for f in manifest["files"] if f["split"] == split]
     if not paths:
@@ -235,12 +273,15 @@ def split_files(root: str, split: str, opts: PipelineOptions) -> tuple[Any, list
     return fs, paths, manifest
 
 
-def open_shards(root: str, split: str, opts: PipelineOptions) -> tuple[Any, list[ShardFile], list[RowGroup]]:
-    """(filesystem, the opened and checked shard files of ``split``, their row groups): what the read tasks
-    need. Every file is checked here, once, before any row is read (:func:`.integrity.open_split`)."""
+def open_shards(
+    root: str, split: str, opts: PipelineOptions
+) -> tuple[Any, list[ShardFile], list[RowGroup], bool]:
+    """(filesystem, the opened and checked shard files of ``split``, their row groups, whether they hold
+    meshes): what the read tasks need. Every file is checked here, once, before any row is read
+    (:func:`.integrity.open_split`)."""
     _, _, manifest = split_files(root, split, opts)
     fs, shards = open_split(root, manifest, split)
-    return fs, shards, row_groups(shards)
+    return fs, shards, row_groups(shards), stores_meshes(manifest)
 
 
 def make_dataset(root: str, split: str, opts: PipelineOptions, shuffle: bool = True) -> Any:
@@ -252,7 +293,8 @@ def make_dataset(root: str, split: str, opts: PipelineOptions, shuffle: bool = T
     import ray.data
     from ray.data import TaskPoolStrategy
 
-    fs, shards, groups = open_shards(root, split, opts)
+    fs, shards, groups, meshes = open_shards(root, split, opts)
+    opts = replace(opts, meshes=meshes)
     if opts.seed is None and opts.order_seed is None:
         opts = replace(opts, order_seed=secrets.randbits(62))
     if not shuffle:
@@ -270,11 +312,19 @@ def make_dataset(root: str, split: str, opts: PipelineOptions, shuffle: bool = T
         num_cpus=0,
         compute=TaskPoolStrategy(size=READ_TASKS),
     )
+    # With rendering, the stage asks for what data.render.num_cpus / resources say: a custom resource that
+    # only CPU nodes advertise sends the rendering there, away from the GPU nodes' CPUs.
+    render_args: dict[str, Any] = {}
+    if opts.viewpoints is not None:
+        render_args["num_cpus"] = opts.render_cpus
+        if opts.render_resources:
+            render_args["resources"] = dict(opts.render_resources)
     ds = ds.map_batches(
         partial(_ray_make_batch, opts=opts),
         batch_format="numpy",
         batch_size=opts.read_batch,
         zero_copy_batch=True,
+        **render_args,
     )
     bound_streaming_memory(ds.context, opts.object_store_mb)
     return ds
@@ -286,7 +336,7 @@ def _ray_read_in_order(
     """Read task without shuffling: row group ``slot`` as stored."""
     for slot in np.asarray(batch["slot"]).tolist():
         g = groups[slot]
-        table = read_row_groups(fs, shards[g.file], [g.index], COLUMNS)
+        table = read_row_groups(fs, shards[g.file], [g.index], opts.columns)
         for start in range(0, table.num_rows, opts.read_batch):
             yield table.slice(start, opts.read_batch)
 
@@ -328,7 +378,8 @@ def iter_local_batches(
     root: str, split: str, opts: PipelineOptions, batch_size: int, epoch: int = 0, shuffle: bool = True
 ) -> Iterator[dict[str, np.ndarray]]:
     """The same batches without Ray: the same windows, ``make_batch``, re-batched (drop_last)."""
-    fs, shards, groups = open_shards(root, split, opts)
+    fs, shards, groups, meshes = open_shards(root, split, opts)
+    opts = replace(opts, meshes=meshes)
     if opts.seed is None and opts.order_seed is None:
         opts = replace(opts, order_seed=secrets.randbits(62))
     if shuffle:
@@ -338,7 +389,7 @@ def iter_local_batches(
             for part in read_window(fs, shards, window, opts, epoch, slot)
         )
     else:
-        tables = _in_order(fs, shards, groups)
+        tables = _in_order(fs, shards, groups, opts.columns)
     pending: list[dict[str, np.ndarray]] = []
     rows = 0
     for table in tables:
@@ -354,9 +405,11 @@ def iter_local_batches(
                 pending = [rest] if rows else []
 
 
-def _in_order(fs: Any, shards: list[ShardFile], groups: list[RowGroup]) -> Iterator[pa.Table]:
+def _in_order(
+    fs: Any, shards: list[ShardFile], groups: list[RowGroup], columns: list[str]
+) -> Iterator[pa.Table]:
     for g in groups:
-        yield read_row_groups(fs, shards[g.file], [g.index], COLUMNS)
+        yield read_row_groups(fs, shards[g.file], [g.index], columns)
 
 
 def expected_distinct_labels(class_counts: list[int], batch: int) -> float:
