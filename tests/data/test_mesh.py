@@ -18,6 +18,7 @@ from crossmoco_ray.data.sources.formats import FolderSource, detect_format, open
 from crossmoco_ray.data.sources.mesh import farthest_points, is_mesh_file, read_mesh, surface_points
 from crossmoco_ray.errors import DataError
 from tests.data import fixtures
+from tests.data.test_raster import BACKENDS, use_backend
 from tests.data.test_shards import read_rows
 
 
@@ -134,7 +135,11 @@ def test_modelnet_layout_is_read_class_major(tmp_path: Path) -> None:
     assert np.allclose(s.mesh[0][:, 1].max(), -10.0)
 
 
-def test_prepare_meshes_names_the_empty_one_and_renders_shaded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prepare_meshes_names_the_empty_one_and_renders_shaded(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_backend(monkeypatch, backend)
     root = fixtures.mesh_folder(tmp_path / "meshes")
     (root / "cube" / "train" / "cube_9999.off").write_text("OFF\n0 0 0\n")  # an empty mesh
     spec = RenderSpec(azimuths=(0.0, 45.0), elevations=(0.0,), size=64, light=(0.0, 0.0, 1.0), supersample=4)

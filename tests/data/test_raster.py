@@ -1,13 +1,27 @@
-"""The mesh rasteriser and shaded splats: analytic areas and shading of a cube, normals of a plane."""
+"""The mesh rasteriser (both backends) and shaded splats: analytic areas and shading of a cube, normals of
+a plane."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from crossmoco_ray.data.render import raster
 from crossmoco_ray.data.render.camera import FILL, RenderSpec
 from crossmoco_ray.data.render.raster import SHADE_RANGE, estimate_normals, render_mesh
 from crossmoco_ray.data.render.splat import render_views
+
+BACKENDS = ["compiled", "numpy"]
+
+
+def use_backend(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """Render meshes with ``backend`` for the rest of the test (skips the compiled one without a compiler)."""
+    if backend == "numpy":
+        monkeypatch.setenv(raster.FORCE_NUMPY_ENV, "numpy")
+        return
+    monkeypatch.delenv(raster.FORCE_NUMPY_ENV, raising=False)
+    if raster.backend() != "compiled":
+        pytest.skip("no C compiler here: meshes render on the numpy path (tested as such)")
 
 
 def cube() -> tuple[np.ndarray, np.ndarray]:
@@ -25,8 +39,12 @@ def grey(intensity: float) -> float:
     return lo + intensity * (hi - lo)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("azimuth", "stretch"), [(0.0, 1.0), (45.0, np.sqrt(2.0))])
-def test_cube_visible_area_and_shading(azimuth: float, stretch: float) -> None:
+def test_cube_visible_area_and_shading(
+    azimuth: float, stretch: float, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_backend(monkeypatch, backend)
     size, ambient = 224, 0.25
     spec = RenderSpec(
         azimuths=(azimuth,),
@@ -51,7 +69,11 @@ def test_cube_visible_area_and_shading(azimuth: float, stretch: float) -> None:
     assert image[0, 0] == 0  # background
 
 
-def test_mesh_views_are_deterministic_and_framed_like_points() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mesh_views_are_deterministic_and_framed_like_points(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_backend(monkeypatch, backend)
     v, f = cube()
     spec = RenderSpec(size=48)
     a, b = render_mesh(v * 7 + 3, f, spec), render_mesh(v, f, spec)
@@ -64,7 +86,9 @@ def test_mesh_views_are_deterministic_and_framed_like_points() -> None:
         assert abs(cols.min() - point_cols.min()) <= 2  # corners of the cube are its vertices
 
 
-def test_mesh_errors() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mesh_errors(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_backend(monkeypatch, backend)
     v, f = cube()
     with pytest.raises(ValueError, match="face indices"):
         render_mesh(v, f + 8, RenderSpec(size=16))
@@ -85,6 +109,7 @@ def test_normals_of_a_plane_and_shaded_splats() -> None:
 
 def test_chunking_does_not_change_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
     # Memory is bounded by testing triangles in chunks; the z-buffer must carry over between chunks.
+    use_backend(monkeypatch, "numpy")
     v, f = cube()
     spec = RenderSpec(size=40)
     whole = render_mesh(v, f, spec)

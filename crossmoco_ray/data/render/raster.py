@@ -1,11 +1,18 @@
 """Shaded renders of triangle meshes, and normals estimated from points: images made from geometry.
 
 :func:`render_mesh` rasterises triangles with a z-buffer and Lambertian + ambient shading, from the views of a
-:class:`~.render.RenderSpec` (the same cameras, framing and up axis as the point renderer), in numpy only: no
-OpenGL, no display, so it runs on any CPU node of a cluster. It is vectorised over triangles: every
-(triangle, pixel of its bounding box) pair of a view is tested at once, in chunks that bound memory, and
-the z-buffer keeps the nearest surface per pixel with ``np.maximum.at``. Edges are anti-aliased by
-supersampling (``spec.supersample``² samples per pixel, box-filtered).
+:class:`~.render.RenderSpec` (the same cameras, framing and up axis as the point renderer), on the CPU: no
+OpenGL, no display, so it runs on any CPU node of a cluster. Edges are anti-aliased by supersampling
+(``spec.supersample``² samples per pixel, box-filtered). Two implementations give the same images:
+
+- **compiled** (``_raster.c``, the default): a plain triangle loop over each bounding box, built at first use
+  by the system's C compiler and cached like the kNN kernels (:mod:`crossmoco_ray.nn.native`). It repeats the
+  numpy path's arithmetic in the same order, so coverage and depth tests decide alike; one thread per call
+  unless ``threads`` asks for more (views are split over them).
+- **numpy**: vectorised over triangles: every (triangle, pixel of its bounding box) pair of a view is tested
+  at once, in chunks that bound memory, and the z-buffer keeps the nearest surface per pixel with
+  ``np.maximum.at``. It runs where the library cannot be built (no compiler: one warning per process) or when
+  ``CROSSMOCO_RASTER=numpy`` asks for it.
 
 Shading is flat (one normal per triangle) and two-sided (``|n · l|``): mesh collections have inconsistent
 windings and open, non-manifold surfaces, whose back faces must not render black. The light is fixed to the
@@ -20,9 +27,17 @@ spread of its ``k`` nearest neighbours (PCA), which :func:`~.render.render_views
 
 from __future__ import annotations
 
+import ctypes
+import os
+import threading
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from crossmoco_ray.data.render.camera import RenderSpec, camera_rotations, normalise
+
+if TYPE_CHECKING:
+    from crossmoco_ray.nn.native import NativeLibrary
 
 SHADE_RANGE = (30, 255)  # grey of intensity 0 and 1; the background stays 0
 CHUNK = 1 << 13  # (triangle, pixel) candidates at once: 64 KB temporaries, in cache and not mmapped
@@ -42,7 +57,7 @@ def intensity(normals_cam: np.ndarray, spec: RenderSpec) -> np.ndarray:
     return np.rint(lo + shade * (hi - lo)).clip(lo, hi).astype(np.uint8)
 
 
-def render_mesh(vertices: np.ndarray, faces: np.ndarray, spec: RenderSpec) -> np.ndarray:
+def render_mesh(vertices: np.ndarray, faces: np.ndarray, spec: RenderSpec, threads: int = 1) -> np.ndarray:
     """Render a triangle mesh from every view of ``spec``, shaded.
 
     Args:
@@ -50,11 +65,15 @@ def render_mesh(vertices: np.ndarray, faces: np.ndarray, spec: RenderSpec) -> np
             bounding-box centre, unit radius).
         faces: ``[F, 3]`` vertex indices; degenerate triangles are skipped, winding is ignored.
         spec: the views; ``mode`` is ignored (meshes are always shaded), ``point_size`` too.
+        threads: threads of the compiled rasteriser (views are split over them); 1 suits a data pipeline
+            that already runs one render task per CPU. The numpy path ignores it.
 
     Returns:
         ``[V, size, size, 3]`` uint8 grey images, background 0, surfaces in ``SHADE_RANGE`` (edges blend
         into the background by anti-aliasing).
     """
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
     faces = np.asarray(faces, dtype=np.int64)
     if faces.ndim != 2 or faces.shape[1] != 3:
         raise ValueError(f"faces must have shape [F, 3], got {faces.shape}")
@@ -65,11 +84,106 @@ def render_mesh(vertices: np.ndarray, faces: np.ndarray, spec: RenderSpec) -> np
     images = np.zeros((spec.num_views, S, S, 3), dtype=np.uint8)
     if len(faces) == 0:
         return images
+    lib = _compiled()
+    if lib is not None:
+        _render_compiled(lib, verts, faces, spec, images, threads)
+        return images
     for v, rot in enumerate(camera_rotations(spec)):
         grey = _rasterise(verts @ rot.T, faces, S * ss, spec)  # [S·ss, S·ss] float
         grey = grey.reshape(S, ss, S, ss).mean(axis=(1, 3))  # box filter: anti-aliased edges
         images[v] = np.rint(grey).astype(np.uint8)[..., None]
     return images
+
+
+FORCE_NUMPY_ENV = "CROSSMOCO_RASTER"  # =numpy: render with the numpy path
+_library: NativeLibrary | None = None
+_library_lock = threading.Lock()
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare ``raster_view``'s signature (ctypes would otherwise pass 64-bit values as C ints)."""
+    i64, ptr, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
+    lib.raster_view.argtypes = [ptr, i64, ptr, i64, i64, i64, f64, ptr, f64, f64, f64, ptr, ptr, ptr]
+    lib.raster_view.restype = ctypes.c_int
+    return lib
+
+
+def _compiled() -> ctypes.CDLL | None:
+    """The compiled rasteriser, built at the first call; ``None`` if forced off or it cannot be had."""
+    global _library
+    if os.environ.get(FORCE_NUMPY_ENV, "").lower() == "numpy":
+        return None  # before importing the builder: crossmoco_ray.nn brings torch
+    with _library_lock:
+        if _library is None:
+            from crossmoco_ray.nn.native import NativeLibrary
+
+            _library = NativeLibrary(
+                package="crossmoco_ray.data.render",
+                source="_raster.c",
+                name="raster",
+                what="mesh rasteriser",
+                plural=False,
+                fallback="meshes are rendered by the numpy rasteriser, about 10x slower, to the same images.",
+                bind=_bind,
+                force_env=FORCE_NUMPY_ENV,
+                force_value="numpy",
+            )
+    return _library.load()
+
+
+def backend() -> str:
+    """``"compiled"`` or ``"numpy"``: what :func:`render_mesh` runs on in this process now."""
+    return "compiled" if _compiled() is not None else "numpy"
+
+
+_scratch_of_thread = threading.local()
+KEEP_SCRATCH = 2048  # supersampled sides up to this keep their buffers (≤ 37 MB a thread) between calls
+
+
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """This thread's z-buffer and grey samples for an ``n × n`` image (contents undefined).
+
+    Kept between calls: fresh buffers of a few MB are fresh pages from the system, whose first touch
+    costs as much as clearing them."""
+    have = getattr(_scratch_of_thread, "buffers", None)
+    if have is not None and len(have[1]) == n * n:
+        return have
+    buffers = np.empty(n * n), np.empty(n * n, dtype=np.uint8)
+    _scratch_of_thread.buffers = buffers if n <= KEEP_SCRATCH else None
+    return buffers
+
+
+def _render_compiled(
+    lib: ctypes.CDLL, verts: np.ndarray, faces: np.ndarray, spec: RenderSpec, images: np.ndarray, threads: int
+) -> None:
+    """Every view of ``spec`` into ``images [V, S, S, 3]`` by ``_raster.c``, views split over ``threads``."""
+    rotations = camera_rotations(spec)
+    n = spec.size * spec.supersample
+    threads = min(threads, len(rotations))
+    light = unit_light(spec)
+    scale = spec.pixels_per_unit(n)
+    lo, hi = SHADE_RANGE
+    faces = np.ascontiguousarray(faces)
+    assert images.flags.c_contiguous
+    assert images.dtype == np.uint8
+
+    def views(slot: int) -> None:
+        zbuf, grey = _scratch(n)
+        for v in range(slot, len(rotations), threads):
+            cam = np.ascontiguousarray(verts @ rotations[v].T)  # as the numpy path computes it
+            err = lib.raster_view(
+                cam.ctypes.data, len(cam), faces.ctypes.data, len(faces), spec.size, spec.supersample,
+                scale, light.ctypes.data, spec.ambient, float(lo), float(hi),
+                zbuf.ctypes.data, grey.ctypes.data, images[v].ctypes.data,
+            )  # fmt: skip
+            if err:  # checked before the call; the C code checks again rather than read out of bounds
+                raise ValueError(f"face indices must lie in 0..{len(cam) - 1}")
+
+    if threads == 1:
+        views(0)
+    else:
+        assert _library is not None
+        list(_library.executor(threads).map(views, range(threads)))
 
 
 def _rasterise(cam: np.ndarray, faces: np.ndarray, size: int, spec: RenderSpec) -> np.ndarray:
