@@ -4,19 +4,21 @@
     python bench/render.py --size 128 --objects 96
 
 In one run, on the same objects (the built-in set's first --objects, 2048 points each), median of
---repeats passes over them, single process:
-- mesh: shaded triangles (`render_mesh`, 2x2 supersampling), the built-in set's and mesh folders' views;
-- mesh, 4M-candidate chunks: the same with the rasteriser's first chunk size (raster.CHUNK = 1 << 22),
-  whose ~32 MB temporaries fall out of cache and are mmapped afresh each time;
+--repeats passes over them, single process, one thread:
+- mesh, compiled: shaded triangles (`render_mesh`, 2x2 supersampling) by the compiled rasteriser
+  (data/render/_raster.c), the built-in set's and mesh folders' views;
+- mesh, numpy: the same images by the numpy rasteriser (CROSSMOCO_RASTER=numpy), the fallback;
 - depth splats (`render_views`, mode depth): what every point-only source gets by default;
 - shaded splats (mode shaded: PCA normals over 16 neighbours, then splats);
-each with and without PNG encoding (what prepare stores). Repetitions are interleaved (every renderer once,
-then again), and ratios are against depth splats of the same run.
+the compiled mesh and the splats also with PNG encoding (what prepare stores). Repetitions are interleaved
+(every renderer once, then again); ratios are against depth splats of the same run, and the last line is
+the compiled rasteriser's speed over the numpy one's.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -43,28 +45,33 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     samples = list(synthetic_samples(args.objects, args.points, seed=0))
     triangles = statistics.median(len(s.mesh[1]) for s in samples if s.mesh is not None)
+    compiled = raster.backend() == "compiled"
+    if not compiled:
+        print(f"# the compiled rasteriser is unavailable ({raster.backend()} only): no compiled rows")
     specs = {
-        "mesh": RenderSpec(size=args.size),
-        "mesh, 4M-candidate chunks": RenderSpec(size=args.size),
+        **({"mesh, compiled": RenderSpec(size=args.size)} if compiled else {}),
+        "mesh, numpy": RenderSpec(size=args.size),
         "depth splats": RenderSpec(size=args.size, mode="depth"),
         "shaded splats": RenderSpec(size=args.size, mode="shaded"),
     }
 
     def render(kind: str, encode: bool) -> None:
-        chunk = raster.CHUNK
-        if kind.startswith("mesh,"):
-            raster.CHUNK = 1 << 22
-        for s in samples:
-            if kind.startswith("mesh"):
-                assert s.mesh is not None
-                views = render_mesh(*s.mesh, specs[kind])
-            else:
-                views = render_views(s.points, specs[kind])
-            if encode:
-                [encode_png(v) for v in views]
-        raster.CHUNK = chunk
+        if kind == "mesh, numpy":
+            os.environ[raster.FORCE_NUMPY_ENV] = "numpy"
+        try:
+            for s in samples:
+                if kind.startswith("mesh"):
+                    assert s.mesh is not None
+                    views = render_mesh(*s.mesh, specs[kind])
+                else:
+                    views = render_views(s.points, specs[kind])
+                if encode:
+                    [encode_png(v) for v in views]
+        finally:
+            if kind == "mesh, numpy":
+                del os.environ[raster.FORCE_NUMPY_ENV]
 
-    combos = [(k, e) for e in (False, True) for k in specs if not (e and k.startswith("mesh,"))]
+    combos = [(k, e) for e in (False, True) for k in specs if not (e and k == "mesh, numpy")]
     times: dict[str, list[float]] = {f"{k}{' + PNG' if e else ''}": [] for k, e in combos}
     for _ in range(args.repeats):  # interleaved, so that drift of the machine touches every renderer alike
         for (kind, encode), name in zip(combos, times, strict=True):
@@ -80,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name, rate in rates.items():
         base = rates["depth splats + PNG" if name.endswith("PNG") else "depth splats"]
         print(f"| {name} | {rate:.1f} | {rate / base:.2f}x |")
+    if compiled:
+        print(f"compiled / numpy rasteriser: {rates['mesh, compiled'] / rates['mesh, numpy']:.1f}x")
     return rates
 
 
