@@ -1,7 +1,8 @@
-"""Triangle meshes in: reading OFF / OBJ / PLY meshes, sampling points on their surface.
+"""Triangle meshes in: reading OFF / OBJ / PLY / STL / GLB / glTF meshes, sampling points on their surface.
 
-Reading uses `trimesh <https://trimesh.org>`_ (a well-kept, numpy-only library): it reads OFF, OBJ and PLY
-with faces, triangulates polygons, concatenates multi-object OBJ files into one mesh, and copes with
+Reading uses `trimesh <https://trimesh.org>`_ (a well-kept, numpy-only library): it reads OFF, OBJ, PLY
+with faces, STL (binary and ASCII) and glTF 2 (scenes flattened into world coordinates, textures ignored:
+:mod:`.gltf`), triangulates polygons, concatenates multi-object OBJ files into one mesh, and copes with
 ModelNet's known malformed OFF header (``OFF490 518 0``: the counts glued to the magic word on one line),
 which a strict reader rejects. Meshes are read as stored (``process=False``: no vertex merging, no
 repair), because nothing downstream needs a clean mesh: the rasteriser ignores windings and skips
@@ -10,8 +11,10 @@ input (:class:`DataError`): unreadable files, meshes without faces, non-finite v
 :data:`.source.MAX_COORDINATE` (whose areas overflow), zero total area.
 
 Files may be hostile, so the library gets bytes, not a path: an OBJ's ``mtllib`` (or a texture) naming
-another file, say ``/dev/zero``, is never opened. Headers that declare counts (OFF, PLY) are checked against
-the file's size first, and files over :data:`MESH_BYTES` are refused.
+another file, say ``/dev/zero``, is never opened; a ``.gltf``'s external buffers are read by this module,
+only from the file's own folder (:func:`folder_reader`). Headers that declare counts (OFF, PLY, binary STL,
+GLB chunks, glTF accessors) are checked against the file's size first, and files over :data:`MESH_BYTES`
+are refused. Callers that hold the bytes (files named by URI) use :func:`mesh_from_bytes`.
 
 Points come from the surface: :func:`surface_points` draws them uniformly by area (seeded per object), with
 optional farthest-point sampling from a denser draw (even spacing, as PointNet++'s ModelNet40 resampling).
@@ -20,19 +23,28 @@ optional farthest-point sampling from a denser draw (even spacing, as PointNet++
 from __future__ import annotations
 
 import io
+import os
 import re
+import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 from crossmoco_ray.bounded import printable
-from crossmoco_ray.data.sources.base import MAX_COORDINATE
+from crossmoco_ray.data.sources.base import MAX_COORDINATE, regular_file
+from crossmoco_ray.data.sources.gltf import Sibling, read_gltf
 from crossmoco_ray.data.sources.ply_header import check_ply_claims, ply_face_count
 from crossmoco_ray.data.synthetic.shapes import sample_mesh
 from crossmoco_ray.errors import DataError
 
-MESH_SUFFIXES = (".off", ".obj")  # always meshes; a .ply is one when its header declares faces
+MESH_SUFFIXES = (
+    ".off",
+    ".obj",
+    ".stl",
+    ".glb",
+    ".gltf",
+)  # always meshes; a .ply is one when its header declares faces
 FPS_OVERSAMPLE = 4  # farthest-point sampling picks n of this many times n area-uniform points
 MESH_BYTES = 512 * 1024**2  # mesh files larger than this are refused (text parsing takes several times more)
 
@@ -48,26 +60,62 @@ def is_mesh_file(path: Path) -> bool:
 
 
 def read_mesh(path: str | Path) -> Mesh:
-    """``(vertices [V, 3] float64, faces [F, 3] int64)`` of an OFF, OBJ or PLY mesh file.
+    """``(vertices [V, 3] float64, faces [F, 3] int64)`` of an OFF, OBJ, PLY, STL, GLB or glTF mesh file.
+
+    The file is read here and the library gets its bytes (:func:`mesh_from_bytes`); a ``.gltf``'s external
+    buffers are read only from the file's own folder (:func:`folder_reader`).
 
     Raises:
         DataError: naming the file: unreadable or unparseable, no faces (an empty mesh), face indices
             out of range, non-finite vertices, or zero surface area.
     """
-    import trimesh  # imported here: only mesh sources need it
-
     source = printable(path)
-    suffix = Path(path).suffix.lower()
     try:
         if Path(path).stat().st_size > MESH_BYTES:
             raise DataError(source, f"mesh file over {MESH_BYTES // 1024**2} MiB")
         data = Path(path).read_bytes()
     except OSError as err:
         raise DataError(source, f"cannot read file ({printable(err.strerror or err)})") from None
+    return mesh_from_bytes(data, Path(path).suffix.lower(), source, folder_reader(Path(path).parent, source))
+
+
+def folder_reader(folder: Path, source: str) -> Sibling:
+    """Reads a file of ``folder`` (or below it) by a relative name that :func:`.gltf.safe_relative` passed:
+    a regular file whose real path (links followed) stays inside the folder, of at most :data:`MESH_BYTES`."""
+
+    def read(name: str) -> bytes:
+        base = os.path.realpath(folder)
+        path = os.path.realpath(os.path.join(base, name))
+        if not path.startswith(base + os.sep):
+            raise DataError(source, f"{printable(name, 80)!r} leads outside the mesh's folder")
+        if not regular_file(Path(path)):
+            raise DataError(source, f"{printable(name, 80)!r} beside it is missing or not a regular file")
+        try:
+            if os.path.getsize(path) > MESH_BYTES:
+                raise DataError(
+                    source, f"{printable(name, 80)!r} beside it is over {MESH_BYTES // 1024**2} MiB"
+                )
+            return Path(path).read_bytes()
+        except OSError as err:
+            raise DataError(source, f"cannot read {printable(name, 80)!r} ({printable(err)})") from None
+
+    return read
+
+
+def mesh_from_bytes(data: bytes, suffix: str, source: str, sibling: Sibling | None = None) -> Mesh:
+    """:func:`read_mesh` of a file's bytes: ``suffix`` (``.off``, ``.glb``...) says the format, ``source``
+    names it in errors; ``sibling`` reads a ``.gltf``'s external buffers (none: they are refused)."""
+    import trimesh  # imported here: only mesh sources need it
+
     if suffix == ".off":
         check_off_claims(data, source)
     elif suffix == ".ply":
         check_ply_claims(data, source)
+    elif suffix == ".stl":
+        check_stl_claims(data, source)
+    if suffix in (".glb", ".gltf"):
+        vertices, faces = read_gltf(data, suffix, source, sibling)
+        return check_mesh(vertices, faces, source)
     try:
         # Bytes and no file name: the library has no folder to resolve other files in.
         loaded = trimesh.load(
@@ -83,6 +131,23 @@ def read_mesh(path: str | Path) -> Mesh:
     except (TypeError, ValueError) as err:  # what the library made of a damaged file is not a triangle mesh
         raise DataError(source, f"unreadable mesh: {printable(err, 300)}") from None
     return check_mesh(vertices, faces, source)
+
+
+def check_stl_claims(data: bytes, source: str) -> None:
+    """A binary STL (one that does not start with ``solid``) must hold the 50 bytes per triangle its header's
+    count declares; ASCII STL is left to the reader."""
+    if data[:5].lower() == b"solid":
+        return
+    if len(data) < 84:
+        raise DataError(source, f"not an STL file ({len(data)} bytes: a binary STL has an 84-byte header)")
+    count = struct.unpack_from("<I", data, 80)[0]
+    need = 84 + 50 * count
+    if need > len(data):
+        raise DataError(
+            source,
+            f"binary STL header declares {count} triangles, which need {need} bytes, but the file has "
+            f"{len(data)} (truncated, or a header that lies)",
+        )
 
 
 def check_off_claims(data: bytes, source: str) -> None:

@@ -239,6 +239,11 @@ def read_ply(path: str | Path) -> np.ndarray:
         data = Path(path).read_bytes()
     except OSError as e:
         raise DataError(source, f"cannot read file ({e.strerror or e})") from None
+    return ply_points(data, source)
+
+
+def ply_points(data: bytes, source: str) -> np.ndarray:
+    """:func:`read_ply` of a file's bytes (``source`` names it in errors)."""
     order, elements, offset = parse_header(data, source)
     vertex_index = next((i for i, e in enumerate(elements) if e.name == "vertex"), None)
     if vertex_index is None:
