@@ -141,9 +141,12 @@ class PretrainJob:
         h = ctx.history
         if h.get("baseline") and h.get("baseline_spec") == asdict(spec):
             self.monitor.baseline = h["baseline"]
+            # per-object results (the gains' paired standard errors); absent in histories of older runs
+            self.monitor.baseline_correct = _per_object(h.get("baseline_correct"))
         else:
             ctx.say(f"monitor: {self.monitor.source}; measuring the random-init baseline ...")
             h["baseline"] = self.monitor.set_baseline(self.initial_point)
+            h["baseline_correct"] = self.monitor.baseline_correct
             h["baseline_spec"] = asdict(spec)
             ctx.say(baseline_line(h["baseline"]))
             metrics = {**h["baseline"], **self.chance, "iid_batch_classes": self.spec.iid_batch_classes}
@@ -285,3 +288,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     )
     ctx.history = {"steps": [], "epochs": []}
     return run_worker(ctx, PretrainJob(spec, ctx))
+
+
+def _per_object(value: object) -> dict[str, list[int]]:
+    """A history's per-object baseline results, kept only where they have the form the monitor wrote (a
+    checkpoint's history is read from storage: anything else gives gains without a standard error)."""
+    if not isinstance(value, dict):
+        return {}
+    return {
+        k: v
+        for k, v in value.items()
+        if isinstance(k, str)
+        and isinstance(v, list)
+        and all(x in (0, 1) and not isinstance(x, float) for x in v)
+    }

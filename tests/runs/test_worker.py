@@ -26,6 +26,7 @@ from crossmoco_ray.data.pipeline.batches import iter_local_batches
 from crossmoco_ray.data.prepare.options import PrepareOptions
 from crossmoco_ray.data.prepare.prepare import prepare
 from crossmoco_ray.data.render.splat import RenderSpec
+from crossmoco_ray.data.shards.manifest import read_manifest
 from crossmoco_ray.data.sources.formats import SyntheticSource
 from crossmoco_ray.pretrain.launch import pipeline_options
 from crossmoco_ray.pretrain.resolve import resolve_run
@@ -81,6 +82,16 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def mesh_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Meshes and no renders (prepare --store meshes): the pipeline renders fresh viewpoints every epoch."""
+    root = tmp_path_factory.mktemp("data") / "meshes"
+    source = SyntheticSource({"train": 30, "test": 6}, num_points=32)
+    options = PrepareOptions(val_fraction=0.2, render=RenderSpec(size=16), store="meshes")
+    prepare(source, str(root), options, log=lambda _: None)
+    return root
+
+
 def pretrain_worker(
     shards: Path, storage: Path, name: str, callbacks: tuple[Any, ...] = (), registered: str | None = None
 ) -> tuple[Context, PretrainJob, LocalSession]:
@@ -108,17 +119,21 @@ def run(
     ctx, job, session = pretrain_worker(shards, storage, name, callbacks, registered)
     # the shard starts at the epoch the run resumes at, as the dataset factory decides before the workers do
     point = resume_point(ctx.spec.run_dir, ctx.steps_per_epoch, registered)
-    job.shard = LocalShard(
-        str(shards), pipeline_options(job.cfg), first_epoch=point.epoch(ctx.steps_per_epoch)
-    )
+    opts = pipeline_options(job.cfg, read_manifest(str(shards)))
+    job.shard = LocalShard(str(shards), opts, first_epoch=point.epoch(ctx.steps_per_epoch))
     out = run_worker(ctx, job)
     return out, ctx, job, session
 
 
 def test_checkpoints_and_a_run_killed_mid_epoch_that_resumes_to_the_same_weights_and_queues(
-    shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    mesh_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out, ctx, _, session = run(shards, tmp_path, "straight")
+    # On meshes, with views rendered from fresh viewpoints every epoch (auto: the shards hold no renders):
+    # the resumed run must render exactly the views the straight run rendered after the skip.
+    shards = mesh_shards
+    out, ctx, job, session = run(shards, tmp_path, "straight")
+    assert job.shard.opts.viewpoints is not None
+    assert job.shard.opts.viewpoints.kind == "fresh"
     spe = ctx.steps_per_epoch
     assert out == {"status": "finished", "epoch": 2, "step": 2 * spe}
     assert spe >= 5  # so that a checkpoint (every 3 steps) falls inside epoch 2
