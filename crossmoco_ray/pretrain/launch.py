@@ -25,11 +25,10 @@ from crossmoco_ray.data.pipeline.batches import (
     make_dataset,
     window_rows,
 )
-from crossmoco_ray.data.render.camera import RenderSpec
 from crossmoco_ray.data.render.viewpoints import Viewpoints
 from crossmoco_ray.evaluate.monitor import MonitorSpec
 from crossmoco_ray.pretrain.data_checks import iid_batch_classes, viewpoints_kind
-from crossmoco_ray.pretrain.resolve import Run
+from crossmoco_ray.pretrain.resolve import Run, render_spec
 from crossmoco_ray.pretrain.worker import PretrainSpec, train_loop_per_worker
 from crossmoco_ray.runs.launcher import Launch, build_trainer
 from crossmoco_ray.runs.worker import StepCallback
@@ -63,19 +62,10 @@ def pipeline_viewpoints(cfg: Config, manifest: dict[str, Any] | None) -> Viewpoi
     kind = viewpoints_kind(cfg, manifest)
     if kind == "stored":
         return None
-    r = cfg.data.render
-    spec = RenderSpec(
-        azimuths=tuple(r.azimuths),
-        elevations=tuple(r.elevations),
-        size=r.size,
-        point_size=r.point_size,
-        mode=r.mode,
-        points_only=r.points_only,
-    )
-    f = r.fresh
+    f = cfg.data.render.fresh
     return Viewpoints(
         kind="fixed" if kind == "fixed" else "fresh",
-        spec=spec,
+        spec=render_spec(cfg),
         azimuth=f.azimuth,
         elevation=f.elevation,
         zoom=f.zoom,

@@ -70,24 +70,34 @@ def default_name(cfg: Config) -> str:
     return f"crossmoco-{config_hash(cfg, exclude=OPERATIONAL_KEYS)[:8]}"
 
 
+def render_spec(cfg: Config) -> RenderSpec:
+    """The render of ``data.render``: the fixed viewpoints' grid, the image size and the look of splats."""
+    r = cfg.data.render
+    return RenderSpec(
+        azimuths=tuple(r.azimuths),
+        elevations=tuple(r.elevations),
+        size=r.size,
+        point_size=r.point_size,
+        mode=r.mode,
+        points_only=r.points_only,
+    )
+
+
 def builtin_dataset(cfg: Config, root_storage: str, log: Callable[[str], None]) -> str:
     """Prepare the built-in synthetic set once under ``<storage>/_builtin`` (cached by its options)."""
     d = cfg.data
     points = max(d.num_points, cfg.eval.num_points)
-    spec = RenderSpec(
-        azimuths=tuple(d.render.azimuths),
-        elevations=tuple(d.render.elevations),
-        size=d.render.size,
-        point_size=d.render.point_size,
-        mode=d.render.mode,
-        points_only=d.render.points_only,
-    )
+    spec = render_spec(cfg)
     # data.synthetic_val > 0: a validation split of its own (class-balanced like the others, and as large as
     # asked: the final gains' standard errors shrink with its size); 0: data.val_fraction carved from train
     counts = {"train": d.synthetic_train, "val": d.synthetic_val, "test": d.synthetic_test}
     if not d.synthetic_val:
         del counts["val"]
-    opts = PrepareOptions(val_fraction=0.0 if d.synthetic_val else d.val_fraction, seed=0, render=spec)
+    # Renders and meshes both: stored views by default (data.render.viewpoints=auto), fresh viewpoints of the
+    # meshes rendered in the pipeline with data.render.viewpoints=fresh, from the same shards.
+    opts = PrepareOptions(
+        val_fraction=0.0 if d.synthetic_val else d.val_fraction, seed=0, render=spec, store="both"
+    )
     source = SyntheticSource(counts, points, seed=0)
     # Cached by prepare's fingerprint (the generator's version, sizes, every prepare option), so a changed
     # option or a newer generator never meets shards it would have to overwrite.
