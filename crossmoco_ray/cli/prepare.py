@@ -26,22 +26,25 @@ examples:
   crossmoco prepare /data/ShapeNetRender --out s3://bucket/shapenet-shards       # PLY + PNG renders
   crossmoco prepare /data/my_scans --out data/scans --num-points 2048 --skip-bad  # <class>/<file>.ply|npy|xyz
   crossmoco prepare /data/ModelNet40 --out data/mn40_mesh --up-axis z --fps       # <class>/<split>/*.off
+  crossmoco prepare objaverse/glbs --format corpus --out data/objaverse --val-fraction 0.01  # unlabelled
+  crossmoco prepare s3://bucket/objaverse/files.txt --out s3://bucket/objv --ray  # a file list
   RAY_ADDRESS=auto crossmoco prepare /data/ModelNet40 --out s3://bucket/mn40 --up-axis z  # on a cluster
 
-SOURCE is a directory, an .h5 file or glob, or 'synthetic'; --format auto detects ModelNet40/ScanObjectNN
-h5, CrossPoint's ShapeNetRender layout (ShapeNet/ + ShapeNetRendering/) and folders of point or mesh files
-(.off .obj, .ply with faces; points are sampled on the surface). Sources without images get multi-view
-renders: shaded triangles of their meshes where they have them (the built-in set, mesh folders), else
-splats of their points. Rows are written in a seeded random order per split (real datasets are stored
-class by class); the shuffle streams through temporary buckets beside the output (in the local temp
-directory for s3:// or gs://), so memory stays bounded and the disk briefly holds a second copy. Bad
-inputs are named (file and index); --skip-bad skips them and writes skipped.json. Re-running the same
-command is a no-op once a quick check of the existing shards passes; damaged shards are prepared again
-(`crossmoco verify DIR` is the full check). --overwrite deletes only the old dataset's shard files inside
---out, never anything else. With --ray (or RAY_ADDRESS set) reading, checking and rendering run as a Ray Data
-pipeline over the cluster's CPUs; the driver keeps the order, shuffle and writer, so the shards are the
-same bytes as without it. SIGTERM stops it like Ctrl-C (its work directory removed; exit 143), and a later
-run removes the work directories that runs killed harder left behind.
+SOURCE is a directory, an .h5 file or glob, a list of files, or 'synthetic'; --format auto detects
+ModelNet40/ScanObjectNN h5, CrossPoint's ShapeNetRender layout (ShapeNet/ + ShapeNetRendering/), class
+folders of point or mesh files (.off .obj .stl .glb .gltf, .ply with faces; points are sampled on the
+surface) and lists of files (.txt); a folder tree without classes needs --format corpus. Sources without
+images get multi-view renders: shaded triangles of their meshes where they have them (the built-in set,
+mesh folders), else splats of their points. Rows are written in a seeded random order per split (real
+datasets are stored class by class); the shuffle streams through temporary buckets beside the output (in
+the local temp directory for s3:// or gs://), so memory stays bounded and the disk briefly holds a second
+copy. Bad inputs are named (file and index); --skip-bad skips them and writes skipped.json. Re-running
+the same command is a no-op once a quick check of the existing shards passes; damaged shards are prepared
+again (`crossmoco verify DIR` is the full check). --overwrite deletes only the old dataset's shard files
+inside --out, never anything else. With --ray (or RAY_ADDRESS set) reading, checking and rendering run as
+a Ray Data pipeline over the cluster's CPUs; the driver keeps the order, shuffle and writer, so the
+shards are the same bytes as without it. SIGTERM stops it like Ctrl-C (its work directory removed; exit
+143), and a later run removes the work directories that runs killed harder left behind.
 """
 
 VERIFY_EPILOG = """examples:
@@ -199,12 +202,26 @@ def add_prepare_parser(sub: argparse._SubParsersAction[Any]) -> None:
         description="Convert a source into Parquet shards with a manifest, validating every object.",
         epilog=PREPARE_EPILOG,
     )
-    p_prep.add_argument("source", help="a directory, an .h5 file or glob, or 'synthetic'")
+    p_prep.add_argument(
+        "source",
+        help="a directory, an .h5 file or glob, a list of files (.txt, local or URI), or 'synthetic'",
+    )
     p_prep.add_argument("--out", required=True, help="output directory or URI (s3://, gs://, file://)")
     p_prep.add_argument(
         "--format",
         default="auto",
-        choices=["auto", "modelnet40", "scanobjectnn", "shapenetrender", "folder", "synthetic"],
+        choices=[
+            "auto",
+            "modelnet40",
+            "scanobjectnn",
+            "shapenetrender",
+            "folder",
+            "corpus",
+            "list",
+            "synthetic",
+        ],
+        help="corpus: every object file below a folder, unlabelled (e.g. Objaverse's glbs/; never detected); "
+        "list: a .txt of files or URIs, one a line, optional <TAB>class column",
     )
     p_prep.add_argument(
         "--up-axis", default="y", choices=["x", "y", "z"], help="the source's up axis (ModelNet40 raw: z)"

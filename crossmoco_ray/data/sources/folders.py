@@ -5,9 +5,9 @@
 - ``folder``: one object per file, the class is a folder: ``<root>/[<split>/]<class>/<name>.<ext>`` or
   ModelNet's own layout ``<root>/<class>/<split>/<name>.<ext>`` (as ModelNet40/10 ship). Files are point
   clouds (``.npy``, ``.xyz``, ``.txt``, ``.ply`` without faces) or triangle meshes (``.off``, ``.obj``,
-  ``.ply`` with faces; :mod:`.mesh`), which may be mixed. A mesh gives the sample its points (sampled on
-  the surface, area-weighted, seeded per object) and is kept on the sample, so its views are shaded renders
-  of the mesh rather than of the points.
+  ``.stl``, ``.glb``, ``.gltf``, ``.ply`` with faces; :mod:`.mesh`), which may be mixed. A mesh gives the
+  sample its points (sampled on the surface, area-weighted, seeded per object) and is kept on the sample,
+  so its views are shaded renders of the mesh rather than of the points.
 
 Files are read one at a time; an unreadable one is yielded as a :class:`DataError` naming it. Only regular
 files are read (a FIFO named ``x.ply`` would block the reader forever, ``/dev/zero`` behind a link would never
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -38,6 +38,9 @@ SUFFIXES = POINT_SUFFIXES + MESH_SUFFIXES
 SPLITS = ("train", "test", "val")
 TEXT_BYTES = 256 * 1024**2  # .xyz/.txt files larger than this (≈10M points) are refused: parsing takes ~10×
 VIEW_BYTES = 32 * 1024**2  # a rendered view larger than this is not a view (ShapeNetRendering's are ~10 KB)
+CORPUS_HINT = (
+    f" ({' '.join(SUFFIXES)}); a folder tree of object files without classes is prepared with --format corpus"
+)
 NOT_UTF8 = "its name is not valid UTF-8 (ids and class names are stored as text): rename it"
 
 
@@ -178,8 +181,12 @@ class FolderSource(Source):
         self.classes = [c for c in folders if decodable(Path(c))]
         self._undecodable = [c for c in folders if not decodable(Path(c))]
         if not folders:
+            raise DataError(printable(self.root), f"no class folders with point or mesh files{CORPUS_HINT}")
+        if not any(self._files(s) for s in self._splits):
             raise DataError(
-                printable(self.root), f"no class folders with point or mesh files ({', '.join(SUFFIXES)})"
+                printable(self.root),
+                f"its class folders ({printable(', '.join(folders[:3]), 80)}...) hold no point or mesh files "
+                f"directly{CORPUS_HINT}",
             )
 
     def _class_dir(self, split: str, name: str) -> Path:
@@ -291,29 +298,41 @@ def _read_npy(path: Path, where: str) -> np.ndarray:
     """A ``.npy`` array whose header was checked first: numbers, 2-D, and no more bytes than the file holds
     (a 100-byte file whose header claims 10¹⁰ rows must not make ``np.load`` allocate them)."""
     with open(path, "rb") as fp:
-        try:
-            version = np.lib.format.read_magic(fp)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
-            else:  # 2.0 and 3.0 share the layout (3.0 only allows UTF-8 in field names)
-                shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
-        except OSError:
-            raise
-        except Exception as err:  # numpy parses the header as Python literals: SyntaxError, TokenError...
-            raise DataError(
-                where, f"unreadable .npy header: {printable(f'{type(err).__name__}: {err}', 300)}"
-            ) from None
+        shape, dtype = npy_header(fp, where)
         body = path.stat().st_size - fp.tell()
+    if not check_npy_claims(shape, dtype, body, where):
+        return np.zeros((shape[0], 3), np.float32)
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    return np.array(arr[:, :3])  # a copy: nothing keeps the file mapped
+
+
+def npy_header(fp: BinaryIO, where: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """The shape and dtype a ``.npy`` header declares (``fp`` left after the header)."""
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+        else:  # 2.0 and 3.0 share the layout (3.0 only allows UTF-8 in field names)
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+    except OSError:
+        raise
+    except Exception as err:  # numpy parses the header as Python literals: SyntaxError, TokenError...
+        raise DataError(
+            where, f"unreadable .npy header: {printable(f'{type(err).__name__}: {err}', 300)}"
+        ) from None
+    return shape, dtype
+
+
+def check_npy_claims(shape: tuple[int, ...], dtype: np.dtype[Any], body: int, where: str) -> bool:
+    """A :class:`DataError` unless the header declares numbers ``[N, ≥3]`` that fit in the ``body`` bytes
+    after it; False when the array is empty."""
     if dtype.fields is not None or dtype.kind not in "iuf":
         raise DataError(where, f".npy holds {printable(dtype, 60)}, not numbers")
     if len(shape) != 2 or shape[1] < 3 or shape[0] < 0:
         raise DataError(where, f"points must be [N, 3] (or more columns), got {printable(shape, 60)}")
     claimed = math.prod(shape) * dtype.itemsize
-    if claimed == 0:
-        return np.zeros((shape[0], 3), np.float32)
     if claimed > body:
         raise DataError(
             where, f".npy header declares shape {shape} ({claimed} bytes) but the file holds {body} after it"
         )
-    arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    return np.array(arr[:, :3])  # a copy: nothing keeps the file mapped
+    return claimed > 0

@@ -5,7 +5,12 @@
 - ``shapenetrender``: CrossPoint's layout, ``ShapeNet/<synset>/<id>.ply`` with
   ``ShapeNetRendering/<synset>/<id>/rendering/*.png`` (:mod:`.folders`).
 - ``folder``: ``<root>/[<split>/]<class>/<name>.<ext>`` or ModelNet's ``<root>/<class>/<split>/``; points
-  (``.ply .npy .xyz .txt``) or meshes (``.off .obj``, ``.ply`` with faces) (:mod:`.folders`, :mod:`.mesh`).
+  (``.ply .npy .xyz .txt``) or meshes (``.off .obj .stl .glb .gltf``, ``.ply`` with faces)
+  (:mod:`.folders`, :mod:`.mesh`).
+- ``corpus``: every point or mesh file below a folder, unlabelled (e.g. Objaverse's ``glbs/``;
+  :mod:`.corpus`); chosen explicitly, never detected.
+- ``list``: a text file naming object files, local paths or URIs, one a line, optionally with a class
+  column (:mod:`.filelist`); detected for a ``.txt``/``.lst`` file or URI.
 - ``synthetic``: the built-in procedural set.
 
 This module is the front door: :func:`open_source` picks the reader (detecting the format if asked) and the
@@ -22,8 +27,11 @@ from typing import Any
 
 from crossmoco_ray.bounded import printable
 from crossmoco_ray.data.sources.base import Source, UpAxis, to_y_up
+from crossmoco_ray.data.sources.corpus import CorpusSource
+from crossmoco_ray.data.sources.filelist import ListSource
 from crossmoco_ray.data.sources.folders import FolderSource, ShapeNetRenderSource, read_point_file
 from crossmoco_ray.data.sources.hdf5 import H5Source, h5_format
+from crossmoco_ray.data.sources.objects import Sampling
 from crossmoco_ray.data.sources.sample import Sample
 from crossmoco_ray.data.synthetic.dataset import GENERATOR_VERSION, synthetic_range, synthetic_samples
 from crossmoco_ray.data.synthetic.dataset import class_names as synthetic_class_names
@@ -31,8 +39,10 @@ from crossmoco_ray.errors import DataError
 
 __all__ = [
     "FORMATS",
+    "CorpusSource",
     "FolderSource",
     "H5Source",
+    "ListSource",
     "ShapeNetRenderSource",
     "Source",
     "SyntheticSource",
@@ -88,7 +98,8 @@ class SyntheticSource(Source):
         return synthetic_range(first, end, self.num_points, seed=self.seed, split=split)
 
 
-FORMATS = ("modelnet40", "scanobjectnn", "shapenetrender", "folder", "synthetic")
+FORMATS = ("modelnet40", "scanobjectnn", "shapenetrender", "folder", "corpus", "list", "synthetic")
+LIST_SUFFIXES = (".txt", ".lst", ".list")
 
 
 def open_source(
@@ -122,6 +133,9 @@ def open_source(
         return ShapeNetRenderSource(spec, up_axis)
     if format == "folder":
         return FolderSource(spec, up_axis, mesh_points=num_points, seed=seed, fps=fps)
+    if format in ("corpus", "list"):
+        sampling = Sampling(up_axis, num_points, seed, fps)
+        return CorpusSource(spec, sampling) if format == "corpus" else ListSource(spec, sampling)
     raise ValueError(f"unknown source format {format!r}; choose one of {FORMATS} or 'auto'")
 
 
@@ -129,7 +143,13 @@ def detect_format(spec: str) -> str:
     """Guess a source's format from what is on disk."""
     if spec == "synthetic":
         return "synthetic"
-    p = Path(spec)
+    if "://" in spec and not spec.startswith("file://"):
+        if spec.lower().endswith(LIST_SUFFIXES):
+            return "list"
+        raise DataError(printable(spec), "a URI source is a list of files (.txt, one path or URI a line)")
+    p = Path(spec.removeprefix("file://"))
+    if p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
+        return "list"
     if p.is_dir() and (p / "ShapeNet").is_dir() and (p / "ShapeNetRendering").is_dir():
         return "shapenetrender"
     if (
@@ -143,4 +163,7 @@ def detect_format(spec: str) -> str:
         return h5_format(spec)
     if p.is_dir():
         return "folder"
-    raise DataError(printable(spec), "not found: give a directory, an .h5 file or glob, or 'synthetic'")
+    raise DataError(
+        printable(spec),
+        "not found: give a directory, an .h5 file or glob, a list of files (.txt), or 'synthetic'",
+    )
