@@ -4,7 +4,8 @@
       → read windows: each task reads ``shuffle_window`` rows' worth of row groups from random places
         and permutes their rows together                                                    (random)
       → map_batches(make_batch)  →  streaming_split per worker
-          │ decode the two chosen PNGs, resize
+          │ decode the two chosen PNGs, resize — or render two views of the object's mesh (or splats of
+          │ its points) from this epoch's viewpoints (data.render.viewpoints, :mod:`.viewpoints`)  (random)
           │ pick 2 distinct views, subsample points                                         (random)
           └ augment points ×2 and images (uint8)                                            (random)
 
@@ -20,9 +21,10 @@ Deterministic work (reading, PNG decoding) and random work live in one map task 
 chosen views are decoded; nothing random is cached, since Ray Data re-executes the pipeline every
 epoch. Randomness is fresh every epoch; with a seed it is reproducible: the row-group order comes from
 ``(seed, epoch)``, a window's row order from ``(seed, epoch, window)`` and the augmentations from
-``(seed, epoch, first id of the batch)``, where the epoch is Ray Data's execution index plus
-``epoch_offset`` (set by a resumed run). Without a seed the order's seed is drawn once per dataset, so
-that all read tasks of an epoch agree on one permutation.
+``(seed, epoch, first id of the batch)`` (rendered views: each object's viewpoints from ``(seed, epoch,
+id)``), where the epoch is Ray Data's execution index plus ``epoch_offset`` (set by a resumed run). Without
+a seed the order's seed is drawn once per dataset, so that all read tasks of an epoch agree on one
+permutation.
 
 :func:`iter_local_batches` runs the same ``make_batch`` without Ray (debugging, notebooks, the
 DataLoader baseline of the benchmark).
