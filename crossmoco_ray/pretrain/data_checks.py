@@ -76,6 +76,24 @@ def check_eval_data(spec: str, up_axis: str, variant: str | None = None) -> None
         )
 
 
+def unlabelled(manifest: dict[str, Any]) -> bool:
+    """Whether prepared shards hold no labels (every object −1: a corpus prepared without classes)."""
+    per_class = [name for split in manifest["counts"].values() for name in split.get("per_class", {})]
+    return not manifest.get("class_names") and all(name == "-1" for name in per_class)
+
+
+def label_evaluation_note(cfg: Config, manifest: dict[str, Any], root: str) -> str | None:
+    """The one line that says the monitor and the final evaluation are off because the pretraining shards
+    are unlabelled and no ``eval.data`` is set (``None`` when they can run)."""
+    if cfg.eval.data is not None or not unlabelled(manifest):
+        return None
+    return (
+        f"{root} is unlabelled: the monitor and the final evaluation are off (they score features by "
+        "labels); set eval.data to a labelled set (prepared shards or a source, e.g. ModelNet40) to turn "
+        "them on"
+    )
+
+
 def iid_batch_classes(cfg: Config, manifest: dict[str, Any]) -> float:
     """Distinct labels an i.i.d. worker batch of the train split would hold (what ``batch_classes`` is
     compared with); 0 for unlabelled data."""

@@ -12,7 +12,7 @@ same rows in every run.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -27,7 +27,12 @@ from crossmoco_ray.data.pipeline.batches import (
 )
 from crossmoco_ray.data.render.viewpoints import Viewpoints
 from crossmoco_ray.evaluate.monitor import MonitorSpec
-from crossmoco_ray.pretrain.data_checks import iid_batch_classes, viewpoints_kind
+from crossmoco_ray.pretrain.data_checks import (
+    iid_batch_classes,
+    label_evaluation_note,
+    unlabelled,
+    viewpoints_kind,
+)
 from crossmoco_ray.pretrain.resolve import Run, render_spec
 from crossmoco_ray.pretrain.worker import PretrainSpec, train_loop_per_worker
 from crossmoco_ray.runs.launcher import Launch, build_trainer
@@ -84,10 +89,11 @@ def train_dataset(root: str, opts: PipelineOptions, run_dir: str, steps_per_epoc
 
 def monitor_spec(run: Run) -> MonitorSpec | None:
     """What the rank-0 monitor reads: ``eval.data`` if set (any labelled source or shards; a 'val' split
-    is carved from its train split when it has none), else the pretraining shards' val split."""
+    is carved from its train split when it has none), else the pretraining shards' val split; none when
+    those are unlabelled (an unlabelled val split cannot be scored) or have no val split."""
     cfg = run.cfg
     e = cfg.eval
-    if e.data is None and "val" not in run.manifest["counts"]:
+    if e.data is None and ("val" not in run.manifest["counts"] or unlabelled(run.manifest)):
         return None
     return MonitorSpec(
         root=e.data or run.data_root,
@@ -104,13 +110,19 @@ def monitor_spec(run: Run) -> MonitorSpec | None:
 
 
 def pretrain_trainer(
-    run: Run, callbacks: list[Any] | None = None, step_callbacks: Sequence[StepCallback] = ()
+    run: Run,
+    callbacks: list[Any] | None = None,
+    step_callbacks: Sequence[StepCallback] = (),
+    log: Callable[[str], None] = print,
 ) -> Any:
-    """The ``TorchTrainer`` of a resolved pretraining run."""
+    """The ``TorchTrainer`` of a resolved pretraining run (``log``: where a note on what is off goes)."""
     from ray.data import DataContext
     from ray.train import DataConfig
 
     cfg, t = run.cfg, run.cfg.train
+    note = label_evaluation_note(cfg, run.manifest, run.data_root)
+    if note:
+        log(note)
     opts = pipeline_options(cfg, run.manifest)
     # how the split executes (DataConfig gives these to the dataset the factory builds)
     options = bound_streaming_memory(copy.deepcopy(DataContext.get_current()), opts.object_store_mb)
