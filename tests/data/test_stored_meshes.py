@@ -134,3 +134,39 @@ def test_default_store_keeps_earlier_fingerprints() -> None:
         PrepareOptions(store="pngs")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="mesh_faces"):
         PrepareOptions(mesh_faces=2)
+
+
+def test_a_crafted_cell_in_a_sealed_dataset_is_named_by_verify_and_by_training(tmp_path: Path) -> None:
+    """A dataset whose digests and seal were recomputed after a mesh cell was replaced (a crafted dataset,
+    not a damaged one): the digests pass, the cell's own checks name the object."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    from crossmoco_ray.data.pipeline.batches import PipelineOptions, iter_local_batches
+    from crossmoco_ray.data.render.viewpoints import Viewpoints
+    from crossmoco_ray.data.shards.integrity import file_digests
+    from crossmoco_ray.data.shards.manifest import seal
+
+    root = tmp_path / "shards"
+    src = SyntheticSource({"train": 8}, num_points=32, seed=1)
+    prepare(src, str(root), opts(store="meshes", shuffle=False, row_group_rows=8, rows_per_shard=8))
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = manifest["files"][0]
+    path = root / entry["path"]
+    table = pq.read_table(path)
+    cells = table.column("mesh").to_pylist()
+    victim = table.column("id").to_pylist()[3]
+    cells[3] = cells[3][:-6] + struct.pack("<3H", 60000, 60000, 60000)  # a face far beyond the vertices
+    table = table.set_column(table.schema.get_field_index("mesh"), "mesh", pa.array(cells, pa.binary()))
+    pq.write_table(table, path, compression="zstd", row_group_size=8)
+    entry.update(file_digests(pafs.LocalFileSystem(), str(path)))
+    manifest.pop("manifest_sha256", None)
+    (root / "manifest.json").write_text(json.dumps(seal(manifest)))
+
+    with pytest.raises(DataError, match=f"{victim}.*beyond its"):
+        verify_shards(str(root))
+    o = PipelineOptions(num_points=32, image_size=16, seed=0, viewpoints=Viewpoints(spec=RenderSpec(size=16)))
+    with pytest.raises(DataError, match=f"{victim}.*beyond its"):
+        list(iter_local_batches(str(root), "train", o, batch_size=4))
