@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from crossmoco_ray.nn.precision import cpu_flags, cpu_name
+from crossmoco_ray.nn.cpu import cpu_flags, cpu_name
 from crossmoco_ray.nn.trusted_files import Untrusted, digest_path, dir_problem, verify_recorded
 
 logger = logging.getLogger(__name__)
