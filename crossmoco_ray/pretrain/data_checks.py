@@ -87,10 +87,10 @@ def label_evaluation_note(cfg: Config, manifest: dict[str, Any], root: str) -> s
     ``eval.data`` is set (``None`` when it can run)."""
     if cfg.eval.data is not None or not unlabelled(manifest):
         return None
-    final = "; the final evaluation needs labels too: set eval.final=false" if cfg.eval.final else ""
     return (
-        f"{root} is unlabelled: the monitor is off (it scores features by labels); set eval.data to a "
-        f"labelled set (prepared shards or a source, e.g. ModelNet40) to score the encoder{final}"
+        f"{root} is unlabelled: the monitor and the final evaluation are off (they score features by "
+        "labels); set eval.data to a labelled set (prepared shards or a source, e.g. ModelNet40) to score "
+        "the encoder"
     )
 
 

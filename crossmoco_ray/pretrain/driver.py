@@ -23,6 +23,7 @@ from crossmoco_ray.evaluate.features import available_splits
 from crossmoco_ray.evaluate.monitor import measured_epochs
 from crossmoco_ray.evaluate.plots import curves_plot
 from crossmoco_ray.evaluate.protocols import encoders, final_metrics, gain_lines, run_svm_splits, svm_table
+from crossmoco_ray.pretrain.data_checks import unlabelled
 from crossmoco_ray.pretrain.launch import pretrain_trainer
 from crossmoco_ray.pretrain.resolve import Run, resolve_run, start_tracking, write_resolved_config
 from crossmoco_ray.runs.launcher import fit
@@ -66,7 +67,9 @@ def pretrain(
     if run.mlflow_run_id:
         log(f"MLflow run {run.mlflow_run_id} in {run.tracking_uri}")
     summary: dict[str, Any] = {"run_dir": run.run_dir, "mlflow_run_id": run.mlflow_run_id}
-    result = fit(pretrain_trainer(run, callbacks, step_callbacks), tracker, run.run_dir, "training", log)
+    result = fit(
+        pretrain_trainer(run, callbacks, step_callbacks, log=log), tracker, run.run_dir, "training", log
+    )
     if result is None:
         return EXIT_FAILED, summary
     ret = result.return_value or {}
@@ -106,7 +109,8 @@ def finish(run: Run, ckpt_dir: Path, tracker: Tracker, log: Callable[[str], None
         out["export"] = publish_dir(export_dir, f"{run.run_dir}/export")
         history = read_json(str(ckpt_dir / HISTORY_FILE)) or {}
         curves = _curves(history, work)
-        if cfg.eval.final:
+        # Unlabelled pretraining shards and no eval.data: nothing to score against (the launch said so).
+        if cfg.eval.final and (cfg.eval.data is not None or not unlabelled(run.manifest)):
             spec = cfg.eval.data or run.data_root
             variant = cfg.eval.variant if cfg.eval.data else None
             splits = [s for s in ("val", "test") if s in available_splits(spec, cfg.eval.up_axis, variant)]

@@ -1,5 +1,6 @@
-"""A corpus without labels pretrains: shards that are all label −1 turn the monitor off with one line saying
-to set ``eval.data`` (and ``eval.final=false`` when it is on); with ``eval.data`` the monitor reads it."""
+"""A corpus without labels pretrains: shards that are all label −1 turn the monitor and the final evaluation
+off with one line saying to set ``eval.data``; with ``eval.data`` the monitor reads it. The corpus here is a
+list of GLB files prepared with ``--store meshes``: its views are rendered in the Ray Data pipeline."""
 
 from __future__ import annotations
 
@@ -22,9 +23,7 @@ TINY = [
     "model.image_encoder=resnet18", "model.image_head_hidden=16",
     "data.num_points=64", "data.image_size=32", "data.read_batch=16",
     "objective.queue_length=16", "train.batch_size=8", "train.log_every=1", "train.epochs=1",
-    "eval.num_points=64", "eval.monitor_samples=40", "tracking.log_model=false",
-    # The final SVM (pretrain/driver.py) does not yet turn itself off on unlabelled shards.
-    "eval.final=false",
+    "eval.num_points=64", "eval.monitor_samples=40", "tracking.log_model=false", "eval.final=true",
 ]  # fmt: skip
 
 
@@ -43,8 +42,17 @@ def glb_list_corpus(tmp_path: Path, n: int = 20) -> Path:
         lines.append(f"{i:03d}/{i:032x}.glb")
     (folder / "files.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "shards"
-    args = ["prepare", str(folder / "files.txt"), "--out", str(out), "--num-points", "64"]
-    assert main([*args, "--render-size", "32", "--azimuths", "0,120,240", "--val-fraction", "0.2"]) == 0
+    args = [
+        "prepare",
+        str(folder / "files.txt"),
+        "--out",
+        str(out),
+        "--num-points",
+        "64",
+        "--store",
+        "meshes",
+    ]
+    assert main([*args, "--val-fraction", "0.2"]) == 0
     return out
 
 
@@ -64,9 +72,7 @@ def test_unlabelled_shards_turn_the_monitor_off_unless_eval_data_is_set(tmp_path
     note = label_evaluation_note(cfg, manifest, "data/corpus")
     assert note is not None
     assert "set eval.data" in note
-    assert "eval.final=false" not in note  # it is already off
-    final_on = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"final": True})})
-    assert "set eval.final=false" in str(label_evaluation_note(final_on, manifest, "data/corpus"))
+    assert "the final evaluation are off" in note
     with_eval = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"data": "data/mn40"})})
     spec = monitor_spec(Run(with_eval, "r", str(tmp_path), "data/corpus", manifest, 1))
     assert spec is not None
@@ -83,12 +89,14 @@ def test_a_glb_list_corpus_pretrains(tmp_path: Path, capsys: pytest.CaptureFixtu
     shards = glb_list_corpus(tmp_path)
     manifest = read_manifest(str(shards))
     assert unlabelled(manifest)
-    assert manifest["rendered_from"] == "meshes"
-    cfg = load_config("quickstart", overrides=[*TINY, f"data.source={shards}"])
+    assert manifest["meshes"] is True
+    assert manifest["views_per_object"] == 0  # no renders stored: the pipeline renders them
+    cfg = load_config("quickstart", overrides=[*TINY, f"data.source={shards}", "data.render.size=32"])
     lines: list[str] = []
     code, summary = pretrain(cfg, name="corpus", storage=str(tmp_path / "runs"), log=lines.append)
     assert code == EXIT_OK, lines
     assert summary["metrics"]["epoch"] == 1
-    said = capsys.readouterr().out
-    assert said.count("is unlabelled: the monitor is off") == 1
+    said = "\n".join(lines)
+    assert said.count("is unlabelled: the monitor and the final evaluation are off") == 1
     assert "set eval.data to a labelled set" in said
+    assert "final linear SVM" not in said + capsys.readouterr().out  # eval.final is on, but nothing to score
