@@ -149,3 +149,29 @@ def test_configs_that_ask_for_views_the_shards_lack_fail_before_training(mesh_sh
     assert vp.kind == "fresh"
     with pytest.raises(DataError, match="viewpoints=fresh"):  # the pipeline's own check, for API users
         split_files(str(mesh_shards), "train", PipelineOptions(num_points=64))
+
+
+def test_the_render_stage_asks_for_its_own_resources(
+    mesh_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPU-only nodes can render for GPU nodes: the render stage's tasks ask for data.render.num_cpus and the
+    custom resources of data.render.resources (Ray Data itself is replaced by a recorder)."""
+    import ray.data
+
+    from crossmoco_ray.data.pipeline.batches import make_dataset
+
+    calls: list[dict[str, object]] = []
+
+    class Recorder:
+        context = ray.data.DataContext.get_current()
+
+        def map_batches(self, fn: object, **kwargs: object) -> Recorder:
+            calls.append(kwargs)
+            return self
+
+    monkeypatch.setattr(ray.data, "from_items", lambda *a, **k: Recorder())
+    make_dataset(str(mesh_shards), "train", opts(render_cpus=0.5, render_resources=(("cpu_render", 1.0),)))
+    read, render = calls
+    assert read["num_cpus"] == 0  # reading takes no CPU slot
+    assert render["num_cpus"] == 0.5
+    assert render["resources"] == {"cpu_render": 1.0}
