@@ -160,3 +160,19 @@ def test_the_device_check_runs_dry_on_cpu(tmp_path: Path) -> None:
         "reference fp32", "fast fp32", "fast fp32 + TF32", "fast bf16", "fast bf16 + channels-last"
     }  # fmt: skip
     assert "| step | ok |" in (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_scale_benchmark_runs(
+    bench_script: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/scale.py --quick in this process, on the session's Ray (the CPU counts as Ray Data limits):
+    every table, and the memory runs stream what they claim."""
+    result = bench_script("scale").main(["--quick", "--in-process", "--work", str(tmp_path)])
+    out = capsys.readouterr().out
+    for row in ("| fresh viewpoints: 320 meshes", "| stored renders: 32 objects", "| small, 10 epochs |"):
+        assert row in out
+    assert set(result["throughput"][1]) == set(result["throughput"][2]) == {"fresh", "stored", "fresh_paper"}
+    assert [m["samples"] for m in result["memory"].values()] == [32, 320, 320]
+    assert result["mesh_stats"]["meshes_large"]["objects"] == 320
+    assert 0 < result["render_cost"]["sphere_cell_zstd"] < result["render_cost"]["sphere_cell_raw"]
