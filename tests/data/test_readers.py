@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 import re
 import struct
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import pytest
 
+from crossmoco_ray.bounded import printable
+from crossmoco_ray.data.sources.base import Source
+from crossmoco_ray.data.sources.folders import points_from_bytes
 from crossmoco_ray.data.sources.formats import (
     H5Source,
     SyntheticSource,
@@ -376,6 +381,67 @@ def test_npy_that_is_not_a_table_of_numbers_is_named(tmp_path: Path, array: np.n
     np.save(tmp_path / "bad.npy", array)
     with pytest.raises(DataError, match=rf"bad\.npy: .*{message}"):
         read_point_file(tmp_path / "bad.npy")
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("good.xyz", b"0 0 0 9\n1,2,3,9\n4 5 6 7\n"),
+        ("empty.txt", b"  \n"),
+        ("words.txt", b"a b c\n"),
+        ("two.xyz", b"1 2\n3 4\n"),
+        (
+            "huge.npy",
+            b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (10000000000, 3), }",
+        ),
+        ("bad.npy", b"\x93NUMPY\x01\x00\x10\x00{'descr': (((\n"),
+    ],
+    ids=["good", "empty", "words", "two-columns", "npy-claims", "npy-header"],
+)
+def test_a_point_file_and_its_bytes_read_alike(tmp_path: Path, name: str, data: bytes) -> None:
+    """Corpora and lists parse a file's bytes (:func:`points_from_bytes`), class folders its path: the same
+    points, the same errors."""
+    (tmp_path / name).write_bytes(data)
+    try:
+        expected: np.ndarray | str = read_point_file(tmp_path / name)
+    except DataError as err:
+        expected = str(err)
+    try:
+        got: np.ndarray | str = points_from_bytes(data, Path(name).suffix, printable(tmp_path / name))
+    except DataError as err:
+        got = str(err)
+    if isinstance(expected, str):
+        assert got == expected
+    else:
+        assert isinstance(got, np.ndarray)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, expected)
+        assert expected.shape == (3, 3)
+
+
+class _Tasks(Source):
+    """A source that only says its tasks and how to read one."""
+
+    def splits(self) -> list[str]:
+        return ["train"]
+
+    def tasks(self, split: str) -> list[Any]:
+        return [(0, 2), (2, 3)]
+
+    def read_task(self, split: str, task: Any) -> Iterator[Sample | DataError]:
+        for i in range(*task):
+            yield Sample(f"s{i}", np.zeros((4, 3), np.float32))
+
+
+class _Nothing(Source):
+    def splits(self) -> list[str]:
+        return ["train"]
+
+
+def test_samples_read_every_task_in_order_unless_a_source_streams_them_itself() -> None:
+    assert [s.id for s in _Tasks().samples("train") if isinstance(s, Sample)] == ["s0", "s1", "s2"]
+    with pytest.raises(NotImplementedError, match="implements samples, or tasks and read_task"):
+        list(_Nothing().samples("train"))
 
 
 def test_names_that_are_not_utf8_are_named_per_file_and_print_safely(tmp_path: Path) -> None:

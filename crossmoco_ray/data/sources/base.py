@@ -69,13 +69,15 @@ class Source(ABC):
     def splits(self) -> list[str]:
         """The splits this source holds, e.g. ``["train", "test"]``."""
 
-    @abstractmethod
     def samples(self, split: str) -> Iterator[Sample | DataError]:
-        """Stream the samples of ``split``.
+        """Stream the samples of ``split``: by default, every task of :meth:`tasks` read in order.
 
         Bad input is *yielded* as a :class:`DataError` naming the file (and index) instead of raised, so a
         caller that skips bad samples can go on with the next file; callers that cannot skip raise it.
+        A source implements this, or :meth:`tasks` and :meth:`read_task` (or all three).
         """
+        for task in self.tasks(split):
+            yield from self.read_task(split, task)
 
     def tasks(self, split: str) -> list[Any]:
         """Independent, picklable pieces of ``split`` (files, row ranges) that :meth:`read_task` reads.
@@ -87,6 +89,8 @@ class Source(ABC):
 
     def read_task(self, split: str, task: Any) -> Iterator[Sample | DataError]:
         """The samples of one task of :meth:`tasks`, in order (bad input yielded as errors)."""
+        if type(self).samples is Source.samples:  # the defaults would read each other forever
+            raise NotImplementedError(f"{type(self).__name__} implements samples, or tasks and read_task")
         return self.samples(split)
 
     def class_names(self) -> list[str] | None:

@@ -121,10 +121,6 @@ class CorpusSource(Source):
             out["mesh_sampling"] = {"points": s.mesh_points, "seed": s.seed, "fps": s.fps}
         return out
 
-    def samples(self, split: str) -> Iterator[Sample | DataError]:
-        for task in self.tasks(split):
-            yield from self.read_task(split, task)
-
     def tasks(self, split: str) -> list[Any]:
         return chunks(self.files, TASK_FILES)
 

@@ -18,6 +18,7 @@ ids and class names are stored as text.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from crossmoco_ray.bounded import printable
 from crossmoco_ray.data.render.splat import check_view_size
 from crossmoco_ray.data.sources.base import Source, UpAxis, decodable, file_identity, regular_file, to_y_up
 from crossmoco_ray.data.sources.mesh import MESH_SUFFIXES, is_mesh_file, read_mesh, surface_points
-from crossmoco_ray.data.sources.ply import read_ply
+from crossmoco_ray.data.sources.ply import ply_points, read_ply
 from crossmoco_ray.data.sources.sample import Sample
 from crossmoco_ray.errors import DataError
 
@@ -37,6 +38,7 @@ POINT_SUFFIXES = (".ply", ".npy", ".xyz", ".txt")
 SUFFIXES = POINT_SUFFIXES + MESH_SUFFIXES
 SPLITS = ("train", "test", "val")
 TEXT_BYTES = 256 * 1024**2  # .xyz/.txt files larger than this (≈10M points) are refused: parsing takes ~10×
+TEXT_TOO_LARGE = f"text point file over {TEXT_BYTES // 1024**2} MiB: save it as .npy or .ply"
 VIEW_BYTES = 32 * 1024**2  # a rendered view larger than this is not a view (ShapeNetRendering's are ~10 KB)
 CORPUS_HINT = (
     f" ({' '.join(SUFFIXES)}); a folder tree of object files without classes is prepared with --format corpus"
@@ -91,10 +93,6 @@ class ShapeNetRenderSource(Source):
 
     def identity(self) -> dict[str, Any]:
         return {"format": self.format, "up_axis": self.up_axis, "files": file_identity(self.clouds)}
-
-    def samples(self, split: str) -> Iterator[Sample | DataError]:
-        for ply in self.clouds:
-            yield from self.read_task(split, str(ply))
 
     def tasks(self, split: str) -> list[Any]:
         return [str(p) for p in self.clouds]
@@ -230,10 +228,6 @@ class FolderSource(Source):
             )
         return self._has_meshes
 
-    def samples(self, split: str) -> Iterator[Sample | DataError]:
-        for f in self._files(split):
-            yield self.read(split, f)
-
     def tasks(self, split: str) -> list[Any]:
         return [str(f) for f in self._files(split)]
 
@@ -267,27 +261,56 @@ def _declares_faces(f: Path) -> bool:
 
 
 def read_point_file(path: Path) -> np.ndarray:
-    """``[N, 3]`` float32 from a .ply, .npy (first 3 columns) or .xyz/.txt (whitespace or commas) file."""
+    """``[N, 3]`` float32 from a .ply, .npy (first 3 columns) or .xyz/.txt (whitespace or commas) file.
+
+    A ``.npy`` is mapped, not read whole (its header checked first); a text file is bounded by its size
+    before it is read, then parsed as :func:`points_from_bytes` parses any point file's bytes.
+    """
     suffix = path.suffix.lower()
     if suffix == ".ply":
         return read_ply(path)
     where = printable(path)
     try:
         if suffix == ".npy":
-            arr = _read_npy(path, where)
+            return point_columns(_read_npy(path, where), where)
+        if path.stat().st_size > TEXT_BYTES:
+            raise DataError(where, TEXT_TOO_LARGE)
+        data = path.read_bytes()
+    except DataError:
+        raise
+    except (OSError, ValueError) as err:
+        raise DataError(where, f"unreadable point file: {printable(err, 300)}") from None
+    return points_from_bytes(data, suffix, where)
+
+
+def points_from_bytes(data: bytes, suffix: str, where: str) -> np.ndarray:
+    """``[N, 3]`` float32 of a point file's bytes (``.ply``, ``.npy`` first 3 columns, ``.xyz``/``.txt``;
+    ``where`` names it in errors), with the checks and bounds of :func:`read_point_file`."""
+    if suffix == ".ply":
+        return ply_points(data, where)
+    try:
+        if suffix == ".npy":
+            fp = io.BytesIO(data)
+            shape, dtype = npy_header(fp, where)
+            if not check_npy_claims(shape, dtype, len(data) - fp.tell(), where):
+                return np.zeros((shape[0], 3), np.float32)
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
         else:
-            if path.stat().st_size > TEXT_BYTES:
-                raise DataError(
-                    where, f"text point file over {TEXT_BYTES // 1024**2} MiB: save it as .npy or .ply"
-                )
-            text = path.read_bytes().decode("latin-1").replace(",", " ")
+            if len(data) > TEXT_BYTES:
+                raise DataError(where, TEXT_TOO_LARGE)
+            text = data.decode("latin-1").replace(",", " ")
             if not text.strip():
                 raise DataError(where, "empty point file")
             arr = np.loadtxt(text.splitlines(), dtype=np.float32, ndmin=2)
+    except DataError:
+        raise
     except (OSError, ValueError) as err:
-        if isinstance(err, DataError):
-            raise
         raise DataError(where, f"unreadable point file: {printable(err, 300)}") from None
+    return point_columns(arr, where)
+
+
+def point_columns(arr: np.ndarray, where: str) -> np.ndarray:
+    """The first three columns of a point file's ``[N, ≥3]`` array as contiguous float32."""
     if arr.ndim != 2 or arr.shape[1] < 3:
         raise DataError(where, f"points must be [N, 3] (or more columns), got {tuple(arr.shape)}")
     with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf: named by the checks

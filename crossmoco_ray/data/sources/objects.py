@@ -8,22 +8,15 @@ with faces; :mod:`.mesh`), with the same checks as the class-folder reader.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
-import numpy as np
-
-from crossmoco_ray.bounded import printable
 from crossmoco_ray.data.sources.base import UpAxis, to_y_up
-from crossmoco_ray.data.sources.folders import TEXT_BYTES, check_npy_claims, npy_header
+from crossmoco_ray.data.sources.folders import POINT_SUFFIXES, points_from_bytes
 from crossmoco_ray.data.sources.gltf import Sibling
 from crossmoco_ray.data.sources.mesh import MESH_BYTES, MESH_SUFFIXES, mesh_from_bytes, surface_points
-from crossmoco_ray.data.sources.ply import ply_points
 from crossmoco_ray.data.sources.ply_header import parse_header
 from crossmoco_ray.data.sources.sample import Sample
-from crossmoco_ray.errors import DataError
 
-POINT_SUFFIXES = (".ply", ".npy", ".xyz", ".txt")
 OBJECT_SUFFIXES = POINT_SUFFIXES + MESH_SUFFIXES
 FILE_BYTES = MESH_BYTES  # an object file larger than this is refused before it is read
 
@@ -42,36 +35,6 @@ def declares_faces(data: bytes, source: str) -> bool:
     """Whether a PLY file's header declares faces (it is then a mesh)."""
     _, elements, _ = parse_header(data[: 1 << 16], source)
     return sum(e.count for e in elements if e.name == "face") > 0
-
-
-def points_from_bytes(data: bytes, suffix: str, where: str) -> np.ndarray:
-    """``[N, 3]`` float32 of a point file's bytes (``.ply``, ``.npy`` first 3 columns, ``.xyz``/``.txt``)."""
-    if suffix == ".ply":
-        return ply_points(data, where)
-    try:
-        if suffix == ".npy":
-            fp = io.BytesIO(data)
-            shape, dtype = npy_header(fp, where)
-            if not check_npy_claims(shape, dtype, len(data) - fp.tell(), where):
-                return np.zeros((shape[0], 3), np.float32)
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-        else:
-            if len(data) > TEXT_BYTES:
-                raise DataError(
-                    where, f"text point file over {TEXT_BYTES // 1024**2} MiB: save it as .npy or .ply"
-                )
-            text = data.decode("latin-1").replace(",", " ")
-            if not text.strip():
-                raise DataError(where, "empty point file")
-            arr = np.loadtxt(text.splitlines(), dtype=np.float32, ndmin=2)
-    except (OSError, ValueError) as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(where, f"unreadable point file: {printable(err, 300)}") from None
-    if arr.ndim != 2 or arr.shape[1] < 3:
-        raise DataError(where, f"points must be [N, 3] (or more columns), got {tuple(arr.shape)}")
-    with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf: named by the checks
-        return np.ascontiguousarray(arr[:, :3], dtype=np.float32)
 
 
 def object_sample(
