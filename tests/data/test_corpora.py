@@ -152,6 +152,28 @@ def test_hostile_lists_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         open_source(str(tmp_path / "none.txt"), "list")
 
 
+def test_malformed_uris_and_uris_with_options_are_named_by_line(tmp_path: Path) -> None:
+    """A crafted line neither stops the run (pyarrow's error for a malformed URI is named with the line) nor
+    passes filesystem options: a query could send this bucket's reads, signed, to another endpoint."""
+    (tmp_path / "a.xyz").write_text("0 0 0\n1 1 1\n")
+    lst = write_list(
+        tmp_path / "files.txt",
+        [
+            "s3:///no-bucket.glb",
+            "s3://bucket/k?endpoint_override=evil.example/x.glb",
+            "gs://b/k.glb#x",
+            "a.xyz",
+        ],
+    )
+    got = list(open_source(str(lst)).samples("train"))
+    assert [type(x).__name__ for x in got] == ["DataError", "DataError", "DataError", "Sample"]
+    assert "files.txt line 1): not a readable URI (Missing bucket name" in str(got[0])
+    for err in got[1:3]:
+        assert "a URI with a query or fragment" in str(err)
+    with pytest.raises(DataError, match="cannot read the list"):
+        open_source("s3:///files.txt")
+
+
 def test_an_s3_list_reads_through_pyarrow_fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``s3://bucket/...`` served from a local folder: the storage helper (``FileSystem.from_uri``) gives a
     filesystem and the ``bucket/key`` path, as pyarrow's S3 does (no real S3 here)."""

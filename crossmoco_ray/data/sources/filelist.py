@@ -100,18 +100,9 @@ class ListSource(Source):
         where = printable(self.spec)
         try:
             fs, path = storage.resolve(self.spec)
-            info = fs.get_file_info(path)
-            if info.type != pafs.FileType.File:
-                raise DataError(where, "not found, or not a file (a list names one file a line)")
-            if info.size is not None and info.size > LIST_BYTES:
-                raise DataError(where, f"a list of {info.size} bytes (over {LIST_BYTES // 1024**2} MiB)")
-            with fs.open_input_stream(path) as f:
-                data: bytes = f.read(LIST_BYTES + 1)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid (a malformed URI) is a ValueError
             raise DataError(where, f"cannot read the list ({printable(err, 200)})") from None
-        if len(data) > LIST_BYTES:
-            raise DataError(where, f"a list over {LIST_BYTES // 1024**2} MiB")
-        return data
+        return _read_fs(fs, path, where, LIST_BYTES, "a list")
 
     def _base(self) -> str:
         """What relative lines are relative to: the list's folder (a local path, or the URI's folder)."""
@@ -178,6 +169,11 @@ class ListSource(Source):
                 )
             if scheme.group(1).lower() == "file":
                 return _local_path(text), ""
+            if "?" in text or "#" in text:  # pyarrow reads options (endpoint_override...) from a query
+                return (
+                    "",
+                    "a URI with a query or fragment (? or #): filesystem options are not read from lists",
+                )
             return text, ""
         if self.remote:
             return posixpath.normpath(f"{base}/{text}").replace(":/", "://", 1), ""
@@ -215,10 +211,6 @@ class ListSource(Source):
         if self.has_meshes():
             out["mesh_sampling"] = {"points": s.mesh_points, "seed": s.seed, "fps": s.fps}
         return out
-
-    def samples(self, split: str) -> Iterator[Sample | DataError]:
-        for task in self.tasks(split):
-            yield from self.read_task(split, task)
 
     def tasks(self, split: str) -> list[Any]:
         return chunks(self.entries, TASK_LINES)
@@ -260,8 +252,11 @@ class ListSource(Source):
         return self._fs[key], path
 
     def _read_uri(self, uri: str, where: str) -> tuple[bytes, Sibling]:
-        fs, path = self._filesystem(uri)
-        return _read_fs(fs, path, where), _fs_reader(fs, posixpath.dirname(path), where)
+        try:
+            fs, path = self._filesystem(uri)
+        except (OSError, ValueError) as err:  # a malformed URI (``s3:///key``) is pyarrow's ArrowInvalid
+            raise DataError(where, f"not a readable URI ({printable(err, 200)})") from None
+        return _read_fs(fs, path, where, FILE_BYTES, "a file"), _fs_reader(fs, posixpath.dirname(path), where)
 
     def _head(self, entry: Entry) -> bytes:
         try:
@@ -287,22 +282,25 @@ def _local_path(uri: str) -> str:
     )
 
 
-def _read_fs(fs: pafs.FileSystem, path: str, where: str) -> bytes:
-    """A file's bytes through ``fs``, at most :data:`.objects.FILE_BYTES` (checked before and while read)."""
+def _read_fs(fs: pafs.FileSystem, path: str, where: str, limit: int, what: str) -> bytes:
+    """A file's bytes through ``fs``, at most ``limit`` (checked before and while it is read); ``what`` names
+    the file in errors."""
     try:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise DataError(where, "not found")
         if info.type != pafs.FileType.File:
             raise DataError(where, "not a file")
-        if info.size is not None and info.size > FILE_BYTES:
-            raise DataError(where, f"file over {FILE_BYTES // 1024**2} MiB")
+        if info.size is not None and info.size > limit:
+            raise DataError(where, f"{what} of {info.size} bytes (over {limit // 1024**2} MiB)")
         with fs.open_input_stream(path) as f:
-            data: bytes = f.read(FILE_BYTES + 1)
-    except OSError as err:
-        raise DataError(where, f"cannot read file ({printable(err, 200)})") from None
-    if len(data) > FILE_BYTES:
-        raise DataError(where, f"file over {FILE_BYTES // 1024**2} MiB")
+            data: bytes = f.read(limit + 1)
+    except DataError:
+        raise
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(where, f"cannot read {what} ({printable(err, 200)})") from None
+    if len(data) > limit:
+        raise DataError(where, f"{what} over {limit // 1024**2} MiB")
     return data
 
 
@@ -311,6 +309,6 @@ def _fs_reader(fs: pafs.FileSystem, folder: str, where: str) -> Sibling:
     no absolute path: it stays below the mesh's folder)."""
 
     def read(name: str) -> bytes:
-        return _read_fs(fs, f"{folder}/{name}", f"{where}: {printable(name, 80)}")
+        return _read_fs(fs, f"{folder}/{name}", f"{where}: {printable(name, 80)}", FILE_BYTES, "a file")
 
     return read
