@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +55,17 @@ os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from data import PssSampler, time_epoch  # noqa: E402  (bench/data.py)
+from data import PssSampler, row_columns, time_epoch  # noqa: E402  (bench/data.py)
 
 from crossmoco_ray.config.loading import load_config  # noqa: E402
-from crossmoco_ray.data.pipeline.batches import PipelineOptions, make_dataset  # noqa: E402
+from crossmoco_ray.data.pipeline.batches import PipelineOptions, make_batch, make_dataset  # noqa: E402
 from crossmoco_ray.data.prepare.options import PrepareOptions  # noqa: E402
 from crossmoco_ray.data.prepare.prepare import prepare  # noqa: E402
 from crossmoco_ray.data.render import raster  # noqa: E402
 from crossmoco_ray.data.render.camera import RenderSpec  # noqa: E402
 from crossmoco_ray.data.render.splat import encode_png  # noqa: E402
 from crossmoco_ray.data.render.viewpoints import Viewpoints, render_object  # noqa: E402
-from crossmoco_ray.data.shards.manifest import read_manifest  # noqa: E402
+from crossmoco_ray.data.shards.manifest import read_manifest, stores_meshes  # noqa: E402
 from crossmoco_ray.data.shards.meshes import HEADER, encode_mesh  # noqa: E402
 from crossmoco_ray.data.sources.formats import SyntheticSource  # noqa: E402
 from crossmoco_ray.data.synthetic.dataset import synthetic_samples  # noqa: E402
@@ -97,6 +98,7 @@ def corpora(args: argparse.Namespace) -> dict[str, Path]:
         "meshes_small": corpus(args.work, "meshes", small, args.points, args.render_size),
         "renders_small": corpus(args.work, "renders", small, args.points, args.render_size),
         "meshes_paper": corpus(args.work, "meshes", small, PAPER_POINTS, args.render_size),
+        "renders_paper": corpus(args.work, "renders", small, PAPER_POINTS, args.paper_size),
     }
 
 
@@ -163,6 +165,11 @@ def arms(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, tuple[Pa
             options(paths["meshes_paper"], "fresh", paper, paper, PAPER_POINTS),
             args.paper_batches,
         ),
+        "stored_paper": (
+            paths["renders_paper"],
+            options(paths["renders_paper"], "stored", paper, paper, PAPER_POINTS),
+            args.paper_batches,
+        ),
     }
 
 
@@ -203,6 +210,36 @@ def throughput(args: argparse.Namespace, cpus: int, in_process: bool) -> dict[st
             out[name].append(timed_batches(root, opts, args, n, limit))
             print(f"... {cpus} CPU {name}: {out[name][-1]:.1f} objects/s", file=sys.stderr, flush=True)
     return out
+
+
+def pipeline_cost(args: argparse.Namespace) -> dict[str, float]:
+    """Per arm, CPU ms per object of ``make_batch`` alone (no Ray: this thread's CPU time, so other work on
+    the machine inflates it far less than wall time), median of --repeats passes over the first
+    --cost-objects rows, in chunks of read_batch rows as the pipeline's map tasks take them."""
+    out = {}
+    for name, (root, opts, _) in arms(corpora(args), args).items():
+        opts = replace(opts, meshes=stores_meshes(read_manifest(str(root))))
+        files = [root / f["path"] for f in read_manifest(str(root))["files"]]
+        table = pq.read_table(files[0], columns=opts.columns).slice(0, args.cost_objects)
+        chunks = [columns(table.slice(a, opts.read_batch)) for a in range(0, table.num_rows, opts.read_batch)]
+        make_batch(chunks[0], opts)  # the compiled rasteriser's first load
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.thread_time()
+            for chunk in chunks:
+                make_batch(chunk, opts)
+            times.append((time.thread_time() - t0) / table.num_rows * 1000)
+        out[name] = statistics.median(times)
+        print(f"... CPU cost {name}: {out[name]:.2f} ms per object", file=sys.stderr, flush=True)
+    return out
+
+
+def columns(table: pa.Table) -> dict[str, Any]:
+    """Shard rows → the column dict ``make_batch`` takes (bench/data.py's, plus the mesh column)."""
+    cols = row_columns(table)
+    if "mesh" in table.column_names:
+        cols["mesh"] = table.column("mesh").to_pylist()
+    return cols
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -247,11 +284,42 @@ def memory(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 def sphere(subdivisions: int) -> tuple[np.ndarray, np.ndarray]:
     """An icosphere: 20·4^subdivisions faces (5 → 20,480), vertices shared."""
     t = (1 + 5**0.5) / 2
-    verts = [(-1, t, 0), (1, t, 0), (-1, -t, 0), (1, -t, 0), (0, -1, t), (0, 1, t), (0, -1, -t), (0, 1, -t),
-             (t, 0, -1), (t, 0, 1), (-t, 0, -1), (-t, 0, 1)]  # fmt: skip
-    faces = [(0, 11, 5), (0, 5, 1), (0, 1, 7), (0, 7, 10), (0, 10, 11), (1, 5, 9), (5, 11, 4), (11, 10, 2),
-             (10, 7, 6), (7, 1, 8), (3, 9, 4), (3, 4, 2), (3, 2, 6), (3, 6, 8), (3, 8, 9), (4, 9, 5),
-             (2, 4, 11), (6, 2, 10), (8, 6, 7), (9, 8, 1)]  # fmt: skip
+    verts = [
+        (-1, t, 0),
+        (1, t, 0),
+        (-1, -t, 0),
+        (1, -t, 0),
+        (0, -1, t),
+        (0, 1, t),
+        (0, -1, -t),
+        (0, 1, -t),
+        (t, 0, -1),
+        (t, 0, 1),
+        (-t, 0, -1),
+        (-t, 0, 1),
+    ]
+    faces = [
+        (0, 11, 5),
+        (0, 5, 1),
+        (0, 1, 7),
+        (0, 7, 10),
+        (0, 10, 11),
+        (1, 5, 9),
+        (5, 11, 4),
+        (11, 10, 2),
+        (10, 7, 6),
+        (7, 1, 8),
+        (3, 9, 4),
+        (3, 4, 2),
+        (3, 2, 6),
+        (3, 6, 8),
+        (3, 8, 9),
+        (4, 9, 5),
+        (2, 4, 11),
+        (6, 2, 10),
+        (8, 6, 7),
+        (9, 8, 1),
+    ]
     vs = [np.asarray(v, dtype=np.float64) / np.linalg.norm(v) for v in verts]
     middle: dict[tuple[int, int], int] = {}  # edge → its midpoint's vertex (shared by both faces)
 
@@ -274,8 +342,8 @@ def sphere(subdivisions: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def render_cost(args: argparse.Namespace) -> dict[str, Any]:
-    """ms per object (median of --repeats passes, one thread) of 2 fresh and 6 grid views at --paper-size
-    px, for the built-in meshes and a 20,480-face sphere; PNG bytes of one view; mesh cell bytes."""
+    """CPU ms per object (this thread's CPU time, median of --repeats passes) of 2 fresh and 6 grid views at
+    --paper-size px, for the built-in meshes and a 20,480-face sphere; PNG bytes of one view; cell bytes."""
     size, n = args.paper_size, args.render_objects
     meshes = [s.mesh for s in synthetic_samples(n, 256, seed=0) if s.mesh is not None]
     big = sphere(args.sphere_subdivisions)
@@ -290,11 +358,11 @@ def render_cost(args: argparse.Namespace) -> dict[str, Any]:
     def per_object(objs: list[tuple[np.ndarray, np.ndarray]], views: str) -> float:
         times = []
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             for mesh in objs:
                 specs = fresh.specs(rng, 2) if views == "2 fresh" else six
                 render_object(specs, points, mesh)
-            times.append((time.perf_counter() - t0) / len(objs) * 1000)
+            times.append((time.thread_time() - t0) / len(objs) * 1000)
         return statistics.median(times)
 
     rows = {}
@@ -360,6 +428,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--render-objects", type=int, default=48)
     parser.add_argument("--sphere-subdivisions", type=int, default=5)
+    parser.add_argument("--cost-objects", type=int, default=256, help="rows of the CPU-time measurement")
+    parser.add_argument("--parts", default="throughput,memory,cost,render", help="which measurements")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     parser.add_argument("--prepare-only", action="store_true")
     parser.add_argument("--in-process", action="store_true", help="measure on the Ray this process runs")
@@ -369,7 +439,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     passed = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         quick = dict(objects=320, warmup=1, batches=2, paper_batches=1, repeats=1, render_objects=2,
-                     sphere_subdivisions=2, paper_size=48, batch=8)  # fmt: skip
+                     sphere_subdivisions=2, paper_size=48, batch=8, cost_objects=16)  # fmt: skip
         for key, value in quick.items():
             setattr(args, key, value)
         if args.work == parser.get_default("work"):
@@ -388,18 +458,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.prepare_only:
         print(json.dumps(stats, indent=1))
         return {"mesh_stats": stats}
-    if args.in_process:
+    parts = set(args.parts.split(","))
+    result: dict[str, Any] = {"mesh_stats": stats}
+    if args.in_process and parts & {"throughput", "memory"}:
         import ray
 
         if not ray.is_initialized():
             ray.init(address="local", num_cpus=2, include_dashboard=False)
-        speed = {cpus: throughput(args, cpus, in_process=True) for cpus in (1, 2)}
-        mem = memory(args)
-    else:
-        speed = {cpus: run_child(passed, "throughput", cpus)["throughput"] for cpus in (1, 2)}
-        mem = run_child(passed, "memory", 2)["memory"]
-    cost = render_cost(args)
-    result = {"throughput": speed, "memory": mem, "render_cost": cost, "mesh_stats": stats}
+    if "throughput" in parts:
+        result["throughput"] = {
+            cpus: throughput(args, cpus, in_process=True)
+            if args.in_process
+            else run_child(passed, "throughput", cpus)["throughput"]
+            for cpus in (1, 2)
+        }
+    if "memory" in parts:
+        result["memory"] = memory(args) if args.in_process else run_child(passed, "memory", 2)["memory"]
+    if "cost" in parts:
+        result["pipeline_cost"] = pipeline_cost(args)
+    if "render" in parts:
+        result["render_cost"] = render_cost(args)
     report(args, result, time.perf_counter() - t_start)
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "scale.json").write_text(json.dumps(result, indent=1))
@@ -431,84 +509,97 @@ def table(header: list[str], rows: list[list[Any]], text: tuple[int, ...] = (0,)
 
 
 def report(args: argparse.Namespace, r: dict[str, Any], seconds: float) -> None:
-    small = args.objects // 10
+    small, size, image, paper = args.objects // 10, args.render_size, args.image_size, args.paper_size
     print(f"\n# {cpu()}, {os.cpu_count()} CPUs; {seconds:.0f} s in all\n")
-    print(
-        f"throughput: batches of {args.batch}, {args.warmup} untimed + {args.batches} timed batches per "
-        f"epoch ({args.paper_batches} for the paper arm), median of {args.repeats} epochs, arms interleaved; "
-        "quickstart options (pipeline_options)\n"
-    )
-    size, image = args.render_size, args.image_size
     labels = {
         "fresh": f"fresh viewpoints: {args.objects} meshes, {args.points} points, {size} px → {image} px",
         "stored": f"stored renders: {small} objects, {args.points} points, 2 of 6 PNGs, {size} → {image} px",
-        "fresh_paper": f"fresh viewpoints: {small} meshes, {PAPER_POINTS} points, {args.paper_size} px",
+        "fresh_paper": f"fresh viewpoints: {small} meshes, {PAPER_POINTS} points, {paper} px",
+        "stored_paper": f"stored renders: {small} objects, {PAPER_POINTS} points, 2 of 6 PNGs, {paper} px",
     }
-    speed = r["throughput"]
-    med = {cpus: {k: statistics.median(v) for k, v in t.items()} for cpus, t in speed.items()}
-    rows = []
-    for name, label in labels.items():
-        a, b = med[1][name], med[2][name]
-        runs = "; ".join(", ".join(f"{v:.0f}" for v in speed[cpus][name]) for cpus in (1, 2))
-        rows.append([label, f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}×", runs])
-    table(
-        ["pipeline (2 views per object)", "objects/s, 1 CPU", "objects/s, 2 CPUs", "2 / 1", "epochs"],
-        rows,
-        (0, 4),
-    )
-    for cpus in (1, 2):
-        print(f"\nfresh / stored, {cpus} CPU(s): {med[cpus]['fresh'] / med[cpus]['stored']:.2f}×", end="")
-    print(
-        "\n\nmemory of streaming (fresh viewpoints, 2 CPUs): peak PSS of the driver and every Ray process\n"
-    )
-    mem = r["memory"]
-    table(
-        [
-            "corpus",
-            "objects",
-            "window rows",
-            "epochs",
-            "objects streamed",
-            "s",
-            "idle PSS MiB",
-            "peak PSS MiB",
-        ],
-        [
+    if "throughput" in r:
+        print(
+            f"throughput: batches of {args.batch}, {args.warmup} untimed + {args.batches} timed batches per "
+            f"epoch ({args.paper_batches} at {paper} px), median of {args.repeats} epochs, arms interleaved; "
+            "the options pretrain builds from the quickstart preset\n"
+        )
+        speed = r["throughput"]
+        med = {cpus: {k: statistics.median(v) for k, v in t.items()} for cpus, t in speed.items()}
+        rows = []
+        for name, label in labels.items():
+            a, b = med[1][name], med[2][name]
+            runs = "; ".join(", ".join(f"{v:.0f}" for v in speed[cpus][name]) for cpus in (1, 2))
+            rows.append([label, f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}×", runs])
+        header = ["pipeline (2 views per object)", "objects/s, 1 CPU", "objects/s, 2 CPUs", "2 / 1", "epochs"]
+        table(header, rows, (0, 4))
+        for cpus in (1, 2):
+            ratios = [med[cpus][f"fresh{x}"] / med[cpus][f"stored{x}"] for x in ("", "_paper")]
+            print(
+                f"\nfresh / stored, {cpus} CPU(s): ×{ratios[0]:.2f} ({size} px), ×{ratios[1]:.2f} ({paper})"
+            )
+    if "memory" in r:
+        print(
+            "\nmemory of streaming (fresh viewpoints, 2 CPUs): peak PSS of the driver and every Ray process\n"
+        )
+        mem = r["memory"]
+        table(
             [
-                label,
-                f"{m['objects']:.0f}",
-                f"{m['window_rows']:.0f}",
-                f"{m['epochs']:.0f}",
-                f"{m['samples']:.0f}",
-                f"{m['seconds']:.1f}",
-                f"{m['idle_pss_mib']:.0f}",
-                f"{m['peak_pss_mib']:.0f}",
-            ]
-            for label, m in mem.items()
-        ],
-    )
-    peaks = [m["peak_pss_mib"] for m in mem.values()]
-    print(
-        f"\nmemory growth, large / small corpus: ×{peaks[2] / peaks[0]:.2f} (one epoch each), "
-        f"×{peaks[2] / peaks[1]:.2f} (the same objects streamed)"
-    )
-    c = r["render_cost"]
-    print(
-        f"\nrender cost at {c['size']} px, one thread ({c['backend']} rasteriser), median of {args.repeats}; "
-        f"built-in meshes: {c['builtin_mean_faces']:.0f} faces on average\n"
-    )
-    table(
-        ["meshes, views", "ms per object", "objects/s"],
-        [[label, f"{ms:.2f}", f"{1000 / ms:.0f}"] for label, ms in c["ms_per_object"].items()],
-    )
-    print(
-        f"\nPNG of one {c['size']}-px view (as prepare encodes it), built-in meshes: "
-        f"{c['png_bytes_per_view']:.0f} bytes on average"
-    )
-    print(
-        f"mesh cell of the {c['sphere_faces']}-face sphere: {c['sphere_cell_raw']} bytes raw, "
-        f"{c['sphere_cell_zstd']} with zstd\n"
-    )
+                "corpus",
+                "objects",
+                "window rows",
+                "epochs",
+                "objects streamed",
+                "s",
+                "idle PSS MiB",
+                "peak PSS MiB",
+            ],
+            [
+                [
+                    label,
+                    f"{m['objects']:.0f}",
+                    f"{m['window_rows']:.0f}",
+                    f"{m['epochs']:.0f}",
+                    f"{m['samples']:.0f}",
+                    f"{m['seconds']:.1f}",
+                    f"{m['idle_pss_mib']:.0f}",
+                    f"{m['peak_pss_mib']:.0f}",
+                ]
+                for label, m in mem.items()
+            ],
+        )
+        peaks = [m["peak_pss_mib"] for m in mem.values()]
+        print(
+            f"\nmemory growth, large / small corpus: ×{peaks[2] / peaks[0]:.2f} (one epoch each), "
+            f"×{peaks[2] / peaks[1]:.2f} (the same objects streamed)"
+        )
+    if "pipeline_cost" in r:
+        print(
+            f"\nCPU time of make_batch alone (no Ray), this thread, median of {args.repeats} passes over "
+            f"{args.cost_objects} objects\n"
+        )
+        table(
+            ["pipeline (2 views per object)", "CPU ms per object", "objects per CPU-second"],
+            [[labels[k], f"{ms:.2f}", f"{1000 / ms:.0f}"] for k, ms in r["pipeline_cost"].items()],
+        )
+    if "render_cost" in r:
+        c = r["render_cost"]
+        print(
+            f"\nrender_object at {c['size']} px, one thread's CPU time ({c['backend']} rasteriser), median "
+            f"of {args.repeats}; built-in meshes: {c['builtin_mean_faces']:.0f} faces on average\n"
+        )
+        table(
+            ["meshes, views", "CPU ms per object", "objects per CPU-second"],
+            [[label, f"{ms:.2f}", f"{1000 / ms:.0f}"] for label, ms in c["ms_per_object"].items()],
+        )
+        print(
+            f"\nPNG of one {c['size']}-px view (as prepare encodes it), built-in meshes: "
+            f"{c['png_bytes_per_view']:.0f} bytes on average"
+        )
+        print(
+            f"mesh cell of the {c['sphere_faces']}-face sphere: {c['sphere_cell_raw']} bytes raw, "
+            f"{c['sphere_cell_zstd']} with zstd"
+        )
+    print()
     table(
         [
             "meshes corpus",

@@ -172,7 +172,9 @@ def test_the_scale_benchmark_runs(
     out = capsys.readouterr().out
     for row in ("| fresh viewpoints: 320 meshes", "| stored renders: 32 objects", "| small, 10 epochs |"):
         assert row in out
-    assert set(result["throughput"][1]) == set(result["throughput"][2]) == {"fresh", "stored", "fresh_paper"}
+    arms = {"fresh", "stored", "fresh_paper", "stored_paper"}
+    assert set(result["throughput"][1]) == set(result["throughput"][2]) == arms
+    assert set(result["pipeline_cost"]) == arms
     assert [m["samples"] for m in result["memory"].values()] == [32, 320, 320]
     assert result["mesh_stats"]["meshes_large"]["objects"] == 320
     assert 0 < result["render_cost"]["sphere_cell_zstd"] < result["render_cost"]["sphere_cell_raw"]
