@@ -10,18 +10,19 @@
 
 A relative path is relative to the list's own folder (or, for a list given as a URI, to its URI's folder).
 URIs are ``file://``, ``s3://``, ``gs://`` (``gcs://``), read through ``pyarrow.fs`` with the credentials
-pyarrow finds. An optional second column, after a **tab**, is the object's class name
-(``chairs/0001.off<TAB>chair``): then every line must have one, the classes are the sorted distinct names
-and the objects are labelled; without it the corpus is unlabelled (label −1). Every object is in one split,
-``train`` (``--val-fraction`` carves ``val``). An object's id is its line as written (path or URI).
+pyarrow finds; a URI with a query or fragment (``?``, ``#``) is refused, since pyarrow would take filesystem
+options (``endpoint_override``...) from it. An optional second column, after a **tab**, is the object's
+class name (``chairs/0001.off<TAB>chair``): then every line must have one, the classes are the sorted
+distinct names and the objects are labelled; without it the corpus is unlabelled (label −1). Every object
+is in one split, ``train`` (``--val-fraction`` carves ``val``). An object's id is its line as written.
 
 The list is read once, by the driver, bounded (:data:`LIST_BYTES`, :data:`LIST_ENTRIES`); the files it
 names are not looked at there: tasks are runs of :data:`TASK_LINES` lines that carry their own entries, and
 each task reads its files (``prepare --ray`` spreads them over the cluster). So a line whose file is
 missing, a line over :data:`LINE_BYTES` bytes, a line that is not UTF-8 or holds control characters, and
-an unsupported URI scheme are each named with the list's line number when that line is read, and skipped
-with ``--skip-bad`` like any bad object. Re-running ``prepare`` recognises a changed list (its sha256),
-not a file that changed behind an unchanged line.
+an unsupported or malformed URI are each named with the list's line number when that line is read, and
+skipped with ``--skip-bad`` like any bad object. Re-running ``prepare`` recognises a changed list (its
+sha256), not a file that changed behind an unchanged line.
 """
 
 from __future__ import annotations
