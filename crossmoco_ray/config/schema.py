@@ -151,13 +151,28 @@ class RenderConfig(Section):
     )
     fresh: FreshViewsConfig = FreshViewsConfig()
     num_cpus: float = Field(
-        1.0, gt=0.0, description="CPUs per rendering task of the pipeline (viewpoints fresh or fixed)"
+        1.0,
+        gt=0.0,
+        le=256.0,
+        description="CPUs per rendering task of the pipeline (viewpoints fresh or fixed)",
     )
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="custom Ray resources per rendering task, e.g. {cpu_render: 1} to render on the nodes "
         "that advertise it (CPU-only nodes) and not on the GPU nodes",
     )
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if not name.strip() or name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(
+                    f"{name!r:.40} is not a custom resource name (CPUs: data.render.num_cpus; no GPU needed)"
+                )
+            if not 0.0 < amount <= 1e6:
+                raise ValueError(f"{name!r:.40}: {amount!r:.20} must be a positive amount (at most 1e6)")
+        return value
 
 
 class DataConfig(Section):

@@ -52,13 +52,13 @@ def check_data(cfg: Config, root: str, manifest: dict[str, Any]) -> int:
 
 
 def viewpoints_kind(cfg: Config, manifest: dict[str, Any] | None) -> str:
-    """``data.render.viewpoints`` with ``auto`` decided: stored where the shards hold enough renders per
-    object for a step, else fresh (rendered in the pipeline)."""
+    """``data.render.viewpoints`` with ``auto`` decided: fresh (rendered in the pipeline) where the shards
+    hold no renders (``prepare --store meshes``), else stored (too few stored views per object is then an
+    error of :func:`check_data`, not a silent switch to other images)."""
     kind = cfg.data.render.viewpoints
     if kind != "auto":
         return kind
-    stored = (manifest or {}).get("views_per_object")
-    return "stored" if manifest is None or stored is None or stored >= cfg.data.views_per_sample else "fresh"
+    return "fresh" if manifest is not None and manifest.get("views_per_object") == 0 else "stored"
 
 
 def check_eval_data(spec: str, up_axis: str, variant: str | None = None) -> None:

@@ -64,6 +64,7 @@ def test_large_meshes_use_32_bit_indices() -> None:
         (lambda c: HEADER.pack(MAGIC, 3, MAX_MESH_FACES + 1, 2) + c[HEADER.size :], "over bounds"),
         (lambda c: HEADER.pack(MAGIC, 3, 1, 3) + c[HEADER.size :], "over bounds"),
         (lambda c: c[:-2] + struct.pack("<H", 3), "beyond its 3 vertices"),
+        (lambda c: HEADER.pack(MAGIC, 3, 0, 2) + c[HEADER.size : HEADER.size + 18], "no surface"),
         (lambda c: c[: HEADER.size] + np.full(9, np.nan, "<f2").tobytes() + c[HEADER.size + 18 :], "finite"),
         (
             lambda c: c[: HEADER.size] + np.full(9, 60.0, "<f2").tobytes() + c[HEADER.size + 18 :],

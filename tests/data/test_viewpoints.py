@@ -147,6 +147,15 @@ def test_configs_that_ask_for_views_the_shards_lack_fail_before_training(mesh_sh
     vp = pipeline_options(auto, manifest).viewpoints
     assert vp is not None
     assert vp.kind == "fresh"
+    # auto renders only where nothing is stored: too few stored views is an error, not other images
+    few = {**manifest, "views_per_object": 1}
+    with pytest.raises(ConfigError, match=r"1 views per object; set data.views_per_sample=1"):
+        check_data(auto, str(mesh_shards), few)
+    for bad in ("{CPU: 1}", "{'': 1}", "{cpu_render: -1}", "{cpu_render: 1e9}"):
+        with pytest.raises(ConfigError, match=r"data\.render\.resources"):
+            load_config("quickstart", overrides=[f"data.render.resources={bad}"])
+    with pytest.raises(ConfigError, match=r"data\.render\.num_cpus"):
+        load_config("quickstart", overrides=["data.render.num_cpus=1e9"])
     with pytest.raises(DataError, match="viewpoints=fresh"):  # the pipeline's own check, for API users
         split_files(str(mesh_shards), "train", PipelineOptions(num_points=64))
 

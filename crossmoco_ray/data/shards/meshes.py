@@ -63,6 +63,8 @@ def decode_mesh(cell: bytes | memoryview, where: str) -> tuple[np.ndarray, np.nd
         raise DataError(
             where, f"mesh cell claims {nv} vertices, {nf} faces, {width}-byte indices: over bounds"
         )
+    if nf == 0 or nv < 3:  # prepare never writes one: it would render black views
+        raise DataError(where, f"mesh cell with {nf} faces and {nv} vertices: no surface to render")
     want = HEADER.size + nv * 6 + nf * 3 * width
     if len(data) != want:
         raise DataError(where, f"mesh cell is {len(data)} bytes; its counts need {want}")
