@@ -23,10 +23,10 @@ for run in "$@"; do
     *) echo "unknown arm $arm (stored, fresh)" >&2; exit 2 ;;
   esac
   case "$dataset" in
-    builtin) args=(--preset quickstart) ;;
+    builtin) args=(--preset quickstart); sized="" ;;
     mn40)
       [[ -f "$MN40/manifest.json" ]] || crossmoco prepare "$SRC" --out "$MN40" --up-axis z --val-fraction 0.1
-      args=(--preset modelnet40-cpu --data "$MN40" train.epochs=2 eval.eval_every=1) ;;
+      args=(--preset modelnet40-cpu --data "$MN40"); sized="train.epochs=2 eval.eval_every=1" ;;
     *) echo "unknown dataset $dataset (builtin, mn40)" >&2; exit 2 ;;
   esac
   name="$arm-s$seed"
@@ -35,6 +35,6 @@ for run in "$@"; do
   echo "== $dataset $name: $extra train.seed=$seed"
   # shellcheck disable=SC2086
   /usr/bin/time -v crossmoco pretrain "${args[@]}" --storage "$OUT/$dataset" --name "$name" \
-    $extra "train.seed=$seed" train.deterministic=true 2>&1 | tee "$OUT/$dataset/$name.log"
+    $extra $sized "train.seed=$seed" train.deterministic=true 2>&1 | tee "$OUT/$dataset/$name.log"
   touch "$OUT/$dataset/$name.done"
 done
