@@ -370,6 +370,7 @@ def render_cost(args: argparse.Namespace) -> dict[str, Any]:
         for views in ("2 fresh", "6 grid"):
             rows[f"{label}, {views}"] = per_object(objs, views)
     pngs = [len(encode_png(img)) for mesh in meshes for img in render_object(six, points, mesh)]
+    sphere_pngs = [len(encode_png(img)) for img in render_object(six, points, big)]
     cell = encode_mesh(*big)
     corpus_faces = statistics.mean(len(m[1]) for m in meshes)
     return {
@@ -379,6 +380,7 @@ def render_cost(args: argparse.Namespace) -> dict[str, Any]:
         "builtin_mean_faces": corpus_faces,
         "sphere_faces": len(big[1]),
         "png_bytes_per_view": statistics.mean(pngs),
+        "sphere_png_bytes_per_view": statistics.mean(sphere_pngs),
         "sphere_cell_raw": len(cell),
         "sphere_cell_zstd": len(pa.compress(cell, codec="zstd", asbytes=True)),
     }
@@ -592,8 +594,8 @@ def report(args: argparse.Namespace, r: dict[str, Any], seconds: float) -> None:
             [[label, f"{ms:.2f}", f"{1000 / ms:.0f}"] for label, ms in c["ms_per_object"].items()],
         )
         print(
-            f"\nPNG of one {c['size']}-px view (as prepare encodes it), built-in meshes: "
-            f"{c['png_bytes_per_view']:.0f} bytes on average"
+            f"\nPNG bytes of one {c['size']}-px view (as prepare encodes it): built-in meshes "
+            f"{c['png_bytes_per_view']:.0f} on average, the sphere {c['sphere_png_bytes_per_view']:.0f}"
         )
         print(
             f"mesh cell of the {c['sphere_faces']}-face sphere: {c['sphere_cell_raw']} bytes raw, "
