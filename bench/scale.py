@@ -70,6 +70,7 @@ from crossmoco_ray.data.shards.meshes import HEADER, encode_mesh  # noqa: E402
 from crossmoco_ray.data.sources.formats import SyntheticSource  # noqa: E402
 from crossmoco_ray.data.synthetic.dataset import synthetic_samples  # noqa: E402
 from crossmoco_ray.pretrain.launch import pipeline_options  # noqa: E402
+from crossmoco_ray.ray_session import start_local_ray  # noqa: E402
 
 PAPER_POINTS = 2048
 
@@ -390,10 +391,11 @@ def render_cost(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
-    """One measurement in this process, on its own local Ray of ``--cpus`` CPUs."""
+    """One measurement in this process, on its own local Ray of ``--cpus`` CPUs, started as ``crossmoco
+    pretrain`` starts one (loopback only, token authentication, private session files)."""
     import ray
 
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False)
+    start_local_ray(args.cpus, log=lambda m: print(m, file=sys.stderr), dashboard=False)
     try:
         if args.child == "throughput":
             return {"throughput": throughput(args, args.cpus, in_process=False)}
