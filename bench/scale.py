@@ -7,7 +7,7 @@
 1. Corpora, prepared once (cached under --work by prepare's fingerprint), all the built-in synthetic set:
    - --objects (20,000) and --objects/10 (2,000) meshes, `prepare --store meshes` (no renders), --points each;
    - --objects/10 (2,000) with stored renders (`--store renders`, --render-size px, 6 views): the reference;
-   - --objects/10 (2,000) meshes with 2,048 points, for the paper-sized row.
+   - --objects/10 (2,000) meshes and as many stored 224-px renders, 2,048 points each: the paper-sized arms.
 2. Throughput, objects/s, of `make_dataset` (read windows → map_batches(make_batch)) iterated in batches of
    --batch, with the options `crossmoco pretrain` builds from the quickstart preset (`pipeline_options`: 256
    points, views rendered at 64 px and resized to 32 px, 2 views per object, read_batch 64, the read window
@@ -15,17 +15,21 @@
    2 CPUs, each in its own process (its own Ray session). Arms, interleaved in each repetition:
    - fresh: meshes of the 20,000 corpus, rendered from new random viewpoints (data.render.viewpoints=fresh);
    - stored: the 2,000 stored-renders corpus, two of six PNGs decoded (data.render.viewpoints=stored);
-   - fresh, paper sizes: 2,048 points, views rendered at 224 px, image 224 px (the 2,000-mesh corpus).
+   - paper sizes (2,048 points, 224 px), fresh: views rendered at 224 px (the 2,000-mesh corpus of 2,048
+     points); stored: 2 of 6 stored 224-px PNGs (a 2,000-object renders corpus of 2,048 points).
    Each repetition is a new epoch limited to --warmup + --batches batches (--paper-batches for the paper
-   arm); the first --warmup batches (planning, task start, the window's read) are not timed. Median of
+   arms); the first --warmup batches (planning, task start, the window's read) are not timed. Median of
    --repeats repetitions, after one untimed repetition per arm (none with --quick).
 3. Memory of one streaming epoch (2 CPUs, its own Ray session): the peak PSS of the driver and every Ray
    process (bench/data.py's sampler) over the 2,000-mesh and the 20,000-mesh corpus, fresh viewpoints; and,
    over the 2,000 corpus, --objects/(--objects/10) epochs in a row: as many objects streamed as the 20,000
    epoch, so the corpus size is the only difference.
-4. Render cost, one process, one thread (no Ray): ms per object of `render_object` at 224 px, 2 fresh views
-   and 6 grid views, on the built-in meshes and on a 20,480-face sphere; mean PNG bytes of one 224-px view
-   as prepare encodes it; the mesh cell's bytes (raw and zstd) of the corpus and of the sphere.
+4. Cost per object in CPU time of one thread (no Ray; numpy's and BLAS's threads held to one, as in a Ray
+   task of 1 CPU): `make_batch` of every arm (--cost-objects rows, in read_batch chunks); `render_object` at
+   224 px, 2 fresh views and 6 grid views, on the built-in meshes and on a 20,480-face sphere. CPU time, not
+   wall time, so other work on the machine inflates it far less. Bytes: mean PNG of one 224-px view as
+   prepare encodes it; the mesh cell (raw and zstd) of the corpus and of the sphere.
+   --parts picks the measurements (throughput, memory, cost, render); the mesh table is always printed.
 
 ``--in-process`` runs the measurements in this process on the Ray already started (tests): the CPU counts
 are then Ray Data resource limits on that cluster, not separate sessions.
@@ -51,6 +55,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+for _threads in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # before numpy: one thread
+    os.environ.setdefault(_threads, "1")
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
