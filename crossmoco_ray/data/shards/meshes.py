@@ -8,8 +8,10 @@ The cell is a small binary record (the ``mesh`` column of :func:`.manifest.shard
 
 Positions are stored normalised because every renderer normalises them anyway (bounding-box centre, unit
 radius): nothing an image shows is lost. float16 keeps 11 significant bits — ≤ 5·10⁻⁴ of the radius, a
-tenth of a pixel at 224 px with 2×2 supersampling — so a 20,000-face mesh is ~180 KB before the shard's
-zstd, against ~300-600 KB for six 224-px PNGs. Faces use 16-bit indices where the vertices allow.
+tenth of a pixel at 224 px with 2×2 supersampling. Faces use 16-bit indices where the vertices allow. A
+20,000-face mesh is ~180 KB (zstd barely shrinks it), more than six 224-px PNG views of it (20-75 KB):
+storing meshes saves the rendering at prepare and buys new viewpoints every epoch, not bytes (the numbers
+and the plan for a large corpus: docs/data.md, bench/RESULTS.md "Scale").
 
 A cell may be crafted (shards are hostile input until checked): :func:`decode_mesh` checks the record's
 length against its own counts before reading, bounds the counts (:data:`MAX_MESH_FACES`), and checks every
