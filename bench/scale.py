@@ -138,8 +138,17 @@ def mesh_stats(root: Path) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------- throughput
 
 
-def options(root: Path, viewpoints: str, render_size: int, image_size: int, points: int) -> PipelineOptions:
-    """What ``crossmoco pretrain --preset quickstart`` builds for these shards (window sized from them)."""
+def options(
+    root: Path,
+    viewpoints: str,
+    render_size: int,
+    image_size: int,
+    points: int,
+    window_mb: float | None = None,
+) -> PipelineOptions:
+    """What ``crossmoco pretrain --preset quickstart`` builds for these shards (window sized from them;
+    ``window_mb``: data.shuffle_window_mb instead of the preset's)."""
+    window = [f"data.shuffle_window_mb={window_mb}"] if window_mb else []
     cfg = load_config(
         "quickstart",
         overrides=[
@@ -148,6 +157,7 @@ def options(root: Path, viewpoints: str, render_size: int, image_size: int, poin
             f"data.image_size={image_size}",
             f"data.num_points={points}",
             f"eval.num_points={points}",
+            *window,
         ],
     )
     return pipeline_options(cfg, read_manifest(str(root)))
@@ -265,7 +275,7 @@ def memory(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     }
     out: dict[str, dict[str, float]] = {}
     for label, (root, epochs) in runs.items():
-        opts = options(root, "fresh", args.render_size, args.image_size, args.points)
+        opts = options(root, "fresh", args.render_size, args.image_size, args.points, args.window_mb)
         ds = make_dataset(str(root), "train", opts)
         seconds = samples = 0.0
         with PssSampler() as sampler:
@@ -440,6 +450,12 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--sphere-subdivisions", type=int, default=5)
     parser.add_argument("--cost-objects", type=int, default=256, help="rows of the CPU-time measurement")
     parser.add_argument("--parts", default="throughput,memory,cost,render", help="which measurements")
+    parser.add_argument(
+        "--window-mb",
+        type=float,
+        help="memory runs: data.shuffle_window_mb (default: the preset's 256 MiB, which holds all 20,000 "
+        "meshes' rows: memory then grows with the corpus up to the window by design)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     parser.add_argument("--prepare-only", action="store_true")
     parser.add_argument("--in-process", action="store_true", help="measure on the Ray this process runs")
