@@ -112,7 +112,7 @@ def _compiled() -> ctypes.CDLL | None:
     """The compiled rasteriser, built at the first call; ``None`` if forced off or it cannot be had."""
     global _library
     if os.environ.get(FORCE_NUMPY_ENV, "").lower() == "numpy":
-        return None  # before importing the builder: crossmoco_ray.nn brings torch
+        return None  # before the builder is imported or anything compiled
     with _library_lock:
         if _library is None:
             from crossmoco_ray.nn.native import NativeLibrary
