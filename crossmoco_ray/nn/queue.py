@@ -8,7 +8,12 @@
 - One pointer for all queues (CrossMoCo's point and image queues advance together). It lives on the
   queue's device and is never read back to the host: the rows are written with an index computed there,
   so an enqueue does not wait for the GPU.
-- The length must be a multiple of the **global** batch, so a batch never wraps around the end.
+- Any global batch: a batch that reaches the end of the ring wraps around to its start (row
+  ``(ptr + i) mod length``), so the global batch may change between steps (an elastic run that lost or
+  gained workers) and need not divide the length. Where it divides the length and does not change (the
+  paper's recipe: ``objective.queue_length`` a multiple of the global batch) no batch wraps and the rows
+  written are exactly the contiguous ``ptr … ptr + batch − 1`` of MoCo's ring. A batch longer than the
+  queue keeps its newest ``length`` keys (what writing them in order would leave).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ class MemoryQueue(nn.Module):
     """``len(names)`` queues of ``length`` keys of size ``dim`` with one shared pointer.
 
     Args:
-        length: keys per queue (``K``); a multiple of the global batch.
+        length: keys per queue (``K``); any global batch works (the paper's recipe: a multiple of it).
         dim: key dimension.
         names: one name per queue, e.g. ``("point", "image")``.
     """
@@ -54,14 +59,15 @@ class MemoryQueue(nn.Module):
         # One all-gather for all queues: [n, Q·dim] → [n·world, Q·dim]
         stacked = concat_all_gather(torch.cat([k.detach().to(self.keys.dtype) for k in keys], dim=1))
         batch = stacked.shape[0]
-        if self.length % batch:
-            lo, hi = (self.length // batch) * batch, (self.length // batch + 1) * batch
-            raise ValueError(
-                f"queue length {self.length} is not a multiple of the global batch {batch} "
-                f"(per-worker batch × workers); use {lo or hi} or {hi}"
-            )
-        rows = self.ptr + torch.arange(batch, device=self.ptr.device)  # ptr … ptr + batch − 1, on the device
-        self.keys.index_copy_(1, rows, stacked.view(batch, len(self.names), self.dim).transpose(0, 1))
+        rows_in = stacked.view(batch, len(self.names), self.dim).transpose(0, 1)
+        first = 0
+        if batch > self.length:  # only the newest ``length`` keys survive a write of them in order
+            first = batch - self.length
+            rows_in = rows_in[:, first:]
+        # ptr … ptr + n − 1 around the ring, computed on the device (no host read of the pointer)
+        offsets = torch.arange(first, batch, device=self.ptr.device)
+        rows = (self.ptr + offsets).remainder_(self.length)
+        self.keys.index_copy_(1, rows, rows_in)
         self.ptr.add_(batch).remainder_(self.length)
 
     def checksum(self) -> float:

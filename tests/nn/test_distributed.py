@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 WORLD = 2
 LOCAL = 3  # per-rank batch of the queue / loss checks
 QUEUE_STEPS = 5  # 5 × 6 keys > 24 slots: the queue wraps
+RESIZED_STEPS = 3  # steps of 2 ranks after the one-worker stretch
 MODEL_LOCAL = 2  # per-rank batch of the whole-model check
 MODEL_STEPS = 3
 
@@ -54,6 +55,19 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
 
 
+def one_worker_stretch() -> MemoryQueue:
+    """What an elastic run leaves after 2 steps at 2 workers and 2 at 1 (5 keys each): pointer 22."""
+    torch.manual_seed(0)
+    queue = MemoryQueue(length=24, dim=4, names=("point", "image"))
+    for step in range(2):
+        keys = [rank_keys(step, r) for r in range(WORLD)]
+        queue.enqueue(torch.cat([k[0] for k in keys]), torch.cat([k[1] for k in keys]))
+    for step in range(2):
+        g = torch.Generator().manual_seed(500 + step)
+        queue.enqueue(torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g))
+    return queue
+
+
 def _worker(r: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=r, world_size=WORLD)
@@ -65,6 +79,14 @@ def _worker(r: int, init_file: str, out_dir: str) -> None:
     for step in range(QUEUE_STEPS):
         queue.enqueue(*rank_keys(step, r))
     results["queue"] = queue.state_dict()
+
+    # 1b. after a resize: the state a one-worker stretch left (not at a batch boundary of this size);
+    # both ranks go on from it with global batches of 6 that wrap around the end of the ring
+    resized = MemoryQueue(length=24, dim=4, names=("point", "image"))
+    resized.load_state_dict(torch.load(Path(out_dir) / "resized.pt"))
+    for step in range(RESIZED_STEPS):
+        resized.enqueue(*rank_keys(100 + step, r))
+    results["resized"] = resized.state_dict()
 
     # 2. NT-Xent with global negatives: loss and gradients of this rank's slice
     z0_all, z1_all = global_embeddings()
@@ -98,6 +120,7 @@ def _worker(r: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("dist")
+    torch.save(one_worker_stretch().state_dict(), out / "resized.pt")
     return run_gloo_ranks(_worker, WORLD, out)
 
 
@@ -115,6 +138,20 @@ def test_queues_equal_one_process_fed_the_concatenated_keys(ranks: list[dict[str
         single.enqueue(torch.cat([k[0] for k in keys]), torch.cat([k[1] for k in keys]))
     assert torch.equal(ranks[0]["queue"]["keys"], single.keys)
     assert int(ranks[0]["queue"]["ptr"]) == int(single.ptr)
+
+
+def test_after_a_resize_queues_stay_identical_and_equal_one_process(ranks: list[dict[str, Any]]) -> None:
+    """2 workers → 1 → 2 (an elastic run): from the one-worker stretch's state (pointer 22 of 24), both
+    ranks write the gathered batches of 6 around the end of the ring, bitwise alike and as one process."""
+    a, b = ranks[0]["resized"], ranks[1]["resized"]
+    assert torch.equal(a["keys"], b["keys"])
+    single = one_worker_stretch()
+    assert int(single.ptr) == 22
+    for step in range(RESIZED_STEPS):
+        keys = [rank_keys(100 + step, r) for r in range(WORLD)]
+        single.enqueue(torch.cat([k[0] for k in keys]), torch.cat([k[1] for k in keys]))
+    assert torch.equal(a["keys"], single.keys)
+    assert int(a["ptr"]) == int(b["ptr"]) == (22 + RESIZED_STEPS * WORLD * LOCAL) % 24
 
 
 def test_cross_modal_loss_with_global_negatives_equals_one_process(ranks: list[dict[str, Any]]) -> None:

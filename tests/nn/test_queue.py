@@ -1,4 +1,5 @@
-"""MemoryQueue: persistent, one pointer for both queues, FIFO overwrite, clear error on a bad length."""
+"""MemoryQueue: persistent, one pointer for both queues, FIFO overwrite; any global batch (the ring wraps),
+the same rows as a contiguous write where the batch divides the length."""
 
 from __future__ import annotations
 
@@ -33,10 +34,60 @@ def test_state_dict_round_trip() -> None:
     assert fresh.checksum() == q.checksum()
 
 
-def test_length_not_a_multiple_of_the_batch_says_the_fix() -> None:
-    q = MemoryQueue(length=4096, dim=4)
-    with pytest.raises(ValueError, match=r"not a multiple of the global batch 20.*4080 or 4100"):
-        q.enqueue(torch.randn(20, 4))
+def _contiguous_reference(length: int, dim: int, batches: list[torch.Tensor]) -> torch.Tensor:
+    """The queue before wrapping existed: a batch that divides the length, written as one slice."""
+    torch.manual_seed(0)
+    keys = MemoryQueue(length, dim).keys.clone()
+    ptr = 0
+    for b in batches:
+        assert length % b.shape[0] == 0
+        keys[0, ptr : ptr + b.shape[0]] = b
+        ptr = (ptr + b.shape[0]) % length
+    return keys
+
+
+def _ring_reference(initial: torch.Tensor, batches: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Keys written one at a time, in order, around the ring: what any batching must leave."""
+    keys, ptr = initial.clone(), 0
+    for b in batches:
+        for row in b:
+            keys[0, ptr] = row
+            ptr = (ptr + 1) % keys.shape[1]
+    return keys, ptr
+
+
+def test_a_batch_that_divides_the_length_writes_exactly_the_contiguous_rows() -> None:
+    batches = [torch.randn(20, 4) for _ in range(7)]
+    torch.manual_seed(0)
+    q = MemoryQueue(length=80, dim=4)
+    for b in batches:
+        q.enqueue(b)
+    assert torch.equal(q.keys, _contiguous_reference(80, 4, batches))  # bitwise: today's maths
+    assert int(q.ptr) == (7 * 20) % 80
+
+
+@pytest.mark.parametrize("sizes", [[20, 20, 20], [3, 5, 7, 11, 13], [30, 20, 30, 50], [9, 40, 2], [100, 7]])
+def test_any_sequence_of_global_batches_wraps_around_the_ring(sizes: list[int]) -> None:
+    """An elastic run's global batch changes with its workers (20 × 2, then 20 × 1, ...) and need not
+    divide the length: the queue holds the newest keys in ring order, as if written one by one."""
+    q = MemoryQueue(length=40, dim=4)
+    initial = q.keys.clone()
+    batches = [torch.randn(n, 4) for n in sizes]
+    for b in batches:
+        q.enqueue(b)
+    keys, ptr = _ring_reference(initial, batches)
+    assert torch.equal(q.keys, keys)
+    assert int(q.ptr) == ptr == sum(sizes) % 40
+
+
+def test_a_batch_longer_than_the_queue_keeps_its_newest_keys() -> None:
+    q = MemoryQueue(length=6, dim=2)
+    q.enqueue(torch.randn(2, 2))  # ptr 2
+    b = torch.arange(20.0).view(10, 2)
+    q.enqueue(b)
+    keys, ptr = _ring_reference(torch.zeros(1, 6, 2), [torch.zeros(2, 2), b])
+    assert torch.equal(q.keys, keys)
+    assert int(q.ptr) == ptr == 0
 
 
 def test_wrong_number_of_key_tensors() -> None:
