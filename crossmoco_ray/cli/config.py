@@ -11,6 +11,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from crossmoco_ray.cli.common import add_command, add_config_args
+from crossmoco_ray.config.elastic import elastic_lines
 from crossmoco_ray.config.loading import preset_names, preset_text
 from crossmoco_ray.config.serialized import to_yaml
 
@@ -22,6 +23,7 @@ examples:
   crossmoco config show                                  # the quickstart configuration, resolved
   crossmoco config show --preset paper                   # the CrossMoCo paper recipe
   crossmoco config show --preset paper objective.queue_length=8000 train.num_workers=4
+  crossmoco config show --preset paper train.num_workers=[4,8] train.use_gpu=true   # elastic: 4 to 8 workers
   crossmoco config presets                               # the shipped presets
 
 Overrides are dotted keys (section.key=value) with YAML values: train.epochs=10, model.image_weights=null.
@@ -38,8 +40,10 @@ def cmd_config_show(cmd: ParsedCommand) -> int:
     # YAML comments, so that the output stays a valid --config file
     print(
         f"# global batch {cfg.global_batch} = {t.num_workers} worker(s) x {cfg.per_worker_batch} per worker "
-        f"(set by {per})"
+        f"(set by {per})" + (" at the most workers" if cfg.elastic else "")
     )
+    for line in elastic_lines(cfg):
+        print(f"# {line}")
     sys.stdout.write(to_yaml(cfg))
     return 0
 

@@ -71,6 +71,20 @@ def cross_field_problems(cfg: Config) -> list[str]:
             "set the other to null"
         )
         return problems
+    if t.min_workers is not None and t.min_workers > t.num_workers:
+        problems.append(
+            f"train.min_workers={t.min_workers} is above train.num_workers={t.num_workers}: give the elastic "
+            f"range as train.num_workers=[{t.num_workers},{t.min_workers}] (min first)"
+        )
+        return problems
+    if cfg.elastic and t.batch_size is not None:
+        problems.append(
+            f"train.num_workers=[{t.min_workers}, {t.num_workers}] (elastic) keeps each worker's batch and "
+            f"lets the global batch follow the workers, but train.batch_size={t.batch_size} fixes the global "
+            "batch: give the batch per worker instead, e.g. train.batch_size=null "
+            f"train.batch_size_per_worker={max(2, t.batch_size // t.num_workers)}"
+        )
+        return problems
     if t.batch_size is not None and t.batch_size % t.num_workers:
         # worker counts that split the batch (up to a bound: a batch of 10**12 must not take 10**12 steps)
         divisors = [w for w in range(1, min(t.batch_size, MAX_LISTED_WORKERS) + 1) if t.batch_size % w == 0]
@@ -91,7 +105,13 @@ def cross_field_problems(cfg: Config) -> list[str]:
             "BatchNorm and in-batch negatives need at least 2: raise "
             f"{batch_key} to {2 * t.num_workers if t.batch_size is not None else 2} or more"
         )
-    if o.queue_length % global_batch:
+    if cfg.elastic and o.queue_length < global_batch:
+        problems.append(
+            f"objective.queue_length={o.queue_length} is shorter than the largest global batch "
+            f"{global_batch} ({per_worker} per worker x {t.num_workers} workers): one step's keys would "
+            f"overwrite each other; use objective.queue_length={global_batch} or more"
+        )
+    elif not cfg.elastic and o.queue_length % global_batch:
         nearest, round_ = _multiples_near(o.queue_length, global_batch)
         fix = " or ".join(map(str, nearest)) + (
             f" (round: {' or '.join(map(str, round_))})" if round_ else ""
@@ -103,7 +123,8 @@ def cross_field_problems(cfg: Config) -> list[str]:
         )
         problems.append(
             f"objective.queue_length={o.queue_length} is not a multiple of the global batch {global_batch} "
-            f"({origin}), so a batch of keys would wrap around the queue; use objective.queue_length={fix}"
+            f"({origin}): a fixed-size run keeps CrossMoCo's queue of whole batches (only an elastic "
+            f"run's batches wrap around its end); use objective.queue_length={fix}"
         )
     if m.point_encoder in ("dgcnn", "dgcnn_seg") and m.k >= d.num_points:
         problems.append(

@@ -10,9 +10,11 @@ suggestions in :mod:`crossmoco_ray.config.keys`, validation with messages that s
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from crossmoco_ray.bounded import short_repr
 
 DEFAULT_PRESET = "quickstart"  # what the commands run when no preset is named
 
@@ -234,6 +236,31 @@ class OptimConfig(Section):
 class TrainConfig(Section):
     """How training runs: size, workers, precision, checkpoints."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _worker_range(cls, data: Any) -> Any:
+        """``num_workers: [min, max]`` → ``min_workers: min``, ``num_workers: max`` (elastic training)."""
+        if not isinstance(data, dict) or not isinstance(data.get("num_workers"), (list, tuple)):
+            return data
+        pair = data["num_workers"]
+        if len(pair) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in pair):
+            raise ValueError(
+                f"train.num_workers={short_repr(list(pair), 60)}: give a number of workers, or a range "
+                "[min, max] of two whole numbers for elastic training, e.g. train.num_workers=[4,8]"
+            )
+        low, high = pair
+        if not 0 < low <= high:
+            raise ValueError(
+                f"train.num_workers=[{low}, {high}]: an elastic range needs 0 < min <= max, e.g. "
+                f"train.num_workers=[{max(1, min(low, high))},{max(low, high, 1)}]"
+            )
+        if data.get("min_workers") not in (None, low):
+            raise ValueError(
+                f"train.num_workers=[{low}, {high}] and train.min_workers={data['min_workers']} disagree: "
+                "give the range once"
+            )
+        return {**data, "num_workers": high, "min_workers": low}
+
     epochs: int = Field(125, gt=0, le=100_000)
     batch_size: int | None = Field(
         None,
@@ -246,7 +273,25 @@ class TrainConfig(Section):
         description='the batch of ONE worker ("20 per GPU"); global = this x num_workers; set this or '
         "batch_size, not both",
     )
-    num_workers: int = Field(1, gt=0, description="Ray Train workers (DDP processes)")
+    num_workers: int = Field(
+        1,
+        gt=0,
+        description="Ray Train workers (DDP processes); a range [min, max] trains elastically: as many as "
+        "fit, growing and shrinking with the cluster (docs/cluster.md)",
+    )
+    min_workers: int | None = Field(
+        None,
+        gt=0,
+        description="elastic training: the fewest workers the run goes on with (set by "
+        "train.num_workers=[min, max]); null = a fixed size",
+    )
+    elastic_resize_interval_s: float = Field(
+        60.0,
+        gt=0.0,
+        le=86_400.0,
+        description="elastic training: seconds between Ray Train's checks for capacity to grow into (a "
+        "resize restarts the workers from the last checkpoint)",
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(
@@ -428,13 +473,27 @@ class Config(Section):
         assert t.batch_size is not None  # one of the two is set (checked)
         return t.batch_size
 
+    def global_batch_at(self, workers: int) -> int:
+        """The global batch with ``workers`` workers (an elastic run keeps the batch per worker)."""
+        return self.per_worker_batch * workers
+
     @property
     def per_worker_batch(self) -> int:
         return self.global_batch // self.train.num_workers
 
     @property
+    def elastic(self) -> bool:
+        """Whether the run trains elastically (``train.num_workers=[min, max]`` with min < max)."""
+        t = self.train
+        return t.min_workers is not None and t.min_workers < t.num_workers
+
+    @property
     def base_lr(self) -> float:
         """``optim.lr``, scaled with the global batch when ``optim.lr_scaling`` asks for it."""
+        return self.base_lr_at(self.global_batch)
+
+    def base_lr_at(self, global_batch: int) -> float:
+        """``optim.lr`` scaled for ``global_batch`` (an elastic run's current one)."""
         o = self.optim
-        ratio = self.global_batch / o.lr_reference_batch
+        ratio = global_batch / o.lr_reference_batch
         return o.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[o.lr_scaling]

@@ -48,6 +48,8 @@ OPERATIONAL_KEYS = (
     "tracking.",
     "tune.",
     "train.max_failures",
+    "train.min_workers",  # a fixed run relaunched elastic on a shrunken fleet goes on (docs/cluster.md)
+    "train.elastic_resize_interval_s",
     "train.checkpoint_every_steps",
     "train.keep_checkpoints",
     "train.log_every",

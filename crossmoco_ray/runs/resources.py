@@ -74,9 +74,16 @@ def worker_request(t: Any) -> dict[str, float]:
     return request
 
 
+def fewest_workers(t: Any) -> int:
+    """The workers a run cannot start without: an elastic run's minimum, else all of them."""
+    low = getattr(t, "min_workers", None)
+    return int(low) if low is not None and low < t.num_workers else int(t.num_workers)
+
+
 def _shortfall(t: Any, key: str, amount: float, need: float, have: float, local: bool) -> str:
     """Why the workers' ``key`` does not fit, and the fix."""
-    workers = f"{t.num_workers} workers × {amount:g}"
+    n = fewest_workers(t)
+    workers = f"{n} workers{' (the elastic minimum)' if n < t.num_workers else ''} × {amount:g}"
     if key == "CPU":
         data_cpus = getattr(t, "data_cpus", 0.0)
         where = "train.worker_resources.CPU" if "CPU" in getattr(t, "worker_resources", {}) else None
@@ -94,7 +101,7 @@ def _shortfall(t: Any, key: str, amount: float, need: float, have: float, local:
     if key in ("memory", "object_store_memory"):
         gib = 1 << 30
         return (
-            f"train.worker_resources.{key}: {t.num_workers} workers × {amount / gib:.3g} GiB = "
+            f"train.worker_resources.{key}: {n} workers × {amount / gib:.3g} GiB = "
             f"{need / gib:.3g} GiB, the cluster has {have / gib:.3g} GiB: lower it (Ray counts it in bytes) "
             "or drop it from train.worker_resources"
         )
@@ -116,7 +123,8 @@ def check_resources(
     wait (or hang) forever: CPUs, GPUs, and each key of ``train.worker_resources`` (memory, custom
     resources), counted as :func:`worker_request` asks Ray for them. Local: a :class:`ConfigError` before
     any worker starts; on a cluster (an autoscaler may add nodes): warnings. And bf16 is refused on a
-    cluster whose GPUs all emulate it (slower than fp32).
+    cluster whose GPUs all emulate it (slower than fp32). An elastic run (``train.num_workers=[min, max]``)
+    needs its minimum to fit; fewer than its maximum is said, not refused (it grows when capacity comes).
 
     ``cfg``: a pretraining :class:`Config`, or any config whose ``train`` section has ``num_workers``,
     ``cpus_per_worker``, ``gpus_per_worker`` and ``use_gpu`` (fine-tuning's, which keeps no Ray Data CPUs
@@ -125,11 +133,20 @@ def check_resources(
     t = cfg.train
     data_cpus = getattr(t, "data_cpus", 0.0)
     problems = []
+    fewest, fits = fewest_workers(t), t.num_workers
     for key, amount in worker_request(t).items():
-        need = t.num_workers * amount + (data_cpus if key == "CPU" else 0.0)
+        extra = data_cpus if key == "CPU" else 0.0
+        need = fewest * amount + extra
         have = float(resources.get(key, 0.0))
         if need > have + 1e-9:
             problems.append(_shortfall(t, key, amount, need, have, local))
+        elif amount > 0:
+            fits = min(fits, int((have - extra + 1e-9) // amount))
+    if not problems and fits < t.num_workers:
+        log(
+            f"elastic: the cluster has room for {fits} of train.num_workers=[{fewest}, {t.num_workers}] now; "
+            "the run starts with what fits and grows when nodes join"
+        )
     bf16 = emulated_bf16_problem(cfg, resources)
     if bf16:  # every GPU the cluster has would emulate it: refused, on a cluster too
         raise ConfigError(bf16)

@@ -81,6 +81,12 @@ def trial_concurrency(cfg: Config, resources: dict[str, float], local: bool) -> 
 def check_search(cfg: Config, space: Space, manifest: dict[str, Any]) -> None:
     """Everything about a search that can be wrong before a trial starts."""
     check_space(space, cfg)
+    if cfg.elastic:
+        raise ConfigError(
+            f"train.num_workers=[{cfg.train.min_workers}, {cfg.train.num_workers}]: a search compares its "
+            "trials, so each trains at one size; give a number of workers, e.g. "
+            f"train.num_workers={cfg.train.min_workers}"
+        )
     monitored = cfg.tune.metric.startswith(("val_", "gain_val_"))
     if monitored and cfg.eval.data is None and "val" not in manifest["counts"]:
         raise ConfigError(
