@@ -58,14 +58,13 @@ def read_json(uri: str, limit: int = MAX_JSON_BYTES) -> dict[str, Any] | None:
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         return None
+    most = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit} bytes"
     if info.size is not None and info.size > limit:
-        raise ValueError(
-            f"{uri}: {info.size} bytes, more than the {limit >> 20} MiB a record of a run may hold"
-        )
+        raise ValueError(f"{uri}: {info.size} bytes, more than the {most} a record of a run may hold")
     with fs.open_input_stream(path) as f:
         data: bytes = f.read(limit + 1)
     if len(data) > limit:
-        raise ValueError(f"{uri}: more than the {limit >> 20} MiB a record of a run may hold")
+        raise ValueError(f"{uri}: more than the {most} a record of a run may hold")
     try:
         out = json.loads(data.decode())
     except (UnicodeDecodeError, ValueError, RecursionError) as err:

@@ -16,6 +16,7 @@ dict), ``mlflow_run_id``, ``run_name``, ``metrics``, ``queue_checksum``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
@@ -221,11 +222,14 @@ def restore(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | None = None,
+    resizes: int = 0,
 ) -> bool:
     """Load model (queues and pointer included), optimizer and this rank's RNG states (its GPU's onto
     ``device``) from a checkpoint state. Returns whether the RNG states were restored whole: a run resumed
-    on another number of workers gets fresh per-rank seeds instead (``seed + rank`` mixed with the step),
-    and a GPU run from a version-1 checkpoint keeps its GPU generator's seeding; neither is bit-exact."""
+    on another number of workers gets per-rank streams derived from (seed, rank, world size, ``resizes``:
+    the times the run changed size, this one included; :func:`derived_seed`), so a resized run is
+    reproducible given the same sequence of sizes; a GPU run from a version-1 checkpoint keeps its GPU
+    generator's seeding. Neither is the uninterrupted run's randomness."""
     unwrap(model).load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -233,5 +237,12 @@ def restore(
     if len(rngs) == world_size:
         return set_rng_state(rngs[rank], device)
     seed = int(state["config"]["train"]["seed"])
-    torch.manual_seed(seed * 1_000_003 + rank * 7919 + int(state["step"]))  # CPU and every GPU's generator
+    torch.manual_seed(derived_seed(seed, rank, world_size, resizes))  # CPU and every GPU's generator
     return False
+
+
+def derived_seed(seed: int, rank: int, world_size: int, resizes: int) -> int:
+    """A rank's seed after a resize: 63 bits of SHA-256 over (seed, rank, world size, resizes), distinct
+    for every rank of every size the run went on at."""
+    digest = hashlib.sha256(f"crossmoco-rng/{seed}/{rank}/{world_size}/{resizes}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1

@@ -151,6 +151,10 @@ class FinetuneSpec(WorkerSpec):
     part_counts: list[int] | None = None
     normalize: bool = True
 
+    def __post_init__(self) -> None:
+        if self.cfg is not None:  # the samples of a step follow from the config, whoever builds the spec
+            self.per_worker_batch = self.cfg.per_worker_batch
+
 
 class FinetuneJob:
     """The fine-tuning job's plug-ins for the worker skeleton."""

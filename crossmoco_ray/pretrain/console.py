@@ -141,14 +141,14 @@ def _pct(x: float) -> str:
 def progress_line(
     epoch: int,
     epochs: int,
-    step: int,
+    in_epoch: int,
     steps_per_epoch: int,
     w: dict[str, float],
     lr: float,
     m: float,
     chance: dict[str, float],
 ) -> str:
-    in_epoch = step - epoch * steps_per_epoch
+    """The log window's line: ``in_epoch`` of ``steps_per_epoch`` steps of the epoch done."""
     return (
         f"epoch {epoch + 1}/{epochs} step {in_epoch}/{steps_per_epoch} | loss {w['loss']:.3f} "
         f"(point {w['loss_point']:.3f}/{chance['chance_loss_point']:.2f} "

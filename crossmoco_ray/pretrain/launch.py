@@ -53,6 +53,9 @@ def pipeline_options(cfg: Config, manifest: dict[str, Any] | None = None) -> Pip
         image_augment=ImageAugment(**d.image_augment.model_dump(exclude={"normalize"})),
         read_batch=d.read_batch,
         seed=cfg.train.seed if cfg.train.deterministic else None,
+        # the epochs' order from the run's seed even when augmentations are not seeded: a restart (at any
+        # world size) skips the batches the checkpoint reached in the same order, not in a new draw
+        order_seed=cfg.train.seed,
         object_store_mb=d.object_store_mb,
         shuffle_window=window,
         viewpoints=pipeline_viewpoints(cfg, manifest),
@@ -131,6 +134,7 @@ def pretrain_trainer(
         run_dir=run.run_dir,
         run_name=run.name,
         steps_per_epoch=run.steps_per_epoch,
+        elastic_rows=run.manifest["counts"]["train"]["total"] if cfg.elastic else None,
         tracking_uri=run.tracking_uri,
         mlflow_run_id=run.mlflow_run_id,
         step_callbacks=tuple(step_callbacks),

@@ -27,15 +27,18 @@ def build_optimizer(cfg: Config, model: CrossMoCo) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=o.sgd_momentum, weight_decay=o.weight_decay, fused=fused)
 
 
-def lr_at(cfg: Config, epoch: int, frac: float = 0.0) -> float:
+def lr_at(cfg: Config, epoch: int, frac: float = 0.0, peak: float | None = None) -> float:
     """The learning rate at ``epoch`` (0-based) plus ``frac`` of it.
 
     ``cosine`` is CrossPoint/CrossMoCo's ``CosineAnnealingLR(T_max=epochs)`` stepped once at the start of
     every epoch: epoch e runs at the cosine value of step e + 1 (so the last epoch runs at ``min_lr``; kept
-    for faithfulness). ``cosine_smooth`` follows the cosine per step. Warm-up rises linearly first. The peak
-    is ``cfg.base_lr``: ``optim.lr``, scaled with the global batch when ``optim.lr_scaling`` says so.
+    for faithfulness). ``cosine_smooth`` follows the cosine per step (``frac``: the epoch's samples done, of
+    its samples). Warm-up rises linearly first. The peak is ``cfg.base_lr``: ``optim.lr``, scaled with the
+    global batch when ``optim.lr_scaling`` says so (an elastic run passes the peak of its current global
+    batch, ``cfg.base_lr_at``).
     """
-    o, epochs, peak = cfg.optim, cfg.train.epochs, cfg.base_lr
+    o, epochs = cfg.optim, cfg.train.epochs
+    peak = cfg.base_lr if peak is None else peak
     if epoch < o.warmup_epochs:
         return peak * (epoch + (frac if o.schedule == "cosine_smooth" else 1.0)) / o.warmup_epochs
     if o.schedule == "constant":
@@ -46,7 +49,10 @@ def lr_at(cfg: Config, epoch: int, frac: float = 0.0) -> float:
 
 
 def momentum_at(cfg: Config, step: int, total_steps: int) -> float:
-    """Key-encoder momentum at ``step``: constant, or BYOL's cosine rise from ``momentum`` to 1."""
+    """Key-encoder momentum at ``step`` of ``total_steps``: constant, or BYOL's cosine rise from
+    ``momentum`` to 1. The training loop counts both in samples (``Context.schedule_position``), so a run
+    that changes its world size follows the same curve; ``step / total_steps`` is the same number either
+    way for a fixed-size run."""
     m = cfg.objective.momentum
     if cfg.objective.momentum_schedule == "constant" or total_steps <= 0:
         return m

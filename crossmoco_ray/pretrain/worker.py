@@ -61,6 +61,10 @@ class PretrainSpec(WorkerSpec):
     monitor: MonitorSpec | None = None  # rank 0 measures the encoder with it (None: no monitor)
     iid_batch_classes: float = 0.0  # classes an i.i.d. batch holds (the batch-mix health check)
 
+    def __post_init__(self) -> None:
+        if self.cfg is not None:  # the samples of a step follow from the config, whoever builds the spec
+            self.per_worker_batch = self.cfg.per_worker_batch
+
 
 class PretrainJob:
     """The pretraining job's plug-ins for the worker skeleton."""
@@ -84,15 +88,16 @@ class PretrainJob:
         self.net = wrap_ddp(model, ctx.device, ctx.world)
         # the cross-modal negatives come from all workers (global) or this worker's batch (local)
         o = cfg.objective
-        cross_batch = cfg.global_batch if o.cross_negatives == "global" else cfg.per_worker_batch
+        self.peak_lr = cfg.base_lr_at(ctx.global_batch)  # the global batch of this world size
+        cross_batch = ctx.global_batch if o.cross_negatives == "global" else cfg.per_worker_batch
         self.chance = chance_levels(
             o.queue_length, cross_batch, (o.weight_point, o.weight_image, o.weight_cross)
         )
         self.precision: Precision = _precision(t.precision, ctx.device, ctx.rank)
         self.monitor: Monitor | None = None
         self.last_monitor = {k: math.nan for k in MONITOR_KEYS}
-        self.meter = EpochMeter(cfg.global_batch)
-        self.lr = lr_at(cfg, 0)
+        self.meter = EpochMeter(ctx.global_batch)
+        self.lr = lr_at(cfg, 0, peak=self.peak_lr)
         self.momentum = cfg.objective.momentum
         self.node_id = _node_id()
         ctx.history.setdefault("steps", [])
@@ -102,8 +107,16 @@ class PretrainJob:
     # checkpoints
     def restore(self, ctx: Context, directory: Path) -> int:
         state = read_checkpoint(directory)
-        own_rng = restore_state(self.model, self.optimizer, state, ctx.rank, ctx.world, ctx.device)
-        if not own_rng:
+        own_rng = restore_state(
+            self.model, self.optimizer, state, ctx.rank, ctx.world, ctx.device, resizes=ctx.resizes
+        )
+        if not own_rng and ctx.resized_from is not None:
+            ctx.say(
+                f"RNG: {ctx.resized_from} workers' states do not map onto {ctx.world}: each rank's stream "
+                f"is derived from (seed, rank, {ctx.world} workers, resize {ctx.resizes}), reproducible "
+                "given the same sequence of sizes"
+            )
+        elif not own_rng:
             ctx.say(
                 "warning: the checkpoint's RNG states do not fit this run (another number of workers, or an "
                 "older checkpoint without each GPU's own state): fresh RNG, so the resume is not bit-exact"
@@ -126,6 +139,17 @@ class PretrainJob:
         write_checkpoint(directory, state, self.cfg)
 
     def after_restore(self, ctx: Context) -> None:
+        if ctx.resized_from is not None:  # every rank's queues, as restored (they must agree)
+            checksums = gather_objects(unwrap(self.model).queue.checksum())
+            ctx.history.setdefault("resizes", []).append(
+                {
+                    "step": ctx.step,
+                    "samples": ctx.samples,
+                    "from": ctx.resized_from,
+                    "to": ctx.world,
+                    "queue_checksums": checksums,
+                }
+            )
         for past in ctx.history["epochs"]:
             self.last_monitor.update({k: past[k] for k in self.last_monitor if k in past})
         self._measure_baseline(ctx)
@@ -164,21 +188,21 @@ class PretrainJob:
             import ray.train
 
             self.shard = ray.train.get_dataset_shard("train")
-        self._set_lr(lr_at(self.cfg, epoch))
+        self._set_lr(lr_at(self.cfg, epoch, peak=self.peak_lr))
         pin = ctx.device.type == "cuda"
         batches = iter(iter_train_batches(self.shard, self.cfg.per_worker_batch, pin_memory=pin))
         if skip:
             ctx.say(f"epoch {epoch + 1}: skipping the {skip} batches trained on before the restart")
             for _ in range(skip):
                 next(batches, None)
-        self.meter = EpochMeter(self.cfg.global_batch)  # started after the skip: skipping is not throughput
+        self.meter = EpochMeter(ctx.global_batch)  # started after the skip: skipping is not throughput
         return batches
 
     def step(self, ctx: Context, epoch: int, batch: Any, wait: float) -> None:
-        cfg, spe = self.cfg, ctx.steps_per_epoch
-        self.momentum = momentum_at(cfg, ctx.step, ctx.total_steps)
-        if cfg.optim.schedule == "cosine_smooth":
-            self._set_lr(lr_at(cfg, epoch, (ctx.step - epoch * spe) / max(spe, 1)))
+        cfg = self.cfg
+        self.momentum = momentum_at(cfg, *ctx.schedule_position())  # counted in samples
+        if cfg.optim.schedule == "cosine_smooth":  # the epoch's samples done, in this size's steps
+            self._set_lr(lr_at(cfg, epoch, ctx.epoch_step / max(ctx.steps_per_epoch, 1), peak=self.peak_lr))
         out = train_step(
             self.net,
             batch,
@@ -199,11 +223,20 @@ class PretrainJob:
     def log_window(self, ctx: Context, epoch: int, window: dict[str, float]) -> None:
         t = self.cfg.train
         line = progress_line(
-            epoch, t.epochs, ctx.step, ctx.steps_per_epoch, window, self.lr, self.momentum, self.chance
+            epoch, t.epochs, ctx.epoch_step, ctx.steps_per_epoch, window, self.lr, self.momentum, self.chance
         )
         print(line, flush=True)
-        ctx.tracker.log_metrics({**window, "lr": self.lr, "momentum": self.momentum}, ctx.step)
-        ctx.history["steps"].append({"step": ctx.step, "lr": self.lr, **{k: window[k] for k in LOSS_KEYS}})
+        extra = {"lr": self.lr, "momentum": self.momentum, "samples": ctx.samples, "world_size": ctx.world}
+        ctx.tracker.log_metrics({**window, **extra}, ctx.step)
+        ctx.history["steps"].append(
+            {
+                "step": ctx.step,
+                "lr": self.lr,
+                "samples": ctx.samples,
+                "world_size": ctx.world,
+                **{k: window[k] for k in LOSS_KEYS},
+            }
+        )
 
     def checkpoint_metrics(self, ctx: Context, epoch: int) -> dict[str, Any]:
         self.epoch_summary = {}  # a mid-epoch checkpoint holds no epoch's summary
@@ -225,8 +258,9 @@ class PretrainJob:
             **summary,
             "epoch": epoch + 1,
             "step": ctx.step,
+            "samples": ctx.samples,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "momentum": momentum_at(cfg, ctx.step, ctx.total_steps),
+            "momentum": momentum_at(cfg, *ctx.schedule_position()),
             **self.last_monitor,
             "queue_checksum": checksum,
             "queue_checksums": gather_objects(checksum),

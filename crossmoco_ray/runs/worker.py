@@ -38,11 +38,17 @@ import torch
 from crossmoco_ray import storage
 from crossmoco_ray.checkpoints.resume import (
     HISTORY_FILE,
-    checkpoint_name,
+    POSITION_FILE,
+    Position,
+    epoch_checkpoint_name,
+    position_record,
+    read_position,
     resume_point,
+    step_checkpoint_name,
     write_progress,
 )
 from crossmoco_ray.checkpoints.state import rng_state
+from crossmoco_ray.errors import ResumeError
 from crossmoco_ray.runs.ddp import all_ranks, gather_objects
 from crossmoco_ray.tracking import Tracker
 
@@ -65,10 +71,8 @@ class StepInfo:
     run_dir: str
     window: dict[str, float] | None
     tracker: Tracker
-
-    @property
-    def step_in_epoch(self) -> int:
-        return self.step - self.epoch * self.steps_per_epoch
+    step_in_epoch: int = 0  # steps of this epoch done (at this world size: skipped ones included)
+    samples: int = 0  # samples trained on in the run
 
 
 StepCallback = Callable[[StepInfo], Any]
@@ -84,10 +88,14 @@ class WorkerSpec:
 
     run_dir: str
     run_name: str
-    steps_per_epoch: int
+    steps_per_epoch: int  # at the run's fixed size (an elastic run: at its most workers)
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     step_callbacks: Sequence[StepCallback] = ()
+    per_worker_batch: int = 1  # samples per worker and step
+    # an elastic run's training rows: its steps per epoch follow the world size of the moment,
+    # (rows // world) // per_worker_batch (what Ray Data's equal split and drop_last give each worker)
+    elastic_rows: int | None = None
 
 
 class TrainSession(Protocol):
@@ -132,7 +140,11 @@ class RayTrainSession:
 
 @dataclass
 class Context:
-    """One worker's place in the run, shared by the skeleton and the job."""
+    """One worker's place in the run, shared by the skeleton and the job.
+
+    Progress is kept in steps and in samples (:class:`~crossmoco_ray.checkpoints.resume.Position`): the
+    epoch in progress, the samples of it trained on, the samples of the run. A step is ``global_batch``
+    samples at this world size; an elastic run may have trained its earlier steps at another."""
 
     spec: WorkerSpec
     session: TrainSession
@@ -147,14 +159,43 @@ class Context:
     attempt_start_step: int = 0  # where this start of the worker group began (0, or a checkpoint's step)
     history: dict[str, Any] = field(default_factory=lambda: {"epochs": []})
     stop_after_epoch: bool = False  # a callback asked to stop on the epoch's last step
+    epoch: int = 0  # the epoch in progress (0-based)
+    epoch_samples: int = 0  # samples of it trained on (a multiple of global_batch within one start)
+    samples: int = 0  # samples trained on in the run
+    resizes: int = 0  # times the run went on at another world size
+    resized_from: int | None = None  # the world size of the checkpoint this start restored, if another
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step at this world size."""
+        return self.spec.per_worker_batch * self.world
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.spec.steps_per_epoch
+        rows = self.spec.elastic_rows
+        if rows is None:
+            return self.spec.steps_per_epoch
+        return max(1, (rows // self.world) // self.spec.per_worker_batch)
 
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.epochs
+
+    @property
+    def epoch_step(self) -> int:
+        """Steps of the epoch in progress done (at this world size)."""
+        return self.epoch_samples // self.global_batch
+
+    def schedule_position(self) -> tuple[int, int]:
+        """(done, length) of the run for the schedules that follow its length (the momentum's), counted in
+        samples and expressed in steps of this world size: the epochs done and this epoch's samples, against
+        ``epochs`` epochs of this size's steps. Within one start of the group an epoch's samples are whole
+        batches of this size, so a fixed-size run gets exactly ``(step, total_steps)``, and a run that
+        changed size is where its samples put it on the same curve."""
+        return self.epoch * self.steps_per_epoch + self.epoch_step, self.total_steps
+
+    def position(self) -> Position:
+        return Position(self.step, self.epoch, self.epoch_samples, self.samples, self.world, self.resizes)
 
     def say(self, line: str) -> None:
         """A line on the console, from rank 0 only."""
@@ -218,7 +259,7 @@ def start(
 
 
 def restore(ctx: Context, job: Job) -> None:
-    """Phase 2: the newest complete checkpoint, if any."""
+    """Phase 2: the newest complete checkpoint, if any, and the position to go on from."""
     spe = ctx.steps_per_epoch
     point = resume_point(ctx.spec.run_dir, spe, ctx.session.registered_checkpoint())
     if point.checkpoint is not None:
@@ -226,18 +267,57 @@ def restore(ctx: Context, job: Job) -> None:
             local = Path(point.checkpoint)
             if "://" in point.checkpoint or not local.is_dir():
                 local = storage.copy_to_local(point.checkpoint, tmp)
-            ctx.step = job.restore(ctx, local)
+            position = read_position(str(local))
+            if position is not None:  # before the job's state: its RNG streams may depend on the resize
+                _go_on_from(ctx, position, position.step)
+            step = job.restore(ctx, local)
+            if position is None:  # an older checkpoint: its step at this (fixed) size
+                _go_on_from(ctx, None, step)
+            elif step != position.step:
+                raise ResumeError(
+                    f"{point.checkpoint}: its state holds step {step}, its {POSITION_FILE} step "
+                    f"{position.step}"
+                )
             ctx.history = storage.read_json(str(local / HISTORY_FILE)) or ctx.history
-        where = f"epoch {ctx.step // spe + 1} after {ctx.step % spe} steps"
+        where = f"epoch {ctx.epoch + 1} after {ctx.epoch_step} steps"
         ctx.say(f"resumed from {point.checkpoint}: {where} (step {ctx.step} overall)")
     ctx.attempt_start_step = ctx.step
     job.after_restore(ctx)
 
 
+def _go_on_from(ctx: Context, position: Position | None, step: int) -> None:
+    """Set ``ctx`` to go on from a checkpoint's position (``None``: an older checkpoint, at this size).
+
+    At another world size the epoch's first untrained batch of this size is the one holding the sample the
+    checkpoint reached: the batches before it are skipped, up to one batch of samples is trained again,
+    none is skipped untrained; the samples counted are rolled back to that batch's start."""
+    if position is None:
+        position = Position.of_fixed_run(step, ctx.steps_per_epoch, ctx.global_batch)
+    ctx.step, ctx.epoch = position.step, position.epoch
+    ctx.resizes = position.resizes
+    if position.world is not None and position.world != ctx.world:
+        ctx.resizes += 1
+        ctx.resized_from = position.world
+    skip = min(position.epoch_samples // ctx.global_batch, ctx.steps_per_epoch)
+    ctx.epoch_samples = skip * ctx.global_batch
+    ctx.samples = position.samples - (position.epoch_samples - ctx.epoch_samples)
+    if ctx.resized_from is not None:
+        ctx.say(
+            f"resized: {ctx.resized_from} → {ctx.world} workers (global batch {ctx.global_batch}, "
+            f"{ctx.steps_per_epoch} steps per epoch); going on at sample {position.epoch_samples} of epoch "
+            f"{ctx.epoch + 1}: {skip} batches of this size skipped, "
+            f"{position.epoch_samples - ctx.epoch_samples} samples trained again"
+        )
+
+
 def save(ctx: Context, job: Job, epochs_done: int, metrics: dict[str, Any]) -> None:
-    """A checkpoint (collective): every rank's RNG state to rank 0, which writes it; every rank reports."""
+    """A checkpoint (collective): every rank's RNG state to rank 0, which writes it; every rank reports.
+
+    At an epoch's end (``ctx.epoch == epochs_done``, none of the next epoch trained) it is ``epoch_NNNN``,
+    else ``step_NNNNNNNN``."""
     rngs = gather_objects(rng_state(ctx.device))
-    name = checkpoint_name(ctx.step, ctx.steps_per_epoch)
+    at_end = ctx.epoch_samples == 0 and ctx.epoch == epochs_done
+    name = epoch_checkpoint_name(epochs_done) if at_end else step_checkpoint_name(ctx.step)
     if ctx.rank != 0:
         ctx.session.report(metrics)
         return
@@ -247,6 +327,7 @@ def save(ctx: Context, job: Job, epochs_done: int, metrics: dict[str, Any]) -> N
         directory.mkdir()
         job.write(ctx, directory, rngs, epochs_done)
         (directory / HISTORY_FILE).write_text(json.dumps(ctx.history))
+        (directory / POSITION_FILE).write_text(json.dumps(position_record(ctx.position())))
         ctx.session.report(metrics, directory, name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -264,6 +345,7 @@ def _stop(ctx: Context, epoch: int, status: str, window: dict[str, float]) -> di
 def run_epoch(ctx: Context, job: Job, epoch: int, skip: int) -> dict[str, Any] | None:
     """Phase 3: one epoch of steps; → the outcome if the run stopped (NaN/Inf loss, or a callback)."""
     spe = ctx.steps_per_epoch
+    ctx.epoch = epoch
     batches = job.start_epoch(ctx, epoch, skip)
     stop_asked = False
     while True:
@@ -273,9 +355,12 @@ def run_epoch(ctx: Context, job: Job, epoch: int, skip: int) -> dict[str, Any] |
             break
         job.step(ctx, epoch, batch, time.perf_counter() - t0)
         ctx.step += 1
+        ctx.epoch_samples += ctx.global_batch
+        ctx.samples += ctx.global_batch
+        epoch_end = ctx.epoch_step >= spe
         every = ctx.checkpoint_every
         # (an epoch's end has its own checkpoint)
-        checkpoint_now = every is not None and ctx.step % every == 0 and ctx.step % spe != 0
+        checkpoint_now = every is not None and ctx.step % every == 0 and not epoch_end
         window = None
         if ctx.step % ctx.log_every == 0:
             window = job.take_window(ctx)  # the window's one read from the device
@@ -287,11 +372,22 @@ def run_epoch(ctx: Context, job: Job, epoch: int, skip: int) -> dict[str, Any] |
             if not all_ranks(job.losses_finite(ctx), ctx.device):  # never a checkpoint of NaN weights
                 return _stop(ctx, epoch, "nonfinite", job.take_window(ctx))
             save(ctx, job, epoch, _mid_epoch_metrics(ctx, job, epoch))
-        info = StepInfo(epoch, ctx.step, spe, ctx.rank, ctx.world, ctx.spec.run_dir, window, ctx.tracker)
+        info = StepInfo(
+            epoch,
+            ctx.step,
+            spe,
+            ctx.rank,
+            ctx.world,
+            ctx.spec.run_dir,
+            window,
+            ctx.tracker,
+            ctx.epoch_step,
+            ctx.samples,
+        )
         for callback in ctx.spec.step_callbacks:
             stop_asked = bool(callback(info)) or stop_asked
         if window is not None and ctx.spec.step_callbacks and not all_ranks(not stop_asked, ctx.device):
-            if ctx.step % spe == 0:  # the epoch's last step: its evaluation and checkpoint come first
+            if epoch_end:  # the epoch's last step: its evaluation and checkpoint come first
                 ctx.stop_after_epoch = True
                 break
             if not checkpoint_now:
@@ -307,6 +403,8 @@ def _mid_epoch_metrics(ctx: Context, job: Job, epoch: int) -> dict[str, Any]:
         "epoch": epoch,
         "step": ctx.step,
         **job.checkpoint_metrics(ctx, epoch),
+        "samples": ctx.samples,
+        "world_size": ctx.world,
         "attempt_start_step": ctx.attempt_start_step,
         CHECKPOINT_PRIORITY: -1,
     }
@@ -315,14 +413,21 @@ def _mid_epoch_metrics(ctx: Context, job: Job, epoch: int) -> dict[str, Any]:
 def run_worker(ctx: Context, job: Job) -> dict[str, Any]:
     """Phases 2-4 for a started worker and its job; → the run's outcome (the worker's return value)."""
     restore(ctx, job)
-    spe = ctx.steps_per_epoch
-    first = ctx.step // spe
+    first = ctx.epoch
     for epoch in range(first, ctx.epochs):
-        stopped = run_epoch(ctx, job, epoch, ctx.step % spe if epoch == first else 0)
+        if epoch != first:
+            ctx.epoch_samples = 0
+        stopped = run_epoch(ctx, job, epoch, ctx.epoch_step)
         if stopped is not None:
             return stopped
         metrics = job.end_epoch(ctx, epoch)
-        metrics |= {"epoch": epoch + 1, "step": ctx.step, "attempt_start_step": ctx.attempt_start_step}
+        metrics |= {
+            "epoch": epoch + 1,
+            "step": ctx.step,
+            "samples": ctx.samples,
+            "attempt_start_step": ctx.attempt_start_step,
+        }
+        ctx.epoch, ctx.epoch_samples = epoch + 1, 0
         save(ctx, job, epoch + 1, {**metrics, CHECKPOINT_PRIORITY: epoch + 1})
         if ctx.stop_after_epoch:
             return _stop(ctx, epoch, "stopped", {})

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from crossmoco_ray.checkpoints.resume import (
+    POSITION_FILE,
     PROGRESS_FILE,
+    Position,
     ResumePoint,
     checkpoint_name,
     resume_point,
@@ -16,6 +19,8 @@ from crossmoco_ray.checkpoints.resume import (
     write_progress,
 )
 from crossmoco_ray.checkpoints.state import STATE_FILE, restore
+from crossmoco_ray.errors import ResumeError
+from tests.helpers import tiny_crossmoco
 
 SPE = 10  # steps per epoch
 
@@ -167,3 +172,82 @@ def test_checkpoints_of_version_1_still_read_and_unknown_versions_are_named(tmp_
     torch.save({"format": FORMAT, "version": 3}, tmp_path / STATE_FILE)
     with pytest.raises(ValueError, match="checkpoint version 3, this crossmoco-ray reads"):
         read_checkpoint(tmp_path)
+
+
+def _position(run_dir: Path, name: str, **fields: object) -> None:
+    record = {"step": 0, "epoch": 0, "epoch_samples": 0, "samples": 0, "world": 2, "resizes": 0, **fields}
+    (run_dir / name / POSITION_FILE).write_text(json.dumps(record))
+
+
+def test_an_elastic_runs_newest_checkpoint_is_found_by_the_steps_its_position_holds(tmp_path: Path) -> None:
+    """At another world size an epoch is another number of steps: epoch_0002 of a run that shrank holds
+    step 40, not 2 × 10 — newer than step_00000038, which its name alone would make look older."""
+    run = tmp_path / "run"
+    _checkpoint(run, "epoch_0002")
+    _position(run, "epoch_0002", step=40, epoch=2, samples=480, world=1, resizes=1)
+    _checkpoint(run, "step_00000038")
+    _position(run, "step_00000038", step=38, epoch=1, epoch_samples=200, samples=460)
+    write_progress(str(run), "step_00000038", 38, 1)
+    point = resume_point(str(run), SPE, registered=str(run / "epoch_0002"))
+    assert point == ResumePoint(f"{run}/epoch_0002", 40)
+    assert point.position is not None
+    assert (point.epoch(SPE), point.position.world, point.position.resizes) == (2, 1, 1)
+
+
+def test_a_fixed_runs_position_follows_from_its_steps() -> None:
+    assert Position.of_fixed_run(34, SPE, 8) == Position(34, 3, 32, 272)
+
+
+def test_progress_naming_a_checkpoint_outside_the_run_is_ignored(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _checkpoint(tmp_path, "other/step_00000099")
+    _checkpoint(run, "epoch_0001")
+    write_progress(str(run), "../other/step_00000099", 99, 9)
+    assert resume_point(str(run), SPE, registered=str(run / "epoch_0001")) == ResumePoint(
+        f"{run}/epoch_0001", 10
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("[1, 2]", "not an object"),
+        ('{"step": 1}', "not a checkpoint position"),
+        ('{"step": -1, "epoch": 0, "epoch_samples": 0, "samples": 0, "world": 1, "resizes": 0}', "step=-1"),
+        (
+            '{"step": true, "epoch": 0, "epoch_samples": 0, "samples": 0, "world": 1, "resizes": 0}',
+            "step=True",
+        ),
+        ('{"step": 1, "epoch": 0, "epoch_samples": 0, "samples": 0, "world": 0, "resizes": 0}', "impossible"),
+        ('{"step": 1, "epoch": 0, "epoch_samples": 9, "samples": 0, "world": 1, "resizes": 0}', "impossible"),
+        ('{"step": 1.5, "epoch": 0, "epoch_samples": 0, "samples": 0, "world": 1, "resizes": 0}', "step=1.5"),
+        ('{"step": "' + "9" * 5000 + '"}', "more than the 4096 bytes"),
+        ("{" * 3000, "position.json"),
+    ],
+)
+def test_a_damaged_position_is_a_named_error(tmp_path: Path, content: str, match: str) -> None:
+    run = tmp_path / "run"
+    _checkpoint(run, "epoch_0001")
+    (run / "epoch_0001" / POSITION_FILE).write_text(content)
+    with pytest.raises(ResumeError, match=match) as err:
+        resume_point(str(run), SPE, registered=str(run / "epoch_0001"))
+    assert len(str(err.value)) < 600
+
+
+def test_resumed_at_another_size_each_rank_gets_a_stream_of_seed_rank_size_and_resize() -> None:
+    from crossmoco_ray.checkpoints.state import derived_seed
+
+    seeds = {derived_seed(1, r, w, n) for r in range(4) for w in range(1, 5) for n in range(3)}
+    assert len(seeds) == 4 * 4 * 3
+    assert derived_seed(1, 0, 2, 1) == derived_seed(1, 0, 2, 1)
+    model = tiny_crossmoco()
+    state = {
+        "model": model.state_dict(),
+        "rng_per_rank": [{"torch": torch.get_rng_state(), "cuda": None}] * 2,
+        "config": {"train": {"seed": 7}},
+        "step": 5,
+    }
+    assert restore(model, None, state, rank=0, world_size=1, resizes=1) is False
+    drawn = torch.rand(3)
+    torch.manual_seed(derived_seed(7, 0, 1, 1))
+    assert torch.equal(drawn, torch.rand(3))

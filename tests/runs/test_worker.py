@@ -265,3 +265,77 @@ def test_a_stop_asked_at_an_epochs_last_step_comes_after_its_evaluation_and_chec
     assert out == {"status": "stopped", "epoch": 0, "step": 4}
     assert ctx.history["epochs"] == [{"epoch": 1}]  # the epoch's end ran
     assert session.registered == str(tmp_path / "epoch_0001")
+
+
+def test_a_run_resumed_at_another_world_size_goes_on_at_the_checkpoints_sample(
+    shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The real job on the skeleton, restarted from a checkpoint whose position says 2 workers trained it
+    (an elastic run that lost one): the epoch's batches of this size up to the one holding the checkpoint's
+    sample are skipped, the samples counted roll back to that batch's start, the resize is recorded with
+    the queues' checksums, and the count of samples stays continuous to the epochs' end."""
+    ctx0, _, _ = pretrain_worker(shards, tmp_path, "probe")
+    spe, gb = ctx0.steps_per_epoch, ctx0.global_batch  # 1 worker × 4
+    last = (spe + 4) // 3 * 3  # the checkpoint inside epoch 2 before the death
+    assert spe < last
+    with pytest.raises(Died):
+        run(shards, tmp_path, "resized", (DieAfter(spe + 4),))
+    progress = json.loads((tmp_path / "resized" / PROGRESS_FILE).read_text())
+    assert progress["checkpoint"] == f"step_{last:08d}"
+    # as if 2 workers of 4 (a global batch of 8) had trained 14 samples into this epoch; 14 is no multiple
+    # of this size's batch of 4: the batch holding sample 14 (samples 12-15) is trained again
+    within = 14
+    position = {
+        "step": last, "epoch": 1, "epoch_samples": within, "samples": spe * gb + within, "world": 2,
+        "resizes": 0,
+    }  # fmt: skip
+    (tmp_path / "resized" / f"step_{last:08d}" / "position.json").write_text(json.dumps(position))
+    capsys.readouterr()
+    out, ctx, _, _ = run(shards, tmp_path, "resized")
+    printed = capsys.readouterr().out
+    assert "resized: 2 → 1 workers (global batch 4" in printed
+    assert "skipping the 3 batches trained on before the restart" in printed
+    assert out["status"] == "finished"
+    assert ctx.resizes == 1
+    assert ctx.resized_from == 2
+    final = json.loads((tmp_path / "resized" / "epoch_0002" / "position.json").read_text())
+    assert final == {
+        "step": last + (spe - 3), "epoch": 2, "epoch_samples": 0, "samples": 2 * spe * gb, "world": 1,
+        "resizes": 1,
+    }  # fmt: skip
+    history = json.loads((tmp_path / "resized" / "epoch_0002" / HISTORY_FILE).read_text())
+    (resize,) = history["resizes"]
+    assert (resize["from"], resize["to"], resize["samples"]) == (2, 1, spe * gb + 12)
+    assert len(resize["queue_checksums"]) == 1
+    samples = [s["samples"] for s in history["steps"]]
+    assert samples == sorted(samples)
+    assert samples[-1] == 2 * spe * gb
+
+
+def test_the_schedules_count_samples_and_match_steps_at_a_fixed_size() -> None:
+    """Momentum and the per-step cosine are functions of the samples done: bit for bit the step formula's
+    values at a fixed size, and the same curve at another world size for the same samples."""
+    from crossmoco_ray.pretrain.optim import lr_at, momentum_at
+
+    cfg = load_config(
+        "quickstart", overrides=["objective.momentum_schedule=cosine", "optim.schedule=cosine_smooth"]
+    )
+    spec = WorkerSpec(run_dir="x", run_name="x", steps_per_epoch=15, per_worker_batch=6)
+    ctx = Context(spec, LocalSession(Path("x")), 0, 2, torch.device("cpu"), Tracker(None), 4, 1, None)
+    total = ctx.total_steps
+    for step in range(total + 1):
+        ctx.epoch, ctx.epoch_samples = divmod(step, 15)
+        ctx.epoch_samples *= ctx.global_batch
+        assert momentum_at(cfg, *ctx.schedule_position()) == momentum_at(cfg, step, total)
+        frac = ctx.epoch_step / ctx.steps_per_epoch
+        assert lr_at(cfg, ctx.epoch, frac) == lr_at(cfg, ctx.epoch, (step % 15) / 15)
+    elastic = WorkerSpec(run_dir="x", run_name="x", steps_per_epoch=15, per_worker_batch=6, elastic_rows=184)
+    one = Context(elastic, LocalSession(Path("x")), 0, 1, torch.device("cpu"), Tracker(None), 4, 1, None)
+    two = Context(elastic, LocalSession(Path("x")), 0, 2, torch.device("cpu"), Tracker(None), 4, 1, None)
+    assert (one.steps_per_epoch, two.steps_per_epoch) == (30, 15)  # the same 180 samples per epoch
+    for c in (one, two):
+        c.epoch, c.epoch_samples = 2, 96
+    assert momentum_at(cfg, *one.schedule_position()) == pytest.approx(
+        momentum_at(cfg, *two.schedule_position()), rel=1e-15
+    )
+    assert momentum_at(cfg, *one.schedule_position()) != momentum_at(cfg, 0, 120)

@@ -23,8 +23,9 @@ epoch. Randomness is fresh every epoch; with a seed it is reproducible: the row-
 ``(seed, epoch)``, a window's row order from ``(seed, epoch, window)`` and the augmentations from
 ``(seed, epoch, first id of the batch)`` (rendered views: each object's viewpoints from ``(seed, epoch,
 id)``), where the epoch is Ray Data's execution index plus ``epoch_offset`` (set by a resumed run). Without
-a seed the order's seed is drawn once per dataset, so that all read tasks of an epoch agree on one
-permutation.
+a seed the order's seed is ``order_seed`` (training sets the run's ``train.seed``, so a restart skips the
+batches it trained on in the same order), else drawn once per dataset, so that all read tasks of an epoch
+agree on one permutation.
 
 :func:`iter_local_batches` runs the same ``make_batch`` without Ray (debugging, notebooks, the
 DataLoader baseline of the benchmark).
