@@ -112,3 +112,16 @@ def run_gloo_ranks(
                 p.kill()
             pytest.fail(f"the {world}-process gloo group did not finish in {timeout:.0f} s")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@dataclass(frozen=True)
+class PaceBelow:
+    """A step callback that slows every step of a worker group smaller than ``world`` workers by
+    ``seconds``: a run on a shrunken cluster lasts until the cluster has grown back (elastic tests)."""
+
+    world: int
+    seconds: float
+
+    def __call__(self, info: StepInfo) -> None:
+        if info.world_size < self.world:
+            time.sleep(self.seconds)

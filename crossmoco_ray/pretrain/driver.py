@@ -18,6 +18,7 @@ from typing import Any
 
 from crossmoco_ray.checkpoints.encoders import export_backbone, exported_feature_model
 from crossmoco_ray.checkpoints.resume import HISTORY_FILE
+from crossmoco_ray.config.elastic import elastic_lines
 from crossmoco_ray.config.schema import Config
 from crossmoco_ray.evaluate.features import available_splits
 from crossmoco_ray.evaluate.monitor import measured_epochs
@@ -59,11 +60,17 @@ def pretrain(
     tracker = start_tracking(run, preset)
     write_resolved_config(run)
     t = run.cfg.train
+    workers, size, steps = f"{t.num_workers}", f"{run.cfg.global_batch}", f"{run.steps_per_epoch}"
+    if run.cfg.elastic:
+        workers, size = f"{t.min_workers}–{t.num_workers}", f"{size} at {t.num_workers} workers"
+        steps += f" at {t.num_workers} workers"
     log(
-        f"run {run.name}: {t.num_workers} workers × batch {run.cfg.per_worker_batch} "
-        f"(global {run.cfg.global_batch}), {t.epochs} epochs × {run.steps_per_epoch} steps\n"
+        f"run {run.name}: {workers} workers × batch {run.cfg.per_worker_batch} "
+        f"(global {size}), {t.epochs} epochs × {steps} steps\n"
         f"data {run.data_root}\nstorage {run.run_dir}"
     )
+    for line in elastic_lines(run.cfg):
+        log(line)
     if run.mlflow_run_id:
         log(f"MLflow run {run.mlflow_run_id} in {run.tracking_uri}")
     summary: dict[str, Any] = {"run_dir": run.run_dir, "mlflow_run_id": run.mlflow_run_id}

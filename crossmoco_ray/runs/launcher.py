@@ -39,11 +39,16 @@ def build_trainer(launch: Launch) -> Any:
     from ray.train.torch import TorchTrainer
 
     t = launch.train
+    low = getattr(t, "min_workers", None)  # pretraining's elastic range (train.num_workers=[min, max])
+    elastic: dict[str, Any] = {}
+    if low is not None and low < t.num_workers:  # Train V2's elastic scaling (its own type, not V1's stub)
+        elastic = {"elastic_resize_monitor_interval_s": t.elastic_resize_interval_s}
     scaling = ScalingConfig(
-        num_workers=t.num_workers,
+        num_workers=(low, t.num_workers) if elastic else t.num_workers,  # type: ignore[arg-type]
         use_gpu=t.use_gpu,
         resources_per_worker=worker_request(t),  # what check_resources counted
         placement_strategy=getattr(t, "placement_strategy", "PACK"),
+        **elastic,
     )
     run_config = RunConfig(
         name=launch.name,
