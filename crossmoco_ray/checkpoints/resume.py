@@ -66,7 +66,8 @@ class Position:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**53:
                 raise ResumeError(f"{where}: {name}={str(value)[:40]} is not a whole number of 0 or more")
-        if data["world"] == 0 or data["epoch_samples"] > data["samples"]:
+        impossible = data["epoch_samples"] > data["samples"] or data["epoch"] > data["step"]
+        if data["world"] == 0 or impossible:
             raise ResumeError(f"{where}: an impossible position {data}")
         return cls(**data)
 

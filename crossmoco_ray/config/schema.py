@@ -254,12 +254,7 @@ class TrainConfig(Section):
                 f"train.num_workers=[{low}, {high}]: an elastic range needs 0 < min <= max, e.g. "
                 f"train.num_workers=[{max(1, min(low, high))},{max(low, high, 1)}]"
             )
-        if data.get("min_workers") not in (None, low):
-            raise ValueError(
-                f"train.num_workers=[{low}, {high}] and train.min_workers={data['min_workers']} disagree: "
-                "give the range once"
-            )
-        return {**data, "num_workers": high, "min_workers": low}
+        return {**data, "num_workers": high, "min_workers": low}  # the range wins over a min_workers
 
     epochs: int = Field(125, gt=0, le=100_000)
     batch_size: int | None = Field(

@@ -154,6 +154,7 @@ class FinetuneSpec(WorkerSpec):
     def __post_init__(self) -> None:
         if self.cfg is not None:  # the samples of a step follow from the config, whoever builds the spec
             self.per_worker_batch = self.cfg.per_worker_batch
+            self.workers = self.cfg.train.num_workers
 
 
 class FinetuneJob:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from crossmoco_ray.checkpoints.encoders import export_backbone, exported_feature_model
-from crossmoco_ray.checkpoints.resume import HISTORY_FILE
+from crossmoco_ray.checkpoints.resume import HISTORY_FILE, registered_checkpoint, resume_point
 from crossmoco_ray.config.elastic import elastic_lines
 from crossmoco_ray.config.schema import Config
 from crossmoco_ray.evaluate.features import available_splits
@@ -53,6 +53,8 @@ def pretrain(
     ``callbacks``: Ray Train callbacks (on the driver); ``step_callbacks``: called in every worker after
     every step (:class:`~crossmoco_ray.runs.worker.StepInfo`; log a custom metric, or stop early)."""
     run = resolve_run(cfg, name=name, storage=storage, data=data, log=log)
+    # a damaged position.json or progress.json is named here, not in a loop of worker restarts
+    resume_point(run.run_dir, run.steps_per_epoch, registered_checkpoint(run.run_dir))
     local = init_ray(run.cfg, address, log)
     import ray
 

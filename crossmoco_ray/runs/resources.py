@@ -142,7 +142,7 @@ def check_resources(
             problems.append(_shortfall(t, key, amount, need, have, local))
         elif amount > 0:
             fits = min(fits, int((have - extra + 1e-9) // amount))
-    if not problems and fits < t.num_workers:
+    if not problems and fewest < t.num_workers and fits < t.num_workers:
         log(
             f"elastic: the cluster has room for {fits} of train.num_workers=[{fewest}, {t.num_workers}] now; "
             "the run starts with what fits and grows when nodes join"

@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -93,6 +93,7 @@ class WorkerSpec:
     mlflow_run_id: str | None = None
     step_callbacks: Sequence[StepCallback] = ()
     per_worker_batch: int = 1  # samples per worker and step
+    workers: int = 0  # the configured workers (an elastic run: its most); 0: not told
     # an elastic run's training rows: its steps per epoch follow the world size of the moment,
     # (rows // world) // per_worker_batch (what Ray Data's equal split and drop_last give each worker)
     elastic_rows: int | None = None
@@ -260,8 +261,8 @@ def start(
 
 def restore(ctx: Context, job: Job) -> None:
     """Phase 2: the newest complete checkpoint, if any, and the position to go on from."""
-    spe = ctx.steps_per_epoch
-    point = resume_point(ctx.spec.run_dir, spe, ctx.session.registered_checkpoint())
+    # (steps per epoch at the configured size: what a checkpoint without position.json was written at)
+    point = resume_point(ctx.spec.run_dir, ctx.spec.steps_per_epoch, ctx.session.registered_checkpoint())
     if point.checkpoint is not None:
         with tempfile.TemporaryDirectory(prefix="crossmoco-restore-") as tmp:
             local = Path(point.checkpoint)
@@ -290,15 +291,24 @@ def _go_on_from(ctx: Context, position: Position | None, step: int) -> None:
 
     At another world size the epoch's first untrained batch of this size is the one holding the sample the
     checkpoint reached: the batches before it are skipped, up to one batch of samples is trained again,
-    none is skipped untrained; the samples counted are rolled back to that batch's start."""
-    if position is None:
-        position = Position.of_fixed_run(step, ctx.steps_per_epoch, ctx.global_batch)
+    none is skipped untrained (counted in samples); the samples counted are rolled back to that batch's
+    start. A checkpoint whose samples reach this size's epoch end (a smaller epoch in steps × batch) trains
+    the epoch's last batch again, so that every epoch has a step."""
+    if position is None:  # written at the configured size, before positions were recorded
+        world = ctx.spec.workers or ctx.world
+        gb = ctx.spec.per_worker_batch * world
+        fixed = Position.of_fixed_run(step, ctx.spec.steps_per_epoch, gb)
+        position = replace(fixed, world=world if ctx.spec.workers else None)
+    if position.epoch > ctx.epochs:
+        raise ResumeError(
+            f"the checkpoint's position is in epoch {position.epoch + 1}, past this run's {ctx.epochs} epochs"
+        )
     ctx.step, ctx.epoch = position.step, position.epoch
     ctx.resizes = position.resizes
     if position.world is not None and position.world != ctx.world:
         ctx.resizes += 1
         ctx.resized_from = position.world
-    skip = min(position.epoch_samples // ctx.global_batch, ctx.steps_per_epoch)
+    skip = min(position.epoch_samples // ctx.global_batch, ctx.steps_per_epoch - 1)
     ctx.epoch_samples = skip * ctx.global_batch
     ctx.samples = position.samples - (position.epoch_samples - ctx.epoch_samples)
     if ctx.resized_from is not None:

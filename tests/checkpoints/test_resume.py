@@ -220,6 +220,10 @@ def test_progress_naming_a_checkpoint_outside_the_run_is_ignored(tmp_path: Path)
         ),
         ('{"step": 1, "epoch": 0, "epoch_samples": 0, "samples": 0, "world": 0, "resizes": 0}', "impossible"),
         ('{"step": 1, "epoch": 0, "epoch_samples": 9, "samples": 0, "world": 1, "resizes": 0}', "impossible"),
+        (
+            '{"step": 1, "epoch": 900, "epoch_samples": 0, "samples": 0, "world": 1, "resizes": 0}',
+            "impossible",
+        ),
         ('{"step": 1.5, "epoch": 0, "epoch_samples": 0, "samples": 0, "world": 1, "resizes": 0}', "step=1.5"),
         ('{"step": "' + "9" * 5000 + '"}', "more than the 4096 bytes"),
         ("{" * 3000, "position.json"),

@@ -339,3 +339,48 @@ def test_the_schedules_count_samples_and_match_steps_at_a_fixed_size() -> None:
         momentum_at(cfg, *two.schedule_position()), rel=1e-15
     )
     assert momentum_at(cfg, *one.schedule_position()) != momentum_at(cfg, 0, 120)
+
+
+def test_a_checkpoint_past_this_sizes_epoch_end_trains_its_last_batch_again(
+    shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Grown from a smaller size late in an epoch, the checkpoint's samples can reach past this size's
+    epoch (steps × a bigger batch): the epoch's last batch is trained again rather than an epoch of no
+    steps (whose end would have nothing to report)."""
+    ctx0, _, _ = pretrain_worker(shards, tmp_path, "probe")
+    spe, gb = ctx0.steps_per_epoch, ctx0.global_batch
+    last = (spe + 4) // 3 * 3
+    with pytest.raises(Died):
+        run(shards, tmp_path, "late", (DieAfter(spe + 4),))
+    within = spe * gb + 2  # as if a smaller batch had taken the epoch past this size's end
+    position = {
+        "step": last, "epoch": 1, "epoch_samples": within, "samples": spe * gb + within, "world": 3,
+        "resizes": 0,
+    }  # fmt: skip
+    (tmp_path / "late" / f"step_{last:08d}" / "position.json").write_text(json.dumps(position))
+    capsys.readouterr()
+    out, ctx, _, _ = run(shards, tmp_path, "late")
+    assert f"skipping the {spe - 1} batches trained on before the restart" in capsys.readouterr().out
+    assert out["status"] == "finished"
+    assert ctx.samples == 2 * spe * gb
+    assert ctx.step == last + 1
+
+
+def test_a_damaged_position_is_named_before_any_worker_starts(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crossmoco_ray.errors import ResumeError
+    from crossmoco_ray.pretrain import driver
+
+    with pytest.raises(Died):
+        run(shards, tmp_path, "damaged", (DieAfter(4),))
+    progress = json.loads((tmp_path / "damaged" / PROGRESS_FILE).read_text())
+    (tmp_path / "damaged" / progress["checkpoint"] / "position.json").write_text('{"step": -3}')
+
+    def no_ray(*_: Any, **__: Any) -> None:
+        raise AssertionError("Ray was started for a run that cannot resume")
+
+    monkeypatch.setattr(driver, "init_ray", no_ray)
+    cfg = load_config("quickstart", overrides=TINY)
+    with pytest.raises(ResumeError, match=r"position\.json"):
+        driver.pretrain(cfg, name="damaged", storage=str(tmp_path), data=str(shards), log=lambda _: None)
