@@ -267,6 +267,12 @@ def test_a_stop_asked_at_an_epochs_last_step_comes_after_its_evaluation_and_chec
     assert session.registered == str(tmp_path / "epoch_0001")
 
 
+def _as_if_written_at(checkpoint: Path, world: int, step: int, epoch_start: int, within: int) -> None:
+    """Rewrite a checkpoint's position as if ``world`` workers had trained ``within`` samples into epoch 2."""
+    position = {"step": step, "epoch": 1, "epoch_samples": within, "samples": epoch_start + within}
+    (checkpoint / "position.json").write_text(json.dumps({**position, "world": world, "resizes": 0}))
+
+
 def test_a_run_resumed_at_another_world_size_goes_on_at_the_checkpoints_sample(
     shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -284,12 +290,9 @@ def test_a_run_resumed_at_another_world_size_goes_on_at_the_checkpoints_sample(
     assert progress["checkpoint"] == f"step_{last:08d}"
     # as if 2 workers of 4 (a global batch of 8) had trained 14 samples into this epoch; 14 is no multiple
     # of this size's batch of 4: the batch holding sample 14 (samples 12-15) is trained again
-    within = 14
-    position = {
-        "step": last, "epoch": 1, "epoch_samples": within, "samples": spe * gb + within, "world": 2,
-        "resizes": 0,
-    }  # fmt: skip
-    (tmp_path / "resized" / f"step_{last:08d}" / "position.json").write_text(json.dumps(position))
+    _as_if_written_at(
+        tmp_path / "resized" / f"step_{last:08d}", world=2, step=last, epoch_start=spe * gb, within=14
+    )
     capsys.readouterr()
     out, ctx, _, _ = run(shards, tmp_path, "resized")
     printed = capsys.readouterr().out
@@ -352,12 +355,10 @@ def test_a_checkpoint_past_this_sizes_epoch_end_trains_its_last_batch_again(
     last = (spe + 4) // 3 * 3
     with pytest.raises(Died):
         run(shards, tmp_path, "late", (DieAfter(spe + 4),))
-    within = spe * gb + 2  # as if a smaller batch had taken the epoch past this size's end
-    position = {
-        "step": last, "epoch": 1, "epoch_samples": within, "samples": spe * gb + within, "world": 3,
-        "resizes": 0,
-    }  # fmt: skip
-    (tmp_path / "late" / f"step_{last:08d}" / "position.json").write_text(json.dumps(position))
+    # as if a smaller batch had taken the epoch past this size's end
+    _as_if_written_at(
+        tmp_path / "late" / f"step_{last:08d}", world=3, step=last, epoch_start=spe * gb, within=spe * gb + 2
+    )
     capsys.readouterr()
     out, ctx, _, _ = run(shards, tmp_path, "late")
     assert f"skipping the {spe - 1} batches trained on before the restart" in capsys.readouterr().out
