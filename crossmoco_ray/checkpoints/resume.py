@@ -84,10 +84,6 @@ class ResumePoint:
         """The epoch in progress (0-based): the one the next step belongs to."""
         return self.position.epoch if self.position is not None else self.step // steps_per_epoch
 
-    def skip(self, steps_per_epoch: int) -> int:
-        """Batches of that epoch already trained on (skipped by every worker on resume), at a fixed size."""
-        return self.step % steps_per_epoch
-
 
 def read_position(checkpoint: str) -> Position | None:
     """The :class:`Position` a checkpoint directory (path or URI) holds, or ``None`` (an older one)."""
@@ -105,18 +101,13 @@ def position_record(position: Position) -> dict[str, Any]:
 
 
 def epoch_checkpoint_name(epochs_done: int) -> str:
+    """The checkpoint written at the end of the ``epochs_done``-th epoch."""
     return f"epoch_{epochs_done:04d}"
 
 
 def step_checkpoint_name(step: int) -> str:
+    """A checkpoint written inside an epoch, after ``step`` optimizer steps of the run."""
     return f"step_{step:08d}"
-
-
-def checkpoint_name(step: int, steps_per_epoch: int) -> str:
-    """``epoch_NNNN`` at an epoch end, else ``step_NNNNNNNN``."""
-    if step % steps_per_epoch == 0:
-        return epoch_checkpoint_name(step // steps_per_epoch)
-    return step_checkpoint_name(step)
 
 
 def step_of(name: str, steps_per_epoch: int) -> int | None:

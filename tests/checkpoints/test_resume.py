@@ -13,8 +13,9 @@ from crossmoco_ray.checkpoints.resume import (
     PROGRESS_FILE,
     Position,
     ResumePoint,
-    checkpoint_name,
+    epoch_checkpoint_name,
     resume_point,
+    step_checkpoint_name,
     step_of,
     write_progress,
 )
@@ -31,13 +32,13 @@ def _checkpoint(run_dir: Path, name: str) -> None:
 
 
 def test_names_say_where_in_the_run_a_checkpoint_is() -> None:
-    assert checkpoint_name(30, SPE) == "epoch_0003"
-    assert checkpoint_name(34, SPE) == "step_00000034"
+    assert epoch_checkpoint_name(3) == "epoch_0003"
+    assert step_checkpoint_name(34) == "step_00000034"
     assert step_of("epoch_0003", SPE) == 30
     assert step_of("/runs/x/step_00000034/", SPE) == 34
     assert step_of("checkpoint_2026-12-03", SPE) is None
     point = ResumePoint("x/step_00000034", 34)
-    assert (point.epoch(SPE), point.skip(SPE)) == (3, 4)  # the fourth epoch, 4 batches already trained on
+    assert point.epoch(SPE) == 3  # the fourth epoch (an older checkpoint: from its name)
 
 
 def test_a_fresh_run_starts_at_step_zero(tmp_path: Path) -> None:
