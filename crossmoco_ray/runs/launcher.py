@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from crossmoco_ray.runs.resources import worker_env, worker_request
+from crossmoco_ray.runs.resources import fewest_workers, worker_env, worker_request
 from crossmoco_ray.runs.worker import CHECKPOINT_PRIORITY, WorkerSpec
 from crossmoco_ray.tracking import Tracker
 
@@ -39,9 +39,9 @@ def build_trainer(launch: Launch) -> Any:
     from ray.train.torch import TorchTrainer
 
     t = launch.train
-    low = getattr(t, "min_workers", None)  # pretraining's elastic range (train.num_workers=[min, max])
+    low = fewest_workers(t)  # pretraining's elastic range (train.num_workers=[min, max]): its minimum
     elastic: dict[str, Any] = {}
-    if low is not None and low < t.num_workers:  # Train V2's elastic scaling (its own type, not V1's stub)
+    if low < t.num_workers:  # Train V2's elastic scaling (its own type, not V1's stub)
         elastic = {"elastic_resize_monitor_interval_s": t.elastic_resize_interval_s}
     scaling = ScalingConfig(
         num_workers=(low, t.num_workers) if elastic else t.num_workers,  # type: ignore[arg-type]

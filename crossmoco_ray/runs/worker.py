@@ -42,7 +42,6 @@ from crossmoco_ray.checkpoints.resume import (
     Position,
     epoch_checkpoint_name,
     position_record,
-    read_position,
     resume_point,
     step_checkpoint_name,
     write_progress,
@@ -268,7 +267,7 @@ def restore(ctx: Context, job: Job) -> None:
             local = Path(point.checkpoint)
             if "://" in point.checkpoint or not local.is_dir():
                 local = storage.copy_to_local(point.checkpoint, tmp)
-            position = read_position(str(local))
+            position = point.position  # read by resume_point from the same checkpoint
             if position is not None:  # before the job's state: its RNG streams may depend on the resize
                 _go_on_from(ctx, position, position.step)
             step = job.restore(ctx, local)
