@@ -60,7 +60,7 @@ def elastic_lines(cfg: Config) -> list[str]:
     cost = (
         f"the steps since the last checkpoint (train.checkpoint_every_steps={every})"
         if every
-        else ("the steps since the last epoch's checkpoint (train.checkpoint_every_steps=null)")
+        else "the steps since the last epoch's checkpoint (train.checkpoint_every_steps=null)"
     )
     lines.append(f"a resize restarts the workers from the last checkpoint: it costs a restart and {cost}")
     return lines
